@@ -1,0 +1,23 @@
+//! The `patina` node: replicates patina tables between machines.
+//!
+//! # Layout
+//! - `config`     — TOML config + flags, defaults of DESIGN §2 (core).
+//! - `node`       — [`node::NodeShared`], the seam between the core and the HTTP API.
+//! - `db`         — connections with the extension loaded, tailing the feed, applying units, bookkeeping (core).
+//! - `sync`       — the anti-entropy / broadcast state machine, no I/O (core).
+//! - `membership` — the foca (SWIM) driver (core).
+//! - `net`        — QUIC transport, TLS, CBOR frames (core).
+//! - `agent`      — wires everything into a running node; `run(config, shutdown)` (core).
+//! - `demo`       — `patina demo`, a local 3-node cluster (core).
+//! - `http`       — the HTTP API, one file per route family (api).
+//! - `cli`        — clap definitions and one file per client subcommand (api + core).
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod http;
+pub mod membership;
+pub mod net;
+pub mod node;
+pub mod sync;
