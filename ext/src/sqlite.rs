@@ -1,0 +1,414 @@
+//! The one thin safe wrapper over the raw SQLite C API.
+//!
+//! sqlite-loadable covers function and module registration but not statements (blobs,
+//! reals, errors, reset). SQLite hands every loadable extension a table of routines at
+//! load time; we keep that pointer here and expose only what patina needs, as safe
+//! methods. Everything else in the crate stays free of `unsafe` except the vtab glue.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use sqlite_loadable::ext::{sqlite3, sqlite3_api_routines, sqlite3_context, sqlite3_stmt, sqlite3_value};
+
+use crate::error::{Error, Result};
+
+static API: AtomicPtr<sqlite3_api_routines> = AtomicPtr::new(ptr::null_mut());
+
+/// Remembers the routine table SQLite passed to the entry point.
+///
+/// # Safety
+/// `api` must be the pointer SQLite gave `sqlite3_patina_init`; it lives as long as the process.
+pub unsafe fn set_api(api: *mut sqlite3_api_routines) {
+    if !api.is_null() {
+        API.store(api, Ordering::Release);
+    }
+}
+
+fn api() -> &'static sqlite3_api_routines {
+    // SAFETY: set once by the entry point before any function or vtab can run.
+    unsafe { &*API.load(Ordering::Acquire) }
+}
+
+/// Calls one routine of the table. The routines are `Option` only because bindgen makes
+/// every function pointer optional; SQLite ≥ 3.39 fills all the ones used here.
+macro_rules! call {
+    ($name:ident ( $($arg:expr),* $(,)? )) => {
+        match api().$name {
+            Some(f) => f($($arg),*),
+            None => panic!(concat!("SQLite routine missing: ", stringify!($name))),
+        }
+    };
+}
+
+pub const SQLITE_OK: c_int = 0;
+pub const SQLITE_ERROR: c_int = 1;
+pub const SQLITE_ROW: c_int = 100;
+pub const SQLITE_DONE: c_int = 101;
+pub const SQLITE_CONSTRAINT: c_int = 19;
+const SQLITE_INTEGER: c_int = 1;
+const SQLITE_FLOAT: c_int = 2;
+const SQLITE_TEXT: c_int = 3;
+const SQLITE_BLOB: c_int = 4;
+/// `SQLITE_TRANSIENT`: SQLite copies the buffer before the call returns.
+fn transient() -> Option<unsafe extern "C" fn(*mut c_void)> {
+    // SAFETY: SQLite defines SQLITE_TRANSIENT as the destructor value -1.
+    unsafe { std::mem::transmute::<isize, Option<unsafe extern "C" fn(*mut c_void)>>(-1) }
+}
+
+/// An SQLite value owned by Rust. TEXT keeps its bytes as stored, so invalid UTF-8 in a
+/// replica's data round-trips unchanged instead of being "repaired" differently per node.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(Vec<u8>),
+    Blob(Vec<u8>),
+}
+
+impl Value {
+    /// Copies a value SQLite passed in (function argument, vtab column).
+    pub fn from_raw(v: *mut sqlite3_value) -> Value {
+        // SAFETY: `v` is a live value for the duration of the call that received it.
+        unsafe {
+            match call!(value_type(v)) {
+                SQLITE_INTEGER => Value::Integer(call!(value_int64(v))),
+                SQLITE_FLOAT => Value::Real(call!(value_double(v))),
+                SQLITE_TEXT => {
+                    let p = call!(value_text(v));
+                    let n = call!(value_bytes(v));
+                    Value::Text(bytes(p.cast(), n))
+                }
+                SQLITE_BLOB => {
+                    let p = call!(value_blob(v));
+                    let n = call!(value_bytes(v));
+                    Value::Blob(bytes(p.cast(), n))
+                }
+                _ => Value::Null,
+            }
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Integer(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::Null => "NULL",
+            Value::Integer(_) => "INTEGER",
+            Value::Real(_) => "REAL",
+            Value::Text(_) => "TEXT",
+            Value::Blob(_) => "BLOB",
+        }
+    }
+}
+
+unsafe fn bytes(p: *const u8, n: c_int) -> Vec<u8> {
+    if p.is_null() || n <= 0 {
+        Vec::new()
+    } else {
+        // SAFETY: SQLite guarantees `n` readable bytes at `p` until the value changes.
+        unsafe { std::slice::from_raw_parts(p, n as usize).to_vec() }
+    }
+}
+
+/// Sets a function's or vtab column's result.
+pub fn result_value(ctx: *mut sqlite3_context, v: &Value) {
+    // SAFETY: ctx is the live context of the current call; buffers are copied (TRANSIENT).
+    unsafe {
+        match v {
+            Value::Null => call!(result_null(ctx)),
+            Value::Integer(i) => call!(result_int64(ctx, *i)),
+            Value::Real(f) => call!(result_double(ctx, *f)),
+            Value::Text(t) => call!(result_text(ctx, t.as_ptr().cast(), t.len() as c_int, transient())),
+            Value::Blob(b) => call!(result_blob(ctx, b.as_ptr().cast(), b.len() as c_int, transient())),
+        }
+    }
+}
+
+/// Reports an error from a function or vtab column.
+pub fn result_error(ctx: *mut sqlite3_context, msg: &str) {
+    // SAFETY: the message is copied by SQLite before returning.
+    unsafe { call!(result_error(ctx, msg.as_ptr().cast(), msg.len() as c_int)) }
+}
+
+/// An `sqlite3_mprintf`-allocated copy of `msg`, for `zErrMsg` fields SQLite frees itself.
+pub fn sqlite_string(msg: &str) -> *mut c_char {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: "%s" with a valid C string.
+    unsafe { call!(mprintf(c"%s".as_ptr(), c.as_ptr())) }
+}
+
+/// Frees memory SQLite allocated (e.g. a `zErrMsg` we replace).
+pub fn sqlite_free(p: *mut c_void) {
+    if !p.is_null() {
+        // SAFETY: p came from SQLite's allocator.
+        unsafe { call!(free(p)) }
+    }
+}
+
+/// A database connection handle borrowed from SQLite (we never close it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conn(pub *mut sqlite3);
+
+impl Conn {
+    pub fn errmsg(&self) -> String {
+        // SAFETY: errmsg returns a NUL-terminated string owned by the connection.
+        unsafe {
+            let p = call!(errmsg(self.0));
+            if p.is_null() {
+                "unknown error".into()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        }
+    }
+
+    fn error(&self, context: &str, code: c_int) -> Error {
+        Error::Sqlite { context: context.to_string(), message: self.errmsg(), code }
+    }
+
+    /// Runs one or more statements that return no rows.
+    pub fn exec(&self, sql: &str) -> Result<()> {
+        let c = CString::new(sql).map_err(|_| Error::State("SQL contains NUL".into()))?;
+        // SAFETY: valid connection and C string; no callback.
+        let rc = unsafe { call!(exec(self.0, c.as_ptr(), None, ptr::null_mut(), ptr::null_mut())) };
+        if rc == SQLITE_OK {
+            Ok(())
+        } else {
+            Err(self.error(&first_line(sql), rc))
+        }
+    }
+
+    pub fn prepare(&self, sql: &str) -> Result<Stmt> {
+        let mut raw: *mut sqlite3_stmt = ptr::null_mut();
+        // SAFETY: sql pointer/len are valid; raw receives the statement.
+        let rc = unsafe {
+            call!(prepare_v2(self.0, sql.as_ptr().cast(), sql.len() as c_int, &mut raw, ptr::null_mut()))
+        };
+        if rc != SQLITE_OK {
+            return Err(self.error(&format!("preparing {}", first_line(sql)), rc));
+        }
+        Ok(Stmt { raw, conn: *self, sql_head: first_line(sql) })
+    }
+
+    /// First column of the first row, if any.
+    pub fn query_value(&self, sql: &str, params: &[Value]) -> Result<Option<Value>> {
+        let mut s = self.prepare(sql)?;
+        s.query_value(params)
+    }
+
+    pub fn query_i64(&self, sql: &str) -> Result<Option<i64>> {
+        Ok(self.query_value(sql, &[])?.and_then(|v| v.as_i64()))
+    }
+
+    /// True when the connection is outside an explicit transaction.
+    pub fn autocommit(&self) -> bool {
+        // SAFETY: valid connection.
+        unsafe { call!(get_autocommit(self.0)) != 0 }
+    }
+}
+
+fn first_line(sql: &str) -> String {
+    let s = sql.trim();
+    let line = s.lines().next().unwrap_or("");
+    if line.len() > 80 {
+        format!("{}…", &line[..line.char_indices().nth(80).map(|(i, _)| i).unwrap_or(line.len())])
+    } else {
+        line.to_string()
+    }
+}
+
+/// A prepared statement, finalized on drop. Methods reset it after use so a cached
+/// statement never holds a read transaction open between calls.
+pub struct Stmt {
+    raw: *mut sqlite3_stmt,
+    conn: Conn,
+    sql_head: String,
+}
+
+impl Stmt {
+    fn check(&self, rc: c_int) -> Result<()> {
+        if rc == SQLITE_OK {
+            Ok(())
+        } else {
+            Err(self.conn.error(&self.sql_head, rc))
+        }
+    }
+
+    pub fn bind(&mut self, index: usize, v: &Value) -> Result<()> {
+        let i = index as c_int;
+        // SAFETY: live statement; buffers copied (TRANSIENT).
+        let rc = unsafe {
+            match v {
+                Value::Null => call!(bind_null(self.raw, i)),
+                Value::Integer(x) => call!(bind_int64(self.raw, i, *x)),
+                Value::Real(x) => call!(bind_double(self.raw, i, *x)),
+                Value::Text(t) => call!(bind_text(self.raw, i, t.as_ptr().cast(), t.len() as c_int, transient())),
+                Value::Blob(b) => call!(bind_blob(self.raw, i, b.as_ptr().cast(), b.len() as c_int, transient())),
+            }
+        };
+        self.check(rc)
+    }
+
+    pub fn bind_i64(&mut self, index: usize, v: i64) -> Result<()> {
+        // SAFETY: live statement.
+        let rc = unsafe { call!(bind_int64(self.raw, index as c_int, v)) };
+        self.check(rc)
+    }
+
+    pub fn bind_all(&mut self, params: &[Value]) -> Result<()> {
+        for (i, p) in params.iter().enumerate() {
+            self.bind(i + 1, p)?;
+        }
+        Ok(())
+    }
+
+    /// Steps once: `Ok(true)` when a row is ready.
+    pub fn step(&mut self) -> Result<bool> {
+        // SAFETY: live statement.
+        let rc = unsafe { call!(step(self.raw)) };
+        match rc {
+            SQLITE_ROW => Ok(true),
+            SQLITE_DONE => Ok(false),
+            _ => {
+                let err = self.conn.error(&self.sql_head, rc);
+                self.reset();
+                Err(err)
+            }
+        }
+    }
+
+    pub fn reset(&mut self) {
+        // SAFETY: live statement. The return code repeats the last step's error, already reported.
+        unsafe {
+            call!(reset(self.raw));
+        }
+    }
+
+    pub fn column(&self, i: usize) -> Value {
+        // SAFETY: called only after step() returned a row.
+        unsafe {
+            let i = i as c_int;
+            match call!(column_type(self.raw, i)) {
+                SQLITE_INTEGER => Value::Integer(call!(column_int64(self.raw, i))),
+                SQLITE_FLOAT => Value::Real(call!(column_double(self.raw, i))),
+                SQLITE_TEXT => {
+                    let p = call!(column_text(self.raw, i));
+                    let n = call!(column_bytes(self.raw, i));
+                    Value::Text(bytes(p.cast(), n))
+                }
+                SQLITE_BLOB => {
+                    let p = call!(column_blob(self.raw, i));
+                    let n = call!(column_bytes(self.raw, i));
+                    Value::Blob(bytes(p.cast(), n))
+                }
+                _ => Value::Null,
+            }
+        }
+    }
+
+    pub fn column_i64(&self, i: usize) -> i64 {
+        // SAFETY: called only after step() returned a row.
+        unsafe { call!(column_int64(self.raw, i as c_int)) }
+    }
+
+    pub fn column_is_null(&self, i: usize) -> bool {
+        // SAFETY: called only after step() returned a row.
+        unsafe { call!(column_type(self.raw, i as c_int)) == 5 }
+    }
+
+    /// Binds, runs to completion, resets.
+    pub fn execute(&mut self, params: &[Value]) -> Result<()> {
+        self.reset();
+        self.bind_all(params)?;
+        while self.step()? {}
+        self.reset();
+        Ok(())
+    }
+
+    /// Binds, returns the first column of the first row, resets.
+    pub fn query_value(&mut self, params: &[Value]) -> Result<Option<Value>> {
+        self.reset();
+        self.bind_all(params)?;
+        let v = if self.step()? { Some(self.column(0)) } else { None };
+        self.reset();
+        Ok(v)
+    }
+
+    /// Binds, collects every row with `f`, resets.
+    pub fn query_map<T>(&mut self, params: &[Value], mut f: impl FnMut(&Stmt) -> T) -> Result<Vec<T>> {
+        self.reset();
+        self.bind_all(params)?;
+        let mut out = Vec::new();
+        while self.step()? {
+            out.push(f(self));
+        }
+        self.reset();
+        Ok(out)
+    }
+}
+
+impl Drop for Stmt {
+    fn drop(&mut self) {
+        // SAFETY: the statement is finalized exactly once.
+        unsafe {
+            call!(finalize(self.raw));
+        }
+    }
+}
+
+/// Declares a vtab's schema from inside xConnect.
+pub fn declare_vtab(db: *mut sqlite3, sql: &CStr) -> c_int {
+    // SAFETY: called from xConnect with the connection SQLite passed.
+    unsafe { call!(declare_vtab(db, sql.as_ptr())) }
+}
+
+/// Registers a raw module (the vtab glue in `changes.rs` builds the struct).
+pub fn create_module(
+    db: *mut sqlite3,
+    name: &CStr,
+    module: &'static sqlite_loadable::ext::sqlite3_module,
+    aux: *mut c_void,
+    destroy: Option<unsafe extern "C" fn(*mut c_void)>,
+) -> c_int {
+    // SAFETY: the module is 'static; aux ownership passes to SQLite with `destroy`.
+    unsafe { call!(create_module_v2(db, name.as_ptr(), module, aux, destroy)) }
+}
+
+/// `sqlite3_table_column_metadata`: the collation of a column (None when default BINARY).
+pub fn column_collation(conn: Conn, table: &str, column: &str) -> Option<String> {
+    let t = CString::new(table).ok()?;
+    let c = CString::new(column).ok()?;
+    let mut decl: *const c_char = ptr::null();
+    let mut coll: *const c_char = ptr::null();
+    let (mut notnull, mut pk, mut autoinc) = (0, 0, 0);
+    // SAFETY: out-pointers are valid; strings owned by SQLite are copied immediately.
+    unsafe {
+        let rc = call!(table_column_metadata(
+            conn.0,
+            c"main".as_ptr(),
+            t.as_ptr(),
+            c.as_ptr(),
+            &mut decl,
+            &mut coll,
+            &mut notnull,
+            &mut pk,
+            &mut autoinc
+        ));
+        if rc != SQLITE_OK || coll.is_null() {
+            return None;
+        }
+        let s = CStr::from_ptr(coll).to_string_lossy().into_owned();
+        if s.eq_ignore_ascii_case("BINARY") {
+            None
+        } else {
+            Some(s)
+        }
+    }
+}

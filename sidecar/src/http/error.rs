@@ -1,0 +1,113 @@
+//! The API's one error type, and the one place that maps errors to HTTP statuses.
+//!
+//! Every handler returns [`HttpError`]; [`HttpError::status`] decides the status code and
+//! [`IntoResponse`] renders patina's error shape `{"error": "..."}`. Endpoints with another
+//! error shape (`/v1/transactions`) still take the status from [`HttpError::status`].
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rusqlite::ErrorCode;
+
+/// Why a request failed. Each variant says what happened to the node's state: none of them
+/// leaves a partial write behind (a failing request's transaction is rolled back whole).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The caller sent something unusable (bad SQL, bad parameters, a missing argument).
+    /// Nothing was written.
+    #[error("{0}")]
+    BadRequest(String),
+    /// SQLite refused a statement (syntax error, unknown table, constraint, ...); the
+    /// message is SQLite's. The request's transaction was rolled back.
+    #[error("{0}")]
+    Sql(String),
+    /// The SQLite authorizer refused a statement (DESIGN §6: internal tables, ATTACH,
+    /// schema changes, ...). Nothing was written.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Missing or wrong bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// No such route or subscription.
+    #[error("{0}")]
+    NotFound(String),
+    /// The body is larger than `api.max_body`; it was not read to the end.
+    #[error("request body larger than the limit of {limit} bytes (api.max_body)")]
+    TooLarge { limit: usize },
+    /// The `Content-Type` is not one the endpoint accepts.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The body is not the JSON the endpoint expects.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// The node is unhealthy or overloaded (health thresholds, SQLITE_BUSY past the
+    /// busy timeout). Retrying later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The node's own fault (I/O, a disk error, a bug). The request was not applied.
+    #[error("{0}")]
+    Internal(String),
+    /// Binding or serving the listener failed.
+    #[error("HTTP server I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl HttpError {
+    /// The status code of each error: the one mapping of the API.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HttpError::BadRequest(_) | HttpError::Sql(_) => StatusCode::BAD_REQUEST,
+            HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
+            HttpError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            HttpError::NotFound(_) => StatusCode::NOT_FOUND,
+            HttpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            HttpError::MalformedJson(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            HttpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Internal(_) | HttpError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Classifies a SQLite error. `denial` is the authorizer's reason, if it refused
+    /// something while the failing statement was prepared.
+    pub fn from_sqlite(err: rusqlite::Error, denial: Option<String>) -> HttpError {
+        match &err {
+            rusqlite::Error::SqliteFailure(e, msg) => match e.code {
+                ErrorCode::AuthorizationForStatementDenied => {
+                    let reason = denial
+                        .or_else(|| msg.clone())
+                        .unwrap_or_else(|| "not authorized".into());
+                    HttpError::Forbidden(reason)
+                }
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                    HttpError::Unavailable(format!("database is busy, retry later: {err}"))
+                }
+                ErrorCode::SystemIoFailure
+                | ErrorCode::DatabaseCorrupt
+                | ErrorCode::DiskFull
+                | ErrorCode::CannotOpen
+                | ErrorCode::OutOfMemory
+                | ErrorCode::NotADatabase
+                | ErrorCode::InternalMalfunction => HttpError::Internal(err.to_string()),
+                _ => HttpError::Sql(err.to_string()),
+            },
+            rusqlite::Error::SqlInputError { .. }
+            | rusqlite::Error::InvalidParameterCount(..)
+            | rusqlite::Error::InvalidParameterName(_)
+            | rusqlite::Error::MultipleStatement
+            | rusqlite::Error::Utf8Error(_)
+            | rusqlite::Error::InvalidColumnType(..) => HttpError::Sql(err.to_string()),
+            _ => HttpError::Internal(err.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "API request failed");
+        }
+        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+    }
+}

@@ -1,0 +1,253 @@
+//! SQLite values ↔ JSON, the way Corrosion writes them, and the statement forms the API
+//! accepts.
+//!
+//! Out: integers as JSON integers (all 64 bits exact: `serde_json` keeps `i64`), reals as
+//! numbers (a non-finite real, which JSON cannot carry, becomes `null`), text as strings,
+//! blobs as arrays of byte values, NULL as `null`.
+//! In (parameters): `null`; `true`/`false` as 1/0; integers that fit `i64` as integers, other
+//! numbers as reals; strings as text; an array of integers 0–255 as a blob; any other
+//! array or object as its JSON text (Corrosion's `SqliteParam::Json`).
+
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+use rusqlite::ToSql;
+use serde_json::Value as Json;
+
+use super::error::HttpError;
+
+/// One SQLite value rendered as JSON.
+pub fn value_to_json(v: ValueRef<'_>) -> Json {
+    match v {
+        ValueRef::Null => Json::Null,
+        ValueRef::Integer(i) => Json::from(i),
+        ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
+        ValueRef::Text(t) => Json::String(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Json::Array(b.iter().map(|x| Json::from(*x)).collect()),
+    }
+}
+
+/// An owned SQLite value rendered as JSON.
+pub fn owned_to_json(v: &Value) -> Json {
+    value_to_json(ValueRef::from(v))
+}
+
+/// A statement parameter as given in JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param(pub Value);
+
+impl Param {
+    /// Interprets one JSON parameter (see the module doc for the rules).
+    pub fn from_json(j: &Json) -> Param {
+        Param(match j {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Integer(i64::from(*b)),
+            Json::Number(n) => match n.as_i64() {
+                Some(i) => Value::Integer(i),
+                None => Value::Real(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Json::String(s) => Value::Text(s.clone()),
+            Json::Array(items) => match blob_bytes(items) {
+                Some(bytes) => Value::Blob(bytes),
+                None => Value::Text(j.to_string()),
+            },
+            Json::Object(_) => Value::Text(j.to_string()),
+        })
+    }
+}
+
+/// `Some(bytes)` when every item is an integer 0–255.
+fn blob_bytes(items: &[Json]) -> Option<Vec<u8>> {
+    items
+        .iter()
+        .map(|x| x.as_u64().and_then(|b| u8::try_from(b).ok()))
+        .collect()
+}
+
+impl ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(ValueRef::from(&self.0)))
+    }
+}
+
+/// The parameters of one statement.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Params {
+    #[default]
+    None,
+    Positional(Vec<Param>),
+    /// Names as given; `:`, `@` or `$` is added when the name has none.
+    Named(Vec<(String, Param)>),
+}
+
+/// One statement of a request: SQL text (possibly several statements when there are no
+/// parameters) and its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatementSpec {
+    pub sql: String,
+    pub params: Params,
+}
+
+impl StatementSpec {
+    /// A statement without parameters.
+    pub fn plain(sql: impl Into<String>) -> Self {
+        StatementSpec {
+            sql: sql.into(),
+            params: Params::None,
+        }
+    }
+
+    /// Parses Corrosion's statement forms: `"sql"`, `["sql"]`, `["sql", [params]]`,
+    /// `["sql", {named}]`, `{"query", "params", "named_params"}`.
+    pub fn from_json(j: &Json) -> Result<StatementSpec, HttpError> {
+        let bad = || {
+            HttpError::MalformedJson(format!(
+                "a statement must be \"sql\", [\"sql\", [params]], [\"sql\", {{named}}] or \
+                 {{\"query\", \"params\", \"named_params\"}}; got {}",
+                short(j)
+            ))
+        };
+        match j {
+            Json::String(s) => Ok(StatementSpec::plain(s.clone())),
+            Json::Array(items) => {
+                let sql = items.first().and_then(Json::as_str).ok_or_else(bad)?;
+                let params = match items.get(1) {
+                    None | Some(Json::Null) => Params::None,
+                    Some(Json::Array(ps)) => {
+                        Params::Positional(ps.iter().map(Param::from_json).collect())
+                    }
+                    Some(Json::Object(m)) => Params::Named(
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), Param::from_json(v)))
+                            .collect(),
+                    ),
+                    Some(_) => return Err(bad()),
+                };
+                if items.len() > 2 {
+                    return Err(bad());
+                }
+                Ok(StatementSpec {
+                    sql: sql.to_owned(),
+                    params,
+                })
+            }
+            Json::Object(m) => {
+                let sql = m.get("query").and_then(Json::as_str).ok_or_else(bad)?;
+                let positional = match m.get("params") {
+                    None | Some(Json::Null) => None,
+                    Some(Json::Array(ps)) => Some(ps.iter().map(Param::from_json).collect()),
+                    Some(_) => return Err(bad()),
+                };
+                let named = match m.get("named_params") {
+                    None | Some(Json::Null) => None,
+                    Some(Json::Object(n)) => Some(
+                        n.iter()
+                            .map(|(k, v)| (k.clone(), Param::from_json(v)))
+                            .collect(),
+                    ),
+                    Some(_) => return Err(bad()),
+                };
+                let params = match (positional, named) {
+                    (Some(_), Some(_)) => {
+                        return Err(HttpError::BadRequest(
+                            "give either \"params\" or \"named_params\", not both".into(),
+                        ))
+                    }
+                    (Some(p), None) => Params::Positional(p),
+                    (None, Some(n)) => Params::Named(n),
+                    (None, None) => Params::None,
+                };
+                Ok(StatementSpec {
+                    sql: sql.to_owned(),
+                    params,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The statement as JSON again (persisted subscriptions keep their query this way).
+    pub fn to_json(&self) -> Json {
+        match &self.params {
+            Params::None => Json::String(self.sql.clone()),
+            Params::Positional(ps) => Json::Array(vec![
+                Json::String(self.sql.clone()),
+                Json::Array(ps.iter().map(|p| owned_to_json(&p.0)).collect()),
+            ]),
+            Params::Named(ns) => Json::Array(vec![
+                Json::String(self.sql.clone()),
+                Json::Object(
+                    ns.iter()
+                        .map(|(k, p)| (k.clone(), owned_to_json(&p.0)))
+                        .collect(),
+                ),
+            ]),
+        }
+    }
+}
+
+/// Parses a request body as JSON; malformed JSON is 422 as in Corrosion.
+pub fn parse_body(body: &[u8]) -> Result<Json, HttpError> {
+    serde_json::from_slice(body).map_err(|e| HttpError::MalformedJson(format!("malformed JSON: {e}")))
+}
+
+/// The first characters of a JSON value, for error messages.
+fn short(j: &Json) -> String {
+    let s = j.to_string();
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_integers_stay_exact() {
+        let j = value_to_json(ValueRef::Integer(i64::MAX));
+        assert_eq!(j.to_string(), "9223372036854775807");
+        let j = value_to_json(ValueRef::Integer(i64::MIN));
+        assert_eq!(j.to_string(), "-9223372036854775808");
+        let p = Param::from_json(&serde_json::json!(9223372036854775807i64));
+        assert_eq!(p.0, Value::Integer(i64::MAX));
+    }
+
+    #[test]
+    fn blobs_are_byte_arrays() {
+        assert_eq!(value_to_json(ValueRef::Blob(&[0, 255])).to_string(), "[0,255]");
+        assert_eq!(Param::from_json(&serde_json::json!([0, 255])).0, Value::Blob(vec![0, 255]));
+        // Not bytes: kept as JSON text.
+        assert_eq!(
+            Param::from_json(&serde_json::json!([1, 256])).0,
+            Value::Text("[1,256]".into())
+        );
+    }
+
+    #[test]
+    fn non_finite_reals_are_null() {
+        assert_eq!(value_to_json(ValueRef::Real(f64::INFINITY)), Json::Null);
+        assert_eq!(value_to_json(ValueRef::Real(1.5)).to_string(), "1.5");
+    }
+
+    #[test]
+    fn statement_forms() {
+        let s = StatementSpec::from_json(&serde_json::json!("SELECT 1")).unwrap();
+        assert_eq!(s, StatementSpec::plain("SELECT 1"));
+        let s = StatementSpec::from_json(&serde_json::json!(["SELECT ?", [1, "a"]])).unwrap();
+        assert_eq!(
+            s.params,
+            Params::Positional(vec![Param(Value::Integer(1)), Param(Value::Text("a".into()))])
+        );
+        let s = StatementSpec::from_json(&serde_json::json!(["SELECT :x", {"x": null}])).unwrap();
+        assert_eq!(s.params, Params::Named(vec![("x".into(), Param(Value::Null))]));
+        let s = StatementSpec::from_json(
+            &serde_json::json!({"query": "SELECT ?", "params": [true]}),
+        )
+        .unwrap();
+        assert_eq!(s.params, Params::Positional(vec![Param(Value::Integer(1))]));
+        assert!(StatementSpec::from_json(&serde_json::json!(42)).is_err());
+        assert!(StatementSpec::from_json(&serde_json::json!(["SELECT 1", 3])).is_err());
+        let round = StatementSpec::from_json(&s.to_json()).unwrap();
+        assert_eq!(round, s);
+    }
+}
