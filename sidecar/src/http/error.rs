@@ -95,7 +95,7 @@ impl HttpError {
             | rusqlite::Error::InvalidParameterCount(..)
             | rusqlite::Error::InvalidParameterName(_)
             | rusqlite::Error::MultipleStatement
-            | rusqlite::Error::Utf8Error(_)
+            | rusqlite::Error::Utf8Error(..)
             | rusqlite::Error::InvalidColumnType(..) => HttpError::Sql(err.to_string()),
             _ => HttpError::Internal(err.to_string()),
         }
