@@ -11,13 +11,22 @@ use thiserror::Error;
 pub enum Error {
     /// SQLite refused a statement patina ran; carries SQLite's own message.
     #[error("{context}: {message}")]
-    Sqlite { context: String, message: String, code: i32 },
+    Sqlite {
+        context: String,
+        message: String,
+        code: i32,
+    },
     /// The named table cannot become replicated (no pk, unique index, …).
     #[error("cannot replicate table '{table}': {reason}")]
     Schema { table: String, reason: String },
     /// A function argument was missing or of the wrong type.
     #[error("{function}: argument {position} ({name}) {problem}")]
-    Argument { function: &'static str, position: usize, name: &'static str, problem: String },
+    Argument {
+        function: &'static str,
+        position: usize,
+        name: &'static str,
+        problem: String,
+    },
     /// A change written to `crsql_changes` is malformed or targets something unknown.
     #[error("crsql_changes: {0}")]
     Change(String),

@@ -1,1 +1,136 @@
-//! placeholder
+//! patina — a SQLite loadable extension that makes ordinary tables conflict-free
+//! replicated relations, with cr-sqlite's SQL surface.
+//!
+//! # Layout
+//! - `sqlite`        — the one thin safe wrapper over the raw SQLite C API.
+//! - `error`         — the crate's error enum.
+//! - `pk`            — cr-sqlite's packed primary-key encoding.
+//! - `merge`         — the merge rules as pure functions (no SQLite).
+//! - `schema`        — reading a table's shape and the rules for replicating it.
+//! - `triggers`      — SQL generation: clock tables and the plain-SQL capture triggers.
+//! - `state`         — `patina_state` (counter, merge flag, site id) and `patina_sites`.
+//! - `crr`           — `crsql_as_crr`, `crsql_as_table`, begin/commit alter, backfill.
+//! - `changes`       — the `crsql_changes` virtual table (glue).
+//! - `changes_read`  — the change feed.
+//! - `changes_write` — merging remote changes.
+//! - `functions`     — the scalar SQL functions.
+
+pub mod changes;
+pub mod changes_read;
+pub mod changes_write;
+pub mod crr;
+pub mod error;
+pub mod functions;
+pub mod merge;
+pub mod pk;
+pub mod schema;
+pub mod sqlite;
+pub mod state;
+pub mod triggers;
+
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use sqlite_loadable::ext::{faux_sqlite_extension_init2, sqlite3, sqlite3_api_routines};
+use sqlite_loadable::{define_scalar_function_with_aux, FunctionFlags};
+
+/// State one connection's functions and `crsql_changes` share.
+#[derive(Default, Debug)]
+pub struct Shared {
+    /// Base rows written by merges since the current transaction's first merge.
+    pub rows_impacted: AtomicI64,
+}
+
+unsafe extern "C" fn drop_shared(p: *mut c_void) {
+    // SAFETY: p came from Arc::into_raw in `register`.
+    drop(unsafe { Arc::from_raw(p as *const Shared) });
+}
+
+/// The entry point `.load target/release/libpatina` finds by its file name.
+///
+/// # Safety
+/// Called by SQLite with a valid connection and routine table.
+#[no_mangle]
+pub unsafe extern "C" fn sqlite3_patina_init(
+    db: *mut sqlite3,
+    err: *mut *mut c_char,
+    api: *mut sqlite3_api_routines,
+) -> c_uint {
+    // SAFETY: api is SQLite's routine table, valid for the process.
+    unsafe {
+        faux_sqlite_extension_init2(api);
+        sqlite::set_api(api);
+    }
+    match register(db) {
+        Ok(()) => sqlite::SQLITE_OK as c_uint,
+        Err(e) => {
+            if !err.is_null() {
+                // SAFETY: SQLite frees *err with sqlite3_free.
+                unsafe { *err = sqlite::sqlite_string(&e.to_string()) };
+            }
+            sqlite::SQLITE_ERROR as c_uint
+        }
+    }
+}
+
+fn register(db: *mut sqlite3) -> error::Result<()> {
+    use functions as f;
+    let shared = Arc::new(Shared::default());
+    let det = FunctionFlags::UTF8 | FunctionFlags::DETERMINISTIC;
+    let plain = FunctionFlags::UTF8;
+    let direct = FunctionFlags::UTF8 | FunctionFlags::DIRECTONLY;
+    // name, argument count (-1 any), flags, implementation
+    #[allow(clippy::type_complexity)]
+    let list: &[(&str, c_int, FunctionFlags, f::Func)] = &[
+        // crsql_as_crr('t') -> 'OK'
+        ("crsql_as_crr", 1, direct, f::as_crr),
+        // crsql_as_crr('main', 't') -> 'OK'
+        ("crsql_as_crr", 2, direct, f::as_crr),
+        // crsql_as_table('t') -> 'OK'
+        ("crsql_as_table", 1, direct, f::as_table),
+        // crsql_begin_alter('t') -> 'OK'
+        ("crsql_begin_alter", 1, direct, f::begin_alter),
+        // crsql_commit_alter('t') -> 'OK'
+        ("crsql_commit_alter", 1, direct, f::commit_alter),
+        // crsql_db_version() -> the last change number handed out
+        ("crsql_db_version", 0, plain, f::db_version),
+        // crsql_site_id() -> 16-byte blob
+        ("crsql_site_id", 0, plain, f::site_id),
+        // crsql_rows_impacted() -> base rows written by merges in this transaction
+        ("crsql_rows_impacted", 0, plain, f::rows_impacted),
+        // crsql_config_set('merge-equal-values', 0|1) -> the value set
+        ("crsql_config_set", 2, direct, f::config_set),
+        // crsql_config_get('merge-equal-values') -> 0|1
+        ("crsql_config_get", 1, plain, f::config_get),
+        // crsql_pack_columns(v1, v2, ...) -> packed blob
+        ("crsql_pack_columns", -1, det, f::pack_columns),
+        // crsql_finalize() -> 'OK' (nothing to release; kept for cr-sqlite code)
+        ("crsql_finalize", 0, plain, f::finalize),
+        // patina_version() -> '0.1.0'
+        ("patina_version", 0, det, f::version),
+        // patina_new_site_id() -> the new 16-byte site id (restore, cloned files)
+        ("patina_new_site_id", 0, direct, f::new_site_id),
+    ];
+    for (name, n, flags, func) in list {
+        define_scalar_function_with_aux(db, name, *n, *func, *flags, shared.clone())
+            .map_err(|e| error::Error::State(format!("registering {name}(): {e:?}")))?;
+    }
+    let aux = Arc::into_raw(shared) as *mut c_void;
+    let rc = sqlite::create_module(
+        db,
+        c"crsql_changes",
+        &changes::MODULE,
+        aux,
+        Some(drop_shared),
+    );
+    if rc != sqlite::SQLITE_OK {
+        return Err(error::Error::State(format!(
+            "registering crsql_changes failed (code {rc})"
+        )));
+    }
+    // First load into a writable database: create patina's state and a site id. A
+    // read-only or busy database is fine; crsql_as_crr retries later.
+    let _ = state::ensure(sqlite::Conn(db));
+    Ok(())
+}

@@ -9,7 +9,9 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use sqlite_loadable::ext::{sqlite3, sqlite3_api_routines, sqlite3_context, sqlite3_stmt, sqlite3_value};
+use sqlite_loadable::ext::{
+    sqlite3, sqlite3_api_routines, sqlite3_context, sqlite3_stmt, sqlite3_value,
+};
 
 use crate::error::{Error, Result};
 
@@ -125,8 +127,18 @@ pub fn result_value(ctx: *mut sqlite3_context, v: &Value) {
             Value::Null => call!(result_null(ctx)),
             Value::Integer(i) => call!(result_int64(ctx, *i)),
             Value::Real(f) => call!(result_double(ctx, *f)),
-            Value::Text(t) => call!(result_text(ctx, t.as_ptr().cast(), t.len() as c_int, transient())),
-            Value::Blob(b) => call!(result_blob(ctx, b.as_ptr().cast(), b.len() as c_int, transient())),
+            Value::Text(t) => call!(result_text(
+                ctx,
+                t.as_ptr().cast(),
+                t.len() as c_int,
+                transient()
+            )),
+            Value::Blob(b) => call!(result_blob(
+                ctx,
+                b.as_ptr().cast(),
+                b.len() as c_int,
+                transient()
+            )),
         }
     }
 }
@@ -170,14 +182,26 @@ impl Conn {
     }
 
     fn error(&self, context: &str, code: c_int) -> Error {
-        Error::Sqlite { context: context.to_string(), message: self.errmsg(), code }
+        Error::Sqlite {
+            context: context.to_string(),
+            message: self.errmsg(),
+            code,
+        }
     }
 
     /// Runs one or more statements that return no rows.
     pub fn exec(&self, sql: &str) -> Result<()> {
         let c = CString::new(sql).map_err(|_| Error::State("SQL contains NUL".into()))?;
         // SAFETY: valid connection and C string; no callback.
-        let rc = unsafe { call!(exec(self.0, c.as_ptr(), None, ptr::null_mut(), ptr::null_mut())) };
+        let rc = unsafe {
+            call!(exec(
+                self.0,
+                c.as_ptr(),
+                None,
+                ptr::null_mut(),
+                ptr::null_mut()
+            ))
+        };
         if rc == SQLITE_OK {
             Ok(())
         } else {
@@ -189,12 +213,22 @@ impl Conn {
         let mut raw: *mut sqlite3_stmt = ptr::null_mut();
         // SAFETY: sql pointer/len are valid; raw receives the statement.
         let rc = unsafe {
-            call!(prepare_v2(self.0, sql.as_ptr().cast(), sql.len() as c_int, &mut raw, ptr::null_mut()))
+            call!(prepare_v2(
+                self.0,
+                sql.as_ptr().cast(),
+                sql.len() as c_int,
+                &mut raw,
+                ptr::null_mut()
+            ))
         };
         if rc != SQLITE_OK {
             return Err(self.error(&format!("preparing {}", first_line(sql)), rc));
         }
-        Ok(Stmt { raw, conn: *self, sql_head: first_line(sql) })
+        Ok(Stmt {
+            raw,
+            conn: *self,
+            sql_head: first_line(sql),
+        })
     }
 
     /// First column of the first row, if any.
@@ -218,7 +252,14 @@ fn first_line(sql: &str) -> String {
     let s = sql.trim();
     let line = s.lines().next().unwrap_or("");
     if line.len() > 80 {
-        format!("{}…", &line[..line.char_indices().nth(80).map(|(i, _)| i).unwrap_or(line.len())])
+        format!(
+            "{}…",
+            &line[..line
+                .char_indices()
+                .nth(80)
+                .map(|(i, _)| i)
+                .unwrap_or(line.len())]
+        )
     } else {
         line.to_string()
     }
@@ -249,8 +290,20 @@ impl Stmt {
                 Value::Null => call!(bind_null(self.raw, i)),
                 Value::Integer(x) => call!(bind_int64(self.raw, i, *x)),
                 Value::Real(x) => call!(bind_double(self.raw, i, *x)),
-                Value::Text(t) => call!(bind_text(self.raw, i, t.as_ptr().cast(), t.len() as c_int, transient())),
-                Value::Blob(b) => call!(bind_blob(self.raw, i, b.as_ptr().cast(), b.len() as c_int, transient())),
+                Value::Text(t) => call!(bind_text(
+                    self.raw,
+                    i,
+                    t.as_ptr().cast(),
+                    t.len() as c_int,
+                    transient()
+                )),
+                Value::Blob(b) => call!(bind_blob(
+                    self.raw,
+                    i,
+                    b.as_ptr().cast(),
+                    b.len() as c_int,
+                    transient()
+                )),
             }
         };
         self.check(rc)
@@ -336,13 +389,21 @@ impl Stmt {
     pub fn query_value(&mut self, params: &[Value]) -> Result<Option<Value>> {
         self.reset();
         self.bind_all(params)?;
-        let v = if self.step()? { Some(self.column(0)) } else { None };
+        let v = if self.step()? {
+            Some(self.column(0))
+        } else {
+            None
+        };
         self.reset();
         Ok(v)
     }
 
     /// Binds, collects every row with `f`, resets.
-    pub fn query_map<T>(&mut self, params: &[Value], mut f: impl FnMut(&Stmt) -> T) -> Result<Vec<T>> {
+    pub fn query_map<T>(
+        &mut self,
+        params: &[Value],
+        mut f: impl FnMut(&Stmt) -> T,
+    ) -> Result<Vec<T>> {
         self.reset();
         self.bind_all(params)?;
         let mut out = Vec::new();

@@ -1,0 +1,483 @@
+//! The `crsql_changes` virtual table: glue between SQLite's module callbacks and the
+//! feed reader (`changes_read`) and merger (`changes_write`).
+//!
+//! Eponymous-only (no `CREATE VIRTUAL TABLE` needed). Columns are cr-sqlite's nine plus a
+//! hidden `origin_version`. Written as a raw `sqlite3_module` because sqlite-loadable's
+//! table traits do not expose the transaction callbacks we use to scope statement caches.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ptr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use sqlite_loadable::ext::{
+    sqlite3, sqlite3_context, sqlite3_index_info, sqlite3_module, sqlite3_value, sqlite3_vtab,
+    sqlite3_vtab_cursor,
+};
+
+use crate::changes_read::{self, Change, Filter};
+use crate::changes_write::{Incoming, Merger};
+use crate::error::{Error, Result};
+use crate::schema;
+use crate::sqlite::{self as sq, Conn, Value};
+use crate::state::Sites;
+use crate::Shared;
+
+const SCHEMA: &CStr =
+    c"CREATE TABLE x([table] TEXT, pk BLOB, cid TEXT, val ANY, col_version INTEGER, \
+    db_version INTEGER, site_id BLOB, cl INTEGER, seq INTEGER, origin_version INTEGER HIDDEN)";
+
+const COL_TABLE: c_int = 0;
+const COL_DB_VERSION: c_int = 5;
+const COL_SITE_ID: c_int = 6;
+const NCOLS: usize = 10;
+
+// SQLITE_INDEX_CONSTRAINT_*
+const OP_EQ: u8 = 2;
+const OP_GT: u8 = 4;
+const OP_LE: u8 = 8;
+const OP_LT: u8 = 16;
+const OP_GE: u8 = 32;
+const OP_NE: u8 = 68;
+const OP_ISNOT: u8 = 69;
+const OP_IS: u8 = 72;
+
+/// Bits of idxNum, in the order their arguments are passed to xFilter.
+const F_GT: i32 = 1;
+const F_GE: i32 = 2;
+const F_EQ: i32 = 4;
+const F_LT: i32 = 8;
+const F_LE: i32 = 16;
+const F_SITE_EQ: i32 = 32;
+const F_SITE_NE: i32 = 64;
+const F_TABLE: i32 = 128;
+
+#[repr(C)]
+struct Vtab {
+    base: sqlite3_vtab,
+    db: *mut sqlite3,
+    shared: Arc<Shared>,
+    merger: RefCell<Merger>,
+}
+
+#[repr(C)]
+struct Cursor {
+    base: sqlite3_vtab_cursor,
+    rows: Vec<Change>,
+    pos: usize,
+}
+
+pub static MODULE: sqlite3_module = sqlite3_module {
+    iVersion: 2,
+    xCreate: None, // eponymous-only
+    xConnect: Some(x_connect),
+    xBestIndex: Some(x_best_index),
+    xDisconnect: Some(x_disconnect),
+    xDestroy: Some(x_disconnect),
+    xOpen: Some(x_open),
+    xClose: Some(x_close),
+    xFilter: Some(x_filter),
+    xNext: Some(x_next),
+    xEof: Some(x_eof),
+    xColumn: Some(x_column),
+    xRowid: Some(x_rowid),
+    xUpdate: Some(x_update),
+    xBegin: Some(x_begin),
+    xSync: None,
+    xCommit: Some(x_end),
+    xRollback: Some(x_end),
+    xFindFunction: None,
+    xRename: None,
+    xSavepoint: None,
+    xRelease: None,
+    xRollbackTo: None,
+    xShadowName: None,
+};
+
+/// Sets `zErrMsg` of the vtab and returns SQLITE_ERROR.
+fn fail(vtab: *mut sqlite3_vtab, err: &Error) -> c_int {
+    // SAFETY: vtab is live; we replace (and free) any previous message.
+    unsafe {
+        sq::sqlite_free((*vtab).zErrMsg.cast());
+        (*vtab).zErrMsg = sq::sqlite_string(&err.to_string());
+    }
+    match err {
+        Error::Sqlite { code, .. } => *code,
+        _ => sq::SQLITE_ERROR,
+    }
+}
+
+unsafe extern "C" fn x_connect(
+    db: *mut sqlite3,
+    aux: *mut c_void,
+    _argc: c_int,
+    _argv: *const *const c_char,
+    pp_vtab: *mut *mut sqlite3_vtab,
+    _err: *mut *mut c_char,
+) -> c_int {
+    let rc = sq::declare_vtab(db, SCHEMA);
+    if rc != sq::SQLITE_OK {
+        return rc;
+    }
+    // SAFETY: aux is the Arc<Shared> pointer registered with the module; we clone it.
+    let shared = unsafe {
+        let a = aux as *const Shared;
+        Arc::increment_strong_count(a);
+        Arc::from_raw(a)
+    };
+    let vtab = Box::new(Vtab {
+        base: sqlite3_vtab {
+            pModule: ptr::null(),
+            nRef: 0,
+            zErrMsg: ptr::null_mut(),
+        },
+        db,
+        shared,
+        merger: RefCell::new(Merger::default()),
+    });
+    // SAFETY: SQLite takes the pointer and hands it back to x_disconnect.
+    unsafe { *pp_vtab = Box::into_raw(vtab).cast() };
+    sq::SQLITE_OK
+}
+
+unsafe extern "C" fn x_disconnect(vtab: *mut sqlite3_vtab) -> c_int {
+    // SAFETY: created by Box::into_raw in x_connect; SQLite disconnects once.
+    drop(unsafe { Box::from_raw(vtab.cast::<Vtab>()) });
+    sq::SQLITE_OK
+}
+
+unsafe extern "C" fn x_best_index(
+    _vtab: *mut sqlite3_vtab,
+    info: *mut sqlite3_index_info,
+) -> c_int {
+    // SAFETY: SQLite passes a valid index_info with nConstraint entries.
+    let info = unsafe { &mut *info };
+    let cons =
+        unsafe { std::slice::from_raw_parts(info.aConstraint, info.nConstraint.max(0) as usize) };
+    let usage = unsafe {
+        std::slice::from_raw_parts_mut(info.aConstraintUsage, info.nConstraint.max(0) as usize)
+    };
+    let mut chosen: [Option<usize>; 8] = [None; 8];
+    for (i, c) in cons.iter().enumerate() {
+        if c.usable == 0 {
+            continue;
+        }
+        let bit = match (c.iColumn, c.op) {
+            (COL_DB_VERSION, OP_GT) => 0,
+            (COL_DB_VERSION, OP_GE) => 1,
+            (COL_DB_VERSION, OP_EQ) => 2,
+            (COL_DB_VERSION, OP_LT) => 3,
+            (COL_DB_VERSION, OP_LE) => 4,
+            (COL_SITE_ID, OP_EQ | OP_IS) => 5,
+            (COL_SITE_ID, OP_NE | OP_ISNOT) => 6,
+            (COL_TABLE, OP_EQ) => 7,
+            _ => continue,
+        };
+        if chosen[bit].is_none() {
+            chosen[bit] = Some(i);
+        }
+    }
+    let mut idx = 0;
+    let mut arg = 0;
+    for (bit, c) in chosen.iter().enumerate() {
+        if let Some(i) = c {
+            arg += 1;
+            usage[*i].argvIndex = arg;
+            usage[*i].omit = 0;
+            idx |= 1 << bit;
+        }
+    }
+    info.idxNum = idx;
+    let ranged = idx & (F_GT | F_GE | F_EQ) != 0;
+    info.estimatedCost = if ranged { 100.0 } else { 1_000_000.0 };
+    info.estimatedRows = if ranged { 100 } else { 1_000_000 };
+    if info.nOrderBy == 1 {
+        // SAFETY: nOrderBy entries.
+        let ob = unsafe { &*info.aOrderBy };
+        if ob.iColumn == COL_DB_VERSION && ob.desc == 0 {
+            info.orderByConsumed = 1;
+        }
+    }
+    sq::SQLITE_OK
+}
+
+unsafe extern "C" fn x_open(_vtab: *mut sqlite3_vtab, pp: *mut *mut sqlite3_vtab_cursor) -> c_int {
+    let cur = Box::new(Cursor {
+        base: sqlite3_vtab_cursor {
+            pVtab: ptr::null_mut(),
+        },
+        rows: Vec::new(),
+        pos: 0,
+    });
+    // SAFETY: SQLite owns the pointer until x_close.
+    unsafe { *pp = Box::into_raw(cur).cast() };
+    sq::SQLITE_OK
+}
+
+unsafe extern "C" fn x_close(cur: *mut sqlite3_vtab_cursor) -> c_int {
+    // SAFETY: created in x_open.
+    drop(unsafe { Box::from_raw(cur.cast::<Cursor>()) });
+    sq::SQLITE_OK
+}
+
+/// An integer bound from a constraint value: `(floor, ceil)` for reals.
+fn bound(v: &Value) -> Option<(i64, i64)> {
+    match v {
+        Value::Integer(i) => Some((*i, *i)),
+        Value::Real(f) if f.is_finite() => Some((f.floor() as i64, f.ceil() as i64)),
+        Value::Real(f) if *f > 0.0 => Some((i64::MAX, i64::MAX)),
+        Value::Real(_) => Some((i64::MIN, i64::MIN)),
+        _ => None,
+    }
+}
+
+fn build_filter(idx: c_int, args: &[Value]) -> Option<Filter> {
+    let mut f = Filter::all();
+    let mut it = args.iter();
+    for bit in 0..8 {
+        if idx & (1 << bit) == 0 {
+            continue;
+        }
+        let v = it.next()?;
+        match 1 << bit {
+            F_GT => f.after = f.after.max(bound(v)?.0),
+            F_GE => f.after = f.after.max(bound(v)?.1.saturating_sub(1)),
+            F_EQ => {
+                let (lo, hi) = bound(v)?;
+                if lo != hi {
+                    return None;
+                }
+                f.after = f.after.max(lo.saturating_sub(1));
+                f.up_to = f.up_to.min(lo);
+            }
+            F_LT => f.up_to = f.up_to.min(bound(v)?.1.saturating_sub(1)),
+            F_LE => f.up_to = f.up_to.min(bound(v)?.0),
+            F_SITE_EQ => match v {
+                Value::Blob(b) => f.site_eq = Some(b.clone()),
+                _ => return None,
+            },
+            F_SITE_NE => {
+                if let Value::Blob(b) = v {
+                    f.site_ne = Some(b.clone());
+                }
+            }
+            F_TABLE => match v {
+                Value::Text(t) => f.table = Some(String::from_utf8_lossy(t).into_owned()),
+                _ => return None,
+            },
+            _ => {}
+        }
+    }
+    Some(f)
+}
+
+fn read_changes(conn: Conn, f: &Filter) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    if !crate::state::initialized(conn)? {
+        return Ok(out);
+    }
+    let tables = match &f.table {
+        Some(t) if schema::is_replicated(conn, t)? => vec![t.clone()],
+        Some(_) => Vec::new(),
+        None => schema::replicated_tables(conn)?,
+    };
+    let mut sites = Sites::default();
+    sites.reload(conn)?;
+    for t in tables {
+        let info = schema::inspect(conn, &t)?;
+        changes_read::read_table(conn, &info, &sites, f, &mut out)?;
+    }
+    out.sort_by_key(|c| c.db_version);
+    Ok(out)
+}
+
+unsafe extern "C" fn x_filter(
+    cur: *mut sqlite3_vtab_cursor,
+    idx_num: c_int,
+    _idx_str: *const c_char,
+    argc: c_int,
+    argv: *mut *mut sqlite3_value,
+) -> c_int {
+    // SAFETY: cur is ours; its pVtab was set by SQLite to our vtab.
+    let cursor = unsafe { &mut *cur.cast::<Cursor>() };
+    let vtab = unsafe { &*(cursor.base.pVtab.cast::<Vtab>()) };
+    let args: Vec<Value> = (0..argc.max(0) as usize)
+        // SAFETY: argc values.
+        .map(|i| Value::from_raw(unsafe { *argv.add(i) }))
+        .collect();
+    cursor.rows.clear();
+    cursor.pos = 0;
+    let Some(filter) = build_filter(idx_num, &args) else {
+        return sq::SQLITE_OK; // a constraint no row can meet (NULL, a non-blob site id)
+    };
+    match read_changes(Conn(vtab.db), &filter) {
+        Ok(rows) => {
+            cursor.rows = rows;
+            sq::SQLITE_OK
+        }
+        Err(e) => fail(cursor.base.pVtab, &e),
+    }
+}
+
+unsafe extern "C" fn x_next(cur: *mut sqlite3_vtab_cursor) -> c_int {
+    // SAFETY: ours.
+    unsafe { (*cur.cast::<Cursor>()).pos += 1 };
+    sq::SQLITE_OK
+}
+
+unsafe extern "C" fn x_eof(cur: *mut sqlite3_vtab_cursor) -> c_int {
+    // SAFETY: ours.
+    let c = unsafe { &*cur.cast::<Cursor>() };
+    c_int::from(c.pos >= c.rows.len())
+}
+
+unsafe extern "C" fn x_column(
+    cur: *mut sqlite3_vtab_cursor,
+    ctx: *mut sqlite3_context,
+    i: c_int,
+) -> c_int {
+    // SAFETY: ours; SQLite only asks for a column while not at EOF.
+    let c = unsafe { &*cur.cast::<Cursor>() };
+    let Some(row) = c.rows.get(c.pos) else {
+        return sq::SQLITE_ERROR;
+    };
+    let v = match i {
+        0 => Value::Text(row.table.as_bytes().to_vec()),
+        1 => Value::Blob(row.pk.to_vec()),
+        2 => Value::Text(row.cid.as_bytes().to_vec()),
+        3 => row.val.clone(),
+        4 => Value::Integer(row.col_version),
+        5 => Value::Integer(row.db_version),
+        6 => row
+            .site_id
+            .as_ref()
+            .map_or(Value::Null, |s| Value::Blob(s.to_vec())),
+        7 => Value::Integer(row.cl),
+        8 => Value::Integer(0),
+        9 => Value::Integer(row.origin_version),
+        _ => Value::Null,
+    };
+    sq::result_value(ctx, &v);
+    sq::SQLITE_OK
+}
+
+unsafe extern "C" fn x_rowid(cur: *mut sqlite3_vtab_cursor, rowid: *mut i64) -> c_int {
+    // SAFETY: ours.
+    let c = unsafe { &*cur.cast::<Cursor>() };
+    unsafe { *rowid = c.rows.get(c.pos).map_or(0, |r| r.db_version) };
+    sq::SQLITE_OK
+}
+
+fn text_arg(v: &Value, name: &str) -> Result<String> {
+    match v {
+        Value::Text(t) => Ok(String::from_utf8_lossy(t).into_owned()),
+        other => Err(Error::Change(format!(
+            "{name} must be TEXT, got {}",
+            other.type_name()
+        ))),
+    }
+}
+
+fn int_arg(v: &Value, name: &str) -> Result<i64> {
+    v.as_i64()
+        .ok_or_else(|| Error::Change(format!("{name} must be an INTEGER, got {}", v.type_name())))
+}
+
+fn parse_incoming(args: &[Value]) -> Result<Incoming> {
+    let pk = match &args[1] {
+        Value::Blob(b) => b.clone(),
+        other => {
+            return Err(Error::Change(format!(
+                "pk must be a BLOB made by crsql_pack_columns, got {}",
+                other.type_name()
+            )))
+        }
+    };
+    let site_id = match &args[6] {
+        Value::Blob(b) => b.clone(),
+        other => {
+            return Err(Error::Change(format!(
+                "site_id must be a 16-byte BLOB, got {}",
+                other.type_name()
+            )))
+        }
+    };
+    let origin_version = match &args[9] {
+        Value::Null => None,
+        v => Some(int_arg(v, "origin_version")?),
+    };
+    Ok(Incoming {
+        table: text_arg(&args[0], "table")?,
+        pk,
+        cid: text_arg(&args[2], "cid")?,
+        val: args[3].clone(),
+        col_version: int_arg(&args[4], "col_version")?,
+        db_version: int_arg(&args[5], "db_version")?,
+        site_id,
+        cl: int_arg(&args[7], "cl")?,
+        origin_version,
+    })
+}
+
+unsafe extern "C" fn x_update(
+    vtab: *mut sqlite3_vtab,
+    argc: c_int,
+    argv: *mut *mut sqlite3_value,
+    _rowid: *mut i64,
+) -> c_int {
+    // SAFETY: vtab is ours; argv has argc values.
+    let v = unsafe { &*vtab.cast::<Vtab>() };
+    let args: Vec<Value> = (0..argc.max(0) as usize)
+        .map(|i| Value::from_raw(unsafe { *argv.add(i) }))
+        .collect();
+    if args.len() != 2 + NCOLS || args[0] != Value::Null {
+        return fail(
+            vtab,
+            &Error::Change(
+                "only INSERT is supported; UPDATE and DELETE of changes are refused".into(),
+            ),
+        );
+    }
+    let conn = Conn(v.db);
+    let result = parse_incoming(&args[2..]).and_then(|ch| {
+        let mut merger = v.merger.try_borrow_mut().map_err(|_| {
+            Error::Change(
+                "a merge was started from inside another merge (a trigger writing crsql_changes?)"
+                    .into(),
+            )
+        })?;
+        merger.merge(conn, ch)
+    });
+    match result {
+        Ok(true) => {
+            v.shared.rows_impacted.fetch_add(1, Ordering::Relaxed);
+            sq::SQLITE_OK
+        }
+        Ok(false) => sq::SQLITE_OK,
+        Err(e) => {
+            if let Ok(mut m) = v.merger.try_borrow_mut() {
+                m.clear();
+            }
+            fail(vtab, &e)
+        }
+    }
+}
+
+unsafe extern "C" fn x_begin(vtab: *mut sqlite3_vtab) -> c_int {
+    // SAFETY: ours.
+    let v = unsafe { &*vtab.cast::<Vtab>() };
+    v.shared.rows_impacted.store(0, Ordering::Relaxed);
+    sq::SQLITE_OK
+}
+
+/// Commit or rollback: finalize cached statements so none outlives the transaction (or
+/// keeps the connection from closing).
+unsafe extern "C" fn x_end(vtab: *mut sqlite3_vtab) -> c_int {
+    // SAFETY: ours.
+    let v = unsafe { &*vtab.cast::<Vtab>() };
+    if let Ok(mut m) = v.merger.try_borrow_mut() {
+        m.clear();
+    }
+    sq::SQLITE_OK
+}

@@ -1,0 +1,184 @@
+//! Reading the change feed: `SELECT ... FROM crsql_changes WHERE db_version > ?`.
+//!
+//! Each clock table is range-scanned on its `__patina_dbv` index (the newest change in
+//! the row), joined to the base table for current values; the row's own clock and every
+//! column whose change number is in range become one change each. All of it happens in
+//! the caller's read transaction, so one read sees whole transactions only.
+
+use std::rc::Rc;
+
+use crate::error::Result;
+use crate::pk;
+use crate::schema::{clock_table, quote, TableInfo};
+use crate::sqlite::{Conn, Value};
+use crate::state::Sites;
+use crate::triggers::{col_clock, CL, DBV, S_DBV, S_OV, S_SITE};
+
+/// The sentinel column id of a row's own clock (cr-sqlite's name for it).
+pub const SENTINEL: &str = "-1";
+
+/// One row of `crsql_changes`.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub table: Rc<str>,
+    pub pk: Rc<[u8]>,
+    pub cid: Rc<str>,
+    pub val: Value,
+    pub col_version: i64,
+    pub db_version: i64,
+    pub site_id: Option<Rc<[u8]>>,
+    pub cl: i64,
+    pub origin_version: i64,
+}
+
+/// What the caller's WHERE clause let us narrow the read to.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Exclusive lower bound on db_version.
+    pub after: i64,
+    /// Inclusive upper bound on db_version.
+    pub up_to: i64,
+    pub table: Option<String>,
+    pub site_eq: Option<Vec<u8>>,
+    pub site_ne: Option<Vec<u8>>,
+}
+
+impl Filter {
+    pub fn all() -> Filter {
+        Filter {
+            after: i64::MIN,
+            up_to: i64::MAX,
+            ..Filter::default()
+        }
+    }
+
+    fn keeps_site(&self, site: Option<&[u8]>) -> bool {
+        if let Some(eq) = &self.site_eq {
+            if site != Some(eq.as_slice()) {
+                return false;
+            }
+        }
+        if let Some(ne) = &self.site_ne {
+            if site == Some(ne.as_slice()) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn in_range(&self, v: i64) -> bool {
+        v > self.after && v <= self.up_to
+    }
+}
+
+fn read_sql(t: &TableInfo) -> String {
+    let clock = quote(&clock_table(&t.name));
+    let mut cols: Vec<String> =
+        t.pk.iter()
+            .map(|c| format!("k.{}", quote(&c.name)))
+            .collect();
+    cols.extend([CL, S_DBV, S_SITE, S_OV].iter().map(|c| format!("k.{c}")));
+    for c in &t.columns {
+        cols.extend(col_clock(&c.name).iter().map(|x| format!("k.{}", quote(x))));
+        cols.push(format!("b.{}", quote(&c.name)));
+    }
+    cols.push(format!("b.{} IS NOT NULL", quote(&t.pk[0].name)));
+    let join =
+        t.pk.iter()
+            .map(|c| format!("b.{q} = k.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+    format!(
+        "SELECT {} FROM {clock} AS k LEFT JOIN {} AS b ON {join} WHERE k.{DBV} > ?1 AND k.{DBV} <= ?2",
+        cols.join(", "),
+        quote(&t.name)
+    )
+}
+
+/// Appends the changes of one table that pass `f`.
+pub fn read_table(
+    conn: Conn,
+    t: &TableInfo,
+    sites: &Sites,
+    f: &Filter,
+    out: &mut Vec<Change>,
+) -> Result<()> {
+    let mut s = conn.prepare(&read_sql(t))?;
+    s.reset();
+    s.bind_all(&[Value::Integer(f.after), Value::Integer(f.up_to)])?;
+    let table: Rc<str> = Rc::from(t.name.as_str());
+    let npk = t.pk.len();
+    let cids: Vec<Rc<str>> = t
+        .columns
+        .iter()
+        .map(|c| Rc::from(c.name.as_str()))
+        .collect();
+    let sentinel: Rc<str> = Rc::from(SENTINEL);
+    let site_of =
+        |v: &Value| -> Option<Rc<[u8]>> { v.as_i64().and_then(|o| sites.id(o)).map(Rc::from) };
+    while s.step()? {
+        let keys: Vec<Value> = (0..npk).map(|i| s.column(i)).collect();
+        let pk: Rc<[u8]> = Rc::from(pk::pack(&keys)?);
+        let cl = s.column_i64(npk);
+        let base = npk + 4;
+        let alive = s.column_i64(base + cids.len() * 5) != 0;
+        if !s.column_is_null(npk + 2) {
+            let dbv = s.column_i64(npk + 1);
+            let site = site_of(&s.column(npk + 2));
+            if f.in_range(dbv) && f.keeps_site(site.as_deref()) {
+                let ov = if s.column_is_null(npk + 3) {
+                    dbv
+                } else {
+                    s.column_i64(npk + 3)
+                };
+                out.push(Change {
+                    table: table.clone(),
+                    pk: pk.clone(),
+                    cid: sentinel.clone(),
+                    val: Value::Null,
+                    col_version: cl,
+                    db_version: dbv,
+                    site_id: site,
+                    cl,
+                    origin_version: ov,
+                });
+            }
+        }
+        if cl % 2 == 0 || !alive {
+            continue;
+        }
+        for (i, cid) in cids.iter().enumerate() {
+            let at = base + i * 5;
+            let version = s.column_i64(at);
+            if version <= 0 || s.column_is_null(at + 1) {
+                continue;
+            }
+            let dbv = s.column_i64(at + 1);
+            if !f.in_range(dbv) {
+                continue;
+            }
+            let site = site_of(&s.column(at + 2));
+            if !f.keeps_site(site.as_deref()) {
+                continue;
+            }
+            let ov = if s.column_is_null(at + 3) {
+                dbv
+            } else {
+                s.column_i64(at + 3)
+            };
+            out.push(Change {
+                table: table.clone(),
+                pk: pk.clone(),
+                cid: cid.clone(),
+                val: s.column(at + 4),
+                col_version: version,
+                db_version: dbv,
+                site_id: site,
+                cl,
+                origin_version: ov,
+            });
+        }
+    }
+    s.reset();
+    Ok(())
+}

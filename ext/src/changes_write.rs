@@ -1,0 +1,511 @@
+//! Merging remote changes: `INSERT INTO crsql_changes (...) VALUES (...)`.
+//!
+//! Each change is validated first (table, column, pk blob, clocks), then decided by the
+//! pure rules in `merge.rs`, then written: the base row (with `patina_state.merging` set
+//! so the capture triggers stay quiet) and the clock row, which gets a fresh local change
+//! number. Statements are prepared once per transaction and finalized at its end.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::merge::{self, ColumnClock, ColumnStep, RowStep};
+use crate::pk;
+use crate::schema::{clock_table, quote, TableInfo};
+use crate::sqlite::{Conn, Stmt, Value};
+use crate::state::Sites;
+use crate::triggers::{col_clock, CL, DBV, S_DBV, S_OV, S_SITE};
+
+/// A change as written to `crsql_changes`.
+pub struct Incoming {
+    pub table: String,
+    pub pk: Vec<u8>,
+    pub cid: String,
+    pub val: Value,
+    pub col_version: i64,
+    pub db_version: i64,
+    pub site_id: Vec<u8>,
+    pub cl: i64,
+    pub origin_version: Option<i64>,
+}
+
+/// Prepared statements of one table, by purpose.
+struct TableStmts {
+    /// Per column (index n = the sentinel): the local clock + value + base presence of one key.
+    read: HashMap<usize, Stmt>,
+    set_column: HashMap<usize, Stmt>,
+    update_base: HashMap<usize, Stmt>,
+    set_sentinel: Option<Stmt>,
+    new_life: Option<Stmt>,
+    insert_base: Option<Stmt>,
+    delete_base: Option<Stmt>,
+}
+
+/// Per-connection merge state, kept for one transaction.
+#[derive(Default)]
+pub struct Merger {
+    tables: HashMap<String, (TableInfo, TableStmts)>,
+    state_read: Option<Stmt>,
+    state_write: Option<Stmt>,
+    flag_clear: Option<Stmt>,
+    pub sites: Sites,
+}
+
+fn stmt<'a>(
+    slot: &'a mut Option<Stmt>,
+    conn: Conn,
+    sql: impl FnOnce() -> String,
+) -> Result<&'a mut Stmt> {
+    if slot.is_none() {
+        *slot = Some(conn.prepare(&sql())?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| Error::State("statement cache".into()))
+}
+
+fn keyed<'a>(
+    map: &'a mut HashMap<usize, Stmt>,
+    k: usize,
+    conn: Conn,
+    sql: impl FnOnce() -> String,
+) -> Result<&'a mut Stmt> {
+    if !map.contains_key(&k) {
+        map.insert(k, conn.prepare(&sql())?);
+    }
+    map.get_mut(&k)
+        .ok_or_else(|| Error::State("statement cache".into()))
+}
+
+fn key_where(t: &TableInfo, first_param: usize) -> String {
+    t.pk.iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ?{}", quote(&c.name), first_param + i))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+impl Merger {
+    /// Drops every cached statement (end of transaction, schema change).
+    pub fn clear(&mut self) {
+        self.tables.clear();
+        self.state_read = None;
+        self.state_write = None;
+        self.flag_clear = None;
+        self.sites.forget();
+    }
+
+    fn table(&mut self, conn: Conn, name: &str) -> Result<&mut (TableInfo, TableStmts)> {
+        if !self.tables.contains_key(name) {
+            if !crate::schema::is_replicated(conn, name)? {
+                return Err(Error::Change(format!(
+                    "unknown table '{name}': it is not a replicated table in this database"
+                )));
+            }
+            let info = crate::schema::inspect(conn, name)?;
+            let stmts = TableStmts {
+                read: HashMap::new(),
+                set_column: HashMap::new(),
+                update_base: HashMap::new(),
+                set_sentinel: None,
+                new_life: None,
+                insert_base: None,
+                delete_base: None,
+            };
+            self.tables.insert(name.to_string(), (info, stmts));
+        }
+        self.tables
+            .get_mut(name)
+            .ok_or_else(|| Error::State("table cache".into()))
+    }
+
+    /// Validates and merges one change. Returns whether a base row was written.
+    pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<bool> {
+        // Validation first: a refused change must not have written anything.
+        if ch.site_id.len() != 16 {
+            return Err(Error::Change(format!(
+                "site_id must be a 16-byte blob, got {} bytes",
+                ch.site_id.len()
+            )));
+        }
+        if ch.cl < 1 {
+            return Err(Error::Change(format!(
+                "cl must be a positive integer, got {}",
+                ch.cl
+            )));
+        }
+        let keys = pk::unpack(&ch.pk)?;
+        let site_ord = self.sites.ordinal(conn, &ch.site_id)?;
+        let origin = ch.origin_version.unwrap_or(ch.db_version);
+
+        let (n, col) = {
+            let (info, _) = self.table(conn, &ch.table)?;
+            if keys.len() != info.pk.len() {
+                return Err(Error::Change(format!(
+                    "pk of table '{}' has {} values, the table's primary key has {} columns",
+                    ch.table,
+                    keys.len(),
+                    info.pk.len()
+                )));
+            }
+            let col = if ch.cid == crate::changes_read::SENTINEL {
+                None
+            } else {
+                match info.columns.iter().position(|c| c.name == ch.cid) {
+                    Some(i) => Some(i),
+                    None => {
+                        return Err(Error::Change(format!(
+                            "unknown column '{}' of table '{}'",
+                            ch.cid, ch.table
+                        )));
+                    }
+                }
+            };
+            (info.columns.len(), col)
+        };
+        if col.is_some() && ch.cl % 2 == 0 {
+            return Err(Error::Change(format!(
+                "column '{}' of table '{}' arrives with an even cl ({}): a deleted row has no column values",
+                ch.cid, ch.table, ch.cl
+            )));
+        }
+        if col.is_some() && ch.col_version < 1 {
+            return Err(Error::Change(format!(
+                "col_version must be a positive integer, got {}",
+                ch.col_version
+            )));
+        }
+
+        // Local state.
+        let (db_version, merging, equal_values) = {
+            let s = stmt(&mut self.state_read, conn, || {
+                "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0"
+                    .into()
+            })?;
+            s.reset();
+            if !s.step()? {
+                s.reset();
+                return Err(Error::State("patina_state has no row".into()));
+            }
+            let r = (s.column_i64(0), s.column_i64(1) != 0, s.column_i64(2) != 0);
+            s.reset();
+            r
+        };
+        let read_key = col.unwrap_or(n);
+        let local = {
+            let (info, st) = self.table(conn, &ch.table)?;
+            let s = keyed(&mut st.read, read_key, conn, || read_sql(info, col))?;
+            s.reset();
+            s.bind_all(&keys)?;
+            if !s.step()? {
+                s.reset();
+                return Err(Error::State("local row read returned nothing".into()));
+            }
+            let r = LocalRow {
+                cl: if s.column_is_null(0) {
+                    0
+                } else {
+                    s.column_i64(0)
+                },
+                sentinel_site: if s.column_is_null(1) {
+                    None
+                } else {
+                    Some(s.column_i64(1))
+                },
+                base_exists: s.column_i64(2) != 0,
+                col_version: s.column_i64(3),
+                col_site: if s.column_is_null(4) {
+                    None
+                } else {
+                    Some(s.column_i64(4))
+                },
+                value: s.column(5),
+            };
+            s.reset();
+            r
+        };
+
+        let step = merge::row_step(local.cl, ch.cl);
+        let mut plan = Plan::default();
+        match (step, col) {
+            (RowStep::Stale, _) => return Ok(false),
+            (RowStep::Delete, _) => {
+                plan.delete_base = local.base_exists;
+                plan.life = Some(Some((site_ord, origin)));
+            }
+            (RowStep::NewLife, _) => {
+                plan.delete_base = local.base_exists;
+                plan.insert_base = true;
+                // The row's own clock is credited only by the change that set it; a column
+                // change that reveals a new life leaves the credit open until it arrives.
+                plan.life = Some(if col.is_none() {
+                    Some((site_ord, origin))
+                } else {
+                    None
+                });
+                plan.column = col.map(|_| true);
+            }
+            (RowStep::SameLife, None) => {
+                let local_site = local.sentinel_site.and_then(|o| self.sites_id(conn, o));
+                if !merge::sentinel_credits(local_site.as_deref(), &ch.site_id) {
+                    return Ok(false);
+                }
+                plan.sentinel = true;
+            }
+            (RowStep::SameLife, Some(_)) => {
+                if ch.cl % 2 == 0 {
+                    return Ok(false);
+                }
+                let local_site = local.col_site.and_then(|o| self.sites_id(conn, o));
+                let l = ColumnClock {
+                    col_version: local.col_version,
+                    value: &local.value,
+                    site: local_site.as_deref(),
+                };
+                let i = ColumnClock {
+                    col_version: ch.col_version,
+                    value: &ch.val,
+                    site: Some(&ch.site_id),
+                };
+                match merge::column_step(&l, &i) {
+                    ColumnStep::Keep => return Ok(false),
+                    ColumnStep::Take => plan.column = Some(true),
+                    ColumnStep::TakeEqualValue => plan.column = Some(equal_values),
+                }
+            }
+        }
+
+        // Write: one new local change number for this change.
+        let new_dbv = db_version + 1;
+        let touches_base = plan.delete_base || plan.insert_base || plan.column == Some(true);
+        let set_flag = touches_base && !merging;
+        {
+            let s = stmt(&mut self.state_write, conn, || {
+                "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
+            })?;
+            s.execute(&[
+                Value::Integer(new_dbv),
+                Value::Integer(i64::from(merging || set_flag)),
+            ])?;
+        }
+        let result = self.write(conn, &ch, &keys, col, &plan, site_ord, origin, new_dbv);
+        if set_flag {
+            let s = stmt(&mut self.flag_clear, conn, || {
+                "UPDATE patina_state SET merging = 0 WHERE id = 0".into()
+            })?;
+            s.execute(&[])?;
+        }
+        result?;
+        Ok(touches_base)
+    }
+
+    fn sites_id(&mut self, conn: Conn, ord: i64) -> Option<Vec<u8>> {
+        if self.sites.id(ord).is_none() {
+            let _ = self.sites.reload(conn);
+        }
+        self.sites.id(ord).map(<[u8]>::to_vec)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        conn: Conn,
+        ch: &Incoming,
+        keys: &[Value],
+        col: Option<usize>,
+        plan: &Plan,
+        site: i64,
+        origin: i64,
+        dbv: i64,
+    ) -> Result<()> {
+        let (info, st) = self.table(conn, &ch.table)?;
+        let npk = keys.len();
+        if plan.delete_base {
+            let s = stmt(&mut st.delete_base, conn, || {
+                format!(
+                    "DELETE FROM {} WHERE {}",
+                    quote(&info.name),
+                    key_where(info, 1)
+                )
+            })?;
+            s.execute(keys)?;
+        }
+        if plan.insert_base {
+            let s = stmt(&mut st.insert_base, conn, || {
+                let params: Vec<String> = (1..=npk).map(|i| format!("?{i}")).collect();
+                format!(
+                    "INSERT INTO {} ({}) VALUES ({})",
+                    quote(&info.name),
+                    crate::triggers::pk_list(info, ""),
+                    params.join(", ")
+                )
+            })?;
+            s.execute(keys)?;
+        }
+        if let Some(life) = plan.life {
+            let s = stmt(&mut st.new_life, conn, || new_life_sql(info))?;
+            let (s_site, s_ov, s_dbv) = match life {
+                Some((site, ov)) => (
+                    Value::Integer(site),
+                    Value::Integer(ov),
+                    Value::Integer(dbv),
+                ),
+                None => (Value::Null, Value::Null, Value::Null),
+            };
+            let mut params = keys.to_vec();
+            params.extend([
+                Value::Integer(ch.cl),
+                Value::Integer(dbv),
+                s_dbv,
+                s_site,
+                s_ov,
+            ]);
+            s.execute(&params)?;
+        }
+        if plan.sentinel {
+            let s = stmt(&mut st.set_sentinel, conn, || {
+                format!(
+                    "UPDATE {} SET {S_DBV} = ?{a}, {DBV} = ?{a}, {S_SITE} = ?{b}, {S_OV} = ?{c} WHERE {w}",
+                    quote(&clock_table(&info.name)),
+                    a = npk + 1,
+                    b = npk + 2,
+                    c = npk + 3,
+                    w = key_where(info, 1)
+                )
+            })?;
+            let mut params = keys.to_vec();
+            params.extend([
+                Value::Integer(dbv),
+                Value::Integer(site),
+                Value::Integer(origin),
+            ]);
+            s.execute(&params)?;
+        }
+        if let (Some(i), Some(write_base)) = (col, plan.column) {
+            if write_base {
+                let s = keyed(&mut st.update_base, i, conn, || {
+                    format!(
+                        "UPDATE {} SET {} = ?{} WHERE {}",
+                        quote(&info.name),
+                        quote(&info.columns[i].name),
+                        npk + 1,
+                        key_where(info, 1)
+                    )
+                })?;
+                let mut params = keys.to_vec();
+                params.push(ch.val.clone());
+                s.execute(&params)?;
+            }
+            let s = keyed(&mut st.set_column, i, conn, || {
+                let [v, d, si, ov] = col_clock(&info.columns[i].name).map(|x| quote(&x));
+                format!(
+                    "UPDATE {} SET {v} = ?{a}, {d} = ?{b}, {DBV} = ?{b}, {si} = ?{c}, {ov} = ?{e} WHERE {w}",
+                    quote(&clock_table(&info.name)),
+                    a = npk + 1,
+                    b = npk + 2,
+                    c = npk + 3,
+                    e = npk + 4,
+                    w = key_where(info, 1)
+                )
+            })?;
+            let mut params = keys.to_vec();
+            params.extend([
+                Value::Integer(ch.col_version),
+                Value::Integer(dbv),
+                Value::Integer(site),
+                Value::Integer(origin),
+            ]);
+            s.execute(&params)?;
+        }
+        Ok(())
+    }
+}
+
+struct LocalRow {
+    cl: i64,
+    sentinel_site: Option<i64>,
+    base_exists: bool,
+    col_version: i64,
+    col_site: Option<i64>,
+    value: Value,
+}
+
+/// What one change writes.
+#[derive(Default)]
+struct Plan {
+    delete_base: bool,
+    insert_base: bool,
+    /// Set the row's life: `Some(Some((site, origin)))` credits it, `Some(None)` leaves
+    /// the credit open; column clocks restart either way.
+    life: Option<Option<(i64, i64)>>,
+    /// Credit the row's own clock to the incoming site (same life).
+    sentinel: bool,
+    /// Write the column's clock; `Some(true)` also writes the base value.
+    column: Option<bool>,
+}
+
+/// One row always: the local clock of the key (NULLs when unknown), whether the base row
+/// exists, and the column's clock and value.
+fn read_sql(t: &TableInfo, col: Option<usize>) -> String {
+    let params: Vec<String> = (1..=t.pk.len())
+        .map(|i| format!("?{i} AS {}", quote(&t.pk[i - 1].name)))
+        .collect();
+    let on_k =
+        t.pk.iter()
+            .map(|c| format!("k.{q} = q.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+    let on_b =
+        t.pk.iter()
+            .map(|c| format!("b.{q} = q.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+    let (v, site, val) = match col {
+        Some(i) => {
+            let [v, _, s, _] = col_clock(&t.columns[i].name).map(|x| quote(&x));
+            (
+                format!("k.{v}"),
+                format!("k.{s}"),
+                format!("b.{}", quote(&t.columns[i].name)),
+            )
+        }
+        None => ("0".into(), "NULL".into(), "NULL".into()),
+    };
+    format!(
+        "SELECT k.{CL}, k.{S_SITE}, b.{pk0} IS NOT NULL, coalesce({v}, 0), {site}, {val} \
+         FROM (SELECT {params}) AS q LEFT JOIN {clock} AS k ON {on_k} LEFT JOIN {table} AS b ON {on_b}",
+        pk0 = quote(&t.pk[0].name),
+        params = params.join(", "),
+        clock = quote(&clock_table(&t.name)),
+        table = quote(&t.name),
+    )
+}
+
+/// Upserts the row's clock for a new life (or delete): sets cl and the row clock, and
+/// restarts every column clock.
+fn new_life_sql(t: &TableInfo) -> String {
+    let npk = t.pk.len();
+    let mut sets = vec![
+        format!("{CL} = excluded.{CL}"),
+        format!("{DBV} = excluded.{DBV}"),
+        format!("{S_DBV} = excluded.{S_DBV}"),
+        format!("{S_SITE} = excluded.{S_SITE}"),
+        format!("{S_OV} = excluded.{S_OV}"),
+    ];
+    for c in &t.columns {
+        let [v, d, s, ov] = col_clock(&c.name).map(|x| quote(&x));
+        sets.extend([
+            format!("{v} = 0"),
+            format!("{d} = NULL"),
+            format!("{s} = NULL"),
+            format!("{ov} = NULL"),
+        ]);
+    }
+    let params: Vec<String> = (1..=npk + 5).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO {clock} ({pk}, {CL}, {DBV}, {S_DBV}, {S_SITE}, {S_OV}) VALUES ({params}) \
+         ON CONFLICT ({pk}) DO UPDATE SET {sets}",
+        clock = quote(&clock_table(&t.name)),
+        pk = crate::triggers::pk_list(t, ""),
+        params = params.join(", "),
+        sets = sets.join(", "),
+    )
+}

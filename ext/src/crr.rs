@@ -1,0 +1,211 @@
+//! Making tables replicated and plain again, and schema changes between
+//! `crsql_begin_alter` and `crsql_commit_alter`.
+//!
+//! Every entry point runs in a savepoint: on error nothing it did remains.
+
+use crate::error::{Error, Result};
+use crate::schema::{self, clock_table, inspect, literal, quote, TableInfo, MARK};
+use crate::sqlite::{Conn, Value};
+use crate::state;
+use crate::triggers::{self, CL, DBV, S_DBV, S_OV, S_SITE};
+
+/// `crsql_as_crr`: creates the clock, installs triggers, backfills clocks for existing rows.
+/// Run again on a replicated table it repairs: regenerates triggers, adopts added
+/// columns, and records rows written while no trigger saw them.
+pub fn as_crr(conn: Conn, table: &str) -> Result<()> {
+    state::ensure(conn)?;
+    state::savepoint(conn, "patina_as_crr", || {
+        let info = inspect(conn, table)?;
+        if schema::is_replicated(conn, table)? {
+            migrate_clock(conn, &info)?;
+        } else {
+            conn.exec(&triggers::create_clock(&info))?;
+        }
+        install_triggers_for(conn, &info)?;
+        reconcile(conn, &info)
+    })
+}
+
+/// `crsql_as_table`: drops triggers and clocks; the table's rows stay as they are.
+pub fn as_table(conn: Conn, table: &str) -> Result<()> {
+    if !schema::is_replicated(conn, table)? {
+        return Err(Error::NotReplicated(table.to_string()));
+    }
+    state::savepoint(conn, "patina_as_table", || {
+        conn.exec(&triggers::drop_triggers(table))?;
+        conn.exec(&format!("DROP TABLE {}", quote(&clock_table(table))))
+    })
+}
+
+/// `crsql_begin_alter`: drops the triggers so `ALTER TABLE` may drop or rename columns
+/// they mention. Writes between this and `crsql_commit_alter` are recorded at commit only
+/// as far as `reconcile` can see them (inserted and deleted rows, not updates).
+pub fn begin_alter(conn: Conn, table: &str) -> Result<()> {
+    if !schema::is_replicated(conn, table)? {
+        return Err(Error::NotReplicated(table.to_string()));
+    }
+    conn.exec(&triggers::drop_triggers(table))
+}
+
+/// `crsql_commit_alter`: adopts the table's new columns without touching existing rows
+/// (an added column has no clock until it is written, so no change per row is emitted),
+/// drops clocks of dropped columns, and reinstalls the triggers.
+pub fn commit_alter(conn: Conn, table: &str) -> Result<()> {
+    if !schema::is_replicated(conn, table)? {
+        return Err(Error::NotReplicated(table.to_string()));
+    }
+    state::savepoint(conn, "patina_commit_alter", || {
+        let info = inspect(conn, table)?;
+        migrate_clock(conn, &info)?;
+        install_triggers_for(conn, &info)?;
+        reconcile(conn, &info)
+    })
+}
+
+/// Regenerates the triggers of a replicated table (after a site id change).
+pub fn install_triggers(conn: Conn, table: &str) -> Result<()> {
+    let info = inspect(conn, table)?;
+    install_triggers_for(conn, &info)
+}
+
+fn install_triggers_for(conn: Conn, info: &TableInfo) -> Result<()> {
+    let site = state::local_site(conn)?;
+    conn.exec(&triggers::drop_triggers(&info.name))?;
+    conn.exec(&triggers::create_triggers(info, site))
+}
+
+/// The clock table's key columns and replicated columns, read from its own schema.
+fn clock_layout(conn: Conn, table: &str) -> Result<(Vec<String>, Vec<String>)> {
+    let mut s = conn.prepare(&format!(
+        "SELECT name FROM pragma_table_info({})",
+        literal(&clock_table(table))
+    ))?;
+    let names = s.query_map(&[], |r| match r.column(0) {
+        Value::Text(b) => String::from_utf8_lossy(&b).into_owned(),
+        _ => String::new(),
+    })?;
+    let suffix = format!("{MARK}_v");
+    let keys = names
+        .iter()
+        .filter(|n| !n.contains(MARK))
+        .cloned()
+        .collect();
+    let cols = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(&suffix))
+        .map(str::to_string)
+        .collect();
+    Ok((keys, cols))
+}
+
+fn migrate_clock(conn: Conn, info: &TableInfo) -> Result<()> {
+    let (keys, cols) = clock_layout(conn, &info.name)?;
+    let want_keys: Vec<&str> = info.pk.iter().map(|c| c.name.as_str()).collect();
+    if keys
+        .iter()
+        .map(String::as_str)
+        .ne(want_keys.iter().copied())
+    {
+        return Err(Error::Schema {
+            table: info.name.clone(),
+            reason: format!(
+                "its primary key changed from ({}) to ({}); changing the key of a replicated table is not supported \
+                 in place: copy the rows to a new table, or run crsql_as_table, rebuild, and crsql_as_crr again",
+                keys.join(", "),
+                want_keys.join(", ")
+            ),
+        });
+    }
+    let clock = quote(&clock_table(&info.name));
+    for c in &info.columns {
+        if !cols.iter().any(|x| x == &c.name) {
+            for def in triggers::col_clock_defs(&c.name) {
+                conn.exec(&format!("ALTER TABLE {clock} ADD COLUMN {def}"))?;
+            }
+        }
+    }
+    for old in &cols {
+        if !info.columns.iter().any(|c| &c.name == old) {
+            for col in triggers::col_clock(old) {
+                conn.exec(&format!("ALTER TABLE {clock} DROP COLUMN {}", quote(&col)))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives clocks to rows that have none (existing rows at `as_crr`, rows written while the
+/// triggers were off) and records deletes nobody saw. Each gets fresh change numbers.
+fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
+    let site = state::local_site(conn)?;
+    let n = info.columns.len() as i64;
+    let per_row = n + 1;
+    let clock = quote(&clock_table(&info.name));
+    let table = quote(&info.name);
+    let key_match = |a: &str, b: &str| {
+        info.pk
+            .iter()
+            .map(|c| format!("{a}.{q} = {b}.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let mut names = vec![
+        triggers::pk_list(info, ""),
+        CL.into(),
+        DBV.into(),
+        S_DBV.into(),
+        S_SITE.into(),
+        S_OV.into(),
+    ];
+    let mut values = vec![
+        triggers::pk_list(info, "b."),
+        "1".into(),
+        format!("s.db_version + b.r * {per_row}"),
+        format!("s.db_version + (b.r - 1) * {per_row} + 1"),
+        site.to_string(),
+        "NULL".into(),
+    ];
+    for (i, c) in info.columns.iter().enumerate() {
+        names.extend(triggers::col_clock(&c.name).map(|x| quote(&x)));
+        values.extend([
+            "1".into(),
+            format!("s.db_version + (b.r - 1) * {per_row} + {}", i + 2),
+            site.to_string(),
+            "NULL".into(),
+        ]);
+    }
+    conn.exec(&format!(
+        "INSERT INTO {clock} ({names}) SELECT {values} FROM \
+         (SELECT {pk}, row_number() OVER (ORDER BY {pk}) AS r FROM {table} AS b0 \
+          WHERE NOT EXISTS (SELECT 1 FROM {clock} AS k WHERE {m})) AS b, patina_state AS s WHERE s.id = 0",
+        names = names.join(", "),
+        values = values.join(", "),
+        pk = triggers::pk_list(info, ""),
+        m = key_match("k", "b0"),
+    ))?;
+    let added = conn.query_i64("SELECT changes()")?.unwrap_or(0);
+    if added > 0 {
+        conn.exec(&format!(
+            "UPDATE patina_state SET db_version = db_version + {} WHERE id = 0",
+            added * per_row
+        ))?;
+    }
+    // Rows the clock thinks alive but the table no longer has: record their delete.
+    conn.exec(&format!(
+        "UPDATE {clock} SET {CL} = {CL} + 1, {DBV} = s.db_version + d.r, {S_DBV} = s.db_version + d.r, \
+         {S_SITE} = {site}, {S_OV} = NULL \
+         FROM (SELECT {kpk}, row_number() OVER (ORDER BY {kpk}) AS r FROM {clock} AS k \
+               WHERE k.{CL} % 2 = 1 AND NOT EXISTS (SELECT 1 FROM {table} AS b WHERE {m})) AS d, patina_state AS s \
+         WHERE s.id = 0 AND {dm}",
+        kpk = triggers::pk_list(info, "k."),
+        m = key_match("b", "k"),
+        dm = key_match(&clock, "d"),
+    ))?;
+    let deleted = conn.query_i64("SELECT changes()")?.unwrap_or(0);
+    if deleted > 0 {
+        conn.exec(&format!(
+            "UPDATE patina_state SET db_version = db_version + {deleted} WHERE id = 0"
+        ))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! The scalar SQL functions. Each validates its arguments and names the argument at fault.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use sqlite_loadable::ext::{sqlite3_context, sqlite3_value};
+use sqlite_loadable::Result as SlResult;
+
+use crate::error::{Error, Result};
+use crate::sqlite::{self as sq, Conn, Value};
+use crate::{crr, pk, state, Shared};
+
+/// The shape of every function in the registration list.
+pub type Func = fn(*mut sqlite3_context, &[*mut sqlite3_value], &Arc<Shared>) -> SlResult<()>;
+
+fn conn(ctx: *mut sqlite3_context) -> Conn {
+    Conn(sqlite_loadable::api::context_db_handle(ctx))
+}
+
+fn finish(ctx: *mut sqlite3_context, r: Result<Value>) -> SlResult<()> {
+    match r {
+        Ok(v) => {
+            sq::result_value(ctx, &v);
+            Ok(())
+        }
+        Err(e) => Err(sqlite_loadable::Error::new_message(&e.to_string())),
+    }
+}
+
+/// The table-name argument of `function`: TEXT, non-empty; with two arguments the first is
+/// the schema, which must be `main`.
+fn table_arg(function: &'static str, args: &[*mut sqlite3_value]) -> Result<String> {
+    let values: Vec<Value> = args.iter().map(|a| Value::from_raw(*a)).collect();
+    let (pos, v) = match values.as_slice() {
+        [t] => (1, t),
+        [schema, t] => {
+            match schema {
+                Value::Text(s) if s.eq_ignore_ascii_case(b"main") => {}
+                other => {
+                    return Err(Error::Argument {
+                        function,
+                        position: 1,
+                        name: "schema",
+                        problem: format!(
+                            "must be 'main' (patina replicates tables of the main schema), got {}",
+                            describe(other)
+                        ),
+                    })
+                }
+            }
+            (2, t)
+        }
+        _ => {
+            return Err(Error::Argument {
+                function,
+                position: 1,
+                name: "table",
+                problem: "is missing".into(),
+            })
+        }
+    };
+    match v {
+        Value::Text(t) if !t.is_empty() => Ok(String::from_utf8_lossy(t).into_owned()),
+        other => Err(Error::Argument {
+            function,
+            position: pos,
+            name: "table",
+            problem: format!("must be a table name (TEXT), got {}", describe(other)),
+        }),
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Text(t) if t.is_empty() => "an empty string".into(),
+        Value::Null => "NULL".into(),
+        other => other.type_name().into(),
+    }
+}
+
+fn ok() -> Value {
+    Value::Text(b"OK".to_vec())
+}
+
+pub fn as_crr(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(
+        ctx,
+        table_arg("crsql_as_crr", args)
+            .and_then(|t| crr::as_crr(conn(ctx), &t))
+            .map(|_| ok()),
+    )
+}
+
+pub fn as_table(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(
+        ctx,
+        table_arg("crsql_as_table", args)
+            .and_then(|t| crr::as_table(conn(ctx), &t))
+            .map(|_| ok()),
+    )
+}
+
+pub fn begin_alter(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(
+        ctx,
+        table_arg("crsql_begin_alter", args)
+            .and_then(|t| crr::begin_alter(conn(ctx), &t))
+            .map(|_| ok()),
+    )
+}
+
+pub fn commit_alter(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(
+        ctx,
+        table_arg("crsql_commit_alter", args)
+            .and_then(|t| crr::commit_alter(conn(ctx), &t))
+            .map(|_| ok()),
+    )
+}
+
+pub fn db_version(
+    ctx: *mut sqlite3_context,
+    _: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(ctx, state::db_version(conn(ctx)).map(Value::Integer))
+}
+
+pub fn site_id(
+    ctx: *mut sqlite3_context,
+    _: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(ctx, state::site_id(conn(ctx)).map(Value::Blob))
+}
+
+pub fn rows_impacted(
+    ctx: *mut sqlite3_context,
+    _: &[*mut sqlite3_value],
+    shared: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(
+        ctx,
+        Ok(Value::Integer(shared.rows_impacted.load(Ordering::Relaxed))),
+    )
+}
+
+const MERGE_EQUAL_VALUES: &[u8] = b"merge-equal-values";
+
+fn config_name(function: &'static str, v: *mut sqlite3_value) -> Result<()> {
+    match Value::from_raw(v) {
+        Value::Text(t) if t == MERGE_EQUAL_VALUES => Ok(()),
+        other => Err(Error::Argument {
+            function,
+            position: 1,
+            name: "name",
+            problem: format!(
+                "must be 'merge-equal-values' (the one setting), got {}",
+                match other {
+                    Value::Text(t) => format!("'{}'", String::from_utf8_lossy(&t)),
+                    o => describe(&o),
+                }
+            ),
+        }),
+    }
+}
+
+pub fn config_set(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    let r = (|| {
+        config_name("crsql_config_set", args[0])?;
+        let on = match Value::from_raw(args[1]) {
+            Value::Integer(i @ (0 | 1)) => i,
+            other => {
+                return Err(Error::Argument {
+                    function: "crsql_config_set",
+                    position: 2,
+                    name: "value",
+                    problem: format!("must be 0 or 1, got {}", describe(&other)),
+                })
+            }
+        };
+        let c = conn(ctx);
+        state::ensure(c)?;
+        let mut s = c.prepare("UPDATE patina_state SET merge_equal_values = ?1 WHERE id = 0")?;
+        s.execute(&[Value::Integer(on)])?;
+        Ok(Value::Integer(on))
+    })();
+    finish(ctx, r)
+}
+
+pub fn config_get(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    let r = config_name("crsql_config_get", args[0]).and_then(|_| {
+        let c = conn(ctx);
+        if !state::initialized(c)? {
+            return Ok(Value::Integer(0));
+        }
+        Ok(Value::Integer(
+            c.query_i64("SELECT merge_equal_values FROM patina_state WHERE id = 0")?
+                .unwrap_or(0),
+        ))
+    });
+    finish(ctx, r)
+}
+
+pub fn pack_columns(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    let values: Vec<Value> = args.iter().map(|a| Value::from_raw(*a)).collect();
+    if values.is_empty() {
+        return finish(
+            ctx,
+            Err(Error::Argument {
+                function: "crsql_pack_columns",
+                position: 1,
+                name: "value",
+                problem: "is missing: pack at least one value".into(),
+            }),
+        );
+    }
+    finish(ctx, pk::pack(&values).map(Value::Blob))
+}
+
+pub fn finalize(
+    ctx: *mut sqlite3_context,
+    _: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(ctx, Ok(ok()))
+}
+
+pub fn version(
+    ctx: *mut sqlite3_context,
+    _: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(
+        ctx,
+        Ok(Value::Text(env!("CARGO_PKG_VERSION").as_bytes().to_vec())),
+    )
+}
+
+pub fn new_site_id(
+    ctx: *mut sqlite3_context,
+    _: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(ctx, state::new_site_id(conn(ctx)).map(Value::Blob))
+}

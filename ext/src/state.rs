@@ -1,0 +1,162 @@
+//! `patina_state` and `patina_sites`: the change counter, the merge flag, this database's
+//! site id, and the ordinals that stand for site ids inside clock rows.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::sqlite::{Conn, Value};
+
+const STATE_SQL: &str = include_str!("../../sql/ext/state.sql");
+
+/// Creates the state tables and a site id if this database has none yet. Runs in a
+/// savepoint: either all of it exists afterwards or none of it.
+pub fn ensure(conn: Conn) -> Result<()> {
+    if initialized(conn)? {
+        return Ok(());
+    }
+    savepoint(conn, "patina_init", || {
+        conn.exec(STATE_SQL)?;
+        if conn
+            .query_i64("SELECT count(*) FROM patina_state")?
+            .unwrap_or(0)
+            == 0
+        {
+            let site: [u8; 16] = rand::random();
+            let ord = site_ordinal_insert(conn, &site)?;
+            let mut s = conn
+                .prepare("INSERT INTO patina_state (id, site_id, local_site) VALUES (0, ?1, ?2)")?;
+            s.execute(&[Value::Blob(site.to_vec()), Value::Integer(ord)])?;
+        }
+        Ok(())
+    })
+}
+
+pub fn initialized(conn: Conn) -> Result<bool> {
+    Ok(conn
+        .query_value(
+            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = 'patina_state'",
+            &[],
+        )?
+        .is_some())
+}
+
+/// Runs `f` inside `SAVEPOINT name`, rolled back entirely when it fails.
+pub fn savepoint<T>(conn: Conn, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    conn.exec(&format!("SAVEPOINT {name}"))?;
+    match f() {
+        Ok(v) => {
+            conn.exec(&format!("RELEASE {name}"))?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.exec(&format!("ROLLBACK TO {name}; RELEASE {name}"));
+            Err(e)
+        }
+    }
+}
+
+fn not_initialized() -> Error {
+    Error::State(
+        "patina is not initialized in this database (it was read-only or busy when the extension loaded); \
+         run SELECT crsql_as_crr('<table>') on a writable connection"
+            .into(),
+    )
+}
+
+pub fn site_id(conn: Conn) -> Result<Vec<u8>> {
+    match conn.query_value("SELECT site_id FROM patina_state WHERE id = 0", &[]) {
+        Ok(Some(Value::Blob(b))) => Ok(b),
+        Ok(_) => Err(not_initialized()),
+        Err(_) if !initialized(conn)? => Err(not_initialized()),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn local_site(conn: Conn) -> Result<i64> {
+    conn.query_i64("SELECT local_site FROM patina_state WHERE id = 0")?
+        .ok_or_else(not_initialized)
+}
+
+pub fn db_version(conn: Conn) -> Result<i64> {
+    if !initialized(conn)? {
+        return Ok(0);
+    }
+    Ok(conn
+        .query_i64("SELECT db_version FROM patina_state WHERE id = 0")?
+        .unwrap_or(0))
+}
+
+fn site_ordinal_insert(conn: Conn, site: &[u8]) -> Result<i64> {
+    let mut s = conn.prepare(
+        "INSERT INTO patina_sites (site_id) VALUES (?1) ON CONFLICT (site_id) DO NOTHING",
+    )?;
+    s.execute(&[Value::Blob(site.to_vec())])?;
+    conn.query_value(
+        "SELECT ord FROM patina_sites WHERE site_id = ?1",
+        &[Value::Blob(site.to_vec())],
+    )?
+    .and_then(|v| v.as_i64())
+    .ok_or_else(|| Error::State("site ordinal vanished after insert".into()))
+}
+
+/// Ordinals ↔ site ids, cached per connection and refreshed on a miss.
+#[derive(Default)]
+pub struct Sites {
+    by_id: HashMap<Vec<u8>, i64>,
+    by_ord: HashMap<i64, Vec<u8>>,
+}
+
+impl Sites {
+    pub fn reload(&mut self, conn: Conn) -> Result<()> {
+        let mut s = conn.prepare("SELECT ord, site_id FROM patina_sites")?;
+        let rows = s.query_map(&[], |r| (r.column_i64(0), r.column(1)))?;
+        self.by_id.clear();
+        self.by_ord.clear();
+        for (ord, id) in rows {
+            if let Value::Blob(b) = id {
+                self.by_id.insert(b.clone(), ord);
+                self.by_ord.insert(ord, b);
+            }
+        }
+        Ok(())
+    }
+
+    /// The ordinal for `site`, registering it when new.
+    pub fn ordinal(&mut self, conn: Conn, site: &[u8]) -> Result<i64> {
+        if let Some(o) = self.by_id.get(site) {
+            return Ok(*o);
+        }
+        let ord = site_ordinal_insert(conn, site)?;
+        self.by_id.insert(site.to_vec(), ord);
+        self.by_ord.insert(ord, site.to_vec());
+        Ok(ord)
+    }
+
+    /// The site id of an ordinal (None for NULL or an unknown ordinal).
+    pub fn id(&self, ord: i64) -> Option<&[u8]> {
+        self.by_ord.get(&ord).map(Vec::as_slice)
+    }
+
+    pub fn forget(&mut self) {
+        self.by_id.clear();
+        self.by_ord.clear();
+    }
+}
+
+/// Gives the database a fresh random site id. Past local changes keep their credit to the
+/// old id (they point at its ordinal); new ones use the new ordinal, baked into the
+/// triggers, which are regenerated.
+pub fn new_site_id(conn: Conn) -> Result<Vec<u8>> {
+    ensure(conn)?;
+    savepoint(conn, "patina_new_site", || {
+        let site: [u8; 16] = rand::random();
+        let ord = site_ordinal_insert(conn, &site)?;
+        let mut s =
+            conn.prepare("UPDATE patina_state SET site_id = ?1, local_site = ?2 WHERE id = 0")?;
+        s.execute(&[Value::Blob(site.to_vec()), Value::Integer(ord)])?;
+        for table in crate::schema::replicated_tables(conn)? {
+            crate::crr::install_triggers(conn, &table)?;
+        }
+        Ok(site.to_vec())
+    })
+}

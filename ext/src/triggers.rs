@@ -1,0 +1,268 @@
+//! SQL generation: the clock table of a replicated table and the plain-SQL AFTER triggers
+//! that keep it.
+//!
+//! The triggers call no extension function, so a connection that never loaded patina
+//! still records its writes. They take change numbers from the one-row `patina_state`
+//! counter inside the writing transaction (gap-free, commit-ordered), and do nothing while
+//! `patina_state.merging` is set by a merge in the same transaction.
+//!
+//! Clock layout, one row per base row: the key columns (same names, types, collations),
+//! then `__patina_cl` (causal length), `__patina_dbv` (newest change number in the row,
+//! indexed: the feed's range scan), the row's own clock (`__patina_s_*`: the change that
+//! set `cl`), and per replicated column `<col>__patina_{v,dbv,site,ov}`: its version in this
+//! life, change number, credited site (ordinal in `patina_sites`) and origin's number
+//! (NULL when this site is the origin: then it equals the change number).
+
+use crate::schema::{clock_table, quote, Column, TableInfo, MARK};
+
+pub const CL: &str = "__patina_cl";
+pub const DBV: &str = "__patina_dbv";
+pub const S_DBV: &str = "__patina_s_dbv";
+pub const S_SITE: &str = "__patina_s_site";
+pub const S_OV: &str = "__patina_s_ov";
+
+/// The four clock columns of replicated column `col`: version, change number, site, origin number.
+pub fn col_clock(col: &str) -> [String; 4] {
+    ["v", "dbv", "site", "ov"].map(|s| format!("{col}{MARK}_{s}"))
+}
+
+pub fn trigger_names(table: &str) -> [String; 4] {
+    ["ins", "upd", "updpk", "del"].map(|s| format!("{table}{MARK}_{s}"))
+}
+
+pub fn index_name(table: &str) -> String {
+    format!("{table}{MARK}_dbv")
+}
+
+fn key_decl(c: &Column) -> String {
+    let mut s = quote(&c.name);
+    if !c.decl_type.is_empty() {
+        s.push(' ');
+        s.push_str(&c.decl_type);
+    }
+    if let Some(coll) = &c.collation {
+        s.push_str(" COLLATE ");
+        s.push_str(&quote(coll));
+    }
+    s.push_str(" NOT NULL");
+    s
+}
+
+/// The clock column definitions of one replicated column (also used by ALTER ADD COLUMN).
+pub fn col_clock_defs(col: &str) -> [String; 4] {
+    let [v, dbv, site, ov] = col_clock(col);
+    [
+        format!("{} INTEGER NOT NULL DEFAULT 0", quote(&v)),
+        format!("{} INTEGER", quote(&dbv)),
+        format!("{} INTEGER", quote(&site)),
+        format!("{} INTEGER", quote(&ov)),
+    ]
+}
+
+/// `CREATE TABLE` + index for the clock of `t`.
+pub fn create_clock(t: &TableInfo) -> String {
+    let mut cols: Vec<String> = Vec::new();
+    if t.integer_pk {
+        cols.push(format!(
+            "{} INTEGER PRIMARY KEY NOT NULL",
+            quote(&t.pk[0].name)
+        ));
+    } else {
+        cols.extend(t.pk.iter().map(key_decl));
+    }
+    cols.push(format!("{CL} INTEGER NOT NULL"));
+    cols.push(format!("{DBV} INTEGER NOT NULL"));
+    cols.push(format!("{S_DBV} INTEGER"));
+    cols.push(format!("{S_SITE} INTEGER"));
+    cols.push(format!("{S_OV} INTEGER"));
+    for c in &t.columns {
+        cols.extend(col_clock_defs(&c.name));
+    }
+    let tail = if t.integer_pk {
+        ")".to_string()
+    } else {
+        format!(", PRIMARY KEY ({})) WITHOUT ROWID", pk_list(t, ""))
+    };
+    format!(
+        "CREATE TABLE {clock} ({cols}{tail};\nCREATE INDEX {idx} ON {clock} ({DBV});",
+        clock = quote(&clock_table(&t.name)),
+        cols = cols.join(", "),
+        idx = quote(&index_name(&t.name)),
+    )
+}
+
+/// `"p1", "p2"` with an optional `prefix.` on each.
+pub fn pk_list(t: &TableInfo, prefix: &str) -> String {
+    t.pk.iter()
+        .map(|c| format!("{prefix}{}", quote(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `clock."p1" = SRC."p1" AND ...`
+fn pk_match(t: &TableInfo, left: &str, src: &str) -> String {
+    t.pk.iter()
+        .map(|c| format!("{left}.{q} = {src}.{q}", q = quote(&c.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Records an insert (or resurrection) of the row `src` (NEW): `n + 1` numbers, the
+/// row's clock first, then each column's.
+fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
+    let n = t.columns.len();
+    let clock = quote(&clock_table(&t.name));
+    let mut names = vec![
+        pk_list(t, ""),
+        CL.into(),
+        DBV.into(),
+        S_DBV.into(),
+        S_SITE.into(),
+        S_OV.into(),
+    ];
+    let mut values = vec![
+        pk_list(t, &format!("{src}.")),
+        "1".into(),
+        "s.db_version".into(),
+        format!("s.db_version - {n}"),
+        site.to_string(),
+        "NULL".into(),
+    ];
+    let mut sets = vec![
+        format!("{CL} = {CL} + 1 + ({CL} % 2)"),
+        format!("{DBV} = excluded.{DBV}"),
+        format!("{S_DBV} = excluded.{S_DBV}"),
+        format!("{S_SITE} = {site}"),
+        format!("{S_OV} = NULL"),
+    ];
+    for (i, c) in t.columns.iter().enumerate() {
+        let [v, dbv, s, ov] = col_clock(&c.name).map(|x| quote(&x));
+        names.extend([v.clone(), dbv.clone(), s.clone(), ov.clone()]);
+        values.extend([
+            "1".into(),
+            format!("s.db_version - {}", n - 1 - i),
+            site.to_string(),
+            "NULL".into(),
+        ]);
+        sets.extend([
+            format!("{v} = 1"),
+            format!("{dbv} = excluded.{dbv}"),
+            format!("{s} = {site}"),
+            format!("{ov} = NULL"),
+        ]);
+    }
+    format!(
+        "UPDATE patina_state SET db_version = db_version + {k} WHERE id = 0 AND merging = 0;\n\
+         INSERT INTO {clock} ({names}) SELECT {values} FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
+         ON CONFLICT ({pk}) DO UPDATE SET {sets};\n",
+        k = n + 1,
+        names = names.join(", "),
+        values = values.join(", "),
+        pk = pk_list(t, ""),
+        sets = sets.join(", "),
+    )
+}
+
+/// Records a delete of the row `src` (OLD): one number; a clock row is created when the
+/// row was never seen (written while triggers were off), so the delete still travels.
+fn delete_body(t: &TableInfo, src: &str, site: i64) -> String {
+    let clock = quote(&clock_table(&t.name));
+    format!(
+        "UPDATE patina_state SET db_version = db_version + 1 WHERE id = 0 AND merging = 0;\n\
+         INSERT INTO {clock} ({pk}, {CL}, {DBV}, {S_DBV}, {S_SITE}, {S_OV}) \
+         SELECT {src_pk}, 2, s.db_version, s.db_version, {site}, NULL FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
+         ON CONFLICT ({pk}) DO UPDATE SET {CL} = {CL} + 1, {DBV} = excluded.{DBV}, {S_DBV} = excluded.{S_DBV}, \
+         {S_SITE} = {site}, {S_OV} = NULL WHERE {CL} % 2 = 1;\n",
+        pk = pk_list(t, ""),
+        src_pk = pk_list(t, &format!("{src}.")),
+    )
+}
+
+/// The change test of one column: any difference in bytes or storage class (so `1` →
+/// `1.0` and 'a' → 'A' under NOCASE are changes).
+fn changed(c: &Column) -> String {
+    let q = quote(&c.name);
+    format!("(NEW.{q} IS NOT OLD.{q} COLLATE BINARY OR typeof(NEW.{q}) <> typeof(OLD.{q}))")
+}
+
+/// Records an update that keeps the key: one number per changed column, in column order.
+fn update_body(t: &TableInfo, site: i64) -> String {
+    let clock_name = clock_table(&t.name);
+    let clock = quote(&clock_name);
+    if t.columns.is_empty() {
+        return String::new();
+    }
+    let xs: Vec<String> = t.columns.iter().map(changed).collect();
+    let sum = xs.join(" + ");
+    let mut sets = vec![format!("{DBV} = d.v")];
+    for (i, c) in t.columns.iter().enumerate() {
+        let [v, dbv, s, ov] = col_clock(&c.name).map(|x| quote(&x));
+        let prefix: Vec<String> = (0..=i).map(|j| format!("d.x{j}")).collect();
+        sets.push(format!(
+            "{v} = CASE WHEN d.x{i} THEN {clock}.{v} + 1 ELSE {clock}.{v} END"
+        ));
+        sets.push(format!(
+            "{dbv} = CASE WHEN d.x{i} THEN d.v - d.k + {} ELSE {clock}.{dbv} END",
+            prefix.join(" + ")
+        ));
+        sets.push(format!(
+            "{s} = CASE WHEN d.x{i} THEN {site} ELSE {clock}.{s} END"
+        ));
+        sets.push(format!(
+            "{ov} = CASE WHEN d.x{i} THEN NULL ELSE {clock}.{ov} END"
+        ));
+    }
+    let d_cols: Vec<String> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| format!("{x} AS x{i}"))
+        .collect();
+    format!(
+        "UPDATE patina_state SET db_version = db_version + ({sum}) WHERE id = 0 AND merging = 0;\n\
+         UPDATE {clock} SET {sets}\n\
+         FROM (SELECT s.db_version AS v, ({sum}) AS k, {d_cols} FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0) AS d\n\
+         WHERE {matches} AND d.k > 0 AND {clock}.{CL} % 2 = 1;\n",
+        sets = sets.join(", "),
+        d_cols = d_cols.join(", "),
+        matches = pk_match(t, &clock, "NEW"),
+    )
+}
+
+fn same_key(t: &TableInfo) -> String {
+    t.pk.iter()
+        .map(|c| format!("NEW.{q} IS OLD.{q}", q = quote(&c.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The four triggers; `site` is this database's ordinal in `patina_sites`.
+pub fn create_triggers(t: &TableInfo, site: i64) -> String {
+    let [ins, upd, updpk, del] = trigger_names(&t.name).map(|n| quote(&n));
+    let table = quote(&t.name);
+    let mut sql = format!(
+        "CREATE TRIGGER {ins} AFTER INSERT ON {table} BEGIN\n{}END;\n\
+         CREATE TRIGGER {updpk} AFTER UPDATE ON {table} WHEN NOT ({same}) BEGIN\n{}{}END;\n\
+         CREATE TRIGGER {del} AFTER DELETE ON {table} BEGIN\n{}END;\n",
+        insert_body(t, "NEW", site),
+        delete_body(t, "OLD", site),
+        insert_body(t, "NEW", site),
+        delete_body(t, "OLD", site),
+        same = same_key(t),
+    );
+    if !t.columns.is_empty() {
+        sql.push_str(&format!(
+            "CREATE TRIGGER {upd} AFTER UPDATE ON {table} WHEN {same} BEGIN\n{}END;\n",
+            update_body(t, site),
+            same = same_key(t),
+        ));
+    }
+    sql
+}
+
+/// Drops the triggers (missing ones are fine).
+pub fn drop_triggers(table: &str) -> String {
+    trigger_names(table)
+        .iter()
+        .map(|n| format!("DROP TRIGGER IF EXISTS {};\n", quote(n)))
+        .collect()
+}
