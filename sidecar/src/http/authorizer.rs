@@ -122,7 +122,8 @@ impl AuthState {
             | AuthAction::AlterTable { .. }
             | AuthAction::CreateVtable { .. }
             | AuthAction::DropVtable { .. } => self.deny(SCHEMA_REFUSED.into()),
-            _ => self.deny("not authorized: this kind of statement is refused through the API".into()),
+            _ => self
+                .deny("not authorized: this kind of statement is refused through the API".into()),
         }
     }
 }
@@ -200,7 +201,10 @@ mod tests {
 
     #[test]
     fn keywords() {
-        assert_eq!(leading_keyword("  -- hi\n /* x */ vacuum into 'x'"), "VACUUM");
+        assert_eq!(
+            leading_keyword("  -- hi\n /* x */ vacuum into 'x'"),
+            "VACUUM"
+        );
         assert_eq!(leading_keyword("select 1"), "SELECT");
         assert_eq!(leading_keyword("/* unterminated"), "");
     }

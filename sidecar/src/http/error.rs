@@ -68,6 +68,23 @@ impl HttpError {
         }
     }
 
+    /// The same error again (errors are answered to every request of a group commit).
+    pub fn clone_msg(&self) -> HttpError {
+        let m = self.to_string();
+        match self {
+            HttpError::BadRequest(_) => HttpError::BadRequest(m),
+            HttpError::Sql(_) => HttpError::Sql(m),
+            HttpError::Forbidden(_) => HttpError::Forbidden(m),
+            HttpError::Unauthorized(_) => HttpError::Unauthorized(m),
+            HttpError::NotFound(_) => HttpError::NotFound(m),
+            HttpError::TooLarge { limit } => HttpError::TooLarge { limit: *limit },
+            HttpError::UnsupportedMediaType(_) => HttpError::UnsupportedMediaType(m),
+            HttpError::MalformedJson(_) => HttpError::MalformedJson(m),
+            HttpError::Unavailable(_) => HttpError::Unavailable(m),
+            HttpError::Internal(_) | HttpError::Io(_) => HttpError::Internal(m),
+        }
+    }
+
     /// Classifies a SQLite error. `denial` is the authorizer's reason, if it refused
     /// something while the failing statement was prepared.
     pub fn from_sqlite(err: rusqlite::Error, denial: Option<String>) -> HttpError {
@@ -108,6 +125,10 @@ impl IntoResponse for HttpError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "API request failed");
         }
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }

@@ -186,7 +186,8 @@ impl StatementSpec {
 
 /// Parses a request body as JSON; malformed JSON is 422 as in Corrosion.
 pub fn parse_body(body: &[u8]) -> Result<Json, HttpError> {
-    serde_json::from_slice(body).map_err(|e| HttpError::MalformedJson(format!("malformed JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| HttpError::MalformedJson(format!("malformed JSON: {e}")))
 }
 
 /// The first characters of a JSON value, for error messages.
@@ -214,8 +215,14 @@ mod tests {
 
     #[test]
     fn blobs_are_byte_arrays() {
-        assert_eq!(value_to_json(ValueRef::Blob(&[0, 255])).to_string(), "[0,255]");
-        assert_eq!(Param::from_json(&serde_json::json!([0, 255])).0, Value::Blob(vec![0, 255]));
+        assert_eq!(
+            value_to_json(ValueRef::Blob(&[0, 255])).to_string(),
+            "[0,255]"
+        );
+        assert_eq!(
+            Param::from_json(&serde_json::json!([0, 255])).0,
+            Value::Blob(vec![0, 255])
+        );
         // Not bytes: kept as JSON text.
         assert_eq!(
             Param::from_json(&serde_json::json!([1, 256])).0,
@@ -236,14 +243,19 @@ mod tests {
         let s = StatementSpec::from_json(&serde_json::json!(["SELECT ?", [1, "a"]])).unwrap();
         assert_eq!(
             s.params,
-            Params::Positional(vec![Param(Value::Integer(1)), Param(Value::Text("a".into()))])
+            Params::Positional(vec![
+                Param(Value::Integer(1)),
+                Param(Value::Text("a".into()))
+            ])
         );
         let s = StatementSpec::from_json(&serde_json::json!(["SELECT :x", {"x": null}])).unwrap();
-        assert_eq!(s.params, Params::Named(vec![("x".into(), Param(Value::Null))]));
-        let s = StatementSpec::from_json(
-            &serde_json::json!({"query": "SELECT ?", "params": [true]}),
-        )
-        .unwrap();
+        assert_eq!(
+            s.params,
+            Params::Named(vec![("x".into(), Param(Value::Null))])
+        );
+        let s =
+            StatementSpec::from_json(&serde_json::json!({"query": "SELECT ?", "params": [true]}))
+                .unwrap();
         assert_eq!(s.params, Params::Positional(vec![Param(Value::Integer(1))]));
         assert!(StatementSpec::from_json(&serde_json::json!(42)).is_err());
         assert!(StatementSpec::from_json(&serde_json::json!(["SELECT 1", 3])).is_err());

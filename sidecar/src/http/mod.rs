@@ -1,21 +1,61 @@
 //! The HTTP API (DESIGN §2): `POST /sql`, Corrosion's `/v1/*` endpoints, `/metrics`.
 //!
 //! # Layout
-//! - `error`       — the API's error type and its one status mapping.
-//! - `authorizer`  — the SQLite authorizer every API connection runs under.
-//! - `json_values` — SQLite values ↔ JSON the way Corrosion writes them.
+//! - `error`         — the API's error type and its one status mapping.
+//! - `authorizer`    — the SQLite authorizer every API connection runs under.
+//! - `json_values`   — SQLite values ↔ JSON the way Corrosion writes them; statement forms.
+//! - `auth`          — the bearer-token check (constant-time).
+//! - `pool`          — the writer thread (group commit) and the reader pool.
+//! - `exec`          — running a caller's statements: tail splitting, binding, VACUUM refusal.
+//! - `sql`           — `POST /sql`.
+//! - `transactions`  — `POST /v1/transactions`.
+//! - `queries`       — `POST /v1/queries` (NDJSON).
+//! - `subscriptions` — `POST /v1/subscriptions`, `GET /v1/subscriptions/{id}` (NDJSON).
+//! - `sub_engine`    — re-evaluates subscriptions and keeps their persisted change logs.
+//! - `health`        — `GET /v1/health`, `GET /v1/members`, `GET /metrics`.
+//! - `admin`         — `GET /v1/status`, `POST /v1/backup`, `POST /v1/reload`.
 
+pub mod admin;
+pub mod auth;
 pub mod authorizer;
 pub mod error;
+pub mod exec;
+pub mod health;
 pub mod json_values;
+pub mod pool;
+pub mod queries;
+pub mod sql;
+pub mod sub_engine;
+pub mod subscriptions;
+pub mod transactions;
 
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::config::ApiConfig;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::watch;
+
+use crate::config::{ApiConfig, Synchronous};
 use crate::node::NodeShared;
 
 pub use error::HttpError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub shared: Arc<NodeShared>,
+    pub api: Arc<ApiConfig>,
+    pub pool: Arc<pool::Pool>,
+    pub subs: Arc<sub_engine::SubEngine>,
+    /// Turns true when the server shuts down, so endless streams end and draining finishes.
+    pub stop: watch::Receiver<bool>,
+}
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests.
 ///
@@ -27,10 +67,156 @@ pub async fn serve(
     api: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HttpError> {
-    let _ = (&shared, &api);
-    let app = axum::Router::new().route("/v1/health", axum::routing::get(|| async { "{}" }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() && api.token.is_none() {
+        return Err(HttpError::BadRequest(format!(
+            "refusing to serve the API on non-loopback address {local} without a token; \
+             set api.token (--api-token or PATINA_TOKEN)"
+        )));
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = build_state(shared, api, stop_rx).await?;
+    let subs = state.subs.clone();
+    let app = router(state);
+    tracing::info!(addr = %local, "HTTP API listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    subs.stop();
+    served?;
     Ok(())
+}
+
+/// Opens the API's connections and starts the subscription engine.
+async fn build_state(
+    shared: Arc<NodeShared>,
+    api: ApiConfig,
+    stop: watch::Receiver<bool>,
+) -> Result<AppState, HttpError> {
+    let sync = Synchronous::Normal;
+    let sh = shared.clone();
+    let subs = tokio::task::spawn_blocking(move || sub_engine::SubEngine::start(sh, sync))
+        .await
+        .map_err(|e| HttpError::Internal(format!("subscription engine failed to start: {e}")))??;
+    let notify = shared.local_write.clone();
+    let engine = subs.clone();
+    let on_commit: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        notify.notify_one();
+        engine.poke();
+    });
+    let sh = shared.clone();
+    let pool = tokio::task::spawn_blocking(move || pool::Pool::open(sh, sync, on_commit))
+        .await
+        .map_err(|e| HttpError::Internal(format!("API connections failed to open: {e}")))??;
+    // Every change to the node's db_version (merges, other processes' writes) re-evaluates
+    // the subscriptions.
+    let mut versions = shared.db_version.clone();
+    let engine = subs.clone();
+    let mut stop_watch = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = versions.changed() => {
+                    if changed.is_err() { break; }
+                    engine.poke();
+                }
+                _ = stop_watch.changed() => break,
+            }
+        }
+    });
+    Ok(AppState {
+        shared,
+        api: Arc::new(api),
+        pool,
+        subs,
+        stop,
+    })
+}
+
+/// The routes.
+pub fn router(state: AppState) -> Router {
+    let limit = state.api.max_body;
+    Router::new()
+        .route("/sql", post(sql::post_sql))
+        .route("/v1/transactions", post(transactions::post_transactions))
+        .route("/v1/queries", post(queries::post_queries))
+        .route("/v1/subscriptions", post(subscriptions::post_subscription))
+        .route(
+            "/v1/subscriptions/{id}",
+            get(subscriptions::get_subscription),
+        )
+        .route("/v1/health", get(health::get_health))
+        .route("/v1/members", get(health::get_members))
+        .route("/metrics", get(health::get_metrics))
+        .route("/v1/status", get(admin::get_status))
+        .route("/v1/backup", post(admin::post_backup))
+        .route("/v1/reload", post(admin::post_reload))
+        .fallback(|| async { HttpError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(serde_json::json!({"error": "method not allowed on this endpoint"})),
+            )
+                .into_response()
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The request body, or 413 past `api.max_body`.
+pub fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, HttpError> {
+    body.map_err(|r| match r {
+        BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
+            HttpError::TooLarge { limit }
+        }
+        other => HttpError::BadRequest(format!("cannot read the request body: {other}")),
+    })
+}
+
+/// The media type of the request, lower-cased, without parameters (`; charset=...`).
+pub fn media_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+}
+
+/// JSON endpoints accept `application/json` (or no content type, for hand-written curl
+/// lines); anything else is 415.
+pub fn require_json(headers: &HeaderMap) -> Result<(), HttpError> {
+    match media_type(headers).as_deref() {
+        None | Some("application/json") => Ok(()),
+        Some(other) => Err(HttpError::UnsupportedMediaType(format!(
+            "Content-Type {other} is not accepted here; send application/json"
+        ))),
+    }
+}
+
+/// Corrosion's `actor_id`: the site id as a hyphenated UUID.
+pub fn actor_id(site_id_hex: &str) -> String {
+    if site_id_hex.len() != 32 || !site_id_hex.is_ascii() {
+        return site_id_hex.to_owned();
+    }
+    let h = site_id_hex;
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

@@ -1,0 +1,202 @@
+//! Running a caller's statements on an API connection: statement-tail splitting, parameter
+//! binding, the VACUUM refusal the authorizer cannot make, and result collection.
+//!
+//! Everything here runs on a blocking thread with the connection's authorizer in force; the
+//! caller (the writer thread, a reader) owns the transaction around it.
+
+use std::time::Instant;
+
+use rusqlite::fallible_iterator::FallibleIterator;
+use rusqlite::{Batch, Connection, Statement};
+use serde_json::Value as Json;
+
+use super::authorizer::{leading_keyword, AuthState, VACUUM_REFUSED};
+use super::error::HttpError;
+use super::json_values::{value_to_json, Params, StatementSpec};
+
+/// What one statement did.
+#[derive(Debug, Clone)]
+pub struct StmtResult {
+    /// Which spec of the request this statement came from (a spec's text may hold several).
+    pub spec: usize,
+    /// Rows changed by this statement (0 for a query).
+    pub rows_affected: usize,
+    /// Seconds spent running it.
+    pub time: f64,
+    /// Column names and rows when the statement returned rows (a query, or `RETURNING`).
+    pub rows: Option<(Vec<String>, Vec<Vec<Json>>)>,
+}
+
+/// Maps a SQLite error, naming the authorizer's reason when it refused the statement.
+pub fn sql_error(err: rusqlite::Error, auth: &AuthState) -> HttpError {
+    HttpError::from_sqlite(err, auth.take_denial())
+}
+
+/// Runs every statement of every spec in order, collecting one [`StmtResult`] per SQL
+/// statement. `keep_rows` decides whether returned rows are collected (only `/sql` answers
+/// them). Stops at the first error; the caller rolls back.
+pub fn run_specs(
+    conn: &Connection,
+    auth: &AuthState,
+    specs: &[StatementSpec],
+    keep_rows: bool,
+) -> Result<Vec<StmtResult>, HttpError> {
+    let mut out = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        run_spec(conn, auth, i, spec, keep_rows, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Runs one spec: its SQL text may hold several statements when it has no parameters.
+fn run_spec(
+    conn: &Connection,
+    auth: &AuthState,
+    index: usize,
+    spec: &StatementSpec,
+    keep_rows: bool,
+    out: &mut Vec<StmtResult>,
+) -> Result<(), HttpError> {
+    let mut batch = Batch::new(conn, &spec.sql);
+    let mut count = 0usize;
+    loop {
+        let _ = auth.take_denial();
+        let next = batch.next().map_err(|e| sql_error(e, auth))?;
+        let Some(mut stmt) = next else { break };
+        count += 1;
+        if count > 1 && !matches!(spec.params, Params::None) {
+            return Err(HttpError::BadRequest(format!(
+                "parameters were given for a text holding several statements; send each \
+                 statement separately: {}",
+                spec.sql
+            )));
+        }
+        refuse_unauthorizable(&stmt)?;
+        bind(&mut stmt, &spec.params)?;
+        let mut res = step(conn, auth, &mut stmt, keep_rows)?;
+        res.spec = index;
+        out.push(res);
+    }
+    if count == 0 {
+        return Err(HttpError::BadRequest(format!(
+            "no SQL statement in {:?}",
+            spec.sql
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses what SQLite never shows the authorizer: VACUUM (including VACUUM INTO).
+pub fn refuse_unauthorizable(stmt: &Statement<'_>) -> Result<(), HttpError> {
+    let sql = stmt.expanded_sql().unwrap_or_default();
+    if leading_keyword(&sql) == "VACUUM" {
+        return Err(HttpError::Forbidden(VACUUM_REFUSED.into()));
+    }
+    Ok(())
+}
+
+/// Binds positional or named parameters, checking their count and names first so the
+/// caller gets a clear 400 instead of a silently NULL parameter.
+pub fn bind(stmt: &mut Statement<'_>, params: &Params) -> Result<(), HttpError> {
+    let expected = stmt.parameter_count();
+    match params {
+        Params::None => {
+            if expected > 0 {
+                return Err(HttpError::Sql(format!(
+                    "wrong number of parameters: the statement takes {expected}, got 0"
+                )));
+            }
+        }
+        Params::Positional(ps) => {
+            if ps.len() != expected {
+                return Err(HttpError::Sql(format!(
+                    "wrong number of parameters: the statement takes {expected}, got {}",
+                    ps.len()
+                )));
+            }
+            for (i, p) in ps.iter().enumerate() {
+                stmt.raw_bind_parameter(i + 1, p)
+                    .map_err(|e| HttpError::Sql(e.to_string()))?;
+            }
+        }
+        Params::Named(ns) => {
+            for (name, p) in ns {
+                let idx = named_index(stmt, name)?;
+                stmt.raw_bind_parameter(idx, p)
+                    .map_err(|e| HttpError::Sql(e.to_string()))?;
+            }
+            if ns.len() != expected {
+                return Err(HttpError::Sql(format!(
+                    "wrong number of parameters: the statement takes {expected}, got {}",
+                    ns.len()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The index of a named parameter; a name without its sigil matches `:name`, `@name` or
+/// `$name`.
+fn named_index(stmt: &Statement<'_>, name: &str) -> Result<usize, HttpError> {
+    let candidates: Vec<String> = if name.starts_with([':', '@', '$']) {
+        vec![name.to_owned()]
+    } else {
+        vec![format!(":{name}"), format!("@{name}"), format!("${name}")]
+    };
+    for c in &candidates {
+        if let Ok(Some(i)) = stmt.parameter_index(c) {
+            return Ok(i);
+        }
+    }
+    Err(HttpError::Sql(format!(
+        "no parameter named {name} in the statement"
+    )))
+}
+
+/// Steps a bound statement to completion.
+fn step(
+    conn: &Connection,
+    auth: &AuthState,
+    stmt: &mut Statement<'_>,
+    keep_rows: bool,
+) -> Result<StmtResult, HttpError> {
+    let start = Instant::now();
+    let ncols = stmt.column_count();
+    if ncols == 0 {
+        let n = stmt.raw_execute().map_err(|e| sql_error(e, auth))?;
+        return Ok(StmtResult {
+            spec: 0,
+            rows_affected: n,
+            time: start.elapsed().as_secs_f64(),
+            rows: None,
+        });
+    }
+    let readonly = stmt.readonly();
+    let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+    let mut rows_out = Vec::new();
+    {
+        let mut rows = stmt.raw_query();
+        while let Some(row) = rows.next().map_err(|e| sql_error(e, auth))? {
+            if keep_rows {
+                let mut vals = Vec::with_capacity(ncols);
+                for i in 0..ncols {
+                    let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
+                    vals.push(value_to_json(v));
+                }
+                rows_out.push(vals);
+            }
+        }
+    }
+    let rows_affected = if readonly {
+        0
+    } else {
+        usize::try_from(conn.changes()).unwrap_or(0)
+    };
+    Ok(StmtResult {
+        spec: 0,
+        rows_affected,
+        time: start.elapsed().as_secs_f64(),
+        rows: Some((columns, rows_out)),
+    })
+}

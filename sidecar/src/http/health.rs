@@ -1,0 +1,167 @@
+//! `GET /v1/health`, `GET /v1/members`, `GET /metrics`: what operators and load balancers
+//! look at.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::pool::db_version;
+use super::{AppState, HttpError};
+use crate::node::MemberInfo;
+
+/// Thresholds of `GET /v1/health`; each one given makes the check stricter.
+#[derive(Debug, Default, Deserialize)]
+pub struct HealthParams {
+    /// Unhealthy when the apply plus broadcast queues hold more than this.
+    pub max_queue: Option<u64>,
+    /// Unhealthy when fewer members (this node included) are alive.
+    pub min_members: Option<usize>,
+}
+
+/// The members as the core last published them.
+pub fn members(st: &AppState) -> Vec<MemberInfo> {
+    st.shared
+        .members
+        .read()
+        .map(|m| m.clone())
+        .unwrap_or_default()
+}
+
+/// `GET /v1/health`: 200 `{"ok": true, ...}`, or 503 `{"error"}` naming what is wrong.
+pub async fn get_health(
+    State(st): State<AppState>,
+    params: Result<Query<HealthParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    let Query(p) =
+        params.map_err(|e| HttpError::BadRequest(format!("bad health thresholds: {e}")))?;
+    let m = &st.shared.metrics;
+    let apply = m.apply_queue_depth.load(Ordering::Relaxed);
+    let broadcast = m.broadcast_queue_depth.load(Ordering::Relaxed);
+    let queue = apply + broadcast;
+    let all = members(&st);
+    let alive = all.iter().filter(|x| x.state == "alive").count();
+    let version = st.pool.read(|api| db_version(api)).await.map_err(|e| {
+        HttpError::Unavailable(format!("unhealthy: the database does not answer: {e}"))
+    })?;
+    let mut problems = Vec::new();
+    if let Some(max) = p.max_queue {
+        if queue > max {
+            problems.push(format!(
+                "queues hold {queue} units, more than max_queue={max}"
+            ));
+        }
+    }
+    if let Some(min) = p.min_members {
+        if alive < min {
+            problems.push(format!(
+                "{alive} members alive, fewer than min_members={min}"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(HttpError::Unavailable(format!(
+            "unhealthy: {}",
+            problems.join("; ")
+        )));
+    }
+    Ok(Json(json!({
+        "ok": true,
+        "db_version": version,
+        "members_alive": alive,
+        "apply_queue_depth": apply,
+        "broadcast_queue_depth": broadcast,
+    }))
+    .into_response())
+}
+
+/// `GET /v1/members`: `{"members": [{"site_id", "addr", "state", "rtt_ms"}]}`.
+pub async fn get_members(State(st): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "members": members(&st) }))
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+pub async fn get_metrics(State(st): State<AppState>) -> Response {
+    let m = &st.shared.metrics;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    metric(
+        "patina_changes_applied_total",
+        "counter",
+        "Remote changes merged into this node.",
+        load(&m.changes_applied).to_string(),
+    );
+    metric(
+        "patina_changes_broadcast_total",
+        "counter",
+        "Local changes pushed to peers.",
+        load(&m.changes_broadcast).to_string(),
+    );
+    metric(
+        "patina_units_received_total",
+        "counter",
+        "Change units received from peers.",
+        load(&m.units_received).to_string(),
+    );
+    metric(
+        "patina_sync_rounds_total",
+        "counter",
+        "Anti-entropy rounds run.",
+        load(&m.sync_rounds).to_string(),
+    );
+    metric(
+        "patina_frames_rejected_total",
+        "counter",
+        "Frames refused (corrupt, oversized, wrong cluster).",
+        load(&m.frames_rejected).to_string(),
+    );
+    metric(
+        "patina_apply_queue_depth",
+        "gauge",
+        "Units waiting to be applied.",
+        load(&m.apply_queue_depth).to_string(),
+    );
+    metric(
+        "patina_broadcast_queue_depth",
+        "gauge",
+        "Units waiting to be broadcast.",
+        load(&m.broadcast_queue_depth).to_string(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP patina_apply_latency_seconds Time to apply a batch of remote changes.\n\
+         # TYPE patina_apply_latency_seconds summary\n\
+         patina_apply_latency_seconds_sum {}\npatina_apply_latency_seconds_count {}",
+        load(&m.apply_latency_us_total) as f64 / 1e6,
+        load(&m.apply_batches)
+    );
+    let all = members(&st);
+    let _ = writeln!(
+        out,
+        "# HELP patina_members Cluster members by SWIM state.\n# TYPE patina_members gauge"
+    );
+    for state in ["alive", "suspect", "down"] {
+        let n = all.iter().filter(|x| x.state == state).count();
+        let _ = writeln!(out, "patina_members{{state=\"{state}\"}} {n}");
+    }
+    let version = *st.shared.db_version.borrow();
+    let _ = writeln!(out, "# HELP patina_db_version Latest local crsql_db_version().\n# TYPE patina_db_version gauge\npatina_db_version {version}");
+    let _ = writeln!(out, "# HELP patina_api_subscriptions Live subscriptions.\n# TYPE patina_api_subscriptions gauge\npatina_api_subscriptions {}", st.subs.count());
+    let mut resp = (StatusCode::OK, out).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}

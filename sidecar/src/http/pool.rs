@@ -1,0 +1,291 @@
+//! The API's SQLite connections: one writer thread with group commit, a small pool of
+//! readers.
+//!
+//! SQLite lets one transaction write at a time, so a single writer connection loses
+//! nothing and lets concurrent requests share one commit: the writer takes the first
+//! waiting request, opens `BEGIN IMMEDIATE`, runs it in its own SAVEPOINT (a failing request
+//! rolls back alone), keeps taking whatever else is already waiting, then commits once and
+//! answers everyone. One client sending one request at a time still gets one commit per
+//! request. Readers run on blocking threads; WAL lets them read while the writer writes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::authorizer::AuthState;
+use super::error::HttpError;
+use super::exec::{run_specs, StmtResult};
+use super::json_values::StatementSpec;
+use crate::config::Synchronous;
+use crate::node::NodeShared;
+
+/// How many requests one group commit takes at most.
+const MAX_GROUP: usize = 128;
+/// How many reader connections run at once.
+pub const READERS: usize = 8;
+
+/// A connection with the API's authorizer installed.
+pub struct ApiConn {
+    pub conn: Connection,
+    pub auth: Arc<AuthState>,
+}
+
+/// Opens an API connection: the extension loaded, the authorizer installed. Readers are
+/// also `query_only`, a second fence behind the authorizer.
+pub fn open_api_conn(
+    shared: &NodeShared,
+    sync: Synchronous,
+    query_only: bool,
+) -> Result<ApiConn, HttpError> {
+    let mut conn = crate::db::open(&shared.db_path, &shared.extension_path, sync)
+        .map_err(|e| HttpError::Internal(e.to_string()))?;
+    if query_only {
+        conn.pragma_update(None, "query_only", true)
+            .map_err(|e| HttpError::Internal(format!("cannot make a reader query_only: {e}")))?;
+    }
+    conn.set_prepared_statement_cache_capacity(64);
+    let auth = Arc::new(AuthState::default());
+    let hook = auth.clone();
+    conn.authorizer(Some(move |ctx: rusqlite::hooks::AuthContext<'_>| {
+        hook.authorize(ctx)
+    }))
+    .map_err(|e| HttpError::Internal(format!("cannot install the API authorizer: {e}")))?;
+    Ok(ApiConn { conn, auth })
+}
+
+/// A write request: statements run in order, all or nothing.
+pub struct WriteRequest {
+    pub specs: Vec<StatementSpec>,
+    /// Collect returned rows (`/sql` answers the last statement's rows).
+    pub keep_rows: bool,
+}
+
+/// What a committed write request did.
+#[derive(Debug)]
+pub struct WriteOutcome {
+    pub results: Vec<StmtResult>,
+    /// `crsql_db_version()` right after this request's changes; `None` when it changed
+    /// nothing replicated.
+    pub version: Option<i64>,
+}
+
+struct WriteJob {
+    req: WriteRequest,
+    reply: oneshot::Sender<Result<WriteOutcome, HttpError>>,
+}
+
+/// The API's connections.
+pub struct Pool {
+    shared: Arc<NodeShared>,
+    sync: Synchronous,
+    writer: crossbeam_channel::Sender<WriteJob>,
+    readers: Mutex<Vec<ApiConn>>,
+    slots: Arc<Semaphore>,
+}
+
+impl Pool {
+    /// Opens the writer (on its own thread) and one reader; `on_commit` runs after every
+    /// commit that changed something.
+    pub fn open(
+        shared: Arc<NodeShared>,
+        sync: Synchronous,
+        on_commit: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Arc<Pool>, HttpError> {
+        let writer = open_api_conn(&shared, sync, false)?;
+        let reader = open_api_conn(&shared, sync, true)?;
+        let (tx, rx) = crossbeam_channel::unbounded::<WriteJob>();
+        std::thread::Builder::new()
+            .name("patina-api-writer".into())
+            .spawn(move || writer_loop(writer, rx, on_commit))
+            .map_err(HttpError::Io)?;
+        Ok(Arc::new(Pool {
+            shared,
+            sync,
+            writer: tx,
+            readers: Mutex::new(vec![reader]),
+            slots: Arc::new(Semaphore::new(READERS)),
+        }))
+    }
+
+    /// Runs a write request on the writer thread and waits for its commit.
+    pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, HttpError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(WriteJob { req, reply })
+            .map_err(|_| HttpError::Internal("the API writer thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| HttpError::Internal("the API writer thread dropped a request".into()))?
+    }
+
+    /// Runs `f` on a reader connection on a blocking thread.
+    pub async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, HttpError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ApiConn) -> Result<T, HttpError> + Send + 'static,
+    {
+        let permit = self.permit().await?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.read_blocking(permit, f))
+            .await
+            .map_err(|e| HttpError::Internal(format!("reader task failed: {e}")))?
+    }
+
+    /// Waits for a reader slot (held for as long as a stream reads).
+    pub async fn permit(&self) -> Result<OwnedSemaphorePermit, HttpError> {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| HttpError::Unavailable("the API is shutting down".into()))
+    }
+
+    /// Runs `f` on a reader; call from a blocking thread holding a permit.
+    pub fn read_blocking<T>(
+        &self,
+        permit: OwnedSemaphorePermit,
+        f: impl FnOnce(&ApiConn) -> Result<T, HttpError>,
+    ) -> Result<T, HttpError> {
+        let taken = self.readers.lock().ok().and_then(|mut r| r.pop());
+        let conn = match taken {
+            Some(c) => c,
+            None => open_api_conn(&self.shared, self.sync, true)?,
+        };
+        let out = f(&conn);
+        // A reader left inside a transaction (a failed stream) is not reused.
+        if conn.conn.is_autocommit() {
+            if let Ok(mut r) = self.readers.lock() {
+                r.push(conn);
+            }
+        }
+        drop(permit);
+        out
+    }
+}
+
+/// The writer thread: group commit over whatever requests are waiting.
+fn writer_loop(
+    api: ApiConn,
+    rx: crossbeam_channel::Receiver<WriteJob>,
+    on_commit: Arc<dyn Fn() + Send + Sync>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        if let Err(e) = begin(&api) {
+            for job in group {
+                let _ = job.reply.send(Err(e.clone_msg()));
+            }
+            continue;
+        }
+        let mut done: Vec<(WriteJob, Result<WriteOutcome, HttpError>)> = Vec::new();
+        let mut next = group.pop();
+        while let Some(mut job) = next.take() {
+            let req = std::mem::replace(
+                &mut job.req,
+                WriteRequest {
+                    specs: Vec::new(),
+                    keep_rows: false,
+                },
+            );
+            let res = run_job(&api, &req);
+            if api.conn.is_autocommit() {
+                // SQLite rolled the whole transaction back (disk full, I/O error): every
+                // request of the group is lost, so none may be acknowledged.
+                let err = match &res {
+                    Err(e) => e.clone_msg(),
+                    Ok(_) => HttpError::Internal("the write transaction was rolled back".into()),
+                };
+                for (j, r) in done.drain(..) {
+                    let _ = j.reply.send(r.and_then(|_| Err(err.clone_msg())));
+                }
+                let _ = job.reply.send(res.and_then(|_| Err(err.clone_msg())));
+                break;
+            }
+            done.push((job, res));
+            if done.len() < MAX_GROUP {
+                next = rx.try_recv().ok();
+            }
+        }
+        if done.is_empty() {
+            continue;
+        }
+        let changed = done
+            .iter()
+            .any(|(_, r)| r.as_ref().is_ok_and(|o| o.version.is_some()));
+        let commit = api.auth.trusted(|| api.conn.execute_batch("COMMIT"));
+        if let Err(e) = commit {
+            let _ = api.auth.trusted(|| api.conn.execute_batch("ROLLBACK"));
+            let err = HttpError::from_sqlite(e, None);
+            for (j, r) in done {
+                let _ = j.reply.send(r.and_then(|_| Err(err.clone_msg())));
+            }
+            continue;
+        }
+        if changed {
+            on_commit();
+        }
+        for (j, r) in done {
+            let _ = j.reply.send(r);
+        }
+    }
+}
+
+/// `BEGIN IMMEDIATE`, retried while another process holds the write lock past the busy
+/// timeout would be too long for a request: one retry, then 503.
+fn begin(api: &ApiConn) -> Result<(), HttpError> {
+    let mut last = None;
+    for _ in 0..2 {
+        match api
+            .auth
+            .trusted(|| api.conn.execute_batch("BEGIN IMMEDIATE"))
+        {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(last.map_or_else(
+        || HttpError::Unavailable("cannot begin a write transaction".into()),
+        |e| HttpError::from_sqlite(e, None),
+    ))
+}
+
+/// Runs one request inside its own savepoint of the group's transaction.
+fn run_job(api: &ApiConn, req: &WriteRequest) -> Result<WriteOutcome, HttpError> {
+    let before = db_version(api)?;
+    api.auth
+        .trusted(|| api.conn.execute_batch("SAVEPOINT patina_api_request"))
+        .map_err(|e| HttpError::from_sqlite(e, None))?;
+    match run_specs(&api.conn, &api.auth, &req.specs, req.keep_rows) {
+        Ok(results) => {
+            api.auth
+                .trusted(|| api.conn.execute_batch("RELEASE patina_api_request"))
+                .map_err(|e| HttpError::from_sqlite(e, None))?;
+            let after = db_version(api)?;
+            Ok(WriteOutcome {
+                results,
+                version: (after != before).then_some(after),
+            })
+        }
+        Err(e) => {
+            if !api.conn.is_autocommit() {
+                let _ = api.auth.trusted(|| {
+                    api.conn
+                        .execute_batch("ROLLBACK TO patina_api_request; RELEASE patina_api_request")
+                });
+            }
+            Err(e)
+        }
+    }
+}
+
+/// `crsql_db_version()` on this connection (its own uncommitted changes included).
+pub fn db_version(api: &ApiConn) -> Result<i64, HttpError> {
+    api.auth.trusted(|| {
+        api.conn
+            .prepare_cached("SELECT crsql_db_version()")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .map_err(|e| HttpError::Internal(format!("cannot read crsql_db_version(): {e}")))
+    })
+}

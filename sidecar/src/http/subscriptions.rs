@@ -1,0 +1,176 @@
+//! `POST /v1/subscriptions` and `GET /v1/subscriptions/{id}[?from=N]`: Corrosion's live
+//! queries, streamed as NDJSON.
+//!
+//! A new stream gets `{"columns"}`, one `{"row": [rowid, [values]]}` per current row and
+//! `{"eoq": {"time", "change_id"}}`, then `{"change": [type, rowid, [values], change_id]}`
+//! for every later change. With `from=N` it gets only the changes after `N`, read from the
+//! persisted log — the same log live changes come from, so nothing is skipped or repeated.
+//! The headers `corro-query-id` and `corro-query-hash` name the subscription.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::queries::{line, ndjson_response, parse_statement};
+use super::sub_engine::{changes_after, snapshot, SubHandle};
+use super::{AppState, HttpError};
+
+/// Changes read from the log per round trip of a stream.
+const PAGE: i64 = 1000;
+
+/// `?from=N`.
+#[derive(Debug, Deserialize)]
+pub struct FromParam {
+    pub from: Option<i64>,
+}
+
+/// `POST /v1/subscriptions`.
+pub async fn post_subscription(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let spec = parse_statement(&st, &headers, body)?;
+    let handle = st.subs.create(spec).await?;
+    open_stream(st, handle, None).await
+}
+
+/// `GET /v1/subscriptions/{id}?from=N`.
+pub async fn get_subscription(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<FromParam>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    let Query(q) = query.map_err(|e| HttpError::BadRequest(format!("bad query string: {e}")))?;
+    let handle = st
+        .subs
+        .get(&id)
+        .ok_or_else(|| HttpError::NotFound(format!("no subscription {id}")))?;
+    open_stream(st, handle, q.from).await
+}
+
+/// Builds the stream: either the full current result or the changes after `from`.
+async fn open_stream(
+    st: AppState,
+    handle: std::sync::Arc<SubHandle>,
+    from: Option<i64>,
+) -> Result<Response, HttpError> {
+    let start = Instant::now();
+    let id = handle.id.clone();
+    let mut initial = Vec::new();
+    let cursor = match from {
+        None => {
+            let sid = id.clone();
+            let (rows, last) = st.pool.read(move |api| snapshot(api, &sid)).await?;
+            initial.push(line(&json!({ "columns": handle.columns })));
+            for (rowid, vals) in rows {
+                initial.push(Bytes::from(format!("{{\"row\":[{rowid},{vals}]}}\n")));
+            }
+            initial.push(line(&json!({
+                "eoq": { "time": start.elapsed().as_secs_f64(), "change_id": last }
+            })));
+            last
+        }
+        Some(n) => {
+            let last = *handle.last_change.borrow();
+            if n < 0 || n > last {
+                return Err(HttpError::BadRequest(format!(
+                    "from={n} is not a change id of subscription {id} (its last is {last})"
+                )));
+            }
+            let sid = id.clone();
+            let (_, oldest) = st
+                .pool
+                .read(move |api| changes_after(api, &sid, n, 0))
+                .await?;
+            if let Some(oldest) = oldest {
+                if n + 1 < oldest {
+                    return Err(HttpError::BadRequest(format!(
+                        "changes after {n} are no longer kept for subscription {id} (oldest is \
+                         {oldest}); subscribe again without from"
+                    )));
+                }
+            }
+            n
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let hash = handle.hash.clone();
+    tokio::spawn(follow(st, handle, cursor, initial, tx));
+    let mut resp = ndjson_response(rx);
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert(HeaderName::from_static("corro-query-id"), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&hash) {
+        h.insert(HeaderName::from_static("corro-query-hash"), v);
+    }
+    Ok(resp)
+}
+
+/// Sends the initial lines, then every logged change after `cursor` as it is committed,
+/// until the client leaves or the server stops.
+async fn follow(
+    st: AppState,
+    handle: std::sync::Arc<SubHandle>,
+    mut cursor: i64,
+    initial: Vec<Bytes>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    for l in initial {
+        if tx.send(l).await.is_err() {
+            return;
+        }
+    }
+    let mut latest_rx = handle.last_change.subscribe();
+    let mut stop = st.stop.clone();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let latest = *latest_rx.borrow_and_update();
+        if latest > cursor {
+            let id = handle.id.clone();
+            let after = cursor;
+            let page = st
+                .pool
+                .read(move |api| changes_after(api, &id, after, PAGE))
+                .await;
+            let changes = match page {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    let _ = tx.send(line(&json!({ "error": e.to_string() }))).await;
+                    return;
+                }
+            };
+            if changes.first().is_none_or(|c| c.0 != cursor + 1) {
+                let _ = tx
+                    .send(line(&json!({
+                        "error": format!("changes after {cursor} are no longer kept; subscribe again")
+                    })))
+                    .await;
+                return;
+            }
+            for (change_id, kind, rowid, vals) in changes {
+                let l = format!("{{\"change\":[\"{kind}\",{rowid},{vals},{change_id}]}}\n");
+                if tx.send(Bytes::from(l)).await.is_err() {
+                    return;
+                }
+                cursor = change_id;
+            }
+            continue;
+        }
+        tokio::select! {
+            r = latest_rx.changed() => if r.is_err() { return },
+            _ = tx.closed() => return,
+            _ = stop.changed() => return,
+        }
+    }
+}
