@@ -1,1 +1,525 @@
-//! (to be written)
+//! QUIC transport between peers: one quinn endpoint per node, used as client and server.
+//!
+//! # Layout
+//! - `mod.rs`      — the public surface: [`Transport`], [`Incoming`], [`NetError`], sending.
+//! - `inbound.rs`  — accepting connections and reading streams and datagrams.
+//! - `envelope.rs` — the CBOR envelope and stream framing, pure functions.
+//! - `tls.rs`      — rustls configuration (mutual TLS, or unauthenticated on loopback).
+//!
+//! Because one endpoint both dials and accepts, the remote address of every connection is
+//! the peer's listen address, so `from` in [`Incoming`] is where to answer. `net` never
+//! interprets payloads; it only checks the envelope (version, cluster id, size).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+pub mod envelope;
+mod inbound;
+pub(crate) mod tls;
+
+pub use envelope::PROTOCOL_VERSION;
+
+/// Frames larger than this are refused unless configured otherwise.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Depth of the [`Incoming`] channel. When it is full, readers stop reading (QUIC flow
+/// control then pushes back on the senders); nothing accepted is dropped.
+const INCOMING_DEPTH: usize = 1024;
+
+/// How long dialing a peer may take before `send`/`request` give up on it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the transport binds and authenticates.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub bind: SocketAddr,
+    pub cluster_id: u64,
+    /// None: unauthenticated mode (only allowed when bind is loopback or insecure was set;
+    /// `config.validate()` enforces that): an ephemeral self-signed certificate, no
+    /// verification.
+    pub tls: Option<TlsFiles>,
+    /// Frames larger than this are refused (the reader stops reading, logs, counts).
+    pub max_frame_bytes: usize,
+}
+
+/// PEM files for mutual TLS from a cluster CA.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// What a message is for; net never interprets payloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    Swim,
+    Sync,
+}
+
+/// Something a peer sent us.
+#[derive(Debug)]
+pub enum Incoming {
+    Message {
+        from: SocketAddr,
+        channel: Channel,
+        payload: Vec<u8>,
+    },
+    /// Answer through `reply`; dropping it resets the peer's request.
+    Request {
+        from: SocketAddr,
+        channel: Channel,
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Vec<u8>>,
+    },
+    Datagram {
+        from: SocketAddr,
+        payload: Vec<u8>,
+    },
+}
+
+/// Transport failures. None of them leaves the transport unusable; a failed connection
+/// is dropped from the cache and the next call dials again.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Binding the UDP socket failed; no transport exists.
+    #[error("cannot bind QUIC endpoint on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file could not be read or used; no transport exists.
+    #[error("TLS file {}: {reason}", file.display())]
+    Tls { file: PathBuf, reason: String },
+    /// Building the rustls/quinn configuration failed; no transport exists.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
+    /// Dialing the peer failed (unreachable, timed out, or the TLS handshake was refused
+    /// by either side); nothing was sent.
+    #[error("cannot connect to peer {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    /// The connection failed while sending, even after one reconnect; the message may or
+    /// may not have arrived. The connection was dropped from the cache.
+    #[error("sending to peer {addr} failed: {reason}")]
+    Send { addr: SocketAddr, reason: String },
+    /// The peer refused the frame or request (reset or stopped the stream).
+    #[error("peer {addr} refused the request: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
+    /// No response within the timeout; the peer may still process the request.
+    #[error("peer {addr} did not answer within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    /// The peer's response frame was invalid (counted in `frames_rejected`).
+    #[error("bad response from peer {addr}: {reason}")]
+    BadResponse { addr: SocketAddr, reason: String },
+    /// The payload exceeds `max_frame_bytes`; nothing was sent.
+    #[error("message of {len} bytes for peer {addr} exceeds the frame limit of {max} bytes")]
+    TooLarge {
+        addr: SocketAddr,
+        len: usize,
+        max: usize,
+    },
+    /// [`Transport::close`] was called; nothing was sent.
+    #[error("transport is closed")]
+    Closed,
+}
+
+/// A cached connection slot per peer. The async mutex serialises dialing one peer without
+/// blocking sends to others.
+type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
+pub(crate) struct Inner {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    cluster_id: u64,
+    max_frame: usize,
+    conns: Mutex<HashMap<SocketAddr, Slot>>,
+    incoming: mpsc::Sender<Incoming>,
+    frames_rejected: AtomicU64,
+    handshakes_rejected: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// The QUIC transport. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+impl Transport {
+    /// Binds the endpoint and starts accepting. Incoming traffic arrives on the returned
+    /// bounded channel.
+    pub async fn bind(cfg: NetConfig) -> Result<(Transport, mpsc::Receiver<Incoming>), NetError> {
+        let tls = tls::configure(cfg.tls.as_ref())?;
+        let mut endpoint =
+            quinn::Endpoint::server(tls.server, cfg.bind).map_err(|source| NetError::Bind {
+                addr: cfg.bind,
+                source,
+            })?;
+        endpoint.set_default_client_config(tls.client);
+        let local_addr = endpoint.local_addr().map_err(|source| NetError::Bind {
+            addr: cfg.bind,
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel(INCOMING_DEPTH);
+        let inner = Arc::new(Inner {
+            endpoint,
+            local_addr,
+            cluster_id: cfg.cluster_id,
+            max_frame: cfg.max_frame_bytes,
+            conns: Mutex::new(HashMap::new()),
+            incoming: tx,
+            frames_rejected: AtomicU64::new(0),
+            handshakes_rejected: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(inbound::accept_loop(inner.clone()));
+        if cfg.tls.is_none() {
+            tracing::warn!(addr = %local_addr, "QUIC transport is UNAUTHENTICATED (no gossip.tls files)");
+        }
+        Ok((Transport { inner }, rx))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Frames refused so far (wrong cluster, bad version, corrupt, truncated, oversized).
+    pub fn frames_rejected(&self) -> u64 {
+        self.inner.frames_rejected.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes that failed, in either direction (e.g. a certificate from another CA).
+    pub fn handshakes_rejected(&self) -> u64 {
+        self.inner.handshakes_rejected.load(Ordering::Relaxed)
+    }
+
+    /// Smoothed RTT of the cached connection to `addr`, if there is one.
+    pub fn rtt(&self, addr: SocketAddr) -> Option<Duration> {
+        let slot = self.inner.slot_if_any(addr)?;
+        let guard = slot.try_lock().ok()?;
+        guard
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .map(|c| c.rtt())
+    }
+
+    /// One message, reliably: a QUIC uni stream on a cached connection, reconnecting once
+    /// on failure. Returns once the peer's QUIC stack acknowledged all of it.
+    pub async fn send(
+        &self,
+        to: SocketAddr,
+        channel: Channel,
+        payload: Vec<u8>,
+    ) -> Result<(), NetError> {
+        self.check_len(to, payload.len())?;
+        let frame = envelope::encode_frame(self.inner.cluster_id, channel, &payload, false);
+        self.send_frame(to, &frame).await
+    }
+
+    /// Request/response on a bidirectional stream (anti-entropy pulls).
+    pub async fn request(
+        &self,
+        to: SocketAddr,
+        channel: Channel,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, NetError> {
+        self.check_len(to, payload.len())?;
+        let frame = envelope::encode_frame(self.inner.cluster_id, channel, &payload, false);
+        match tokio::time::timeout(timeout, self.request_frame(to, &frame)).await {
+            Ok(r) => r,
+            Err(_) => Err(NetError::Timeout {
+                addr: to,
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Best-effort datagram (SWIM); falls back to a uni stream when larger than the path
+    /// allows.
+    pub async fn send_datagram(&self, to: SocketAddr, payload: Vec<u8>) -> Result<(), NetError> {
+        self.check_len(to, payload.len())?;
+        let dgram = envelope::encode(self.inner.cluster_id, Channel::Swim, &payload, false);
+        for attempt in 0..2 {
+            let conn = self.inner.connection(to).await?;
+            if conn
+                .max_datagram_size()
+                .is_some_and(|max| dgram.len() <= max)
+            {
+                match conn.send_datagram(dgram.clone().into()) {
+                    Ok(()) => return Ok(()),
+                    Err(quinn::SendDatagramError::ConnectionLost(e)) if attempt == 0 => {
+                        tracing::debug!(peer = %to, error = %e, "connection lost; reconnecting");
+                        self.inner.forget(to, &conn).await;
+                        continue;
+                    }
+                    Err(quinn::SendDatagramError::TooLarge) => {}
+                    Err(e) => {
+                        return Err(NetError::Send {
+                            addr: to,
+                            reason: e.to_string(),
+                        })
+                    }
+                }
+            }
+            let frame =
+                envelope::encode_frame(self.inner.cluster_id, Channel::Swim, &payload, true);
+            return self.send_frame(to, &frame).await;
+        }
+        Err(NetError::Send {
+            addr: to,
+            reason: "connection lost twice".to_string(),
+        })
+    }
+
+    /// Test hook: writes `bytes` verbatim (no framing) on a fresh uni stream, so tests can
+    /// play a hostile peer (garbage, truncated and oversized frames).
+    #[doc(hidden)]
+    pub async fn send_raw_stream(&self, to: SocketAddr, bytes: Vec<u8>) -> Result<(), NetError> {
+        let conn = self.inner.connection(to).await?;
+        let mut send = conn.open_uni().await.map_err(|e| NetError::Send {
+            addr: to,
+            reason: e.to_string(),
+        })?;
+        // The peer may stop the stream before we finish writing: that is the point.
+        let _ = write_frame(&mut send, &bytes).await;
+        let _ = send.stopped().await;
+        Ok(())
+    }
+
+    /// Closes connections politely and waits (at most 2 s) for the endpoint to go idle.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.wait_idle()).await;
+    }
+
+    fn check_len(&self, to: SocketAddr, len: usize) -> Result<(), NetError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(NetError::Closed);
+        }
+        // The envelope adds a few bytes; keep a margin so the receiver's check agrees.
+        if len + 64 > self.inner.max_frame {
+            return Err(NetError::TooLarge {
+                addr: to,
+                len,
+                max: self.inner.max_frame,
+            });
+        }
+        Ok(())
+    }
+
+    async fn send_frame(&self, to: SocketAddr, frame: &[u8]) -> Result<(), NetError> {
+        let mut last = String::new();
+        for _ in 0..2 {
+            let conn = self.inner.connection(to).await?;
+            match send_on(&conn, frame).await {
+                Ok(()) => return Ok(()),
+                Err(SendFail::Refused(code)) => {
+                    return Err(NetError::Refused {
+                        addr: to,
+                        reason: inbound::refusal_reason(code),
+                    })
+                }
+                Err(SendFail::Conn(e)) => {
+                    tracing::debug!(peer = %to, error = %e, "send failed; reconnecting once");
+                    self.inner.forget(to, &conn).await;
+                    last = e;
+                }
+            }
+        }
+        Err(NetError::Send {
+            addr: to,
+            reason: last,
+        })
+    }
+
+    async fn request_frame(&self, to: SocketAddr, frame: &[u8]) -> Result<Vec<u8>, NetError> {
+        let mut last = String::new();
+        for _ in 0..2 {
+            let conn = self.inner.connection(to).await?;
+            let (mut send, mut recv) = match conn.open_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.inner.forget(to, &conn).await;
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            match write_frame(&mut send, frame).await {
+                Ok(()) => {}
+                Err(SendFail::Refused(code)) => {
+                    return Err(NetError::Refused {
+                        addr: to,
+                        reason: inbound::refusal_reason(code),
+                    })
+                }
+                Err(SendFail::Conn(e)) => {
+                    self.inner.forget(to, &conn).await;
+                    last = e;
+                    continue;
+                }
+            }
+            return match inbound::read_frame(&mut recv, self.inner.max_frame).await {
+                Ok(bytes) => match envelope::decode(&bytes, self.inner.cluster_id) {
+                    Ok(env) => Ok(env.payload),
+                    Err(e) => {
+                        self.inner.reject(to, &e.to_string());
+                        Err(NetError::BadResponse {
+                            addr: to,
+                            reason: e.to_string(),
+                        })
+                    }
+                },
+                Err(inbound::ReadFail::Frame(e)) => {
+                    self.inner.reject(to, &e.to_string());
+                    Err(NetError::BadResponse {
+                        addr: to,
+                        reason: e.to_string(),
+                    })
+                }
+                Err(inbound::ReadFail::Reset(code)) => Err(NetError::Refused {
+                    addr: to,
+                    reason: inbound::refusal_reason(code),
+                }),
+                Err(inbound::ReadFail::Io(e)) => {
+                    self.inner.forget(to, &conn).await;
+                    Err(NetError::Send {
+                        addr: to,
+                        reason: e,
+                    })
+                }
+            };
+        }
+        Err(NetError::Send {
+            addr: to,
+            reason: last,
+        })
+    }
+}
+
+/// Why writing a frame failed.
+enum SendFail {
+    /// The peer stopped the stream: it refused the frame. Retrying would not help.
+    Refused(quinn::VarInt),
+    /// The connection failed: worth one reconnect.
+    Conn(String),
+}
+
+/// Writes one frame on a fresh uni stream and waits for the peer to acknowledge it.
+async fn send_on(conn: &quinn::Connection, frame: &[u8]) -> Result<(), SendFail> {
+    let mut send = conn
+        .open_uni()
+        .await
+        .map_err(|e| SendFail::Conn(e.to_string()))?;
+    write_frame(&mut send, frame).await?;
+    match send.stopped().await {
+        Ok(None) => Ok(()),
+        Ok(Some(code)) => Err(SendFail::Refused(code)),
+        Err(e) => Err(SendFail::Conn(e.to_string())),
+    }
+}
+
+async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), SendFail> {
+    match send.write_all(frame).await {
+        Ok(()) => {}
+        Err(quinn::WriteError::Stopped(code)) => return Err(SendFail::Refused(code)),
+        Err(e) => return Err(SendFail::Conn(e.to_string())),
+    }
+    send.finish().map_err(|e| SendFail::Conn(e.to_string()))
+}
+
+impl Inner {
+    fn slot_if_any(&self, addr: SocketAddr) -> Option<Slot> {
+        self.conns.lock().ok()?.get(&addr).cloned()
+    }
+
+    fn slot(&self, addr: SocketAddr) -> Slot {
+        match self.conns.lock() {
+            Ok(mut map) => map.entry(addr).or_default().clone(),
+            // A panic elsewhere poisoned the map; dial uncached rather than fail.
+            Err(_) => Slot::default(),
+        }
+    }
+
+    /// The cached live connection to `addr`, dialing it if needed.
+    async fn connection(self: &Arc<Self>, addr: SocketAddr) -> Result<quinn::Connection, NetError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(NetError::Closed);
+        }
+        let slot = self.slot(addr);
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        *guard = None;
+        let server_name = addr.ip().to_string();
+        let connecting =
+            self.endpoint
+                .connect(addr, &server_name)
+                .map_err(|e| NetError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                inbound::log_handshake_failure(self, addr, &e, "dialing");
+                return Err(NetError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(NetError::Connect {
+                    addr,
+                    reason: format!("timed out after {CONNECT_TIMEOUT:?}"),
+                })
+            }
+        };
+        tokio::spawn(inbound::serve_connection(self.clone(), conn.clone()));
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Caches an accepted connection unless a live one to that peer exists (or is being
+    /// dialed right now); both stay served either way.
+    fn adopt(&self, conn: &quinn::Connection) {
+        let slot = self.slot(conn.remote_address());
+        if let Ok(mut guard) = slot.try_lock() {
+            let live = guard.as_ref().is_some_and(|c| c.close_reason().is_none());
+            if !live {
+                *guard = Some(conn.clone());
+            }
+        };
+    }
+
+    /// Drops `conn` from the cache if it is still the cached one.
+    async fn forget(&self, addr: SocketAddr, conn: &quinn::Connection) {
+        let Some(slot) = self.slot_if_any(addr) else {
+            return;
+        };
+        let mut guard = slot.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *guard = None;
+        }
+    }
+
+    /// Counts and logs a refused frame.
+    fn reject(&self, from: SocketAddr, reason: &str) {
+        self.frames_rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %from, "refused frame from peer {from}: {reason}");
+    }
+}

@@ -1,0 +1,361 @@
+//! The wire envelope every stream frame and datagram carries, as pure functions.
+//!
+//! An envelope is a CBOR array `[version, cluster_id, channel, payload, as_datagram?]`
+//! (minicbor derive). Streams carry exactly one frame each: a 4-byte big-endian length
+//! prefix and then the envelope; datagrams carry the bare envelope. Nothing here does I/O,
+//! so every way a frame can be bad is unit-tested (and fuzzed with proptest) on its own.
+
+use minicbor::{Decode, Encode};
+
+use super::Channel;
+
+/// The protocol version this build speaks. Peers one version apart interoperate (new
+/// fields are optional, unknown trailing fields are skipped); others are refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Bytes of the stream length prefix.
+pub const PREFIX_LEN: usize = 4;
+
+/// The envelope as it is encoded; `channel` stays a raw number so a frame from a newer
+/// peer with an unknown channel is refused with a reason rather than a decode error.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[cbor(array)]
+struct Wire {
+    #[n(0)]
+    version: u16,
+    #[n(1)]
+    cluster_id: u64,
+    #[n(2)]
+    channel: u8,
+    #[cbor(n(3), with = "minicbor::bytes")]
+    payload: Vec<u8>,
+    /// Set when a datagram too large for the path travels on a uni stream instead, so the
+    /// receiver still hands it to membership as a datagram.
+    #[n(4)]
+    as_datagram: Option<bool>,
+}
+
+/// A decoded, validated envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub version: u16,
+    pub channel: Channel,
+    pub payload: Vec<u8>,
+    pub as_datagram: bool,
+}
+
+/// Why a frame was refused. Refusing changes nothing but the `frames_rejected` counter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix announces more than `max_frame_bytes`; the body is not read.
+    #[error("frame of {len} bytes is larger than the limit of {max} bytes")]
+    Oversized { len: usize, max: usize },
+    /// The stream ended before the length prefix or the announced body was complete.
+    #[error("truncated frame: expected {expected} bytes, got {got}")]
+    Truncated { expected: usize, got: usize },
+    /// The bytes are not a CBOR envelope (or carry bytes after it).
+    #[error("corrupt frame: {0}")]
+    Corrupt(String),
+    /// A protocol version this build cannot interoperate with.
+    #[error("protocol version {theirs} is not supported (this node speaks {PROTOCOL_VERSION})")]
+    UnknownVersion { theirs: u16 },
+    /// The peer belongs to another cluster (`gossip.cluster_id`).
+    #[error("cluster id {theirs} does not match this node's cluster id {ours}")]
+    WrongCluster { ours: u64, theirs: u64 },
+    /// A channel number this build does not know.
+    #[error("unknown channel {0}")]
+    UnknownChannel(u8),
+}
+
+fn channel_code(channel: Channel) -> u8 {
+    match channel {
+        Channel::Swim => 0,
+        Channel::Sync => 1,
+    }
+}
+
+fn channel_from_code(code: u8) -> Option<Channel> {
+    match code {
+        0 => Some(Channel::Swim),
+        1 => Some(Channel::Sync),
+        _ => None,
+    }
+}
+
+/// Encodes an envelope (no length prefix): the datagram form.
+pub fn encode(cluster_id: u64, channel: Channel, payload: &[u8], as_datagram: bool) -> Vec<u8> {
+    encode_with_version(PROTOCOL_VERSION, cluster_id, channel, payload, as_datagram)
+}
+
+/// [`encode`] with an explicit version (tests and adjacent-version checks).
+pub fn encode_with_version(
+    version: u16,
+    cluster_id: u64,
+    channel: Channel,
+    payload: &[u8],
+    as_datagram: bool,
+) -> Vec<u8> {
+    let wire = Wire {
+        version,
+        cluster_id,
+        channel: channel_code(channel),
+        payload: payload.to_vec(),
+        as_datagram: as_datagram.then_some(true),
+    };
+    // Encoding this struct into a Vec cannot fail: the writer is infallible and no field
+    // has a custom encoder that reports errors.
+    minicbor::to_vec(&wire).unwrap_or_default()
+}
+
+/// Encodes a stream frame: length prefix, then the envelope.
+pub fn encode_frame(
+    cluster_id: u64,
+    channel: Channel,
+    payload: &[u8],
+    as_datagram: bool,
+) -> Vec<u8> {
+    let body = encode(cluster_id, channel, payload, as_datagram);
+    let mut out = Vec::with_capacity(PREFIX_LEN + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Reads the length prefix and checks it against the limit before any body is read.
+pub fn frame_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max {
+        return Err(FrameError::Oversized { len, max });
+    }
+    if len == 0 {
+        return Err(FrameError::Corrupt("empty frame".to_string()));
+    }
+    Ok(len)
+}
+
+/// Decodes and validates one envelope (the whole slice must be the envelope).
+pub fn decode(bytes: &[u8], cluster_id: u64) -> Result<Envelope, FrameError> {
+    let mut d = minicbor::Decoder::new(bytes);
+    let wire: Wire = d.decode().map_err(|e| FrameError::Corrupt(e.to_string()))?;
+    if d.position() != bytes.len() {
+        return Err(FrameError::Corrupt(format!(
+            "{} bytes after the envelope",
+            bytes.len() - d.position()
+        )));
+    }
+    if wire.version.abs_diff(PROTOCOL_VERSION) > 1 {
+        return Err(FrameError::UnknownVersion {
+            theirs: wire.version,
+        });
+    }
+    if wire.cluster_id != cluster_id {
+        return Err(FrameError::WrongCluster {
+            ours: cluster_id,
+            theirs: wire.cluster_id,
+        });
+    }
+    let channel =
+        channel_from_code(wire.channel).ok_or(FrameError::UnknownChannel(wire.channel))?;
+    Ok(Envelope {
+        version: wire.version,
+        channel,
+        payload: wire.payload,
+        as_datagram: wire.as_datagram == Some(true),
+    })
+}
+
+/// Decodes a complete stream frame held in memory (prefix + envelope).
+pub fn decode_frame(bytes: &[u8], cluster_id: u64, max: usize) -> Result<Envelope, FrameError> {
+    let Some(prefix) = bytes.get(..PREFIX_LEN) else {
+        return Err(FrameError::Truncated {
+            expected: PREFIX_LEN,
+            got: bytes.len(),
+        });
+    };
+    let mut p = [0u8; PREFIX_LEN];
+    p.copy_from_slice(prefix);
+    let len = frame_len(p, max)?;
+    let body = &bytes[PREFIX_LEN..];
+    if body.len() < len {
+        return Err(FrameError::Truncated {
+            expected: len,
+            got: body.len(),
+        });
+    }
+    if body.len() > len {
+        return Err(FrameError::Corrupt(format!(
+            "{} bytes after the frame",
+            body.len() - len
+        )));
+    }
+    decode(body, cluster_id)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX: usize = 1 << 20;
+
+    #[test]
+    fn round_trip_stream_frame() {
+        let frame = encode_frame(7, Channel::Sync, b"hello", false);
+        let env = decode_frame(&frame, 7, MAX).unwrap();
+        assert_eq!(env.channel, Channel::Sync);
+        assert_eq!(env.payload, b"hello");
+        assert_eq!(env.version, PROTOCOL_VERSION);
+        assert!(!env.as_datagram);
+    }
+
+    #[test]
+    fn round_trip_datagram_flag() {
+        let env = decode(&encode(0, Channel::Swim, &[1, 2, 3], true), 0).unwrap();
+        assert!(env.as_datagram);
+        assert_eq!(env.payload, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn wrong_cluster_is_refused() {
+        let frame = encode(1, Channel::Sync, b"x", false);
+        assert_eq!(
+            decode(&frame, 2),
+            Err(FrameError::WrongCluster { ours: 2, theirs: 1 })
+        );
+    }
+
+    #[test]
+    fn adjacent_version_accepted_others_refused() {
+        let next = encode_with_version(PROTOCOL_VERSION + 1, 0, Channel::Sync, b"x", false);
+        assert!(decode(&next, 0).is_ok());
+        let far = encode_with_version(PROTOCOL_VERSION + 2, 0, Channel::Sync, b"x", false);
+        assert_eq!(
+            decode(&far, 0),
+            Err(FrameError::UnknownVersion {
+                theirs: PROTOCOL_VERSION + 2
+            })
+        );
+    }
+
+    #[test]
+    fn newer_peer_with_extra_field_is_understood() {
+        // A version-2 peer appending a field we do not know: skipped, not refused.
+        let mut e = minicbor::Encoder::new(Vec::new());
+        e.array(6).unwrap();
+        e.u16(2)
+            .unwrap()
+            .u64(0)
+            .unwrap()
+            .u8(1)
+            .unwrap()
+            .bytes(b"p")
+            .unwrap();
+        e.null().unwrap().str("future").unwrap();
+        let env = decode(&e.into_writer(), 0).unwrap();
+        assert_eq!(env.payload, b"p");
+    }
+
+    #[test]
+    fn unknown_channel_refused() {
+        let mut e = minicbor::Encoder::new(Vec::new());
+        e.array(4).unwrap();
+        e.u16(1)
+            .unwrap()
+            .u64(0)
+            .unwrap()
+            .u8(9)
+            .unwrap()
+            .bytes(b"p")
+            .unwrap();
+        assert_eq!(
+            decode(&e.into_writer(), 0),
+            Err(FrameError::UnknownChannel(9))
+        );
+    }
+
+    #[test]
+    fn oversized_prefix_refused_before_body() {
+        let mut frame = encode_frame(0, Channel::Sync, &[0; 100], false);
+        assert!(matches!(
+            decode_frame(&frame, 0, 50),
+            Err(FrameError::Oversized { max: 50, .. })
+        ));
+        frame[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            decode_frame(&frame, 0, MAX),
+            Err(FrameError::Oversized { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_and_trailing_refused() {
+        let frame = encode_frame(0, Channel::Sync, b"abcdef", false);
+        assert!(matches!(
+            decode_frame(&frame[..frame.len() - 1], 0, MAX),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_frame(&frame[..2], 0, MAX),
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut long = frame.clone();
+        long.push(0);
+        assert!(matches!(
+            decode_frame(&long, 0, MAX),
+            Err(FrameError::Corrupt(_))
+        ));
+        let body = encode(0, Channel::Sync, b"abc", false);
+        let mut trailing = body.clone();
+        trailing.push(0);
+        assert!(matches!(decode(&trailing, 0), Err(FrameError::Corrupt(_))));
+    }
+
+    #[test]
+    fn garbage_is_corrupt() {
+        assert!(matches!(
+            decode(b"\xff\xff garbage", 0),
+            Err(FrameError::Corrupt(_))
+        ));
+        assert!(matches!(decode(&[], 0), Err(FrameError::Corrupt(_))));
+        assert!(matches!(
+            frame_len([0; 4], MAX),
+            Err(FrameError::Corrupt(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes, 0);
+            let _ = decode_frame(&bytes, 0, MAX);
+        }
+
+        #[test]
+        fn round_trip_any_payload(
+            cluster in any::<u64>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..2048),
+            sync in any::<bool>(),
+            dgram in any::<bool>(),
+        ) {
+            let channel = if sync { Channel::Sync } else { Channel::Swim };
+            let env = decode_frame(&encode_frame(cluster, channel, &payload, dgram), cluster, MAX)
+                .unwrap();
+            prop_assert_eq!(env.channel, channel);
+            prop_assert_eq!(env.payload, payload);
+            prop_assert_eq!(env.as_datagram, dgram);
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            idx in any::<usize>(),
+            val in any::<u8>(),
+        ) {
+            let mut frame = encode_frame(3, Channel::Sync, &payload, false);
+            let i = idx % frame.len();
+            frame[i] = val;
+            let _ = decode_frame(&frame, 3, MAX);
+        }
+    }
+}

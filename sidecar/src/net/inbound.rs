@@ -1,0 +1,261 @@
+//! The read side: accepting connections, reading one frame per stream, datagrams.
+//!
+//! Every stream is read in its own task, so a slow, stalled or hostile stream never holds
+//! up the others. A bad frame is refused (the stream is stopped with [`CODE_REFUSED`]),
+//! logged with the peer's address and the reason, and counted; the connection stays up.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::envelope::{self, FrameError, PREFIX_LEN};
+use super::{Incoming, Inner};
+
+/// Stream stop/reset codes, so the sender learns why.
+const CODE_REFUSED: u32 = 1;
+const CODE_NO_REPLY: u32 = 2;
+const CODE_REPLY_TOO_LARGE: u32 = 3;
+
+/// A frame whose bytes stop arriving for this long is abandoned (its stream is stopped).
+const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Explains a stop/reset code received from a peer.
+pub(super) fn refusal_reason(code: quinn::VarInt) -> String {
+    match code.into_inner() {
+        c if c == u64::from(CODE_REFUSED) => "frame refused (see the peer's log)".to_string(),
+        c if c == u64::from(CODE_NO_REPLY) => {
+            "the peer dropped the request without answering".to_string()
+        }
+        c if c == u64::from(CODE_REPLY_TOO_LARGE) => {
+            "the reply exceeds the frame limit".to_string()
+        }
+        c => format!("stream reset with code {c}"),
+    }
+}
+
+/// Why reading a frame failed.
+pub(super) enum ReadFail {
+    /// The bytes were bad: refuse and count.
+    Frame(FrameError),
+    /// The peer reset the stream.
+    Reset(quinn::VarInt),
+    /// The connection failed or the stream stalled: nothing to count.
+    Io(String),
+}
+
+/// Reads one length-prefixed frame that must fill the rest of the stream; returns the
+/// envelope bytes. The prefix is checked against `max` before any body is read.
+pub(super) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Vec<u8>, ReadFail> {
+    match tokio::time::timeout(STALL_TIMEOUT, read_frame_inner(recv, max)).await {
+        Ok(r) => r,
+        Err(_) => Err(ReadFail::Io(format!("frame stalled for {STALL_TIMEOUT:?}"))),
+    }
+}
+
+async fn read_frame_inner(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, ReadFail> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(got)) => {
+            return Err(ReadFail::Frame(FrameError::Truncated {
+                expected: PREFIX_LEN,
+                got,
+            }))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
+    }
+    let len = envelope::frame_len(prefix, max).map_err(ReadFail::Frame)?;
+    match recv.read_to_end(len).await {
+        Ok(body) if body.len() == len => Ok(body),
+        Ok(body) => Err(ReadFail::Frame(FrameError::Truncated {
+            expected: len,
+            got: body.len(),
+        })),
+        Err(quinn::ReadToEndError::TooLong) => Err(ReadFail::Frame(FrameError::Corrupt(
+            "bytes after the announced frame length".to_string(),
+        ))),
+        Err(quinn::ReadToEndError::Read(e)) => Err(read_error(e)),
+    }
+}
+
+fn read_error(e: quinn::ReadError) -> ReadFail {
+    match e {
+        quinn::ReadError::Reset(code) => ReadFail::Reset(code),
+        other => ReadFail::Io(other.to_string()),
+    }
+}
+
+/// Accepts connections until the endpoint closes.
+pub(super) async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    inner.adopt(&conn);
+                    serve_connection(inner, conn).await;
+                }
+                Err(e) => log_handshake_failure(&inner, remote, &e, "accepting"),
+            }
+        });
+    }
+}
+
+/// Logs a failed handshake. Unreachable peers are routine (debug); a refused handshake —
+/// a certificate from another CA, no client certificate — is a warning and is counted.
+pub(super) fn log_handshake_failure(
+    inner: &Inner,
+    peer: SocketAddr,
+    e: &quinn::ConnectionError,
+    dir: &str,
+) {
+    use quinn::ConnectionError as E;
+    match e {
+        E::TimedOut | E::LocallyClosed | E::Reset => {
+            tracing::debug!(%peer, error = %e, "{dir} connection with peer {peer} failed");
+        }
+        _ => {
+            inner.handshakes_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, error = %e, "{dir} connection with peer {peer} refused: {e}");
+        }
+    }
+}
+
+/// Serves one connection (accepted or dialed) until it closes: streams and datagrams.
+pub(super) async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection) {
+    let from = conn.remote_address();
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => { tokio::spawn(serve_uni(inner.clone(), from, recv)); }
+                Err(e) => { closed(&inner, from, &conn, e).await; break; }
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => { tokio::spawn(serve_bi(inner.clone(), from, send, recv)); }
+                Err(e) => { closed(&inner, from, &conn, e).await; break; }
+            },
+            dg = conn.read_datagram() => match dg {
+                Ok(bytes) => match envelope::decode(&bytes, inner.cluster_id) {
+                    // Awaiting here is the backpressure: a full channel stops this loop.
+                    Ok(env) => deliver(&inner, Incoming::Datagram { from, payload: env.payload }).await,
+                    Err(e) => inner.reject(from, &format!("datagram: {e}")),
+                },
+                Err(e) => { closed(&inner, from, &conn, e).await; break; }
+            },
+        }
+    }
+}
+
+async fn closed(
+    inner: &Inner,
+    from: SocketAddr,
+    conn: &quinn::Connection,
+    e: quinn::ConnectionError,
+) {
+    tracing::debug!(peer = %from, error = %e, "connection with peer {from} closed");
+    inner.forget(from, conn).await;
+}
+
+async fn deliver(inner: &Inner, msg: Incoming) {
+    // An error means the receiver is gone (the node is shutting down): nothing to do.
+    let _ = inner.incoming.send(msg).await;
+}
+
+async fn serve_uni(inner: Arc<Inner>, from: SocketAddr, mut recv: quinn::RecvStream) {
+    let env = match read_frame(&mut recv, inner.max_frame).await {
+        Ok(bytes) => envelope::decode(&bytes, inner.cluster_id).map_err(ReadFail::Frame),
+        Err(e) => Err(e),
+    };
+    match env {
+        Ok(env) if env.as_datagram => {
+            deliver(
+                &inner,
+                Incoming::Datagram {
+                    from,
+                    payload: env.payload,
+                },
+            )
+            .await
+        }
+        Ok(env) => {
+            deliver(
+                &inner,
+                Incoming::Message {
+                    from,
+                    channel: env.channel,
+                    payload: env.payload,
+                },
+            )
+            .await
+        }
+        Err(fail) => refuse(&inner, from, &mut recv, fail),
+    }
+    // `recv` is dropped only now: holding it while the channel is full keeps this stream's
+    // credit, so a peer cannot open more streams than QUIC allows while we are behind.
+}
+
+fn refuse(inner: &Inner, from: SocketAddr, recv: &mut quinn::RecvStream, fail: ReadFail) {
+    match fail {
+        ReadFail::Frame(e) => {
+            inner.reject(from, &e.to_string());
+            let _ = recv.stop(CODE_REFUSED.into());
+        }
+        ReadFail::Reset(code) => tracing::debug!(peer = %from, %code, "peer reset its stream"),
+        ReadFail::Io(e) => {
+            tracing::debug!(peer = %from, error = %e, "stream from peer {from} failed");
+            let _ = recv.stop(CODE_REFUSED.into());
+        }
+    }
+}
+
+async fn serve_bi(
+    inner: Arc<Inner>,
+    from: SocketAddr,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let env = match read_frame(&mut recv, inner.max_frame).await {
+        Ok(bytes) => envelope::decode(&bytes, inner.cluster_id).map_err(ReadFail::Frame),
+        Err(e) => Err(e),
+    };
+    let env = match env {
+        Ok(env) => env,
+        Err(fail) => {
+            refuse(&inner, from, &mut recv, fail);
+            let _ = send.reset(CODE_REFUSED.into());
+            return;
+        }
+    };
+    let (tx, rx) = oneshot::channel();
+    let channel = env.channel;
+    deliver(
+        &inner,
+        Incoming::Request {
+            from,
+            channel,
+            payload: env.payload,
+            reply: tx,
+        },
+    )
+    .await;
+    let Ok(reply) = rx.await else {
+        let _ = send.reset(CODE_NO_REPLY.into());
+        return;
+    };
+    if reply.len() + 64 > inner.max_frame {
+        tracing::warn!(peer = %from, len = reply.len(), "reply to peer {from} exceeds the frame limit");
+        let _ = send.reset(CODE_REPLY_TOO_LARGE.into());
+        return;
+    }
+    let frame = envelope::encode_frame(inner.cluster_id, channel, &reply, false);
+    if super::write_frame(&mut send, &frame).await.is_err() {
+        tracing::debug!(peer = %from, "writing the reply to peer {from} failed (it went away?)");
+    }
+}
