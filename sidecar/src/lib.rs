@@ -8,6 +8,7 @@
 //! - `membership` — the foca (SWIM) driver (core).
 //! - `net`        — QUIC transport, TLS, CBOR frames (core).
 //! - `agent`      — wires everything into a running node; `run(config, shutdown)` (core).
+//! - `shutdown`   — SIGTERM/SIGINT as one future: the clean-stop trigger (core).
 //! - `demo`       — `patina demo`, a local 3-node cluster (core).
 //! - `http`       — the HTTP API, one file per route family (api).
 //! - `cli`        — clap definitions and one file per client subcommand (api + core).
@@ -20,4 +21,5 @@ pub mod http;
 pub mod membership;
 pub mod net;
 pub mod node;
+pub mod shutdown;
 pub mod sync;

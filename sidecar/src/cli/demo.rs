@@ -2,7 +2,7 @@
 
 use super::DemoArgs;
 
-/// Runs `patina demo`.
-pub fn run(_args: DemoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("patina demo: not implemented yet")
+/// Runs `patina demo` (see [`crate::demo`]).
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    crate::demo::run(args)
 }

@@ -2,8 +2,18 @@
 //! feed, applying remote units, and the bookkeeping of what was received.
 //!
 //! # Layout
-//! - `conn`  — opening a connection: WAL, busy timeout, `libpatina.so` loaded (shared seam).
+//! - `conn`        — opening a connection: WAL, busy timeout, `libpatina.so` loaded (shared seam).
+//! - `feed`        — reading `crsql_changes` by `db_version` in one read transaction.
+//! - `tail`        — the tailer thread: notices local commits from any process, ships units.
+//! - `apply`       — the apply thread: the one writer of remote changes, batched, atomic.
+//! - `bookkeeping` — per-peer cursors and the inbox of partial units, in the database.
+//! - `schema`      — schema files: create, migrate (add columns), make replicated.
 
+pub mod apply;
+pub mod bookkeeping;
 pub mod conn;
+pub mod feed;
+pub mod schema;
+pub mod tail;
 
 pub use conn::{extension_path, open, DbError};

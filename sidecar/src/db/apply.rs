@@ -1,0 +1,220 @@
+//! The apply thread: the one writer of remote changes.
+//!
+//! It takes [`ApplyJob`]s from a bounded channel (when it is full the network side stops
+//! reading: backpressure, never a drop), and applies them in batches, one transaction per
+//! batch, through the extension's batched merge path. Each job's changes and its cursor
+//! update are one savepoint: a job that fails (a table this node does not have yet, a
+//! malformed change) is rolled back whole and logged, never half-applied, and its cursor
+//! does not move, so anti-entropy fetches it again later.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, Connection, TransactionBehavior};
+use tokio::sync::mpsc;
+
+use super::bookkeeping::{self, InboxError};
+use crate::node::Metrics;
+use crate::sync::{ApplyJob, Change, Chunk, SiteId, Value};
+
+/// Most jobs in one transaction.
+const MAX_BATCH_JOBS: usize = 256;
+/// Most changes in one transaction (a larger single unit is still applied whole).
+const MAX_BATCH_CHANGES: usize = 50_000;
+
+/// Reported after a commit: the stored cursor of a peer site.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    pub peer_site: SiteId,
+    pub cursor: i64,
+}
+
+const INSERT_SQL: &str = "INSERT INTO crsql_changes \
+    (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq, origin_version) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Inbox(#[from] InboxError),
+}
+
+/// Starts the apply thread on `conn` (its own connection, extension loaded).
+pub fn spawn(
+    mut conn: Connection,
+    rx: Receiver<ApplyJob>,
+    done: mpsc::UnboundedSender<Applied>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("patina-apply".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let first = match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(j) => j,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                };
+                let mut batch = vec![first];
+                let mut changes = batch[0].chunk.changes.len();
+                while batch.len() < MAX_BATCH_JOBS && changes < MAX_BATCH_CHANGES {
+                    match rx.try_recv() {
+                        Ok(j) => {
+                            changes += j.chunk.changes.len();
+                            batch.push(j);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                metrics
+                    .apply_queue_depth
+                    .store(rx.len() as u64, Ordering::Relaxed);
+                let started = Instant::now();
+                let mut backoff = Duration::from_millis(50);
+                // A failed transaction (busy past the timeout, disk full) is retried with
+                // the same jobs: they were accepted, so they are not dropped.
+                let applied = loop {
+                    match apply_batch(&mut conn, &batch, &metrics) {
+                        Ok(a) => break a,
+                        Err(e) => {
+                            tracing::error!(
+                                jobs = batch.len(),
+                                "cannot commit a batch of remote changes, retrying: {e}"
+                            );
+                            if stop.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                };
+                metrics.apply_batches.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .apply_latency_us_total
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                for a in applied {
+                    let _ = done.send(a);
+                }
+            }
+        })
+}
+
+/// Applies a batch in one transaction; returns the cursor of every peer site touched.
+fn apply_batch(
+    conn: &mut Connection,
+    batch: &[ApplyJob],
+    metrics: &Metrics,
+) -> rusqlite::Result<Vec<Applied>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute("UPDATE patina_state SET merging = 1", [])?;
+    let mut out = Vec::new();
+    let mut applied_changes = 0u64;
+    for job in batch {
+        tx.execute_batch("SAVEPOINT patina_job")?;
+        match apply_job(&tx, job) {
+            Ok((n, cursor)) => {
+                tx.execute_batch("RELEASE patina_job")?;
+                applied_changes += n;
+                if let Some(cursor) = cursor {
+                    out.push(Applied {
+                        peer_site: job.peer_site,
+                        cursor,
+                    });
+                }
+            }
+            Err(e) => {
+                tx.execute_batch("ROLLBACK TO patina_job; RELEASE patina_job")?;
+                metrics.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    peer = %job.from,
+                    site_id = %hex::encode(job.peer_site),
+                    "refusing changes ({}, {}] of unit ({}, {}] from peer {}: {e}; \
+                     nothing of it was applied (reload the schema if a table is missing)",
+                    job.chunk.from,
+                    job.chunk.to,
+                    job.chunk.unit_from,
+                    job.chunk.unit_to,
+                    job.from
+                );
+            }
+        }
+    }
+    tx.execute("UPDATE patina_state SET merging = 0", [])?;
+    tx.commit()?;
+    metrics
+        .units_received
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    metrics
+        .changes_applied
+        .fetch_add(applied_changes, Ordering::Relaxed);
+    Ok(out)
+}
+
+/// One job: merge a whole unit (buffering a partial one), then move the cursor.
+/// Returns the number of changes merged and the stored cursor (None while buffering).
+fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), JobError> {
+    let c = &job.chunk;
+    let cursor = bookkeeping::cursor(conn, &job.peer_site)?;
+    if c.unit_to <= cursor {
+        // Already covered: everything up to the cursor is applied.
+        return Ok((0, Some(cursor)));
+    }
+    let owned: Vec<Chunk>;
+    let chunks: Vec<&Chunk> = if c.is_whole_unit() {
+        vec![c]
+    } else {
+        match bookkeeping::inbox_put_and_take(conn, &job.peer_site, c)? {
+            Some(all) => {
+                owned = all;
+                owned.iter().collect()
+            }
+            None => return Ok((0, None)),
+        }
+    };
+    let mut stmt = conn.prepare_cached(INSERT_SQL)?;
+    let mut n = 0u64;
+    for ch in &chunks {
+        for change in &ch.changes {
+            insert(&mut stmt, change)?;
+            n += 1;
+        }
+    }
+    let cursor = bookkeeping::mark_applied(conn, &job.peer_site, c.unit_from, c.unit_to)?;
+    Ok((n, Some(cursor)))
+}
+
+fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Result<()> {
+    let val = match &c.val {
+        Value::Null => SqlValue::Null,
+        Value::Integer(i) => SqlValue::Integer(*i),
+        Value::Real(f) => SqlValue::Real(*f),
+        Value::Text(s) => SqlValue::Text(s.clone()),
+        Value::Blob(b) => SqlValue::Blob(b.clone()),
+    };
+    let site = if c.site_id.is_empty() {
+        None
+    } else {
+        Some(c.site_id.as_slice())
+    };
+    stmt.execute(params![
+        c.table,
+        c.pk,
+        c.cid,
+        val,
+        c.col_version,
+        c.db_version,
+        site,
+        c.cl,
+        c.seq,
+        c.origin_version
+    ])?;
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! What this node has received, kept in the database next to the data.
+//!
+//! `patina_sync_cursors` holds, per peer site, how far into that peer's feed everything is
+//! applied; `patina_sync_inbox` buffers the chunks of a large unit until the unit is whole.
+//! Both are written in the same transaction as the changes they describe, so memory and
+//! disk cannot disagree and a crash never needs a repair tool.
+
+use std::collections::HashMap;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::sync::{advance_cursor, Chunk, SiteId};
+
+/// The bookkeeping tables (plain tables, not replicated).
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS patina_sync_cursors (
+    peer_site BLOB PRIMARY KEY NOT NULL,
+    after     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS patina_sync_inbox (
+    peer_site  BLOB NOT NULL,
+    unit_from  INTEGER NOT NULL,
+    unit_to    INTEGER NOT NULL,
+    chunk_from INTEGER NOT NULL,
+    chunk_to   INTEGER NOT NULL,
+    payload    BLOB NOT NULL,
+    PRIMARY KEY (peer_site, unit_from, unit_to, chunk_from)
+);
+";
+
+/// Creates the bookkeeping tables if missing.
+pub fn ensure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)
+}
+
+/// All stored cursors.
+pub fn load_cursors(conn: &Connection) -> rusqlite::Result<HashMap<SiteId, i64>> {
+    let mut stmt = conn.prepare("SELECT peer_site, after FROM patina_sync_cursors")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut out = HashMap::new();
+    for row in rows {
+        let (site, after) = row?;
+        if let Ok(s) = <SiteId>::try_from(site.as_slice()) {
+            out.insert(s, after);
+        }
+    }
+    Ok(out)
+}
+
+/// The stored cursor of one peer site (0 when never synced).
+pub fn cursor(conn: &Connection, site: &SiteId) -> rusqlite::Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT after FROM patina_sync_cursors WHERE peer_site = ?1")?
+        .query_row([site.as_slice()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Records that the unit `(unit_from, unit_to]` of `site`'s feed is applied (inside the
+/// applying transaction) and drops buffered chunks the cursor now covers. Returns the
+/// stored cursor.
+pub fn mark_applied(
+    conn: &Connection,
+    site: &SiteId,
+    unit_from: i64,
+    unit_to: i64,
+) -> rusqlite::Result<i64> {
+    let cur = cursor(conn, site)?;
+    let next = advance_cursor(cur, unit_from, unit_to);
+    if next != cur {
+        conn.prepare_cached(
+            "INSERT INTO patina_sync_cursors (peer_site, after) VALUES (?1, ?2) \
+             ON CONFLICT (peer_site) DO UPDATE SET after = excluded.after",
+        )?
+        .execute(params![site.as_slice(), next])?;
+        conn.prepare_cached(
+            "DELETE FROM patina_sync_inbox WHERE peer_site = ?1 AND unit_to <= ?2",
+        )?
+        .execute(params![site.as_slice(), next])?;
+    }
+    Ok(next)
+}
+
+/// Buffers one chunk of a multi-chunk unit. Then, if the buffered chunks tile the whole
+/// unit, removes and returns them in order; otherwise returns `None`.
+pub fn inbox_put_and_take(
+    conn: &Connection,
+    site: &SiteId,
+    chunk: &Chunk,
+) -> Result<Option<Vec<Chunk>>, InboxError> {
+    let payload = minicbor::to_vec(chunk).map_err(|e| InboxError::Encode(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO patina_sync_inbox \
+         (peer_site, unit_from, unit_to, chunk_from, chunk_to, payload) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        site.as_slice(),
+        chunk.unit_from,
+        chunk.unit_to,
+        chunk.from,
+        chunk.to,
+        payload
+    ])?;
+    let ranges: Vec<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT chunk_from, chunk_to FROM patina_sync_inbox \
+             WHERE peer_site = ?1 AND unit_from = ?2 AND unit_to = ?3 ORDER BY chunk_from",
+        )?
+        .query_map(
+            params![site.as_slice(), chunk.unit_from, chunk.unit_to],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut at = chunk.unit_from;
+    for (from, to) in ranges {
+        if from == at {
+            at = to;
+        }
+    }
+    if at != chunk.unit_to {
+        return Ok(None);
+    }
+    let payloads: Vec<Vec<u8>> = conn
+        .prepare_cached(
+            "SELECT payload FROM patina_sync_inbox \
+             WHERE peer_site = ?1 AND unit_from = ?2 AND unit_to = ?3 ORDER BY chunk_from",
+        )?
+        .query_map(
+            params![site.as_slice(), chunk.unit_from, chunk.unit_to],
+            |r| r.get(0),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    conn.prepare_cached(
+        "DELETE FROM patina_sync_inbox WHERE peer_site = ?1 AND unit_from = ?2 AND unit_to = ?3",
+    )?
+    .execute(params![site.as_slice(), chunk.unit_from, chunk.unit_to])?;
+    let mut chunks = Vec::with_capacity(payloads.len());
+    let mut at = chunk.unit_from;
+    for p in payloads {
+        let c: Chunk = minicbor::decode(&p).map_err(|e| InboxError::Decode(e.to_string()))?;
+        // Overlapping duplicates (same start, kept once by the key) are skipped.
+        if c.from == at {
+            at = c.to;
+            chunks.push(c);
+        }
+    }
+    Ok(Some(chunks))
+}
+
+/// Errors of the inbox. Each leaves the applying transaction to be rolled back by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    #[error("sync inbox: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("sync inbox: cannot encode a chunk: {0}")]
+    Encode(String),
+    #[error("sync inbox: a buffered chunk does not decode: {0}")]
+    Decode(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(from: i64, to: i64) -> Chunk {
+        Chunk {
+            unit_from: 10,
+            unit_to: 30,
+            from,
+            to,
+            changes: vec![],
+        }
+    }
+
+    #[test]
+    fn inbox_returns_the_unit_once_whole_and_cursor_follows_the_rule() {
+        let conn = Connection::open_in_memory().expect("in-memory db");
+        ensure(&conn).expect("schema");
+        let site = [9u8; 16];
+        assert!(inbox_put_and_take(&conn, &site, &chunk(20, 30))
+            .expect("put")
+            .is_none());
+        assert!(inbox_put_and_take(&conn, &site, &chunk(20, 30))
+            .expect("dup")
+            .is_none());
+        let whole = inbox_put_and_take(&conn, &site, &chunk(10, 20))
+            .expect("put")
+            .expect("whole");
+        assert_eq!(
+            whole.iter().map(|c| (c.from, c.to)).collect::<Vec<_>>(),
+            vec![(10, 20), (20, 30)]
+        );
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM patina_sync_inbox", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(left, 0);
+        // A gap does not move the cursor; a unit starting at it does.
+        assert_eq!(mark_applied(&conn, &site, 10, 30).expect("mark"), 0);
+        assert_eq!(mark_applied(&conn, &site, 0, 10).expect("mark"), 10);
+        assert_eq!(mark_applied(&conn, &site, 10, 30).expect("mark"), 30);
+        assert_eq!(load_cursors(&conn).expect("load").get(&site), Some(&30));
+    }
+}

@@ -1,0 +1,254 @@
+//! Schema files: `.sql` files (or folders of them, in name order) of `CREATE TABLE` and
+//! `CREATE INDEX`, applied at start and on reload.
+//!
+//! The files are first run into a scratch in-memory database to learn what they declare.
+//! Then, against the node's database: a missing table is created from its declaration,
+//! an existing table with fewer columns gets the new ones added inside
+//! `crsql_begin_alter`/`crsql_commit_alter` (so the extension migrates its clocks without
+//! a per-row backfill), missing indexes are created, and every declared table is made
+//! replicated with `crsql_as_crr` (idempotent). All in one transaction.
+
+use std::path::PathBuf;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+/// Errors applying schema files; none of them has changed the database (one transaction).
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// A schema path could not be read.
+    #[error("cannot read schema path {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A schema file is not valid SQL (checked in a scratch database).
+    #[error("schema file {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// Applying a table to the node's database failed (the extension's refusal names the
+    /// offending column or index).
+    #[error("schema table {table}: {source}")]
+    Table {
+        table: String,
+        source: rusqlite::Error,
+    },
+    /// Opening or committing the schema transaction failed.
+    #[error("applying schema: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// The `.sql` files of `paths`: files as given, folders' `.sql` entries sorted by name.
+pub fn schema_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SchemaError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|source| SchemaError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|source| SchemaError::Read {
+                    path: p.clone(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "sql"))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+struct Declared {
+    tables: Vec<(String, String)>,
+    indexes: Vec<(String, String)>,
+}
+
+/// Runs the files into a scratch database and reads back what they declare.
+fn declared(files: &[PathBuf]) -> Result<(Declared, Connection), SchemaError> {
+    let scratch = Connection::open_in_memory()?;
+    for f in files {
+        let text = std::fs::read_to_string(f).map_err(|source| SchemaError::Read {
+            path: f.clone(),
+            source,
+        })?;
+        scratch
+            .execute_batch(&text)
+            .map_err(|source| SchemaError::Invalid {
+                path: f.clone(),
+                source,
+            })?;
+    }
+    let read = |kind: &str| -> rusqlite::Result<Vec<(String, String)>> {
+        let mut stmt = scratch.prepare(
+            "SELECT name, sql FROM sqlite_schema WHERE type = ?1 AND sql IS NOT NULL \
+             AND name NOT LIKE 'sqlite_%' ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    };
+    let d = Declared {
+        tables: read("table")?,
+        indexes: read("index")?,
+    };
+    Ok((d, scratch))
+}
+
+/// A column as `pragma_table_info` describes it.
+struct Column {
+    name: String,
+    decl_type: String,
+    not_null: bool,
+    default: Option<String>,
+}
+
+fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<Column>> {
+    let mut stmt =
+        conn.prepare("SELECT name, type, \"notnull\", dflt_value FROM pragma_table_info(?1)")?;
+    let rows = stmt.query_map([table], |r| {
+        Ok(Column {
+            name: r.get(0)?,
+            decl_type: r.get(1)?,
+            not_null: r.get::<_, i64>(2)? != 0,
+            default: r.get(3)?,
+        })
+    })?;
+    rows.collect()
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// Applies the schema files to `conn`; returns the tables made replicated.
+pub fn apply(conn: &mut Connection, paths: &[PathBuf]) -> Result<Vec<String>, SchemaError> {
+    let files = schema_files(paths)?;
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (decl, scratch) = declared(&files)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (table, sql) in &decl.tables {
+        let t_err = |source| SchemaError::Table {
+            table: table.clone(),
+            source,
+        };
+        let existing = columns(&tx, table).map_err(t_err)?;
+        if existing.is_empty() {
+            tx.execute_batch(sql).map_err(t_err)?;
+        } else {
+            let wanted = columns(&scratch, table).map_err(t_err)?;
+            let missing: Vec<&Column> = wanted
+                .iter()
+                .filter(|w| {
+                    !existing
+                        .iter()
+                        .any(|e| e.name.eq_ignore_ascii_case(&w.name))
+                })
+                .collect();
+            if !missing.is_empty() {
+                // Make sure the table is replicated before altering it under the extension.
+                tx.query_row("SELECT crsql_as_crr(?1)", [table], |_| Ok(()))
+                    .map_err(t_err)?;
+                tx.query_row("SELECT crsql_begin_alter(?1)", [table], |_| Ok(()))
+                    .map_err(t_err)?;
+                for c in missing {
+                    let mut def = format!("{} {}", quote(&c.name), c.decl_type);
+                    if c.not_null {
+                        def.push_str(" NOT NULL");
+                    }
+                    if let Some(d) = &c.default {
+                        def.push_str(&format!(" DEFAULT {d}"));
+                    }
+                    tx.execute_batch(&format!("ALTER TABLE {} ADD COLUMN {def}", quote(table)))
+                        .map_err(t_err)?;
+                    tracing::info!(table = %table, column = %c.name, "schema: added column");
+                }
+                tx.query_row("SELECT crsql_commit_alter(?1)", [table], |_| Ok(()))
+                    .map_err(t_err)?;
+            }
+        }
+    }
+    for (index, sql) in &decl.indexes {
+        let exists: i64 = tx.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = ?1",
+            [index],
+            |r| r.get(0),
+        )?;
+        if exists == 0 {
+            tx.execute_batch(sql).map_err(|source| SchemaError::Table {
+                table: index.clone(),
+                source,
+            })?;
+        }
+    }
+    let mut made = Vec::new();
+    for (table, _) in &decl.tables {
+        tx.query_row("SELECT crsql_as_crr(?1)", [table], |_| Ok(()))
+            .map_err(|source| SchemaError::Table {
+                table: table.clone(),
+                source,
+            })?;
+        made.push(table.clone());
+    }
+    tx.commit()?;
+    Ok(made)
+}
+
+/// Display helper for logs.
+pub fn describe(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_are_expanded_in_name_order_and_declarations_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("b.sql"), "CREATE INDEX t_a ON t(a);").expect("write");
+        std::fs::write(
+            dir.path().join("a.sql"),
+            "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);",
+        )
+        .expect("write");
+        std::fs::write(dir.path().join("notes.txt"), "x").expect("write");
+        let files = schema_files(&[dir.path().to_path_buf()]).expect("files");
+        let names: Vec<_> = files
+            .iter()
+            .filter_map(|f| f.file_name().and_then(|n| n.to_str()).map(String::from))
+            .collect();
+        assert_eq!(names, vec!["a.sql", "b.sql"]);
+        let (d, _) = declared(&files).expect("declared");
+        assert_eq!(d.tables.len(), 1);
+        assert_eq!(d.indexes[0].0, "t_a");
+    }
+
+    #[test]
+    fn a_bad_file_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("bad.sql");
+        std::fs::write(&f, "CREATE TABLE (;").expect("write");
+        let err = declared(&[f]).err().expect("error");
+        assert!(err.to_string().contains("bad.sql"), "{err}");
+    }
+
+    #[test]
+    fn missing_path_is_named() {
+        let err = schema_files(&[PathBuf::from("/nonexistent/x.sql")])
+            .err()
+            .expect("error");
+        assert!(err.to_string().contains("/nonexistent/x.sql"));
+    }
+}

@@ -1,0 +1,106 @@
+//! The tailer: notices local commits from any process and reads them as units.
+//!
+//! A blocking thread with its own read connection. The node's API pokes it after each
+//! write (instant pickup); commits by other processes — the app that loads nothing, the
+//! `sqlite3` shell — and by the apply thread show up as a change of `PRAGMA data_version`,
+//! polled every few milliseconds (a cheap header read). Each wake-up reads everything
+//! after the last shipped version in one read transaction and hands it on as one unit.
+//! It never writes: there is nothing to "close" or mark.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rusqlite::Connection;
+use tokio::sync::{mpsc, watch};
+
+use super::feed::{db_version, read_unit};
+use crate::sync::Change;
+
+/// One read of this node's feed: `(from, to]`, whole transactions only.
+#[derive(Debug)]
+pub struct Unit {
+    pub from: i64,
+    pub to: i64,
+    pub changes: Vec<Change>,
+}
+
+/// How often `PRAGMA data_version` is checked when nobody pokes.
+pub const POLL: Duration = Duration::from_millis(2);
+
+/// Starts the tailer on `conn` (a connection of its own, extension loaded). It ships
+/// versions after the current one (history is served by anti-entropy pulls), keeps
+/// `version` up to date and stops when `stop` is set or `out` is closed.
+pub fn spawn(
+    mut conn: Connection,
+    wake: Receiver<()>,
+    out: mpsc::Sender<Unit>,
+    version: watch::Sender<i64>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("patina-tail".into())
+        .spawn(move || {
+            let mut last = match db_version(&conn) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!("tailer cannot read crsql_db_version(): {e}");
+                    return;
+                }
+            };
+            version.send_replace(last);
+            let mut last_dv = data_version(&conn).unwrap_or(-1);
+            while !stop.load(Ordering::Relaxed) {
+                let poked = match wake.recv_timeout(POLL) {
+                    Ok(()) => true,
+                    Err(RecvTimeoutError::Timeout) => false,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        std::thread::sleep(POLL);
+                        false
+                    }
+                };
+                while wake.try_recv().is_ok() {}
+                let dv = match data_version(&conn) {
+                    Ok(dv) => dv,
+                    Err(e) => {
+                        tracing::warn!("tailer cannot read PRAGMA data_version: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                if !poked && dv == last_dv {
+                    continue;
+                }
+                last_dv = dv;
+                match read_unit(&mut conn, last) {
+                    Ok((to, changes)) => {
+                        if to <= last {
+                            continue;
+                        }
+                        version.send_replace(to);
+                        let unit = Unit {
+                            from: last,
+                            to,
+                            changes,
+                        };
+                        last = to;
+                        // Blocks while the network side is behind: backpressure, and the
+                        // next read simply covers more versions.
+                        if out.blocking_send(unit).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("tailer cannot read the change feed after {last}: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+}
+
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+}

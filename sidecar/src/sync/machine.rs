@@ -1,0 +1,598 @@
+//! The sync state machine: broadcast of local units and anti-entropy pulls, without I/O.
+//!
+//! The caller feeds it messages, local feed units, apply confirmations and the clock;
+//! it answers with [`Effect`]s the caller performs (send a message, read the feed to serve
+//! a pull, apply a chunk). Time is a `Duration` since an epoch of the caller's choosing
+//! and randomness is an injected, seeded RNG, so `sim.rs` replays any run from its seed.
+//!
+//! What it knows: the alive peers and their site ids (from membership), the committed
+//! cursor per peer site (reported back by the apply side after each commit — the database
+//! is the source of truth, this is a cache), the pulls in flight, and which address holds
+//! which site id (to refuse a second node carrying a copied database).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use super::msg::{chunk_unit, Change, Chunk, Msg, SiteId};
+
+/// Tunables; the defaults are the node's.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// Peers each new local unit is pushed to (all when fewer are alive).
+    pub fanout: usize,
+    /// Mean time between anti-entropy pulls.
+    pub pull_interval: Duration,
+    /// Pulls happen at `pull_interval ± pull_jitter`, so nodes do not pull in lockstep.
+    pub pull_jitter: Duration,
+    /// A pull without an answer (or without an apply confirmation) for this long is dropped.
+    pub pull_timeout: Duration,
+    /// Largest chunk, in changes.
+    pub max_chunk_changes: usize,
+    /// Largest chunk, in approximate bytes (kept under the transport's frame limit).
+    pub max_chunk_bytes: usize,
+    /// A site id stays bound to the address that last used it for this long.
+    pub site_claim_ttl: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            fanout: 3,
+            pull_interval: Duration::from_millis(1000),
+            pull_jitter: Duration::from_millis(300),
+            pull_timeout: Duration::from_secs(10),
+            max_chunk_changes: 5_000,
+            max_chunk_bytes: 4 * 1024 * 1024,
+            site_claim_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A chunk to apply, with where it came from. The apply side advances the cursor of
+/// `peer_site` to `chunk.unit_to` when the whole unit is applied and `unit_from <= cursor`
+/// (see [`advance_cursor`]), in the same transaction as the changes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApplyJob {
+    pub from: SocketAddr,
+    pub peer_site: SiteId,
+    pub chunk: Chunk,
+}
+
+/// What the caller must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Send `msg` to `to` on the sync channel (best effort).
+    Send { to: SocketAddr, msg: Msg },
+    /// Read this node's feed `(after, ..]` (or the fixed `unit` range of a continuation),
+    /// without changes credited to `exclude`, and send it back as `Msg::Changes`.
+    Serve {
+        to: SocketAddr,
+        after: i64,
+        unit: Option<(i64, i64)>,
+        exclude: SiteId,
+    },
+    /// Hand a chunk to the apply side (which buffers partial units durably).
+    Apply(ApplyJob),
+}
+
+/// The cursor rule, the one place it is written down: a unit `(unit_from, unit_to]` of a
+/// peer's feed moves our cursor for that peer only if it starts at or before the cursor
+/// (otherwise there is a gap we have not seen).
+pub fn advance_cursor(cursor: i64, unit_from: i64, unit_to: i64) -> i64 {
+    if unit_from <= cursor && unit_to > cursor {
+        unit_to
+    } else {
+        cursor
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Waiting for the next `Changes` chunk.
+    Fetching,
+    /// The last chunk arrived; waiting for the apply side to confirm the commit.
+    Applying,
+}
+
+#[derive(Clone, Debug)]
+struct PullState {
+    site: SiteId,
+    phase: Phase,
+    deadline: Duration,
+}
+
+#[derive(Clone, Debug)]
+struct Claim {
+    addr: SocketAddr,
+    last_seen: Duration,
+}
+
+/// Counters the caller may export.
+#[derive(Clone, Debug, Default)]
+pub struct SyncStats {
+    pub pulls_sent: u64,
+    pub pushes_sent: u64,
+    pub changes_pushed: u64,
+    pub refused: u64,
+}
+
+/// The state machine. One per node.
+pub struct Sync {
+    site: SiteId,
+    config: SyncConfig,
+    rng: StdRng,
+    peers: BTreeMap<SocketAddr, SiteId>,
+    cursors: HashMap<SiteId, i64>,
+    pulls: HashMap<SocketAddr, PullState>,
+    claims: HashMap<SiteId, Claim>,
+    last_warned: HashMap<SocketAddr, Duration>,
+    next_pull: Duration,
+    effects: VecDeque<Effect>,
+    stats: SyncStats,
+}
+
+impl Sync {
+    /// A machine for site `site`, with the cursors committed in the database.
+    pub fn new(
+        site: SiteId,
+        config: SyncConfig,
+        cursors: HashMap<SiteId, i64>,
+        mut rng: StdRng,
+        now: Duration,
+    ) -> Sync {
+        let first = jittered(&mut rng, &config);
+        Sync {
+            site,
+            config,
+            rng,
+            peers: BTreeMap::new(),
+            cursors,
+            pulls: HashMap::new(),
+            claims: HashMap::new(),
+            last_warned: HashMap::new(),
+            next_pull: now + first,
+            effects: VecDeque::new(),
+            stats: SyncStats::default(),
+        }
+    }
+
+    /// This node's site id.
+    pub fn site(&self) -> SiteId {
+        self.site
+    }
+
+    /// The committed cursor for a peer site (0 when never synced).
+    pub fn cursor(&self, site: &SiteId) -> i64 {
+        self.cursors.get(site).copied().unwrap_or(0)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &SyncStats {
+        &self.stats
+    }
+
+    /// Next effect to perform, if any.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// When `handle_timer` next has something to do.
+    pub fn next_timeout(&self) -> Duration {
+        self.pulls
+            .values()
+            .map(|p| p.deadline)
+            .chain(std::iter::once(self.next_pull))
+            .min()
+            .unwrap_or(self.next_pull)
+    }
+
+    /// Replaces the set of alive peers (membership's view). Members carrying this node's
+    /// own site id are refused loudly: that is a copied database file.
+    pub fn set_peers(
+        &mut self,
+        peers: impl IntoIterator<Item = (SocketAddr, SiteId)>,
+        now: Duration,
+    ) {
+        let mut next = BTreeMap::new();
+        for (addr, site) in peers {
+            if site == self.site {
+                self.refuse_own_site(addr, now);
+                continue;
+            }
+            // An alive member keeps its claim on its site id fresh; a second member with
+            // the same id cannot take it over while the first is alive.
+            match self.claims.get_mut(&site) {
+                Some(c) if c.addr == addr => c.last_seen = now,
+                Some(c) if now.saturating_sub(c.last_seen) < self.config.site_claim_ttl => {}
+                _ => {
+                    self.claims.insert(
+                        site,
+                        Claim {
+                            addr,
+                            last_seen: now,
+                        },
+                    );
+                }
+            }
+            next.insert(addr, site);
+        }
+        self.pulls.retain(|addr, _| next.contains_key(addr));
+        self.peers = next;
+    }
+
+    /// Processes the clock: starts an anti-entropy pull when due, expires stale pulls.
+    pub fn handle_timer(&mut self, now: Duration) {
+        self.pulls.retain(|_, p| p.deadline > now);
+        if now < self.next_pull {
+            return;
+        }
+        self.next_pull = now + jittered(&mut self.rng, &self.config);
+        let candidates: Vec<(SocketAddr, SiteId)> = self
+            .peers
+            .iter()
+            .filter(|(addr, site)| !self.pulls.contains_key(*addr) && self.holds_claim(addr, site))
+            .map(|(a, s)| (*a, *s))
+            .collect();
+        let Some(&(to, site)) = candidates.choose(&mut self.rng) else {
+            return;
+        };
+        let after = self.cursor(&site);
+        self.pulls.insert(
+            to,
+            PullState {
+                site,
+                phase: Phase::Fetching,
+                deadline: now + self.config.pull_timeout,
+            },
+        );
+        self.stats.pulls_sent += 1;
+        self.effects.push_back(Effect::Send {
+            to,
+            msg: Msg::Pull {
+                site: self.site,
+                after,
+                unit: None,
+            },
+        });
+    }
+
+    /// A new unit of this node's own feed (one read transaction): push it to `fanout`
+    /// random alive peers, each without the changes it originated itself.
+    pub fn handle_local_unit(&mut self, from: i64, to: i64, changes: Vec<Change>, _now: Duration) {
+        let targets: Vec<(SocketAddr, SiteId)> = self
+            .peers
+            .iter()
+            .filter(|(addr, site)| self.holds_claim(addr, site))
+            .map(|(a, s)| (*a, *s))
+            .collect();
+        let chosen: Vec<(SocketAddr, SiteId)> = targets
+            .choose_multiple(&mut self.rng, self.config.fanout)
+            .copied()
+            .collect();
+        for (addr, site) in chosen {
+            let own: Vec<Change> = changes
+                .iter()
+                .filter(|c| c.site_id.as_slice() != site.as_slice())
+                .cloned()
+                .collect();
+            self.stats.changes_pushed += own.len() as u64;
+            for chunk in chunk_unit(
+                from,
+                to,
+                own,
+                self.config.max_chunk_changes,
+                self.config.max_chunk_bytes,
+            ) {
+                self.stats.pushes_sent += 1;
+                self.effects.push_back(Effect::Send {
+                    to: addr,
+                    msg: Msg::Push {
+                        site: self.site,
+                        chunk,
+                    },
+                });
+            }
+        }
+    }
+
+    /// A message from peer `from`.
+    pub fn handle_message(&mut self, from: SocketAddr, msg: Msg, now: Duration) {
+        let site = *msg.site();
+        if site == self.site {
+            self.refuse_own_site(from, now);
+            return;
+        }
+        if let Some(holder) = self.claim_conflict(from, &site, now) {
+            self.stats.refused += 1;
+            if self.should_warn(from, now) {
+                tracing::error!(
+                    peer = %from,
+                    site_id = %hex::encode(site),
+                    holder = %holder,
+                    "refusing peer {from}: it claims site id {} which {holder} already holds; \
+                     two nodes share one database identity (a copied database file? \
+                     give one of them a fresh id with `patina restore`)",
+                    hex::encode(site)
+                );
+            }
+            return;
+        }
+        self.claims.insert(
+            site,
+            Claim {
+                addr: from,
+                last_seen: now,
+            },
+        );
+        match msg {
+            Msg::Push { chunk, .. } => {
+                self.effects.push_back(Effect::Apply(ApplyJob {
+                    from,
+                    peer_site: site,
+                    chunk,
+                }));
+            }
+            Msg::Pull { after, unit, .. } => {
+                self.effects.push_back(Effect::Serve {
+                    to: from,
+                    after,
+                    unit,
+                    exclude: site,
+                });
+            }
+            Msg::Changes { chunk, .. } => {
+                let more = chunk.more();
+                let next_after = chunk.to;
+                let unit = (chunk.unit_from, chunk.unit_to);
+                self.effects.push_back(Effect::Apply(ApplyJob {
+                    from,
+                    peer_site: site,
+                    chunk,
+                }));
+                let Some(pull) = self.pulls.get_mut(&from) else {
+                    return; // a late answer: applied (harmless), not continued
+                };
+                pull.deadline = now + self.config.pull_timeout;
+                if more {
+                    self.effects.push_back(Effect::Send {
+                        to: from,
+                        msg: Msg::Pull {
+                            site: self.site,
+                            after: next_after,
+                            unit: Some(unit),
+                        },
+                    });
+                } else {
+                    pull.phase = Phase::Applying;
+                }
+            }
+        }
+    }
+
+    /// The apply side committed: `cursor` is now the stored cursor for `peer_site`.
+    pub fn handle_applied(&mut self, peer_site: SiteId, cursor: i64) {
+        let c = self.cursors.entry(peer_site).or_insert(0);
+        *c = (*c).max(cursor);
+        self.pulls
+            .retain(|_, p| !(p.site == peer_site && matches!(p.phase, Phase::Applying)));
+    }
+
+    fn holds_claim(&self, addr: &SocketAddr, site: &SiteId) -> bool {
+        self.claims.get(site).map_or(true, |c| c.addr == *addr)
+    }
+
+    fn claim_conflict(&self, from: SocketAddr, site: &SiteId, now: Duration) -> Option<SocketAddr> {
+        let c = self.claims.get(site)?;
+        if c.addr != from && now.saturating_sub(c.last_seen) < self.config.site_claim_ttl {
+            Some(c.addr)
+        } else {
+            None
+        }
+    }
+
+    fn refuse_own_site(&mut self, from: SocketAddr, now: Duration) {
+        self.stats.refused += 1;
+        if self.should_warn(from, now) {
+            tracing::error!(
+                peer = %from,
+                site_id = %hex::encode(self.site),
+                "refusing peer {from}: it has this node's own site id {}; two nodes share one \
+                 database identity (was the database file copied? give one a fresh id with \
+                 `patina restore`)",
+                hex::encode(self.site)
+            );
+        }
+    }
+
+    /// Rate-limits the loud logs to one per peer per 10 s.
+    fn should_warn(&mut self, from: SocketAddr, now: Duration) -> bool {
+        match self.last_warned.get(&from) {
+            Some(t) if now.saturating_sub(*t) < Duration::from_secs(10) => false,
+            _ => {
+                self.last_warned.insert(from, now);
+                true
+            }
+        }
+    }
+}
+
+fn jittered(rng: &mut StdRng, config: &SyncConfig) -> Duration {
+    let base = config.pull_interval.as_millis() as i64;
+    let j = config.pull_jitter.as_millis() as i64;
+    let off = if j > 0 { rng.gen_range(-j..=j) } else { 0 };
+    Duration::from_millis((base + off).max(1) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    fn machine(site: u8) -> Sync {
+        Sync::new(
+            [site; 16],
+            SyncConfig::default(),
+            HashMap::new(),
+            StdRng::seed_from_u64(1),
+            Duration::ZERO,
+        )
+    }
+
+    fn drain(s: &mut Sync) -> Vec<Effect> {
+        std::iter::from_fn(|| s.poll_effect()).collect()
+    }
+
+    #[test]
+    fn cursor_advances_only_without_a_gap() {
+        assert_eq!(advance_cursor(10, 10, 20), 20);
+        assert_eq!(advance_cursor(10, 5, 20), 20);
+        assert_eq!(advance_cursor(10, 11, 20), 10);
+        assert_eq!(advance_cursor(30, 10, 20), 30);
+    }
+
+    #[test]
+    fn own_site_is_refused() {
+        let mut s = machine(1);
+        s.handle_message(
+            addr(2),
+            Msg::Pull {
+                site: [1; 16],
+                after: 0,
+                unit: None,
+            },
+            Duration::ZERO,
+        );
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.stats().refused, 1);
+        s.set_peers([(addr(2), [1; 16])], Duration::ZERO);
+        s.handle_timer(Duration::from_secs(5));
+        assert!(
+            drain(&mut s).is_empty(),
+            "no pull to a peer with our own id"
+        );
+    }
+
+    #[test]
+    fn a_second_address_claiming_a_held_site_is_refused() {
+        let mut s = machine(1);
+        s.set_peers([(addr(2), [2; 16]), (addr(3), [2; 16])], Duration::ZERO);
+        let pull = |site| Msg::Pull {
+            site,
+            after: 0,
+            unit: None,
+        };
+        s.handle_message(addr(2), pull([2; 16]), Duration::from_secs(1));
+        assert_eq!(drain(&mut s).len(), 1);
+        s.handle_message(addr(3), pull([2; 16]), Duration::from_secs(1));
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.stats().refused, 1);
+    }
+
+    #[test]
+    fn pull_continues_until_the_unit_is_whole_then_waits_for_the_commit() {
+        let mut s = machine(1);
+        s.set_peers([(addr(2), [2; 16])], Duration::ZERO);
+        s.handle_timer(Duration::from_secs(5));
+        let eff = drain(&mut s);
+        assert!(matches!(
+            &eff[..],
+            [Effect::Send {
+                msg: Msg::Pull {
+                    after: 0,
+                    unit: None,
+                    ..
+                },
+                ..
+            }]
+        ));
+        let chunk = |from, to| Chunk {
+            unit_from: 0,
+            unit_to: 9,
+            from,
+            to,
+            changes: vec![],
+        };
+        s.handle_message(
+            addr(2),
+            Msg::Changes {
+                site: [2; 16],
+                chunk: chunk(0, 4),
+            },
+            Duration::from_secs(5),
+        );
+        let eff = drain(&mut s);
+        assert!(matches!(
+            &eff[1],
+            Effect::Send {
+                msg: Msg::Pull {
+                    after: 4,
+                    unit: Some((0, 9)),
+                    ..
+                },
+                ..
+            }
+        ));
+        s.handle_message(
+            addr(2),
+            Msg::Changes {
+                site: [2; 16],
+                chunk: chunk(4, 9),
+            },
+            Duration::from_secs(5),
+        );
+        assert_eq!(drain(&mut s).len(), 1);
+        // Still applying: no new pull to the same peer.
+        s.handle_timer(Duration::from_secs(7));
+        assert!(drain(&mut s).is_empty());
+        s.handle_applied([2; 16], 9);
+        s.handle_timer(Duration::from_secs(9));
+        let eff = drain(&mut s);
+        assert!(matches!(
+            &eff[..],
+            [Effect::Send {
+                msg: Msg::Pull { after: 9, .. },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn push_skips_changes_the_target_originated() {
+        let mut s = machine(1);
+        s.set_peers([(addr(2), [2; 16])], Duration::ZERO);
+        let mk = |site: u8, v| Change {
+            table: "t".into(),
+            pk: vec![],
+            cid: "a".into(),
+            val: super::super::msg::Value::Null,
+            col_version: 1,
+            db_version: v,
+            site_id: vec![site; 16],
+            cl: 1,
+            seq: 0,
+            origin_version: None,
+        };
+        s.handle_local_unit(0, 2, vec![mk(1, 1), mk(2, 2)], Duration::ZERO);
+        let eff = drain(&mut s);
+        match &eff[..] {
+            [Effect::Send {
+                msg: Msg::Push { chunk, .. },
+                ..
+            }] => {
+                assert_eq!((chunk.from, chunk.to), (0, 2));
+                assert_eq!(chunk.changes.len(), 1);
+                assert_eq!(chunk.changes[0].site_id, vec![1; 16]);
+            }
+            other => panic!("unexpected effects {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The sync payload: what peers say to each other on `Channel::Sync`, encoded as CBOR.
+//!
+//! The net layer wraps these bytes in its own versioned, cluster-id-checked envelope; this
+//! module owns only the payload. Field numbers are the compatibility contract: new fields
+//! get new numbers and are optional, so nodes of adjacent versions still understand each
+//! other (minicbor skips unknown fields and defaults missing `Option`s).
+
+use minicbor::{Decode, Encode};
+
+/// A node's 16-byte site id (`crsql_site_id()`).
+pub type SiteId = [u8; 16];
+
+/// One SQLite value as `crsql_changes.val` holds it.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub enum Value {
+    #[n(0)]
+    Null,
+    #[n(1)]
+    Integer(#[n(0)] i64),
+    #[n(2)]
+    Real(#[n(0)] f64),
+    #[n(3)]
+    Text(#[n(0)] String),
+    #[n(4)]
+    Blob(#[cbor(n(0), with = "minicbor::bytes")] Vec<u8>),
+}
+
+impl Value {
+    /// Rough wire size, used to keep chunks under the frame limit.
+    pub fn approx_size(&self) -> usize {
+        match self {
+            Value::Null => 1,
+            Value::Integer(_) | Value::Real(_) => 9,
+            Value::Text(s) => s.len() + 5,
+            Value::Blob(b) => b.len() + 5,
+        }
+    }
+}
+
+/// One row of `crsql_changes`, exactly as read from the origin's feed. `db_version` and
+/// `seq` are the sender's local numbers; the receiver's extension assigns its own.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Change {
+    #[n(0)]
+    pub table: String,
+    #[cbor(n(1), with = "minicbor::bytes")]
+    pub pk: Vec<u8>,
+    #[n(2)]
+    pub cid: String,
+    #[n(3)]
+    pub val: Value,
+    #[n(4)]
+    pub col_version: i64,
+    #[n(5)]
+    pub db_version: i64,
+    #[cbor(n(6), with = "minicbor::bytes")]
+    pub site_id: Vec<u8>,
+    #[n(7)]
+    pub cl: i64,
+    #[n(8)]
+    pub seq: i64,
+    #[n(9)]
+    pub origin_version: Option<i64>,
+}
+
+impl Change {
+    /// Rough wire size, used to keep chunks under the frame limit.
+    pub fn approx_size(&self) -> usize {
+        self.table.len() + self.pk.len() + self.cid.len() + self.val.approx_size() + 16 + 40
+    }
+}
+
+/// A slice `(from, to]` of the sender's feed, part of the unit `(unit_from, unit_to]`.
+///
+/// A unit is one feed read (one read transaction, so whole transactions only). A small
+/// unit travels as a single chunk (`from == unit_from && to == unit_to`); a large one in
+/// several version-ranged chunks that the receiver buffers durably and applies atomically
+/// once they cover the whole unit.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Chunk {
+    #[n(0)]
+    pub unit_from: i64,
+    #[n(1)]
+    pub unit_to: i64,
+    #[n(2)]
+    pub from: i64,
+    #[n(3)]
+    pub to: i64,
+    #[n(4)]
+    pub changes: Vec<Change>,
+}
+
+impl Chunk {
+    /// True when this chunk is the whole unit.
+    pub fn is_whole_unit(&self) -> bool {
+        self.from == self.unit_from && self.to == self.unit_to
+    }
+    /// True when more chunks of this unit follow.
+    pub fn more(&self) -> bool {
+        self.to < self.unit_to
+    }
+}
+
+/// Everything said on the sync channel. Every message names the sender's site id, so a
+/// receiver can refuse a peer that claims its own id (a copied database file).
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub enum Msg {
+    /// Broadcast: a chunk of the sender's feed, pushed as soon as its tailer read it.
+    #[n(0)]
+    Push {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        chunk: Chunk,
+    },
+    /// Anti-entropy: "send me your feed after `after`". `unit` is set on a continuation:
+    /// the unit being fetched, so the responder reads the same fixed range.
+    #[n(1)]
+    Pull {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        after: i64,
+        #[n(2)]
+        unit: Option<(i64, i64)>,
+    },
+    /// The answer to a `Pull`: one chunk; `chunk.more()` asks for a continuation.
+    #[n(2)]
+    Changes {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        chunk: Chunk,
+    },
+}
+
+impl Msg {
+    /// The sender's site id.
+    pub fn site(&self) -> &SiteId {
+        match self {
+            Msg::Push { site, .. } | Msg::Pull { site, .. } | Msg::Changes { site, .. } => site,
+        }
+    }
+
+    /// CBOR bytes of this message.
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding into a Vec cannot fail (the writer is infallible).
+        minicbor::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses CBOR bytes from a peer.
+    pub fn decode(bytes: &[u8]) -> Result<Msg, minicbor::decode::Error> {
+        minicbor::decode(bytes)
+    }
+}
+
+/// Splits one feed read into chunks of at most `max_changes` changes and about
+/// `max_bytes` bytes. The chunks' ranges tile `(unit_from, unit_to]` exactly, so a
+/// receiver can tell when it holds the whole unit.
+pub fn chunk_unit(
+    unit_from: i64,
+    unit_to: i64,
+    changes: Vec<Change>,
+    max_changes: usize,
+    max_bytes: usize,
+) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut current: Vec<Change> = Vec::new();
+    let mut bytes = 0usize;
+    let mut from = unit_from;
+    for c in changes {
+        let size = c.approx_size();
+        if !current.is_empty() && (current.len() >= max_changes || bytes + size > max_bytes) {
+            let to = current.last().map(|c| c.db_version).unwrap_or(from);
+            chunks.push(Chunk {
+                unit_from,
+                unit_to,
+                from,
+                to,
+                changes: std::mem::take(&mut current),
+            });
+            from = to;
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(c);
+    }
+    chunks.push(Chunk {
+        unit_from,
+        unit_to,
+        from,
+        to: unit_to,
+        changes: current,
+    });
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(v: i64) -> Change {
+        Change {
+            table: "t".into(),
+            pk: vec![1, 9, v as u8],
+            cid: "a".into(),
+            val: Value::Text(format!("v{v}")),
+            col_version: 1,
+            db_version: v,
+            site_id: vec![7; 16],
+            cl: 1,
+            seq: 0,
+            origin_version: Some(v),
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let msgs = vec![
+            Msg::Push {
+                site: [3; 16],
+                chunk: Chunk {
+                    unit_from: 0,
+                    unit_to: 2,
+                    from: 0,
+                    to: 2,
+                    changes: vec![change(1), change(2)],
+                },
+            },
+            Msg::Pull {
+                site: [4; 16],
+                after: 17,
+                unit: Some((17, 99)),
+            },
+            Msg::Pull {
+                site: [4; 16],
+                after: 0,
+                unit: None,
+            },
+        ];
+        for m in msgs {
+            let bytes = m.encode();
+            assert_eq!(Msg::decode(&bytes).expect("decodes"), m);
+        }
+        let vals = [
+            Value::Null,
+            Value::Integer(i64::MIN),
+            Value::Real(1.5),
+            Value::Text("x".into()),
+            Value::Blob(vec![0, 255]),
+        ];
+        for v in vals {
+            let bytes = minicbor::to_vec(&v).expect("encodes");
+            assert_eq!(minicbor::decode::<Value>(&bytes).expect("decodes"), v);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(Msg::decode(&[0xff, 0x00, 0x13]).is_err());
+        assert!(Msg::decode(&[]).is_err());
+        let full = Msg::Pull {
+            site: [1; 16],
+            after: 5,
+            unit: None,
+        }
+        .encode();
+        assert!(Msg::decode(&full[..full.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn chunks_tile_the_unit() {
+        let changes: Vec<Change> = (11..=30).map(change).collect();
+        let chunks = chunk_unit(10, 35, changes, 6, usize::MAX);
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(chunks[0].from, 10);
+        for w in chunks.windows(2) {
+            assert_eq!(w[0].to, w[1].from);
+        }
+        assert_eq!(chunks.last().map(|c| c.to), Some(35));
+        assert_eq!(chunks.iter().map(|c| c.changes.len()).sum::<usize>(), 20);
+        assert!(chunks[0].more() && !chunks[3].more());
+        let one = chunk_unit(10, 12, vec![change(11)], 6, usize::MAX);
+        assert!(one.len() == 1 && one[0].is_whole_unit());
+        let empty = chunk_unit(10, 12, vec![], 6, usize::MAX);
+        assert!(empty.len() == 1 && empty[0].changes.is_empty());
+    }
+
+    #[test]
+    fn chunks_respect_the_byte_limit() {
+        let changes: Vec<Change> = (1..=10).map(change).collect();
+        let size = changes[0].approx_size();
+        let chunks = chunk_unit(0, 10, changes, 1000, size * 3);
+        assert!(chunks.iter().all(|c| c.changes.len() <= 3));
+    }
+}
