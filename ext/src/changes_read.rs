@@ -89,7 +89,7 @@ fn read_sql(t: &TableInfo) -> String {
             .collect::<Vec<_>>()
             .join(" AND ");
     format!(
-        "SELECT {} FROM {clock} AS k LEFT JOIN {} AS b ON {join} WHERE k.{DBV} > ?1 AND k.{DBV} <= ?2",
+        "SELECT {} FROM {clock} AS k LEFT JOIN {} AS b ON {join} WHERE k.{DBV} > ?1",
         cols.join(", "),
         quote(&t.name)
     )
@@ -105,7 +105,9 @@ pub fn read_table(
 ) -> Result<()> {
     let mut s = conn.prepare(&read_sql(t))?;
     s.reset();
-    s.bind_all(&[Value::Integer(f.after), Value::Integer(f.up_to)])?;
+    // Only the lower bound can narrow rows: a row whose newest change is past `up_to` may
+    // still hold older changes inside the window.
+    s.bind_all(&[Value::Integer(f.after)])?;
     let table: Rc<str> = Rc::from(t.name.as_str());
     let npk = t.pk.len();
     let cids: Vec<Rc<str>> = t

@@ -34,6 +34,7 @@ struct TableStmts {
     read: HashMap<usize, Stmt>,
     set_column: HashMap<usize, Stmt>,
     update_base: HashMap<usize, Stmt>,
+    replace_with_column: HashMap<usize, Stmt>,
     set_sentinel: Option<Stmt>,
     new_life: Option<Stmt>,
     insert_base: Option<Stmt>,
@@ -105,6 +106,7 @@ impl Merger {
                 read: HashMap::new(),
                 set_column: HashMap::new(),
                 update_base: HashMap::new(),
+                replace_with_column: HashMap::new(),
                 set_sentinel: None,
                 new_life: None,
                 insert_base: None,
@@ -228,12 +230,13 @@ impl Merger {
         match (step, col) {
             (RowStep::Stale, _) => return Ok(false),
             (RowStep::Delete, _) => {
-                plan.delete_base = local.base_exists;
+                if local.base_exists {
+                    plan.base = BaseWrite::Delete;
+                }
                 plan.life = Some(Some((site_ord, origin)));
             }
             (RowStep::NewLife, _) => {
-                plan.delete_base = local.base_exists;
-                plan.insert_base = true;
+                plan.base = BaseWrite::Replace;
                 // The row's own clock is credited only by the change that set it; a column
                 // change that reveals a new life leaves the credit open until it arrives.
                 plan.life = Some(if col.is_none() {
@@ -241,7 +244,7 @@ impl Merger {
                 } else {
                     None
                 });
-                plan.column = col.map(|_| true);
+                plan.column_clock = col.is_some();
             }
             (RowStep::SameLife, None) => {
                 let local_site = local.sentinel_site.and_then(|o| self.sites_id(conn, o));
@@ -265,17 +268,19 @@ impl Merger {
                     value: &ch.val,
                     site: Some(&ch.site_id),
                 };
+                plan.column_clock = true;
                 match merge::column_step(&l, &i) {
                     ColumnStep::Keep => return Ok(false),
-                    ColumnStep::Take => plan.column = Some(true),
-                    ColumnStep::TakeEqualValue => plan.column = Some(equal_values),
+                    ColumnStep::Take => plan.base = BaseWrite::Update,
+                    ColumnStep::TakeEqualValue if equal_values => plan.base = BaseWrite::Update,
+                    ColumnStep::TakeEqualValue => {}
                 }
             }
         }
 
         // Write: one new local change number for this change.
         let new_dbv = db_version + 1;
-        let touches_base = plan.delete_base || plan.insert_base || plan.column == Some(true);
+        let touches_base = plan.base != BaseWrite::None;
         let set_flag = touches_base && !merging;
         {
             let s = stmt(&mut self.state_write, conn, || {
@@ -286,7 +291,18 @@ impl Merger {
                 Value::Integer(i64::from(merging || set_flag)),
             ])?;
         }
-        let result = self.write(conn, &ch, &keys, col, &plan, site_ord, origin, new_dbv);
+        // SQLite cannot open a savepoint while the INSERT runs, so atomicity comes from the
+        // order: each change makes at most one base-table statement (atomic by itself),
+        // before any clock write; if it fails, the counter and flag are put back.
+        if let Err(e) = self.write_base(conn, &ch, &keys, col, &plan) {
+            let s = stmt(&mut self.state_write, conn, || String::new())?;
+            s.execute(&[
+                Value::Integer(db_version),
+                Value::Integer(i64::from(merging)),
+            ])?;
+            return Err(e);
+        }
+        let result = self.write_clock(conn, &ch, &keys, col, &plan, site_ord, origin, new_dbv);
         if set_flag {
             let s = stmt(&mut self.flag_clear, conn, || {
                 "UPDATE patina_state SET merging = 0 WHERE id = 0".into()
@@ -304,8 +320,75 @@ impl Merger {
         self.sites.id(ord).map(<[u8]>::to_vec)
     }
 
+    /// The one base-table statement of a change, if any.
+    fn write_base(
+        &mut self,
+        conn: Conn,
+        ch: &Incoming,
+        keys: &[Value],
+        col: Option<usize>,
+        plan: &Plan,
+    ) -> Result<()> {
+        let (info, st) = self.table(conn, &ch.table)?;
+        let npk = keys.len();
+        let mut params = keys.to_vec();
+        match (plan.base, col) {
+            (BaseWrite::None, _) => Ok(()),
+            (BaseWrite::Delete, _) => {
+                let s = stmt(&mut st.delete_base, conn, || {
+                    format!(
+                        "DELETE FROM {} WHERE {}",
+                        quote(&info.name),
+                        key_where(info, 1)
+                    )
+                })?;
+                s.execute(keys)
+            }
+            (BaseWrite::Replace, None) => {
+                let s = stmt(&mut st.insert_base, conn, || {
+                    let params: Vec<String> = (1..=npk).map(|i| format!("?{i}")).collect();
+                    format!(
+                        "INSERT OR REPLACE INTO {} ({}) VALUES ({})",
+                        quote(&info.name),
+                        crate::triggers::pk_list(info, ""),
+                        params.join(", ")
+                    )
+                })?;
+                s.execute(keys)
+            }
+            (BaseWrite::Replace, Some(i)) => {
+                let s = keyed(&mut st.replace_with_column, i, conn, || {
+                    let params: Vec<String> = (1..=npk + 1).map(|i| format!("?{i}")).collect();
+                    format!(
+                        "INSERT OR REPLACE INTO {} ({}, {}) VALUES ({})",
+                        quote(&info.name),
+                        crate::triggers::pk_list(info, ""),
+                        quote(&info.columns[i].name),
+                        params.join(", ")
+                    )
+                })?;
+                params.push(ch.val.clone());
+                s.execute(&params)
+            }
+            (BaseWrite::Update, Some(i)) => {
+                let s = keyed(&mut st.update_base, i, conn, || {
+                    format!(
+                        "UPDATE {} SET {} = ?{} WHERE {}",
+                        quote(&info.name),
+                        quote(&info.columns[i].name),
+                        npk + 1,
+                        key_where(info, 1)
+                    )
+                })?;
+                params.push(ch.val.clone());
+                s.execute(&params)
+            }
+            (BaseWrite::Update, None) => Ok(()),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
-    fn write(
+    fn write_clock(
         &mut self,
         conn: Conn,
         ch: &Incoming,
@@ -318,28 +401,6 @@ impl Merger {
     ) -> Result<()> {
         let (info, st) = self.table(conn, &ch.table)?;
         let npk = keys.len();
-        if plan.delete_base {
-            let s = stmt(&mut st.delete_base, conn, || {
-                format!(
-                    "DELETE FROM {} WHERE {}",
-                    quote(&info.name),
-                    key_where(info, 1)
-                )
-            })?;
-            s.execute(keys)?;
-        }
-        if plan.insert_base {
-            let s = stmt(&mut st.insert_base, conn, || {
-                let params: Vec<String> = (1..=npk).map(|i| format!("?{i}")).collect();
-                format!(
-                    "INSERT INTO {} ({}) VALUES ({})",
-                    quote(&info.name),
-                    crate::triggers::pk_list(info, ""),
-                    params.join(", ")
-                )
-            })?;
-            s.execute(keys)?;
-        }
         if let Some(life) = plan.life {
             let s = stmt(&mut st.new_life, conn, || new_life_sql(info))?;
             let (s_site, s_ov, s_dbv) = match life {
@@ -379,21 +440,7 @@ impl Merger {
             ]);
             s.execute(&params)?;
         }
-        if let (Some(i), Some(write_base)) = (col, plan.column) {
-            if write_base {
-                let s = keyed(&mut st.update_base, i, conn, || {
-                    format!(
-                        "UPDATE {} SET {} = ?{} WHERE {}",
-                        quote(&info.name),
-                        quote(&info.columns[i].name),
-                        npk + 1,
-                        key_where(info, 1)
-                    )
-                })?;
-                let mut params = keys.to_vec();
-                params.push(ch.val.clone());
-                s.execute(&params)?;
-            }
+        if let (Some(i), true) = (col, plan.column_clock) {
             let s = keyed(&mut st.set_column, i, conn, || {
                 let [v, d, si, ov] = col_clock(&info.columns[i].name).map(|x| quote(&x));
                 format!(
@@ -428,18 +475,29 @@ struct LocalRow {
     value: Value,
 }
 
+/// The base-table statement of a change.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum BaseWrite {
+    #[default]
+    None,
+    Delete,
+    /// A new life: the row restarts from its defaults (plus the incoming column, if any).
+    Replace,
+    /// The column's new value.
+    Update,
+}
+
 /// What one change writes.
 #[derive(Default)]
 struct Plan {
-    delete_base: bool,
-    insert_base: bool,
+    base: BaseWrite,
     /// Set the row's life: `Some(Some((site, origin)))` credits it, `Some(None)` leaves
     /// the credit open; column clocks restart either way.
     life: Option<Option<(i64, i64)>>,
     /// Credit the row's own clock to the incoming site (same life).
     sentinel: bool,
-    /// Write the column's clock; `Some(true)` also writes the base value.
-    column: Option<bool>,
+    /// Write the column's clock.
+    column_clock: bool,
 }
 
 /// One row always: the local clock of the key (NULLs when unknown), whether the base row

@@ -1,0 +1,147 @@
+//! Fixtures: connections to real database files with the built `libpatina.so` loaded
+//! (and connections that load nothing, like an existing app).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::types::Value;
+use rusqlite::Connection;
+
+/// `target/<profile>/libpatina.so`, beside the `deps/` folder the test binary runs from.
+pub fn ext_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let so = dir.join("libpatina.so");
+    assert!(
+        so.exists(),
+        "{} missing: run `cargo build -p patina` first",
+        so.display()
+    );
+    so
+}
+
+/// Opens `path` with the extension loaded (WAL, busy timeout).
+pub fn open(path: &Path) -> Connection {
+    let c = open_plain(path);
+    unsafe {
+        c.load_extension_enable().expect("enable");
+        c.load_extension(ext_path(), Some("sqlite3_patina_init"))
+            .expect("load libpatina");
+        c.load_extension_disable().expect("disable");
+    }
+    c
+}
+
+/// Opens `path` without loading anything: the app that knows nothing of patina.
+pub fn open_plain(path: &Path) -> Connection {
+    let c = Connection::open(path).expect("open");
+    c.busy_timeout(std::time::Duration::from_secs(5))
+        .expect("busy timeout");
+    c.pragma_update(None, "journal_mode", "WAL").expect("wal");
+    c
+}
+
+pub fn memory() -> Connection {
+    let c = Connection::open_in_memory().expect("open");
+    unsafe {
+        c.load_extension_enable().expect("enable");
+        c.load_extension(ext_path(), Some("sqlite3_patina_init"))
+            .expect("load libpatina");
+    }
+    c
+}
+
+/// One change row: (table, pk, cid, val, col_version, db_version, site_id, cl, seq, origin_version).
+pub type ChangeRow = (
+    String,
+    Vec<u8>,
+    String,
+    Value,
+    i64,
+    i64,
+    Vec<u8>,
+    i64,
+    i64,
+    i64,
+);
+
+pub fn changes_after(c: &Connection, after: i64) -> Vec<ChangeRow> {
+    let mut s = c
+        .prepare(
+            "SELECT \"table\", pk, cid, val, col_version, db_version, site_id, cl, seq, origin_version \
+             FROM crsql_changes WHERE db_version > ?1",
+        )
+        .expect("prepare feed");
+    let rows = s
+        .query_map([after], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+            ))
+        })
+        .expect("query feed");
+    rows.map(|r| r.expect("row")).collect()
+}
+
+/// Merges `changes` into `c` through `INSERT INTO crsql_changes`, one statement each.
+pub fn merge(c: &Connection, changes: &[ChangeRow]) {
+    let mut s = c
+        .prepare_cached(
+            "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq, origin_version) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .expect("prepare merge");
+    for ch in changes {
+        s.execute(rusqlite::params![
+            ch.0, ch.1, ch.2, ch.3, ch.4, ch.5, ch.6, ch.7, ch.8, ch.9
+        ])
+        .expect("merge");
+    }
+}
+
+/// The replica state that must converge: every change row on the columns that are not
+/// local numbers, sorted.
+pub fn converging_state(
+    c: &Connection,
+) -> Vec<(String, Vec<u8>, String, String, i64, i64, Vec<u8>)> {
+    let mut v: Vec<_> = changes_after(c, i64::MIN)
+        .into_iter()
+        .map(|(t, pk, cid, val, cv, _, site, cl, _, _)| {
+            (t, pk, cid, format!("{val:?}"), cv, cl, site)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A canonical dump of a table: every row, every column, sorted by the primary key.
+pub fn dump(c: &Connection, table: &str, order_by: &str) -> Vec<Vec<String>> {
+    let mut s = c
+        .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY {order_by}"))
+        .expect("dump");
+    let n = s.column_count();
+    let rows = s
+        .query_map([], |r| {
+            Ok((0..n)
+                .map(|i| format!("{:?}", r.get::<_, Value>(i).expect("value")))
+                .collect::<Vec<_>>())
+        })
+        .expect("dump rows");
+    rows.map(|r| r.expect("row")).collect()
+}
+
+pub fn one<T: rusqlite::types::FromSql>(c: &Connection, sql: &str) -> T {
+    c.query_row(sql, [], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
