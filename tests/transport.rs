@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use patina_sidecar::cli::tls::{generate, CertKind};
 use patina_sidecar::cli::TlsGenerateArgs;
+use patina_sidecar::membership::{MemberId, Membership};
 use patina_sidecar::net::{Channel, Incoming, NetConfig, TlsFiles, Transport, DEFAULT_MAX_FRAME};
 use tokio::sync::mpsc::Receiver;
 
@@ -332,4 +333,83 @@ async fn hostile_frames_are_refused_and_the_node_keeps_serving() {
         a.frames_rejected() >= 7
     })
     .await;
+}
+
+/// A node as the agent wires it: datagrams go to membership.
+async fn member(i: u8, bootstrap: Vec<SocketAddr>) -> (Transport, Membership) {
+    let (t, mut rx) = Transport::bind(cfg(3, None)).await.unwrap();
+    let me = MemberId {
+        addr: t.local_addr(),
+        site_id: [i; 16],
+        incarnation: 1,
+    };
+    let m = Membership::start(t.clone(), me, bootstrap);
+    let forward = m.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if let Incoming::Datagram { from, payload } = msg {
+                forward.handle_datagram(from, payload);
+            }
+        }
+    });
+    (t, m)
+}
+
+fn peer_addrs(m: &Membership) -> Vec<SocketAddr> {
+    m.alive_peers().into_iter().map(|p| p.addr).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_converge_and_see_a_leave() {
+    init_logs();
+    let (t0, m0) = member(1, vec![]).await;
+    let (t1, m1) = member(2, vec![t0.local_addr()]).await;
+    let (t2, m2) = member(3, vec![t0.local_addr()]).await;
+    let mut watch0 = m0.watch();
+    let nodes = [(&t0, &m0), (&t1, &m1), (&t2, &m2)];
+
+    wait_for("every member to see the two others", || {
+        nodes.iter().all(|(_, m)| m.alive_peers().len() == 2)
+    })
+    .await;
+    for (t, m) in nodes {
+        let mut want: Vec<SocketAddr> = [&t0, &t1, &t2]
+            .iter()
+            .map(|x| x.local_addr())
+            .filter(|a| *a != t.local_addr())
+            .collect();
+        want.sort();
+        assert_eq!(peer_addrs(m), want);
+    }
+    assert!(
+        watch0.has_changed().unwrap(),
+        "watch reports the alive set changing"
+    );
+    assert_eq!(watch0.borrow_and_update().len(), 2);
+    let info = m0.members();
+    assert_eq!(info.len(), 2);
+    assert!(info.iter().all(|i| i.state == "alive"));
+    assert!(info
+        .iter()
+        .any(|i| i.addr == t1.local_addr().to_string() && i.site_id == hex::encode([2u8; 16])));
+
+    m2.leave().await;
+    let gone = t2.local_addr();
+    wait_for("the others to drop the member that left", || {
+        !peer_addrs(&m0).contains(&gone) && !peer_addrs(&m1).contains(&gone)
+    })
+    .await;
+    assert_eq!(peer_addrs(&m0), vec![t1.local_addr()]);
+    assert_eq!(peer_addrs(&m1), vec![t0.local_addr()]);
+    let left = m0
+        .members()
+        .into_iter()
+        .find(|i| i.addr == gone.to_string());
+    assert!(
+        left.iter().all(|i| i.state == "down"),
+        "a member that left is down or forgotten"
+    );
+    for t in [t0, t1, t2] {
+        t.close().await;
+    }
 }
