@@ -1,8 +1,32 @@
-//! `patina exec` (API helper fills this in).
+//! `patina exec SQL`: runs statements on a node in one transaction (`POST /sql`).
 
+use super::client::{cell, table, Client};
 use super::ExecArgs;
 
 /// Runs `patina exec`.
-pub fn run(_args: ExecArgs) -> anyhow::Result<()> {
-    anyhow::bail!("patina exec: not implemented yet")
+pub fn run(args: ExecArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client);
+    let v = client.json(
+        "POST",
+        "/sql",
+        Some(("application/sql", args.sql.as_bytes())),
+    )?;
+    if let (Some(cols), Some(rows)) = (v["columns"].as_array(), v["rows"].as_array()) {
+        let columns: Vec<String> = cols.iter().map(cell).collect();
+        let rows: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .map(|r| r.iter().map(cell).collect())
+                    .unwrap_or_default()
+            })
+            .collect();
+        print!("{}", table(&columns, &rows));
+    }
+    println!(
+        "rows_affected: {}, version: {}",
+        v["rows_affected"],
+        cell(&v["version"])
+    );
+    Ok(())
 }

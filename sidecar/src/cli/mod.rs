@@ -12,6 +12,7 @@ use crate::config::Synchronous;
 
 pub mod agent;
 pub mod backup;
+pub mod client;
 pub mod demo;
 pub mod exec;
 pub mod members;
@@ -162,6 +163,9 @@ pub struct ExecArgs {
 pub struct QueryArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Print `{"columns": [...], "rows": [[...]]}` instead of a table.
+    #[arg(long)]
+    pub json: bool,
     /// A read-only query.
     pub sql: String,
 }

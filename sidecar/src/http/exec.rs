@@ -28,8 +28,13 @@ pub struct StmtResult {
 }
 
 /// Maps a SQLite error, naming the authorizer's reason when it refused the statement.
+/// SQLite reports some refusals (a denied function) as a plain error, so a recorded denial
+/// decides: it is a 403 whatever the error code.
 pub fn sql_error(err: rusqlite::Error, auth: &AuthState) -> HttpError {
-    HttpError::from_sqlite(err, auth.take_denial())
+    match auth.take_denial() {
+        Some(reason) => HttpError::Forbidden(reason),
+        None => HttpError::from_sqlite(err, None),
+    }
 }
 
 /// Runs every statement of every spec in order, collecting one [`StmtResult`] per SQL

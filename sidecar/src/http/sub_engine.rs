@@ -223,7 +223,7 @@ impl SubEngine {
             let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
             let key_cols = api.auth.trusted(|| key_columns(&api.conn, &stmt));
             let result = evaluate(&mut stmt, key_cols.as_deref())
-                .map_err(|e| HttpError::from_sqlite(e, api.auth.take_denial()))?;
+                .map_err(|e| super::exec::sql_error(e, &api.auth))?;
             (columns, key_cols, result)
         };
         let id = new_id();
