@@ -413,3 +413,48 @@ async fn three_members_converge_and_see_a_leave() {
         t.close().await;
     }
 }
+
+/// Not a test: prints per-call costs (`cargo test --test transport measure -- --ignored
+/// --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_transport_costs() {
+    let (a, _rx_a) = Transport::bind(cfg(5, None)).await.unwrap();
+    let (b, mut rx_b) = Transport::bind(cfg(5, None)).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = rx_b.recv().await {
+            if let Incoming::Request { reply, payload, .. } = m {
+                let _ = reply.send(payload);
+            }
+        }
+    });
+    a.send(b.local_addr(), Channel::Sync, vec![0; 10])
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for _ in 0..100 {
+        a.send(b.local_addr(), Channel::Sync, vec![0; 100])
+            .await
+            .unwrap();
+    }
+    eprintln!("send: {:?} per message", t.elapsed() / 100);
+    let t = Instant::now();
+    for _ in 0..100 {
+        a.request(b.local_addr(), Channel::Sync, vec![0; 100], WAIT)
+            .await
+            .unwrap();
+    }
+    eprintln!("request: {:?} per request", t.elapsed() / 100);
+    let t = Instant::now();
+    for _ in 0..1000 {
+        a.send_datagram(b.local_addr(), vec![0; 100]).await.unwrap();
+    }
+    eprintln!("datagram: {:?} per datagram", t.elapsed() / 1000);
+    let t = Instant::now();
+    for _ in 0..5 {
+        a.send(b.local_addr(), Channel::Sync, vec![0; 8 << 20])
+            .await
+            .unwrap();
+    }
+    eprintln!("bulk: {:.0} MB/s", 40.0 / t.elapsed().as_secs_f64());
+}
