@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use patina_sidecar::cli::tls::{generate, CertKind};
 use patina_sidecar::cli::TlsGenerateArgs;
 use patina_sidecar::membership::{MemberId, Membership};
-use patina_sidecar::net::{Channel, Incoming, NetConfig, TlsFiles, Transport, DEFAULT_MAX_FRAME};
+use patina_sidecar::net::{
+    Channel, Incoming, NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME,
+};
 use tokio::sync::mpsc::Receiver;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -167,7 +169,7 @@ async fn exchange_unauthenticated_loopback() {
     b.close().await;
     assert!(matches!(
         a.send(b.local_addr(), Channel::Sync, vec![1]).await,
-        Err(patina_sidecar::net::NetError::Closed)
+        Err(NetError::Closed)
     ));
 }
 
@@ -326,7 +328,7 @@ async fn hostile_frames_are_refused_and_the_node_keeps_serving() {
     let too_big = vec![0u8; 2 << 20];
     let refused = good.send(to, Channel::Sync, too_big).await;
     assert!(
-        matches!(refused, Err(patina_sidecar::net::NetError::Refused { .. })),
+        matches!(refused, Err(NetError::Refused { .. })),
         "{refused:?}"
     );
     wait_for("the oversized message to be counted", || {
@@ -412,6 +414,62 @@ async fn three_members_converge_and_see_a_leave() {
     for t in [t0, t1, t2] {
         t.close().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_requests_fail_cleanly() {
+    init_logs();
+    let (a, _rx_a) = Transport::bind(cfg(5, None)).await.unwrap();
+    let (b, mut rx_b) = Transport::bind(cfg(5, None)).await.unwrap();
+    let to = b.local_addr();
+    // The application drops the reply: the caller is told, not left hanging.
+    let drop_it = async {
+        match next(&mut rx_b).await {
+            Incoming::Request { reply, .. } => drop(reply),
+            other => panic!("expected a request, got {other:?}"),
+        }
+    };
+    let (res, ()) = tokio::join!(a.request(to, Channel::Sync, b"q".to_vec(), WAIT), drop_it);
+    assert!(matches!(res, Err(NetError::Refused { .. })), "{res:?}");
+    // The application holds the reply too long: the caller's timeout fires.
+    let res = a
+        .request(to, Channel::Sync, b"q".to_vec(), Duration::from_millis(300))
+        .await;
+    assert!(matches!(res, Err(NetError::Timeout { .. })), "{res:?}");
+    let held = next(&mut rx_b).await;
+    // Answering late is harmless.
+    if let Incoming::Request { reply, .. } = held {
+        let _ = reply.send(b"late".to_vec());
+    }
+    // A peer that is not there: a clear connect error naming it.
+    let (gone, _rx) = Transport::bind(cfg(5, None)).await.unwrap();
+    let gone_addr = gone.local_addr();
+    gone.close().await;
+    let res = a.send(gone_addr, Channel::Sync, b"x".to_vec()).await;
+    match res {
+        Err(e @ NetError::Connect { .. }) => {
+            assert!(e.to_string().contains(&gone_addr.to_string()), "{e}")
+        }
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_claiming_our_site_id_is_refused() {
+    init_logs();
+    let (t0, m0) = member(7, vec![]).await;
+    // A copy of node 0's database file on another node: same site id, other address.
+    let (_t1, m1) = member(7, vec![t0.local_addr()]).await;
+    let (t2, _m2) = member(8, vec![t0.local_addr()]).await;
+    wait_for("node 0 to learn about both", || m0.members().len() == 2).await;
+    wait_for("the honest member to be alive", || {
+        peer_addrs(&m0) == vec![t2.local_addr()]
+    })
+    .await;
+    assert!(
+        !peer_addrs(&m1).contains(&t0.local_addr()),
+        "the copy refuses the original too"
+    );
 }
 
 /// Not a test: prints per-call costs (`cargo test --test transport measure -- --ignored

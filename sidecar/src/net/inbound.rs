@@ -118,6 +118,9 @@ pub(super) fn log_handshake_failure(
 ) {
     use quinn::ConnectionError as E;
     match e {
+        E::ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED => {
+            tracing::debug!(%peer, error = %e, "peer {peer} is not accepting connections (shutting down?)");
+        }
         E::TimedOut | E::LocallyClosed | E::Reset => {
             tracing::debug!(%peer, error = %e, "{dir} connection with peer {peer} failed");
         }
