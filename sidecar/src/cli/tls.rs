@@ -53,11 +53,10 @@ pub enum TlsGenError {
     /// The output exists and `--force` was not given; nothing was written.
     #[error("{} already exists (use --force to overwrite)", .0.display())]
     Exists(PathBuf),
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The CA certificate or key cannot be used to sign; nothing was written.
     #[error("CA file {}: {reason}", path.display())]
@@ -103,9 +102,9 @@ pub fn generate(kind: CertKind, args: &TlsGenerateArgs) -> Result<Written, TlsGe
             leaf.pem()
         }
     };
-    fs::create_dir_all(&args.out_dir).map_err(|source| TlsGenError::Io {
+    fs::create_dir_all(&args.out_dir).map_err(|error| TlsGenError::Io {
         path: args.out_dir.clone(),
-        source,
+        error,
     })?;
     write_file(&out.cert, cert_pem.as_bytes(), 0o644)?;
     write_file(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
@@ -166,9 +165,9 @@ fn load_issuer(
         path: path.to_path_buf(),
         reason,
     };
-    let key_pem = fs::read_to_string(ca_key).map_err(|source| TlsGenError::Io {
+    let key_pem = fs::read_to_string(ca_key).map_err(|error| TlsGenError::Io {
         path: ca_key.to_path_buf(),
-        source,
+        error,
     })?;
     let key = KeyPair::from_pem(&key_pem).map_err(|e| ca_err(ca_key, e.to_string()))?;
     let der = read_cert_der(ca_cert)?;
@@ -197,9 +196,9 @@ fn load_issuer(
 }
 
 fn read_cert_der(path: &Path) -> Result<CertificateDer<'static>, TlsGenError> {
-    let pem = fs::read(path).map_err(|source| TlsGenError::Io {
+    let pem = fs::read(path).map_err(|error| TlsGenError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let first = rustls_pemfile::certs(&mut pem.as_slice()).next();
     first
@@ -256,9 +255,9 @@ fn first_common_name(der: &[u8]) -> Option<String> {
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsGenError> {
-    let io = |source| TlsGenError::Io {
+    let io = |error| TlsGenError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut f = OpenOptions::new()
         .write(true)

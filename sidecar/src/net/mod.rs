@@ -89,11 +89,10 @@ pub enum Incoming {
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// Binding the UDP socket failed; no transport exists.
-    #[error("cannot bind QUIC endpoint on {addr}: {source}")]
+    #[error("cannot bind QUIC endpoint on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A TLS file could not be read or used; no transport exists.
     #[error("TLS file {}: {reason}", file.display())]
@@ -147,6 +146,10 @@ pub(crate) struct Inner {
 }
 
 /// The QUIC transport. Cheap to clone.
+///
+/// Its accept and connection tasks hold the endpoint, so it lives until [`Transport::close`];
+/// the [`Incoming`] channel stays open while any handle exists (select on shutdown rather
+/// than waiting for it to close).
 #[derive(Clone)]
 pub struct Transport {
     inner: Arc<Inner>,
@@ -158,14 +161,14 @@ impl Transport {
     pub async fn bind(cfg: NetConfig) -> Result<(Transport, mpsc::Receiver<Incoming>), NetError> {
         let tls = tls::configure(cfg.tls.as_ref())?;
         let mut endpoint =
-            quinn::Endpoint::server(tls.server, cfg.bind).map_err(|source| NetError::Bind {
+            quinn::Endpoint::server(tls.server, cfg.bind).map_err(|error| NetError::Bind {
                 addr: cfg.bind,
-                source,
+                error,
             })?;
         endpoint.set_default_client_config(tls.client);
-        let local_addr = endpoint.local_addr().map_err(|source| NetError::Bind {
+        let local_addr = endpoint.local_addr().map_err(|error| NetError::Bind {
             addr: cfg.bind,
-            source,
+            error,
         })?;
         let (tx, rx) = mpsc::channel(INCOMING_DEPTH);
         let inner = Arc::new(Inner {
