@@ -219,3 +219,36 @@ fn partitioned_node_rejoins_after_healing() {
     );
     net.assert_views(seed, &[0, 1, 2], "after healing");
 }
+
+#[test]
+fn restarted_node_replaces_its_old_identity() {
+    for seed in 0..10u64 {
+        let mut net = Network::new(3, seed);
+        net.run_for(Duration::from_secs(10));
+        net.assert_views(seed, &[0, 1, 2], "after join");
+        // Node 2 crashes and restarts at once (before anyone notices) with a fresh
+        // foca and a larger incarnation, as the agent does on start.
+        let me = MemberId {
+            addr: addr(2),
+            site_id: [3; 16],
+            incarnation: 2,
+        };
+        net.events.retain(|_, e| {
+            !matches!(
+                e,
+                Event::Timer { node: 2, .. } | Event::Bootstrap { node: 2 }
+            )
+        });
+        net.nodes[2] = Core::new(me.clone(), vec![addr(0)], config(), seed + 100);
+        net.push(Duration::ZERO, Event::Bootstrap { node: 2 });
+        net.run_for(Duration::from_secs(30));
+        net.assert_views(seed, &[0, 1, 2], "after the restart");
+        for i in 0..2 {
+            let ids = net.nodes[i].alive_peers();
+            assert!(
+                ids.contains(&me),
+                "seed {seed}: node {i} still has the old life: {ids:?}"
+            );
+        }
+    }
+}
