@@ -1,0 +1,216 @@
+//! The sync driver: the one task that owns the [`Sync`] state machine and performs its
+//! effects against the transport, the feed reader and the apply thread.
+//!
+//! Everything that reaches the state machine passes through this loop — peer messages,
+//! local units from the tailer, commit confirmations from the apply thread, the clock,
+//! membership changes — so the machine itself needs no locks and no I/O.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::TrySendError;
+use rusqlite::Connection;
+use tokio::sync::{mpsc, watch};
+
+use crate::db::apply::Applied;
+use crate::db::feed::{self, ChunkLimits};
+use crate::db::tail::Unit;
+use crate::membership::Membership;
+use crate::net::{Channel, Incoming, Transport};
+use crate::node::NodeShared;
+use crate::sync::{ApplyJob, Effect, Msg, Sync};
+
+/// Outgoing messages queued per peer; a slow peer loses pushes (anti-entropy recovers
+/// them), never blocks the others.
+const PEER_QUEUE: usize = 256;
+
+/// Everything the driver works with.
+pub struct Driver {
+    pub sync: Sync,
+    pub transport: Transport,
+    pub membership: Membership,
+    pub incoming: mpsc::Receiver<Incoming>,
+    pub units: mpsc::Receiver<Unit>,
+    pub applied: mpsc::UnboundedReceiver<Applied>,
+    pub apply_tx: crossbeam_channel::Sender<ApplyJob>,
+    /// The read connection that serves pulls.
+    pub reader: Arc<Mutex<Connection>>,
+    pub limits: ChunkLimits,
+    pub shared: Arc<NodeShared>,
+    pub epoch: Instant,
+}
+
+impl Driver {
+    /// Runs until `stop` turns true.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+        let mut membership_tick = tokio::time::interval(Duration::from_millis(250));
+        membership_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = tokio::time::Instant::from_std(self.epoch + self.sync.next_timeout());
+            tokio::select! {
+                _ = stop.changed() => break,
+                inc = self.incoming.recv() => match inc {
+                    Some(inc) => self.on_incoming(inc),
+                    None => break,
+                },
+                Some(unit) = self.units.recv() => {
+                    let n = unit.changes.len() as u64;
+                    self.shared.metrics.changes_broadcast.fetch_add(n, Ordering::Relaxed);
+                    let now = self.now();
+                    self.sync.handle_local_unit(unit.from, unit.to, unit.changes, now);
+                }
+                Some(a) = self.applied.recv() => self.sync.handle_applied(a.peer_site, a.cursor),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = self.now();
+                    self.sync.handle_timer(now);
+                }
+                _ = membership_tick.tick() => self.refresh_members(),
+            }
+            self.perform(&mut peers, &stop).await;
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    fn on_incoming(&mut self, inc: Incoming) {
+        match inc {
+            Incoming::Datagram { from, payload } => self.membership.handle_datagram(from, payload),
+            Incoming::Message {
+                from,
+                channel: Channel::Sync,
+                payload,
+            } => match Msg::decode(&payload) {
+                Ok(msg) => {
+                    let now = self.now();
+                    self.sync.handle_message(from, msg, now);
+                }
+                Err(e) => {
+                    self.shared
+                        .metrics
+                        .frames_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %from, "undecodable sync message from {from}: {e}");
+                }
+            },
+            Incoming::Message {
+                from,
+                channel: Channel::Swim,
+                payload,
+            } => self.membership.handle_datagram(from, payload),
+            // Pulls travel as messages both ways; a request here is a peer of another
+            // version: dropping `reply` resets its stream, which it reports.
+            Incoming::Request { from, .. } => {
+                tracing::debug!(peer = %from, "ignoring a sync request (unsupported)");
+            }
+        }
+    }
+
+    fn refresh_members(&mut self) {
+        let alive = self.membership.alive_peers();
+        let now = self.now();
+        self.sync
+            .set_peers(alive.iter().map(|m| (m.addr, m.site_id)), now);
+        let members = self.membership.members();
+        if let Ok(mut m) = self.shared.members.write() {
+            *m = members;
+        }
+    }
+
+    /// Performs every pending effect. Applying waits for room in the apply queue: while it
+    /// is full this loop stops reading the network, which pushes back on the peers.
+    async fn perform(
+        &mut self,
+        peers: &mut HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        while let Some(effect) = self.sync.poll_effect() {
+            match effect {
+                Effect::Send { to, msg } => {
+                    let tx = peer_sender(peers, &self.transport, to);
+                    if tx.try_send(msg.encode()).is_err() {
+                        tracing::debug!(peer = %to, "peer queue full; message dropped (anti-entropy recovers)");
+                    }
+                }
+                Effect::Serve {
+                    to,
+                    after,
+                    unit,
+                    exclude,
+                } => {
+                    let tx = peer_sender(peers, &self.transport, to);
+                    let reader = self.reader.clone();
+                    let limits = self.limits;
+                    let site = self.sync.site();
+                    tokio::task::spawn_blocking(move || {
+                        let chunk = {
+                            let Ok(mut conn) = reader.lock() else { return };
+                            feed::serve_pull(&mut conn, after, unit, &exclude, limits)
+                        };
+                        match chunk {
+                            Ok(chunk) => {
+                                let _ = tx.blocking_send(Msg::Changes { site, chunk }.encode());
+                            }
+                            Err(e) => {
+                                tracing::warn!(peer = %to, "cannot serve a pull after {after}: {e}")
+                            }
+                        }
+                    });
+                }
+                Effect::Apply(job) => {
+                    let mut job = job;
+                    loop {
+                        match self.apply_tx.try_send(job) {
+                            Ok(()) => break,
+                            Err(TrySendError::Full(j)) => {
+                                job = j;
+                                if *stop.borrow() {
+                                    return;
+                                }
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                            Err(TrySendError::Disconnected(_)) => return,
+                        }
+                    }
+                    self.shared
+                        .metrics
+                        .apply_queue_depth
+                        .store(self.apply_tx.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        self.shared
+            .metrics
+            .sync_rounds
+            .store(self.sync.stats().pulls_sent, Ordering::Relaxed);
+    }
+}
+
+/// The sender task of one peer: sends in order, one at a time.
+fn peer_sender(
+    peers: &mut HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    transport: &Transport,
+    to: SocketAddr,
+) -> mpsc::Sender<Vec<u8>> {
+    if let Some(tx) = peers.get(&to) {
+        if !tx.is_closed() {
+            return tx.clone();
+        }
+    }
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
+    let transport = transport.clone();
+    tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if let Err(e) = transport.send(to, Channel::Sync, bytes).await {
+                tracing::debug!(peer = %to, "sync send failed: {e}");
+            }
+        }
+    });
+    peers.insert(to, tx.clone());
+    tx
+}

@@ -1,0 +1,307 @@
+//! A running node: wires the database threads, the transport, membership, the sync driver
+//! and the HTTP API together, and takes them down in order on shutdown.
+//!
+//! # Layout
+//! - `mod.rs`    — [`run`]: validate, open, apply schema, start everything, shut down.
+//! - `driver.rs` — the task that owns the sync state machine and performs its effects.
+
+mod driver;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::config::{Config, ConfigError};
+use crate::db::{self, apply, bookkeeping, feed, schema, tail, DbError};
+use crate::membership::{MemberId, Membership};
+use crate::net::{NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME};
+use crate::node::{Metrics, NodeShared};
+use crate::sync::{Sync, SyncConfig};
+
+/// Remote chunks waiting for the apply thread. Full means the network side stops reading.
+const APPLY_QUEUE: usize = 64;
+
+/// Why a node could not start or stopped abnormally. Each names the thing that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("schema ({paths}): {source}")]
+    Schema {
+        paths: String,
+        source: schema::SchemaError,
+    },
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("cannot resolve gossip.bootstrap entry {entry:?}: {reason}")]
+    Bootstrap { entry: String, reason: String },
+    #[error("cannot bind the HTTP API on {addr}: {source}")]
+    ApiBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP API: {0}")]
+    Http(#[from] crate::http::HttpError),
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Runs a node until `shutdown` resolves, then stops accepting API requests, lets the
+/// apply thread finish its current batch, leaves the cluster and closes the transport.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let insecure = config.validate()?;
+    if insecure {
+        tracing::warn!(
+            gossip = %config.gossip.addr,
+            "gossip is UNAUTHENTICATED: no gossip.tls files are set, so any process that can \
+             reach {} can join and write; set gossip.tls.{{ca_file,cert_file,key_file}} \
+             (see `patina tls`) outside a single machine",
+            config.gossip.addr
+        );
+    }
+    let path = config.db.path.clone();
+    let sql_err = |source| AgentError::Sqlite {
+        path: path.clone(),
+        source,
+    };
+    let ext = db::extension_path(config.db.extension_path.as_deref())?;
+    let level = config.db.synchronous;
+    let mut setup = db::open(&path, &ext, level)?;
+    bookkeeping::ensure(&setup).map_err(sql_err)?;
+    let tables = schema::apply(&mut setup, &config.db.schema_paths).map_err(|source| {
+        AgentError::Schema {
+            paths: schema::describe(&config.db.schema_paths),
+            source,
+        }
+    })?;
+    let site = feed::site_id(&setup).map_err(sql_err)?;
+    let cursors = bookkeeping::load_cursors(&setup).map_err(sql_err)?;
+    let version = feed::db_version(&setup).map_err(sql_err)?;
+    drop(setup);
+    tracing::info!(
+        db = %path.display(),
+        site_id = %hex::encode(site),
+        db_version = version,
+        tables = ?tables,
+        extension = %ext.display(),
+        "database ready"
+    );
+
+    let stop_threads = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::default());
+    let (version_tx, version_rx) = watch::channel(version);
+    let (wake_tx, wake_rx) = crossbeam_channel::bounded::<()>(1);
+    let (unit_tx, unit_rx) = mpsc::channel(16);
+    let tail_thread = tail::spawn(
+        db::open(&path, &ext, level)?,
+        wake_rx,
+        unit_tx,
+        version_tx,
+        stop_threads.clone(),
+    )
+    .map_err(|source| AgentError::Thread {
+        what: "tail",
+        source,
+    })?;
+    let (apply_tx, apply_rx) = crossbeam_channel::bounded(APPLY_QUEUE);
+    let (applied_tx, applied_rx) = mpsc::unbounded_channel();
+    let apply_thread = apply::spawn(
+        db::open(&path, &ext, level)?,
+        apply_rx,
+        applied_tx,
+        metrics.clone(),
+        stop_threads.clone(),
+    )
+    .map_err(|source| AgentError::Thread {
+        what: "apply",
+        source,
+    })?;
+    let reader = Arc::new(Mutex::new(db::open(&path, &ext, level)?));
+
+    let max_frame = DEFAULT_MAX_FRAME;
+    let tls = &config.gossip.tls;
+    let tls = match (&tls.ca_file, &tls.cert_file, &tls.key_file) {
+        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+            ca_file: ca.clone(),
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        }),
+        _ => None,
+    };
+    let (transport, incoming) = Transport::bind(NetConfig {
+        bind: config.gossip.addr,
+        cluster_id: config.gossip.cluster_id,
+        tls,
+        max_frame_bytes: max_frame,
+    })
+    .await?;
+    let bootstrap = resolve_bootstrap(&config.gossip.bootstrap).await?;
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let me = MemberId {
+        addr: transport.local_addr(),
+        site_id: site,
+        incarnation,
+    };
+    let membership = Membership::start(transport.clone(), me, bootstrap);
+
+    let local_write = Arc::new(Notify::new());
+    {
+        // Bridge the API's async poke to the tailer's blocking wait.
+        let local_write = local_write.clone();
+        tokio::spawn(async move {
+            loop {
+                local_write.notified().await;
+                let _ = wake_tx.try_send(());
+            }
+        });
+    }
+    let reload_paths = config.db.schema_paths.clone();
+    let (reload_db, reload_ext) = (path.clone(), ext.clone());
+    let reload: Arc<dyn Fn() -> Result<Vec<String>, String> + Send + std::marker::Sync> =
+        Arc::new(move || {
+            let mut conn = db::open(&reload_db, &reload_ext, level).map_err(|e| e.to_string())?;
+            schema::apply(&mut conn, &reload_paths).map_err(|e| e.to_string())
+        });
+    let shared = Arc::new(NodeShared {
+        db_path: path.clone(),
+        extension_path: ext.clone(),
+        site_id_hex: hex::encode(site),
+        db_version: version_rx,
+        local_write,
+        members: Arc::new(RwLock::new(Vec::new())),
+        metrics: metrics.clone(),
+        schema_paths: config.db.schema_paths.clone(),
+        reload,
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.api.addr)
+        .await
+        .map_err(|source| AgentError::ApiBind {
+            addr: config.api.addr,
+            source,
+        })?;
+    let api_addr = listener.local_addr().unwrap_or(config.api.addr);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let api = tokio::spawn(crate::http::serve(
+        listener,
+        shared.clone(),
+        config.api.clone(),
+        api_stop,
+    ));
+
+    let epoch = Instant::now();
+    let sync_config = SyncConfig {
+        max_chunk_bytes: (max_frame / 4).min(4 * 1024 * 1024),
+        ..SyncConfig::default()
+    };
+    let limits = feed::ChunkLimits {
+        max_changes: sync_config.max_chunk_changes,
+        max_bytes: sync_config.max_chunk_bytes,
+    };
+    let sync = Sync::new(
+        site,
+        sync_config,
+        cursors,
+        StdRng::from_entropy(),
+        Duration::ZERO,
+    );
+    let driver = driver::Driver {
+        sync,
+        transport: transport.clone(),
+        membership: membership.clone(),
+        incoming,
+        units: unit_rx,
+        applied: applied_rx,
+        apply_tx,
+        reader,
+        limits,
+        shared: shared.clone(),
+        epoch,
+    };
+    let driver = tokio::spawn(driver.run(stop_rx));
+    tracing::info!(
+        api = %api_addr,
+        gossip = %transport.local_addr(),
+        site_id = %hex::encode(site),
+        "patina node running"
+    );
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        r = &mut Box::pin(wait_api(api)) => {
+            // The API stopped on its own: an error; take the node down with it.
+            stop_threads.store(true, Ordering::SeqCst);
+            let _ = stop_tx.send(true);
+            return r;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = driver.await;
+    stop_threads.store(true, Ordering::SeqCst);
+    // The apply thread finishes its current batch (one transaction) before it exits.
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = apply_thread.join();
+        let _ = tail_thread.join();
+    })
+    .await;
+    membership.leave().await;
+    transport.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_api(
+    api: tokio::task::JoinHandle<Result<(), crate::http::HttpError>>,
+) -> Result<(), AgentError> {
+    match api.await {
+        Ok(r) => r.map_err(AgentError::from),
+        Err(e) => {
+            tracing::error!("HTTP API task failed: {e}");
+            Ok(())
+        }
+    }
+}
+
+async fn resolve_bootstrap(entries: &[String]) -> Result<Vec<SocketAddr>, AgentError> {
+    let mut out = Vec::new();
+    for e in entries {
+        let addrs =
+            tokio::net::lookup_host(e.as_str())
+                .await
+                .map_err(|err| AgentError::Bootstrap {
+                    entry: e.clone(),
+                    reason: err.to_string(),
+                })?;
+        out.extend(addrs.take(1));
+    }
+    Ok(out)
+}
