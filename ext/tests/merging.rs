@@ -344,3 +344,27 @@ fn batched_merge_path_and_feed_filters() {
     );
     let _ = xs;
 }
+
+#[test]
+fn concurrent_deletes_and_resurrections_credit_one_site_everywhere() {
+    let (x, y, z) = (replica(), replica(), replica());
+    x.execute_batch("INSERT INTO t VALUES (1, 'a', 'b')")
+        .unwrap();
+    sync(&x, &y);
+    sync(&x, &z);
+    x.execute_batch("DELETE FROM t WHERE id = 1").unwrap();
+    y.execute_batch("DELETE FROM t WHERE id = 1").unwrap();
+    z.execute_batch("DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (1, 'z', 'z');")
+        .unwrap();
+    // Resurrect concurrently on x and y too (same cl 3 as z).
+    x.execute_batch("INSERT INTO t VALUES (1, 'x', 'x')")
+        .unwrap();
+    y.execute_batch("INSERT INTO t VALUES (1, 'y', 'y')")
+        .unwrap();
+    for (a, b) in [(&x, &y), (&y, &z), (&z, &x), (&y, &x), (&x, &z), (&z, &y)] {
+        sync(a, b);
+    }
+    assert_eq!(converging_state(&x), converging_state(&y));
+    assert_eq!(converging_state(&y), converging_state(&z));
+    assert_eq!(dump(&x, "t", "id"), dump(&z, "t", "id"));
+}

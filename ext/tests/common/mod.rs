@@ -20,6 +20,21 @@ pub fn ext_path() -> PathBuf {
         "{} missing: run `cargo build -p patina` first",
         so.display()
     );
+    // `cargo test` rebuilds the rlib these tests link, not the cdylib they load: refuse a
+    // library older than the sources rather than test stale code.
+    let built = std::fs::metadata(&so)
+        .and_then(|m| m.modified())
+        .expect("mtime of libpatina.so");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for entry in std::fs::read_dir(&src).expect("ext/src").flatten() {
+        let changed = entry.metadata().and_then(|m| m.modified()).expect("mtime");
+        assert!(
+            changed <= built,
+            "{} is older than {}: run `cargo build -p patina` (scripts/test does) before cargo test",
+            so.display(),
+            entry.path().display()
+        );
+    }
     so
 }
 
