@@ -94,7 +94,11 @@ impl Node {
             .arg(self.api.to_string())
             .arg("--gossip-addr")
             .arg(self.gossip.to_string())
-            .env("RUST_LOG", "info,patina_sidecar=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("PATINA_TEST_LOG")
+                    .unwrap_or_else(|_| "info,patina_sidecar=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -303,6 +307,18 @@ fn count_ids(node: &Node, ids: &[i64]) -> usize {
         .count()
 }
 
+/// A counter from the node's `GET /metrics`.
+fn metric(node: &Node, name: &str) -> u64 {
+    let text = ureq::get(&format!("http://{}/metrics", node.api))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
 #[test]
 fn three_nodes_with_concurrent_writers_converge() {
     let nodes = cluster(3);
@@ -327,6 +343,30 @@ fn three_nodes_with_concurrent_writers_converge() {
     let d = wait_converged(&refs, Duration::from_secs(60));
     // 3 nodes × 3 threads × 60 inserts + 150 python inserts + the 20 shared rows.
     assert_eq!(d.rows.len(), 9 * 60 + 150 + 20, "every write is present");
+    // Bandwidth of the per-peer cursor scheme: changes each node received (pushes and
+    // pulls, duplicates included) against the changes it needed (final changes credited
+    // to another site).
+    let mut shipped = 0u64;
+    let mut needed = 0u64;
+    for n in &nodes {
+        shipped += metric(n, "patina_changes_applied_total");
+        let site: Vec<u8> = n
+            .conn()
+            .query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+            .expect("site id");
+        let site = site.iter().map(|b| format!("{b:02X}")).collect::<String>();
+        needed += d.changes.iter().filter(|c| !c.ends_with(&site)).count() as u64;
+    }
+    eprintln!(
+        "bandwidth (3 nodes, cursor scheme): {shipped} changes shipped for {needed} needed \
+         ({:.2}x)",
+        shipped as f64 / needed.max(1) as f64
+    );
+    assert!(shipped >= needed, "fewer changes received than needed");
+    assert!(
+        shipped < 10 * needed,
+        "rebroadcast is not bounded: {shipped} for {needed}"
+    );
     assert!(
         d.rows.iter().any(|r| r.starts_with("9000149|'py'")),
         "python's writes replicated"
@@ -586,6 +626,11 @@ fn latency_probe() {
                 .find(|l| l.starts_with("VmRSS"))
                 .unwrap_or("VmRSS: ?");
             eprintln!("{}: {rss}", n.name);
+        }
+    }
+    if let Ok(dir) = std::env::var("PATINA_PROBE_LOGS") {
+        for n in &nodes {
+            let _ = std::fs::copy(&n.log, Path::new(&dir).join(format!("{}.log", n.name)));
         }
     }
     assert_eq!(lat.len(), 2 * N);

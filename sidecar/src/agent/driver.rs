@@ -87,6 +87,7 @@ impl Driver {
                 payload,
             } => match Msg::decode(&payload) {
                 Ok(msg) => {
+                    tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
                     let now = self.now();
                     self.sync.handle_message(from, msg, now);
                 }

@@ -96,6 +96,12 @@ pub fn spawn(
                         }
                     }
                 };
+                tracing::trace!(
+                    jobs = batch.len(),
+                    changes,
+                    us = started.elapsed().as_micros() as u64,
+                    "apply: batch committed"
+                );
                 metrics.apply_batches.fetch_add(1, Ordering::Relaxed);
                 metrics
                     .apply_latency_us_total

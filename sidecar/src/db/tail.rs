@@ -80,6 +80,7 @@ pub fn spawn(
                             continue;
                         }
                         version.send_replace(to);
+                        tracing::trace!(from = last, to, changes = changes.len(), "tail: unit read");
                         let unit = Unit {
                             from: last,
                             to,
