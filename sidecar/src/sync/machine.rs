@@ -274,10 +274,20 @@ impl Sync {
             .choose_multiple(&mut self.rng, self.config.fanout)
             .copied()
             .collect();
+        // In a cluster no larger than the fanout every origin pushes to every peer itself,
+        // so relaying an alive origin's changes only duplicates them (anti-entropy still
+        // covers a lost push). Larger clusters relay everything: that is the gossip.
+        let direct = targets.len() <= self.config.fanout;
+        let alive_sites: Vec<SiteId> = targets.iter().map(|(_, s)| *s).collect();
         for (addr, site) in chosen {
             let own: Vec<Change> = changes
                 .iter()
                 .filter(|c| c.site_id.as_slice() != site.as_slice())
+                .filter(|c| {
+                    !direct
+                        || c.site_id.as_slice() == self.site.as_slice()
+                        || !alive_sites.iter().any(|s| s.as_slice() == c.site_id.as_slice())
+                })
                 .cloned()
                 .collect();
             self.stats.changes_pushed += own.len() as u64;
