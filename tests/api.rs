@@ -736,3 +736,45 @@ fn transactions_throughput() {
     let v = post_sql(&n, "SELECT count(*) FROM machines").json();
     assert_eq!(v["rows"], json!([[4000]]));
 }
+
+#[test]
+fn concurrent_failing_requests_roll_back_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(&dir);
+    let handles: Vec<_> = (0..8)
+        .map(|c| {
+            let url = n.url("/v1/transactions");
+            std::thread::spawn(move || {
+                let agent = agent();
+                for i in 0..40 {
+                    let good = i % 2 == 0;
+                    let mut body = vec![json!([
+                        "INSERT INTO machines (id) VALUES (?)",
+                        [format!("g{c}-{i}")]
+                    ])];
+                    if !good {
+                        body.push(json!("INSERT INTO nowhere VALUES (1)"));
+                    }
+                    let r = agent
+                        .post(&url)
+                        .set("Content-Type", "application/json")
+                        .send_string(&Value::Array(body).to_string());
+                    match r {
+                        Ok(r) => assert!(good, "a failing request answered {}", r.status()),
+                        Err(ureq::Error::Status(400, _)) => assert!(!good),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let v = post_sql(
+        &n,
+        "SELECT count(*), sum(CAST(substr(id, instr(id, '-') + 1) AS INTEGER) % 2) FROM machines",
+    )
+    .json();
+    assert_eq!(v["rows"], json!([[160, 0]]));
+}

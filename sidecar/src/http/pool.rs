@@ -164,31 +164,78 @@ impl Pool {
     }
 }
 
+/// The writer's own transaction-control statements. They are prepared once and cached;
+/// a per-process nonce in their text keeps a caller's identical text from ever reusing a
+/// statement that was authorized in trusted mode.
+struct Ctl {
+    begin: String,
+    commit: String,
+    rollback: String,
+    savepoint: String,
+    release: String,
+    rollback_to: String,
+}
+
+impl Ctl {
+    fn new() -> Ctl {
+        let nonce: u64 = rand::random();
+        let sp = format!("patina_api_{nonce:016x}");
+        let tag = format!("/* patina api {nonce:016x} */");
+        Ctl {
+            begin: format!("BEGIN IMMEDIATE {tag}"),
+            commit: format!("COMMIT {tag}"),
+            rollback: format!("ROLLBACK {tag}"),
+            savepoint: format!("SAVEPOINT {sp}"),
+            release: format!("RELEASE {sp}"),
+            rollback_to: format!("ROLLBACK TO {sp}"),
+        }
+    }
+
+    /// Runs one of the statements above with the authorizer's trust.
+    fn run(&self, api: &ApiConn, sql: &str) -> Result<(), HttpError> {
+        api.auth
+            .trusted(|| api.conn.prepare_cached(sql).and_then(|mut s| s.execute([])))
+            .map(|_| ())
+            .map_err(|e| HttpError::from_sqlite(e, None))
+    }
+}
+
 /// The writer thread: group commit over whatever requests are waiting.
+///
+/// The first request of a group runs bare in the transaction (if it fails, the whole
+/// transaction is rolled back: nothing else is in it); each later one runs in a savepoint,
+/// so its failure takes back only its own statements.
 fn writer_loop(
     api: ApiConn,
     rx: crossbeam_channel::Receiver<WriteJob>,
     on_commit: Arc<dyn Fn() + Send + Sync>,
 ) {
+    let ctl = Ctl::new();
     while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        if let Err(e) = begin(&api) {
-            for job in group {
-                let _ = job.reply.send(Err(e.clone_msg()));
-            }
+        if let Err(e) = begin(&api, &ctl) {
+            let _ = first.reply.send(Err(e));
             continue;
         }
+        let mut version = match db_version(&api) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = ctl.run(&api, &ctl.rollback);
+                let _ = first.reply.send(Err(e));
+                continue;
+            }
+        };
         let mut done: Vec<(WriteJob, Result<WriteOutcome, HttpError>)> = Vec::new();
-        let mut next = group.pop();
-        while let Some(mut job) = next.take() {
-            let req = std::mem::replace(
-                &mut job.req,
-                WriteRequest {
-                    specs: Vec::new(),
-                    keep_rows: false,
-                },
-            );
-            let res = run_job(&api, &req);
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            let first_of_group = done.is_empty();
+            let res = run_job(&api, &ctl, &job.req, version, !first_of_group);
+            if first_of_group && res.is_err() {
+                if !api.conn.is_autocommit() {
+                    let _ = ctl.run(&api, &ctl.rollback);
+                }
+                let _ = job.reply.send(res);
+                break;
+            }
             if api.conn.is_autocommit() {
                 // SQLite rolled the whole transaction back (disk full, I/O error): every
                 // request of the group is lost, so none may be acknowledged.
@@ -202,6 +249,11 @@ fn writer_loop(
                 let _ = job.reply.send(res.and_then(|_| Err(err.clone_msg())));
                 break;
             }
+            if let Ok(o) = &res {
+                if let Some(v) = o.version {
+                    version = v;
+                }
+            }
             done.push((job, res));
             if done.len() < MAX_GROUP {
                 next = rx.try_recv().ok();
@@ -213,10 +265,8 @@ fn writer_loop(
         let changed = done
             .iter()
             .any(|(_, r)| r.as_ref().is_ok_and(|o| o.version.is_some()));
-        let commit = api.auth.trusted(|| api.conn.execute_batch("COMMIT"));
-        if let Err(e) = commit {
-            let _ = api.auth.trusted(|| api.conn.execute_batch("ROLLBACK"));
-            let err = HttpError::from_sqlite(e, None);
+        if let Err(err) = ctl.run(&api, &ctl.commit) {
+            let _ = ctl.run(&api, &ctl.rollback);
             for (j, r) in done {
                 let _ = j.reply.send(r.and_then(|_| Err(err.clone_msg())));
             }
@@ -231,49 +281,51 @@ fn writer_loop(
     }
 }
 
-/// `BEGIN IMMEDIATE`, retried while another process holds the write lock past the busy
-/// timeout would be too long for a request: one retry, then 503.
-fn begin(api: &ApiConn) -> Result<(), HttpError> {
-    let mut last = None;
-    for _ in 0..2 {
-        match api
-            .auth
-            .trusted(|| api.conn.execute_batch("BEGIN IMMEDIATE"))
-        {
-            Ok(()) => return Ok(()),
-            Err(e) => last = Some(e),
+/// `BEGIN IMMEDIATE`: waits up to the busy timeout for another process's write lock, then
+/// tries once more before answering 503.
+fn begin(api: &ApiConn, ctl: &Ctl) -> Result<(), HttpError> {
+    match ctl.run(api, &ctl.begin) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            std::thread::sleep(Duration::from_millis(10));
+            ctl.run(api, &ctl.begin)
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    Err(last.map_or_else(
-        || HttpError::Unavailable("cannot begin a write transaction".into()),
-        |e| HttpError::from_sqlite(e, None),
-    ))
 }
 
-/// Runs one request inside its own savepoint of the group's transaction.
-fn run_job(api: &ApiConn, req: &WriteRequest) -> Result<WriteOutcome, HttpError> {
-    let before = db_version(api)?;
-    api.auth
-        .trusted(|| api.conn.execute_batch("SAVEPOINT patina_api_request"))
-        .map_err(|e| HttpError::from_sqlite(e, None))?;
+/// Runs one request in the group's transaction (in its own savepoint unless it is the
+/// group's first). `before` is `crsql_db_version()` before it.
+fn run_job(
+    api: &ApiConn,
+    ctl: &Ctl,
+    req: &WriteRequest,
+    before: i64,
+    savepoint: bool,
+) -> Result<WriteOutcome, HttpError> {
+    if savepoint {
+        ctl.run(api, &ctl.savepoint)?;
+    }
+    let changes_before = api.conn.total_changes();
     match run_specs(&api.conn, &api.auth, &req.specs, req.keep_rows) {
         Ok(results) => {
-            api.auth
-                .trusted(|| api.conn.execute_batch("RELEASE patina_api_request"))
-                .map_err(|e| HttpError::from_sqlite(e, None))?;
-            let after = db_version(api)?;
+            if savepoint {
+                ctl.run(api, &ctl.release)?;
+            }
+            // No row written (triggers included): no need to ask the extension.
+            let after = if api.conn.total_changes() == changes_before {
+                before
+            } else {
+                db_version(api)?
+            };
             Ok(WriteOutcome {
                 results,
                 version: (after != before).then_some(after),
             })
         }
         Err(e) => {
-            if !api.conn.is_autocommit() {
-                let _ = api.auth.trusted(|| {
-                    api.conn
-                        .execute_batch("ROLLBACK TO patina_api_request; RELEASE patina_api_request")
-                });
+            if savepoint && !api.conn.is_autocommit() {
+                let _ = ctl.run(api, &ctl.rollback_to);
+                let _ = ctl.run(api, &ctl.release);
             }
             Err(e)
         }
