@@ -32,7 +32,7 @@ pub fn as_table(conn: Conn, table: &str) -> Result<()> {
         return Err(Error::NotReplicated(table.to_string()));
     }
     state::savepoint(conn, "patina_as_table", || {
-        conn.exec(&triggers::drop_triggers(table))?;
+        drop_all_triggers(conn, table)?;
         conn.exec(&format!("DROP TABLE {}", quote(&clock_table(table))))
     })
 }
@@ -44,7 +44,7 @@ pub fn begin_alter(conn: Conn, table: &str) -> Result<()> {
     if !schema::is_replicated(conn, table)? {
         return Err(Error::NotReplicated(table.to_string()));
     }
-    conn.exec(&triggers::drop_triggers(table))
+    drop_all_triggers(conn, table)
 }
 
 /// `crsql_commit_alter`: adopts the table's new columns without touching existing rows
@@ -70,8 +70,27 @@ pub fn install_triggers(conn: Conn, table: &str) -> Result<()> {
 
 fn install_triggers_for(conn: Conn, info: &TableInfo) -> Result<()> {
     let site = state::local_site(conn)?;
-    conn.exec(&triggers::drop_triggers(&info.name))?;
+    drop_all_triggers(conn, &info.name)?;
     conn.exec(&triggers::create_triggers(info, site))
+}
+
+/// Drops every patina trigger on `table`, whatever columns it had when they were made.
+fn drop_all_triggers(conn: Conn, table: &str) -> Result<()> {
+    let prefix = format!("{table}{MARK}_");
+    let mut s = conn
+        .prepare("SELECT name FROM main.sqlite_schema WHERE type = 'trigger' AND tbl_name = ?1")?;
+    let names: Vec<String> = s
+        .query_map(&[Value::Text(table.as_bytes().to_vec())], |r| {
+            match r.column(0) {
+                Value::Text(b) => String::from_utf8_lossy(&b).into_owned(),
+                _ => String::new(),
+            }
+        })?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    drop(s);
+    conn.exec(&triggers::drop_triggers(&names))
 }
 
 /// The clock table's key columns and replicated columns, read from its own schema.

@@ -26,8 +26,9 @@ pub fn col_clock(col: &str) -> [String; 4] {
     ["v", "dbv", "site", "ov"].map(|s| format!("{col}{MARK}_{s}"))
 }
 
-pub fn trigger_names(table: &str) -> [String; 4] {
-    ["ins", "upd", "updpk", "del"].map(|s| format!("{table}{MARK}_{s}"))
+/// The row-level triggers; per-column update triggers are `<table>__patina_upd_<i>`.
+pub fn trigger_names(table: &str) -> [String; 3] {
+    ["ins", "updpk", "del"].map(|s| format!("{table}{MARK}_{s}"))
 }
 
 pub fn index_name(table: &str) -> String {
@@ -185,45 +186,26 @@ fn changed(c: &Column) -> String {
     format!("(NEW.{q} IS NOT OLD.{q} COLLATE BINARY OR typeof(NEW.{q}) <> typeof(OLD.{q}))")
 }
 
-/// Records an update that keeps the key: one number per changed column, in column order.
-fn update_body(t: &TableInfo, site: i64) -> String {
-    let clock_name = clock_table(&t.name);
-    let clock = quote(&clock_name);
-    if t.columns.is_empty() {
-        return String::new();
-    }
-    let xs: Vec<String> = t.columns.iter().map(changed).collect();
-    let sum = xs.join(" + ");
-    let mut sets = vec![format!("{DBV} = d.v")];
-    for (i, c) in t.columns.iter().enumerate() {
-        let [v, dbv, s, ov] = col_clock(&c.name).map(|x| quote(&x));
-        let prefix: Vec<String> = (0..=i).map(|j| format!("d.x{j}")).collect();
-        sets.push(format!(
-            "{v} = CASE WHEN d.x{i} THEN {clock}.{v} + 1 ELSE {clock}.{v} END"
-        ));
-        sets.push(format!(
-            "{dbv} = CASE WHEN d.x{i} THEN d.v - d.k + {} ELSE {clock}.{dbv} END",
-            prefix.join(" + ")
-        ));
-        sets.push(format!(
-            "{s} = CASE WHEN d.x{i} THEN {site} ELSE {clock}.{s} END"
-        ));
-        sets.push(format!(
-            "{ov} = CASE WHEN d.x{i} THEN NULL ELSE {clock}.{ov} END"
-        ));
-    }
-    let d_cols: Vec<String> = xs
-        .iter()
-        .enumerate()
-        .map(|(i, x)| format!("{x} AS x{i}"))
-        .collect();
+/// Records an update of one column that keeps the key: one number. One trigger per
+/// column (`AFTER UPDATE OF col`) keeps an update that touches one column of a wide table
+/// to two small statements.
+fn update_column_trigger(t: &TableInfo, i: usize, site: i64) -> String {
+    let c = &t.columns[i];
+    let clock = quote(&clock_table(&t.name));
+    let [v, dbv, s, ov] = col_clock(&c.name).map(|x| quote(&x));
+    let name = quote(&format!("{}{MARK}_upd_{i}", t.name));
     format!(
-        "UPDATE patina_state SET db_version = db_version + ({sum}) WHERE id = 0 AND merging = 0;\n\
-         UPDATE {clock} SET {sets}\n\
-         FROM (SELECT s.db_version AS v, ({sum}) AS k, {d_cols} FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0) AS d\n\
-         WHERE {matches} AND d.k > 0 AND {clock}.{CL} % 2 = 1;\n",
-        sets = sets.join(", "),
-        d_cols = d_cols.join(", "),
+        "CREATE TRIGGER {name} AFTER UPDATE OF {col} ON {table} \
+         WHEN {same} AND {changed} AND (SELECT merging FROM patina_state WHERE id = 0) = 0 BEGIN\n\
+         UPDATE patina_state SET db_version = db_version + 1 WHERE id = 0;\n\
+         UPDATE {clock} SET {v} = {v} + 1, {dbv} = (SELECT db_version FROM patina_state WHERE id = 0), \
+         {s} = {site}, {ov} = NULL, {DBV} = (SELECT db_version FROM patina_state WHERE id = 0) \
+         WHERE {matches} AND {CL} % 2 = 1;\n\
+         END;\n",
+        col = quote(&c.name),
+        table = quote(&t.name),
+        same = same_key(t),
+        changed = changed(c),
         matches = pk_match(t, &clock, "NEW"),
     )
 }
@@ -237,7 +219,7 @@ fn same_key(t: &TableInfo) -> String {
 
 /// The four triggers; `site` is this database's ordinal in `patina_sites`.
 pub fn create_triggers(t: &TableInfo, site: i64) -> String {
-    let [ins, upd, updpk, del] = trigger_names(&t.name).map(|n| quote(&n));
+    let [ins, updpk, del] = trigger_names(&t.name).map(|n| quote(&n));
     let table = quote(&t.name);
     let mut sql = format!(
         "CREATE TRIGGER {ins} AFTER INSERT ON {table} BEGIN\n{}END;\n\
@@ -249,19 +231,15 @@ pub fn create_triggers(t: &TableInfo, site: i64) -> String {
         delete_body(t, "OLD", site),
         same = same_key(t),
     );
-    if !t.columns.is_empty() {
-        sql.push_str(&format!(
-            "CREATE TRIGGER {upd} AFTER UPDATE ON {table} WHEN {same} BEGIN\n{}END;\n",
-            update_body(t, site),
-            same = same_key(t),
-        ));
+    for i in 0..t.columns.len() {
+        sql.push_str(&update_column_trigger(t, i, site));
     }
     sql
 }
 
-/// Drops the triggers (missing ones are fine).
-pub fn drop_triggers(table: &str) -> String {
-    trigger_names(table)
+/// Drops the named triggers (missing ones are fine).
+pub fn drop_triggers(names: &[String]) -> String {
+    names
         .iter()
         .map(|n| format!("DROP TRIGGER IF EXISTS {};\n", quote(n)))
         .collect()
