@@ -65,6 +65,9 @@ impl AuthState {
             | AuthAction::Update { table_name, .. } => {
                 if by_patina_trigger || !is_internal_table(table_name) {
                     Authorization::Allow
+                } else if is_schema_table(table_name) {
+                    // CREATE/DROP/ALTER first show up as writes to the schema table.
+                    self.deny(SCHEMA_REFUSED.into())
                 } else {
                     self.deny(format!(
                         "not authorized: {table_name} is internal to patina; the API refuses writes to it"
@@ -174,6 +177,15 @@ pub fn is_internal_table(name: &str) -> bool {
         || lower == "crsql_changes"
         || lower.starts_with("crsql_")
         || lower.starts_with("sqlite_")
+}
+
+/// SQLite's schema tables, written by CREATE, DROP and ALTER.
+fn is_schema_table(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    matches!(
+        lower.as_str(),
+        "sqlite_master" | "sqlite_schema" | "sqlite_temp_master" | "sqlite_temp_schema"
+    )
 }
 
 /// The first keyword of a statement, skipping whitespace and comments, upper-cased.
