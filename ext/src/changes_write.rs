@@ -48,6 +48,9 @@ pub struct Merger {
     state_read: Option<Stmt>,
     state_write: Option<Stmt>,
     flag_clear: Option<Stmt>,
+    /// `patina_state` as of our last read or write, valid while the connection's
+    /// `total_changes` has not moved since (nothing else wrote in between).
+    state: Option<CachedState>,
     pub sites: Sites,
 }
 
@@ -91,6 +94,7 @@ impl Merger {
         self.state_read = None;
         self.state_write = None;
         self.flag_clear = None;
+        self.state = None;
         self.sites.forget();
     }
 
@@ -177,19 +181,30 @@ impl Merger {
         }
 
         // Local state.
-        let (db_version, merging, equal_values) = {
-            let s = stmt(&mut self.state_read, conn, || {
-                "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0"
-                    .into()
-            })?;
-            s.reset();
-            if !s.step()? {
-                s.reset();
-                return Err(Error::State("patina_state has no row".into()));
+        let (db_version, merging, equal_values) = match self.state {
+            Some(c) if c.total_changes == conn.total_changes() => {
+                (c.db_version, c.merging, c.equal_values)
             }
-            let r = (s.column_i64(0), s.column_i64(1) != 0, s.column_i64(2) != 0);
-            s.reset();
-            r
+            _ => {
+                let s = stmt(&mut self.state_read, conn, || {
+                    "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0"
+                        .into()
+                })?;
+                s.reset();
+                if !s.step()? {
+                    s.reset();
+                    return Err(Error::State("patina_state has no row".into()));
+                }
+                let r = (s.column_i64(0), s.column_i64(1) != 0, s.column_i64(2) != 0);
+                s.reset();
+                self.state = Some(CachedState {
+                    total_changes: conn.total_changes(),
+                    db_version: r.0,
+                    merging: r.1,
+                    equal_values: r.2,
+                });
+                r
+            }
         };
         let read_key = col.unwrap_or(n);
         let local = {
@@ -199,30 +214,30 @@ impl Merger {
             s.bind_all(&keys)?;
             if !s.step()? {
                 s.reset();
-                return Err(Error::State("local row read returned nothing".into()));
+                LocalRow::unknown()
+            } else {
+                let r = LocalRow {
+                    cl: if s.column_is_null(0) {
+                        0
+                    } else {
+                        s.column_i64(0)
+                    },
+                    sentinel_site: if s.column_is_null(1) {
+                        None
+                    } else {
+                        Some(s.column_i64(1))
+                    },
+                    col_version: s.column_i64(2),
+                    col_site: if s.column_is_null(3) {
+                        None
+                    } else {
+                        Some(s.column_i64(3))
+                    },
+                    value: s.column(4),
+                };
+                s.reset();
+                r
             }
-            let r = LocalRow {
-                cl: if s.column_is_null(0) {
-                    0
-                } else {
-                    s.column_i64(0)
-                },
-                sentinel_site: if s.column_is_null(1) {
-                    None
-                } else {
-                    Some(s.column_i64(1))
-                },
-                base_exists: s.column_i64(2) != 0,
-                col_version: s.column_i64(3),
-                col_site: if s.column_is_null(4) {
-                    None
-                } else {
-                    Some(s.column_i64(4))
-                },
-                value: s.column(5),
-            };
-            s.reset();
-            r
         };
 
         let step = merge::row_step(local.cl, ch.cl);
@@ -230,9 +245,7 @@ impl Merger {
         match (step, col) {
             (RowStep::Stale, _) => return Ok(false),
             (RowStep::Delete, _) => {
-                if local.base_exists {
-                    plan.base = BaseWrite::Delete;
-                }
+                plan.base = BaseWrite::Delete;
                 plan.life = Some(Some((site_ord, origin)));
             }
             (RowStep::NewLife, _) => {
@@ -302,6 +315,8 @@ impl Merger {
             ])?;
             return Err(e);
         }
+        // A delete of a row this replica never had changes no base row.
+        let base_changed = plan.base != BaseWrite::Delete || conn.changes() > 0;
         let result = self.write_clock(conn, &ch, &keys, col, &plan, site_ord, origin, new_dbv);
         if set_flag {
             let s = stmt(&mut self.flag_clear, conn, || {
@@ -309,8 +324,14 @@ impl Merger {
             })?;
             s.execute(&[])?;
         }
+        self.state = result.as_ref().ok().map(|_| CachedState {
+            total_changes: conn.total_changes(),
+            db_version: new_dbv,
+            merging,
+            equal_values,
+        });
         result?;
-        Ok(touches_base)
+        Ok(touches_base && base_changed)
     }
 
     fn sites_id(&mut self, conn: Conn, ord: i64) -> Option<Vec<u8>> {
@@ -469,10 +490,30 @@ impl Merger {
 struct LocalRow {
     cl: i64,
     sentinel_site: Option<i64>,
-    base_exists: bool,
     col_version: i64,
     col_site: Option<i64>,
     value: Value,
+}
+
+impl LocalRow {
+    /// A key this replica has never seen.
+    fn unknown() -> LocalRow {
+        LocalRow {
+            cl: 0,
+            sentinel_site: None,
+            col_version: 0,
+            col_site: None,
+            value: Value::Null,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct CachedState {
+    total_changes: i64,
+    db_version: i64,
+    merging: bool,
+    equal_values: bool,
 }
 
 /// The base-table statement of a change.
@@ -500,41 +541,32 @@ struct Plan {
     column_clock: bool,
 }
 
-/// One row always: the local clock of the key (NULLs when unknown), whether the base row
-/// exists, and the column's clock and value.
+/// The local clock of a key (no row when unknown) and, for a column, its clock and the
+/// base table's current value.
 fn read_sql(t: &TableInfo, col: Option<usize>) -> String {
-    let params: Vec<String> = (1..=t.pk.len())
-        .map(|i| format!("?{i} AS {}", quote(&t.pk[i - 1].name)))
-        .collect();
-    let on_k =
+    let clock = quote(&clock_table(&t.name));
+    let key =
         t.pk.iter()
-            .map(|c| format!("k.{q} = q.{q}", q = quote(&c.name)))
+            .enumerate()
+            .map(|(i, c)| format!("k.{} = ?{}", quote(&c.name), i + 1))
             .collect::<Vec<_>>()
             .join(" AND ");
-    let on_b =
-        t.pk.iter()
-            .map(|c| format!("b.{q} = q.{q}", q = quote(&c.name)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-    let (v, site, val) = match col {
+    match col {
         Some(i) => {
             let [v, _, s, _] = col_clock(&t.columns[i].name).map(|x| quote(&x));
-            (
-                format!("k.{v}"),
-                format!("k.{s}"),
-                format!("b.{}", quote(&t.columns[i].name)),
+            let on =
+                t.pk.iter()
+                    .map(|c| format!("b.{q} = k.{q}", q = quote(&c.name)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+            format!(
+                "SELECT k.{CL}, k.{S_SITE}, k.{v}, k.{s}, b.{val} FROM {clock} AS k LEFT JOIN {table} AS b ON {on} WHERE {key}",
+                val = quote(&t.columns[i].name),
+                table = quote(&t.name),
             )
         }
-        None => ("0".into(), "NULL".into(), "NULL".into()),
-    };
-    format!(
-        "SELECT k.{CL}, k.{S_SITE}, b.{pk0} IS NOT NULL, coalesce({v}, 0), {site}, {val} \
-         FROM (SELECT {params}) AS q LEFT JOIN {clock} AS k ON {on_k} LEFT JOIN {table} AS b ON {on_b}",
-        pk0 = quote(&t.pk[0].name),
-        params = params.join(", "),
-        clock = quote(&clock_table(&t.name)),
-        table = quote(&t.name),
-    )
+        None => format!("SELECT k.{CL}, k.{S_SITE}, 0, NULL, NULL FROM {clock} AS k WHERE {key}"),
+    }
 }
 
 /// Upserts the row's clock for a new life (or delete): sets cl and the row clock, and

@@ -241,6 +241,19 @@ impl Conn {
         Ok(self.query_value(sql, &[])?.and_then(|v| v.as_i64()))
     }
 
+    /// Rows changed by every completed statement of this connection (`sqlite3_total_changes`):
+    /// if it has not moved, nothing wrote through this connection in between.
+    pub fn total_changes(&self) -> i64 {
+        // SAFETY: valid connection.
+        i64::from(unsafe { call!(total_changes(self.0)) })
+    }
+
+    /// Rows changed by the most recent completed statement (`sqlite3_changes`).
+    pub fn changes(&self) -> i64 {
+        // SAFETY: valid connection.
+        i64::from(unsafe { call!(changes(self.0)) })
+    }
+
     /// True when the connection is outside an explicit transaction.
     pub fn autocommit(&self) -> bool {
         // SAFETY: valid connection.
