@@ -28,6 +28,8 @@ pub struct NodeShared {
     pub members: Arc<RwLock<Vec<MemberInfo>>>,
     /// Counters rendered by `GET /metrics`.
     pub metrics: Arc<Metrics>,
+    /// `db.synchronous`: the API's writer commits with the durability the operator chose.
+    pub synchronous: crate::config::Synchronous,
     /// Schema files re-applied by `POST /v1/reload` (`patina reload`).
     pub schema_paths: Vec<PathBuf>,
     /// Re-applies schema files on demand; returns the tables made replicated.

@@ -109,6 +109,7 @@ impl Node {
             local_write: Arc::new(tokio::sync::Notify::new()),
             members: members.clone(),
             metrics: metrics.clone(),
+            synchronous: Synchronous::Normal,
             schema_paths: Vec::new(),
             reload: Arc::new(move || {
                 let c = patina_sidecar::db::open(&reload_db, &reload_ext, Synchronous::Normal)

@@ -193,6 +193,7 @@ pub async fn run(
         local_write,
         members: Arc::new(RwLock::new(Vec::new())),
         metrics: metrics.clone(),
+        synchronous: level,
         schema_paths: config.db.schema_paths.clone(),
         reload,
     });

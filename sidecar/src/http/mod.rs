@@ -41,7 +41,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-use crate::config::{ApiConfig, Synchronous};
+use crate::config::ApiConfig;
 use crate::node::NodeShared;
 
 pub use error::HttpError;
@@ -96,7 +96,7 @@ async fn build_state(
     api: ApiConfig,
     stop: watch::Receiver<bool>,
 ) -> Result<AppState, HttpError> {
-    let sync = Synchronous::Normal;
+    let sync = shared.synchronous;
     let sh = shared.clone();
     let subs = tokio::task::spawn_blocking(move || sub_engine::SubEngine::start(sh, sync))
         .await
