@@ -24,7 +24,7 @@ fn node(dir: &tempfile::TempDir) -> Node {
 }
 
 /// The node still answers a plain query.
-fn assert_serving(n: &Node) {
+fn assert_serving(n: &impl Url) {
     let a = post_sql(n, "SELECT 1 AS one");
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.json()["rows"], json!([[1]]));

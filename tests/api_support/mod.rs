@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +54,17 @@ pub fn prepare_db(db: &Path) {
     conn.execute_batch(MACHINES).unwrap();
     conn.query_row("SELECT crsql_as_crr('machines')", [], |_| Ok(()))
         .unwrap();
+}
+
+/// Anything with an API base URL: the in-process node or a `patina agent`.
+pub trait Url {
+    fn url(&self, path: &str) -> String;
+}
+
+impl Url for Node {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
 }
 
 /// An API server running in this process.
@@ -154,10 +167,6 @@ impl Node {
         }
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
     /// Stops the server and waits for it to finish draining.
     pub fn stop(mut self) {
         self.shutdown();
@@ -243,7 +252,7 @@ pub fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8
     }
 }
 
-pub fn post_sql(node: &Node, sql: &str) -> Answer {
+pub fn post_sql(node: &impl Url, sql: &str) -> Answer {
     send(
         "POST",
         &node.url("/sql"),
@@ -252,7 +261,7 @@ pub fn post_sql(node: &Node, sql: &str) -> Answer {
     )
 }
 
-pub fn post_json(node: &Node, path: &str, body: &Value) -> Answer {
+pub fn post_json(node: &impl Url, path: &str, body: &Value) -> Answer {
     send(
         "POST",
         &node.url(path),
