@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod cli;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -208,6 +208,7 @@ pub fn leading_keyword(sql: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

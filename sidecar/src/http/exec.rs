@@ -198,7 +198,7 @@ fn step(
         });
     }
     let readonly = stmt.readonly();
-    let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
     let mut rows_out = Vec::new();
     {
         let mut rows = stmt.raw_query();

@@ -46,7 +46,7 @@ pub async fn get_health(
     let queue = apply + broadcast;
     let all = members(&st);
     let alive = all.iter().filter(|x| x.state == "alive").count();
-    let version = st.pool.read(|api| db_version(api)).await.map_err(|e| {
+    let version = st.pool.read(db_version).await.map_err(|e| {
         HttpError::Unavailable(format!("unhealthy: the database does not answer: {e}"))
     })?;
     let mut problems = Vec::new();

@@ -200,6 +200,7 @@ fn short(j: &Json) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -126,7 +126,7 @@ fn stream_rows(
         }
     };
     let _ = first.send(Ok(()));
-    let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
     let ncols = columns.len();
     if tx
         .blocking_send(line(&json!({ "columns": columns })))

@@ -220,7 +220,7 @@ impl SubEngine {
         }
         let (columns, key_cols, result) = {
             let mut stmt = prepare_readonly(&api.conn, &api.auth, &spec)?;
-            let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+            let columns: Vec<String> = stmt.column_names().map(String::from).collect();
             let key_cols = api.auth.trusted(|| key_columns(&api.conn, &stmt));
             let result = evaluate(&mut stmt, key_cols.as_deref())
                 .map_err(|e| super::exec::sql_error(e, &api.auth))?;
@@ -357,9 +357,12 @@ fn load(api: &ApiConn) -> Result<Vec<SubState>, HttpError> {
     })
 }
 
+/// One subscription's refresh waiting for its commit: index, changes, new rows, next row id.
+type Pending = (usize, Vec<Change>, HashMap<String, (i64, String)>, i64);
+
 /// Re-runs every subscription and commits all their changes in one transaction.
 fn refresh_all(api: &ApiConn, states: &mut [SubState]) -> Result<(), HttpError> {
-    let mut pending: Vec<(usize, Vec<Change>, HashMap<String, (i64, String)>, i64)> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
     for (i, s) in states.iter().enumerate() {
         if s.broken {
             continue;
@@ -656,6 +659,7 @@ fn new_id() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
