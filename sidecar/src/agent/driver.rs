@@ -143,6 +143,7 @@ impl Driver {
                     after,
                     unit,
                     exclude,
+                    known,
                 } => {
                     let tx = peer_sender(peers, &self.transport, to);
                     let reader = self.reader.clone();
@@ -151,7 +152,7 @@ impl Driver {
                     tokio::task::spawn_blocking(move || {
                         let chunk = {
                             let Ok(mut conn) = reader.lock() else { return };
-                            feed::serve_pull(&mut conn, after, unit, &exclude, limits)
+                            feed::serve_pull(&mut conn, after, unit, &exclude, &known, limits)
                         };
                         match chunk {
                             Ok(chunk) => {

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::bookkeeping::{self, InboxError};
 use crate::node::Metrics;
-use crate::sync::{ApplyJob, Change, Chunk, SiteId, Value};
+use crate::sync::{merge_skipped, ApplyJob, Change, Chunk, SiteId, Value};
 
 /// Most jobs in one transaction.
 const MAX_BATCH_JOBS: usize = 256;
@@ -193,7 +193,8 @@ fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), Jo
             n += 1;
         }
     }
-    let cursor = bookkeeping::mark_applied(conn, &job.peer_site, c.unit_from, c.unit_to)?;
+    let skipped = merge_skipped(chunks.iter().map(|c| &c.skipped));
+    let cursor = bookkeeping::mark_applied(conn, &job.peer_site, c.unit_from, c.unit_to, &skipped)?;
     Ok((n, Some(cursor)))
 }
 

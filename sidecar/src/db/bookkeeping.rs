@@ -1,7 +1,8 @@
 //! What this node has received, kept in the database next to the data.
 //!
 //! `patina_sync_cursors` holds, per peer site, how far into that peer's feed everything is
-//! applied; `patina_sync_inbox` buffers the chunks of a large unit until the unit is whole.
+//! applied; `patina_sync_ranges` the units applied past a gap (out-of-order arrivals), so
+//! the cursor jumps once the gap fills; `patina_sync_inbox` buffers the chunks of a large unit until the unit is whole.
 //! Both are written in the same transaction as the changes they describe, so memory and
 //! disk cannot disagree and a crash never needs a repair tool.
 
@@ -9,13 +10,19 @@ use std::collections::HashMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::sync::{advance_cursor, Chunk, SiteId};
+use crate::sync::{advance_with_ranges, skipped_covered, Chunk, SiteId, Skipped};
 
 /// The bookkeeping tables (plain tables, not replicated).
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS patina_sync_cursors (
     peer_site BLOB PRIMARY KEY NOT NULL,
     after     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS patina_sync_ranges (
+    peer_site BLOB NOT NULL,
+    from_v    INTEGER NOT NULL,
+    to_v      INTEGER NOT NULL,
+    PRIMARY KEY (peer_site, from_v)
 );
 CREATE TABLE IF NOT EXISTS patina_sync_inbox (
     peer_site  BLOB NOT NULL,
@@ -57,16 +64,43 @@ pub fn cursor(conn: &Connection, site: &SiteId) -> rusqlite::Result<i64> {
 }
 
 /// Records that the unit `(unit_from, unit_to]` of `site`'s feed is applied (inside the
-/// applying transaction) and drops buffered chunks the cursor now covers. Returns the
-/// stored cursor.
+/// applying transaction) and drops buffered chunks the cursor now covers. Changes the
+/// sender left out (`skipped`) must be covered by our cursors for their origins, or the
+/// cursor stays. Returns the stored cursor.
 pub fn mark_applied(
     conn: &Connection,
     site: &SiteId,
     unit_from: i64,
     unit_to: i64,
+    skipped: &[Skipped],
 ) -> rusqlite::Result<i64> {
     let cur = cursor(conn, site)?;
-    let next = advance_cursor(cur, unit_from, unit_to);
+    let mut origins = Vec::with_capacity(skipped.len());
+    for s in skipped {
+        origins.push((s.site, cursor(conn, &s.site)?));
+    }
+    let covered = skipped_covered(skipped, |o| {
+        origins.iter().find(|(s, _)| s == o).map_or(0, |(_, c)| *c)
+    });
+    if !covered {
+        return Ok(cur);
+    }
+    let mut ranges: Vec<(i64, i64)> = conn
+        .prepare_cached("SELECT from_v, to_v FROM patina_sync_ranges WHERE peer_site = ?1")?
+        .query_map([site.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let before = ranges.clone();
+    let next = advance_with_ranges(cur, &mut ranges, unit_from, unit_to);
+    if ranges != before {
+        conn.prepare_cached("DELETE FROM patina_sync_ranges WHERE peer_site = ?1")?
+            .execute([site.as_slice()])?;
+        let mut ins = conn.prepare_cached(
+            "INSERT OR REPLACE INTO patina_sync_ranges (peer_site, from_v, to_v) VALUES (?1, ?2, ?3)",
+        )?;
+        for (f, t) in &ranges {
+            ins.execute(params![site.as_slice(), f, t])?;
+        }
+    }
     if next != cur {
         conn.prepare_cached(
             "INSERT INTO patina_sync_cursors (peer_site, after) VALUES (?1, ?2) \
@@ -170,6 +204,7 @@ mod tests {
             from,
             to,
             changes: vec![],
+            skipped: None,
         }
     }
 
@@ -196,9 +231,23 @@ mod tests {
             .expect("count");
         assert_eq!(left, 0);
         // A gap does not move the cursor; a unit starting at it does.
-        assert_eq!(mark_applied(&conn, &site, 10, 30).expect("mark"), 0);
-        assert_eq!(mark_applied(&conn, &site, 0, 10).expect("mark"), 10);
-        assert_eq!(mark_applied(&conn, &site, 10, 30).expect("mark"), 30);
+        // Past a gap: remembered, and the cursor jumps over it once the gap fills.
+        assert_eq!(mark_applied(&conn, &site, 40, 50, &[]).expect("mark"), 0);
+        assert_eq!(mark_applied(&conn, &site, 0, 10, &[]).expect("mark"), 10);
+        // Left-out changes of origin 7 up to 5: not covered while our cursor for 7 is 0.
+        let skipped = [Skipped {
+            site: [7; 16],
+            upto: 5,
+        }];
+        assert_eq!(
+            mark_applied(&conn, &site, 10, 30, &skipped).expect("mark"),
+            10
+        );
+        assert_eq!(mark_applied(&conn, &[7; 16], 0, 5, &[]).expect("mark"), 5);
+        assert_eq!(
+            mark_applied(&conn, &site, 10, 30, &skipped).expect("mark"),
+            30
+        );
         assert_eq!(load_cursors(&conn).expect("load").get(&site), Some(&30));
     }
 }

@@ -7,7 +7,7 @@
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, Connection, Row};
 
-use crate::sync::{Change, Chunk, SiteId, Value};
+use crate::sync::{known_covers, Change, Chunk, SiteId, Skipped, Value};
 
 /// The feed query; `?3` excludes the changes credited to one site (the requester's own).
 const FEED_SQL: &str =
@@ -72,6 +72,7 @@ pub fn read_range(
     after: i64,
     upto: i64,
     exclude: Option<&SiteId>,
+    known: &[Skipped],
     limits: Option<ChunkLimits>,
 ) -> rusqlite::Result<(Vec<Change>, i64)> {
     let mut stmt = conn.prepare_cached(FEED_SQL)?;
@@ -81,6 +82,9 @@ pub fn read_range(
     let mut bytes = 0usize;
     while let Some(r) = rows.next()? {
         let c = row_to_change(r)?;
+        if known_covers(known, &c) {
+            continue;
+        }
         bytes += c.approx_size();
         out.push(c);
         if let Some(l) = limits {
@@ -101,7 +105,7 @@ pub fn read_unit(conn: &mut Connection, after: i64) -> rusqlite::Result<(i64, Ve
     let tx = conn.transaction()?;
     let to = db_version(&tx)?;
     let changes = if to > after {
-        read_range(&tx, after, to, None, None)?.0
+        read_range(&tx, after, to, None, &[], None)?.0
     } else {
         Vec::new()
     };
@@ -111,12 +115,13 @@ pub fn read_unit(conn: &mut Connection, after: i64) -> rusqlite::Result<(i64, Ve
 
 /// Answers a pull: the first chunk of `(after, ..]` — of the fixed `unit` on a
 /// continuation, else of a new unit ending at the current version — without changes
-/// credited to `exclude`.
+/// credited to `exclude` and without those the requester `known`s.
 pub fn serve_pull(
     conn: &mut Connection,
     after: i64,
     unit: Option<(i64, i64)>,
     exclude: &SiteId,
+    known: &[Skipped],
     limits: ChunkLimits,
 ) -> rusqlite::Result<Chunk> {
     let tx = conn.transaction()?;
@@ -124,7 +129,7 @@ pub fn serve_pull(
         Some(u) => u,
         None => (after, db_version(&tx)?.max(after)),
     };
-    let (changes, to) = read_range(&tx, after, unit_to, Some(exclude), Some(limits))?;
+    let (changes, to) = read_range(&tx, after, unit_to, Some(exclude), known, Some(limits))?;
     tx.commit()?;
     Ok(Chunk {
         unit_from,
@@ -132,5 +137,6 @@ pub fn serve_pull(
         from: after,
         to,
         changes,
+        skipped: None,
     })
 }

@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::msg::{chunk_unit, Change, Chunk, Msg, SiteId};
+use super::msg::{chunk_unit, Change, Chunk, Msg, SiteId, Skipped};
 
 /// Tunables; the defaults are the node's.
 #[derive(Clone, Debug)]
@@ -75,6 +75,8 @@ pub enum Effect {
         after: i64,
         unit: Option<(i64, i64)>,
         exclude: SiteId,
+        /// The requester's cursors per origin: see `Msg::Pull::known`.
+        known: Vec<Skipped>,
     },
     /// Hand a chunk to the apply side (which buffers partial units durably).
     Apply(ApplyJob),
@@ -89,6 +91,66 @@ pub fn advance_cursor(cursor: i64, unit_from: i64, unit_to: i64) -> i64 {
     } else {
         cursor
     }
+}
+
+/// Most out-of-order ranges remembered per peer; beyond that the oldest are forgotten
+/// (harmless: the cursor just moves later and a pull re-fetches).
+pub const MAX_RANGES: usize = 64;
+
+/// [`advance_cursor`] for units that arrive out of order: a unit past a gap is remembered
+/// in `ranges` and the cursor jumps over it once the gap is filled. Returns the cursor.
+pub fn advance_with_ranges(
+    cursor: i64,
+    ranges: &mut Vec<(i64, i64)>,
+    unit_from: i64,
+    unit_to: i64,
+) -> i64 {
+    let mut cur = advance_cursor(cursor, unit_from, unit_to);
+    if cur == cursor && unit_from > cursor && unit_to > unit_from {
+        ranges.push((unit_from, unit_to));
+    }
+    loop {
+        let before = cur;
+        ranges.retain(|&(f, t)| {
+            if f <= cur {
+                cur = cur.max(t);
+                false
+            } else {
+                true
+            }
+        });
+        if cur == before {
+            break;
+        }
+    }
+    ranges.sort_unstable();
+    if ranges.len() > MAX_RANGES {
+        let drop = ranges.len() - MAX_RANGES;
+        ranges.drain(..drop);
+    }
+    cur
+}
+
+/// Whether a unit whose sender left out `skipped` may move the cursor: only if, for each
+/// origin left out, our cursor for that origin covers the highest version left out.
+/// (Any read of the origin's feed covering version `v` held that change or a newer one
+/// for the same cell, so we hold it or newer.)
+pub fn skipped_covered(skipped: &[Skipped], cursor_of: impl Fn(&SiteId) -> i64) -> bool {
+    skipped.iter().all(|s| cursor_of(&s.site) >= s.upto)
+}
+
+/// Merges the `skipped` lists of a unit's chunks: the highest version per origin.
+pub fn merge_skipped<'a>(
+    lists: impl IntoIterator<Item = &'a Option<Vec<Skipped>>>,
+) -> Vec<Skipped> {
+    let mut out: Vec<Skipped> = Vec::new();
+    for s in lists.into_iter().flatten().flatten() {
+        match out.iter_mut().find(|o| o.site == s.site) {
+            Some(o) => o.upto = o.upto.max(s.upto),
+            None => out.push(s.clone()),
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug)]
@@ -257,6 +319,7 @@ impl Sync {
                 site: self.site,
                 after,
                 unit: None,
+                known: Some(self.known_except(&site)),
             },
         });
     }
@@ -276,25 +339,46 @@ impl Sync {
             .collect();
         // In a cluster no larger than the fanout every origin pushes to every peer itself,
         // so relaying an alive origin's changes only duplicates them (anti-entropy still
-        // covers a lost push). Larger clusters relay everything: that is the gossip.
+        // covers a lost push): they are left out and summarised in `skipped`, which keeps
+        // the receiver's cursor honest. Larger clusters relay everything: that is gossip.
         let direct = targets.len() <= self.config.fanout;
         let alive_sites: Vec<SiteId> = targets.iter().map(|(_, s)| *s).collect();
         for (addr, site) in chosen {
-            let own: Vec<Change> = changes
-                .iter()
-                .filter(|c| c.site_id.as_slice() != site.as_slice())
-                .filter(|c| {
-                    !direct
-                        || c.site_id.as_slice() == self.site.as_slice()
-                        || !alive_sites.iter().any(|s| s.as_slice() == c.site_id.as_slice())
-                })
-                .cloned()
-                .collect();
+            let mut own = Vec::new();
+            let mut skipped: Vec<Skipped> = Vec::new();
+            for c in &changes {
+                if c.site_id.as_slice() == site.as_slice() {
+                    continue; // the target originated it: it holds it or newer
+                }
+                let relay_only = direct
+                    && c.site_id.as_slice() != self.site.as_slice()
+                    && alive_sites
+                        .iter()
+                        .any(|s| s.as_slice() == c.site_id.as_slice());
+                match (
+                    relay_only,
+                    c.origin_version,
+                    SiteId::try_from(c.site_id.as_slice()),
+                ) {
+                    (true, Some(ov), Ok(origin)) => {
+                        match skipped.iter_mut().find(|s| s.site == origin) {
+                            Some(s) => s.upto = s.upto.max(ov),
+                            None => skipped.push(Skipped {
+                                site: origin,
+                                upto: ov,
+                            }),
+                        }
+                    }
+                    _ => own.push(c.clone()),
+                }
+            }
+            let skipped = (!skipped.is_empty()).then_some(skipped);
             self.stats.changes_pushed += own.len() as u64;
             for chunk in chunk_unit(
                 from,
                 to,
                 own,
+                skipped,
                 self.config.max_chunk_changes,
                 self.config.max_chunk_bytes,
             ) {
@@ -347,12 +431,15 @@ impl Sync {
                     chunk,
                 }));
             }
-            Msg::Pull { after, unit, .. } => {
+            Msg::Pull {
+                after, unit, known, ..
+            } => {
                 self.effects.push_back(Effect::Serve {
                     to: from,
                     after,
                     unit,
                     exclude: site,
+                    known: known.unwrap_or_default(),
                 });
             }
             Msg::Changes { chunk, .. } => {
@@ -375,6 +462,7 @@ impl Sync {
                             site: self.site,
                             after: next_after,
                             unit: Some(unit),
+                            known: Some(self.known_except(&site)),
                         },
                     });
                 } else {
@@ -390,6 +478,15 @@ impl Sync {
         *c = (*c).max(cursor);
         self.pulls
             .retain(|_, p| !(p.site == peer_site && matches!(p.phase, Phase::Applying)));
+    }
+
+    /// Our cursors, as `known` for a pull from `peer` (its own feed position is `after`).
+    fn known_except(&self, peer: &SiteId) -> Vec<Skipped> {
+        self.cursors
+            .iter()
+            .filter(|(s, c)| *s != peer && **c > 0)
+            .map(|(s, c)| Skipped { site: *s, upto: *c })
+            .collect()
     }
 
     fn holds_claim(&self, addr: &SocketAddr, site: &SiteId) -> bool {
@@ -470,6 +567,18 @@ mod tests {
     }
 
     #[test]
+    fn out_of_order_units_move_the_cursor_once_the_gap_fills() {
+        let mut r = Vec::new();
+        assert_eq!(advance_with_ranges(10, &mut r, 20, 30), 10);
+        assert_eq!(advance_with_ranges(10, &mut r, 30, 40), 10);
+        assert_eq!(r, vec![(20, 30), (30, 40)]);
+        assert_eq!(advance_with_ranges(10, &mut r, 10, 20), 40);
+        assert!(r.is_empty());
+        assert_eq!(advance_with_ranges(40, &mut r, 5, 35), 40);
+        assert!(r.is_empty());
+    }
+
+    #[test]
     fn own_site_is_refused() {
         let mut s = machine(1);
         s.handle_message(
@@ -478,6 +587,7 @@ mod tests {
                 site: [1; 16],
                 after: 0,
                 unit: None,
+                known: None,
             },
             Duration::ZERO,
         );
@@ -499,6 +609,7 @@ mod tests {
             site,
             after: 0,
             unit: None,
+            known: None,
         };
         s.handle_message(addr(2), pull([2; 16]), Duration::from_secs(1));
         assert_eq!(drain(&mut s).len(), 1);
@@ -530,6 +641,7 @@ mod tests {
             from,
             to,
             changes: vec![],
+            skipped: None,
         };
         s.handle_message(
             addr(2),

@@ -15,5 +15,8 @@ pub mod msg;
 #[cfg(test)]
 mod sim;
 
-pub use machine::{advance_cursor, ApplyJob, Effect, Sync, SyncConfig, SyncStats};
-pub use msg::{chunk_unit, Change, Chunk, Msg, SiteId, Value};
+pub use machine::{
+    advance_cursor, advance_with_ranges, merge_skipped, skipped_covered, ApplyJob, Effect, Sync,
+    SyncConfig, SyncStats,
+};
+pub use msg::{chunk_unit, known_covers, Change, Chunk, Msg, SiteId, Skipped, Value};

@@ -88,6 +88,21 @@ pub struct Chunk {
     pub to: i64,
     #[n(4)]
     pub changes: Vec<Change>,
+    /// Changes of `(from, to]` the sender left out because their origin pushes them
+    /// itself: per origin site, the highest `origin_version` left out. The receiver may
+    /// move its cursor for the sender past this chunk only if its cursor for each such
+    /// origin already covers that version (then it holds those changes or newer ones).
+    #[n(5)]
+    pub skipped: Option<Vec<Skipped>>,
+}
+
+/// See [`Chunk::skipped`].
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Skipped {
+    #[cbor(n(0), with = "minicbor::bytes")]
+    pub site: SiteId,
+    #[n(1)]
+    pub upto: i64,
 }
 
 impl Chunk {
@@ -114,7 +129,10 @@ pub enum Msg {
         chunk: Chunk,
     },
     /// Anti-entropy: "send me your feed after `after`". `unit` is set on a continuation:
-    /// the unit being fetched, so the responder reads the same fixed range.
+    /// the unit being fetched, so the responder reads the same fixed range. `known` is the
+    /// requester's cursor per origin site: changes of that origin with an
+    /// `origin_version` at or below it are left out (the requester holds them or newer),
+    /// which spares re-sending what the requester already got from the origin itself.
     #[n(1)]
     Pull {
         #[cbor(n(0), with = "minicbor::bytes")]
@@ -123,6 +141,8 @@ pub enum Msg {
         after: i64,
         #[n(2)]
         unit: Option<(i64, i64)>,
+        #[n(3)]
+        known: Option<Vec<Skipped>>,
     },
     /// The answer to a `Pull`: one chunk; `chunk.more()` asks for a continuation.
     #[n(2)]
@@ -154,6 +174,16 @@ impl Msg {
     }
 }
 
+/// Whether the requester of a pull already holds `c` (or newer) by its `known` cursors.
+pub fn known_covers(known: &[Skipped], c: &Change) -> bool {
+    let Some(ov) = c.origin_version else {
+        return false;
+    };
+    known
+        .iter()
+        .any(|k| k.site.as_slice() == c.site_id.as_slice() && ov <= k.upto)
+}
+
 /// Splits one feed read into chunks of at most `max_changes` changes and about
 /// `max_bytes` bytes. The chunks' ranges tile `(unit_from, unit_to]` exactly, so a
 /// receiver can tell when it holds the whole unit.
@@ -161,6 +191,7 @@ pub fn chunk_unit(
     unit_from: i64,
     unit_to: i64,
     changes: Vec<Change>,
+    skipped: Option<Vec<Skipped>>,
     max_changes: usize,
     max_bytes: usize,
 ) -> Vec<Chunk> {
@@ -178,6 +209,7 @@ pub fn chunk_unit(
                 from,
                 to,
                 changes: std::mem::take(&mut current),
+                skipped: skipped.clone(),
             });
             from = to;
             bytes = 0;
@@ -191,6 +223,7 @@ pub fn chunk_unit(
         from,
         to: unit_to,
         changes: current,
+        skipped,
     });
     chunks
 }
@@ -225,17 +258,26 @@ mod tests {
                     from: 0,
                     to: 2,
                     changes: vec![change(1), change(2)],
+                    skipped: Some(vec![Skipped {
+                        site: [5; 16],
+                        upto: 9,
+                    }]),
                 },
             },
             Msg::Pull {
                 site: [4; 16],
                 after: 17,
                 unit: Some((17, 99)),
+                known: Some(vec![Skipped {
+                    site: [6; 16],
+                    upto: 3,
+                }]),
             },
             Msg::Pull {
                 site: [4; 16],
                 after: 0,
                 unit: None,
+                known: None,
             },
         ];
         for m in msgs {
@@ -263,6 +305,7 @@ mod tests {
             site: [1; 16],
             after: 5,
             unit: None,
+            known: None,
         }
         .encode();
         assert!(Msg::decode(&full[..full.len() - 3]).is_err());
@@ -271,7 +314,7 @@ mod tests {
     #[test]
     fn chunks_tile_the_unit() {
         let changes: Vec<Change> = (11..=30).map(change).collect();
-        let chunks = chunk_unit(10, 35, changes, 6, usize::MAX);
+        let chunks = chunk_unit(10, 35, changes, None, 6, usize::MAX);
         assert_eq!(chunks.len(), 4);
         assert_eq!(chunks[0].from, 10);
         for w in chunks.windows(2) {
@@ -280,9 +323,9 @@ mod tests {
         assert_eq!(chunks.last().map(|c| c.to), Some(35));
         assert_eq!(chunks.iter().map(|c| c.changes.len()).sum::<usize>(), 20);
         assert!(chunks[0].more() && !chunks[3].more());
-        let one = chunk_unit(10, 12, vec![change(11)], 6, usize::MAX);
+        let one = chunk_unit(10, 12, vec![change(11)], None, 6, usize::MAX);
         assert!(one.len() == 1 && one[0].is_whole_unit());
-        let empty = chunk_unit(10, 12, vec![], 6, usize::MAX);
+        let empty = chunk_unit(10, 12, vec![], None, 6, usize::MAX);
         assert!(empty.len() == 1 && empty[0].changes.is_empty());
     }
 
@@ -290,7 +333,7 @@ mod tests {
     fn chunks_respect_the_byte_limit() {
         let changes: Vec<Change> = (1..=10).map(change).collect();
         let size = changes[0].approx_size();
-        let chunks = chunk_unit(0, 10, changes, 1000, size * 3);
+        let chunks = chunk_unit(0, 10, changes, None, 1000, size * 3);
         assert!(chunks.iter().all(|c| c.changes.len() <= 3));
     }
 }
