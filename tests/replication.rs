@@ -57,9 +57,13 @@ struct Node {
 
 impl Node {
     fn new(name: &str, bootstrap: &[SocketAddr]) -> Node {
+        Node::with_schema(name, bootstrap, SCHEMA)
+    }
+
+    fn with_schema(name: &str, bootstrap: &[SocketAddr], sql: &str) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let schema = dir.path().join("schema.sql");
-        std::fs::write(&schema, SCHEMA).expect("write schema");
+        std::fs::write(&schema, sql).expect("write schema");
         Node {
             name: name.to_string(),
             db: dir.path().join("node.db"),
@@ -522,7 +526,7 @@ fn a_copied_database_is_refused_loudly() {
         n.log_text()
             .contains("two nodes share one database identity")
     };
-    let any_refused = |copy: &Node| refused(copy) || nodes.iter().any(|n| refused(n));
+    let any_refused = |copy: &Node| refused(copy) || nodes.iter().any(&refused);
     wait_for(
         "the copied identity to be refused",
         Duration::from_secs(30),
@@ -547,6 +551,73 @@ fn a_copied_database_is_refused_loudly() {
     let d2 = wait_converged(&refs, Duration::from_secs(30));
     assert_eq!(d, d2);
     assert!(any_refused(&copy));
+}
+
+#[test]
+fn sigterm_stops_cleanly_with_exit_0() {
+    let mut nodes = cluster(2);
+    write_burst(&nodes[0], 100, 20, "a");
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, Duration::from_secs(30));
+    let mut child = nodes[1].child.take().expect("running");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    let log = nodes[1].log_text();
+    assert!(
+        log.contains("left the cluster") || log.contains("stopped"),
+        "{log}"
+    );
+    // Restarted, it carries on where it stopped.
+    nodes[1].start();
+    write_burst(&nodes[0], 1_000, 20, "b");
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let d = wait_converged(&refs, Duration::from_secs(30));
+    assert_eq!(d.rows.len(), 40 + 20);
+}
+
+#[test]
+fn changes_for_a_table_this_node_lacks_are_refused_whole_then_applied_after_migration() {
+    let extra = "CREATE TABLE IF NOT EXISTS extra (id INTEGER PRIMARY KEY NOT NULL, v TEXT);";
+    let mut a = Node::with_schema("node1", &[], &format!("{SCHEMA}{extra}"));
+    a.start();
+    let mut b = Node::with_schema("node2", &[a.gossip], SCHEMA);
+    b.start();
+    write_burst(&a, 100, 5, "a");
+    wait_for("the first rows on node2", Duration::from_secs(30), || {
+        count_ids(&b, &[100, 104]) == 2
+    });
+    // One transaction touching both tables: node2 must refuse all of it, loudly.
+    {
+        let mut conn = a.conn();
+        let tx = conn.transaction().expect("begin");
+        tx.execute("INSERT INTO items (id, node) VALUES (500, 'mixed')", [])
+            .expect("items row");
+        tx.execute("INSERT INTO extra (id, v) VALUES (1, 'x')", [])
+            .expect("extra row");
+        tx.commit().expect("commit");
+    }
+    wait_for("node2 to refuse the unit", Duration::from_secs(30), || {
+        b.log_text().contains("refusing changes")
+    });
+    assert_eq!(count_ids(&b, &[500]), 0, "half of a unit was applied");
+    // Migrate node2 (schema file + restart applies it): the unit now goes through.
+    std::fs::write(&b.schema, format!("{SCHEMA}{extra}")).expect("schema");
+    b.kill9();
+    b.start();
+    let d = wait_converged(&[&a, &b], Duration::from_secs(60));
+    assert!(d.rows.iter().any(|r| r.starts_with("500|")));
+    assert!(d.changes.iter().any(|c| c.starts_with("extra|")));
 }
 
 /// Commit→visible latency on 3 local nodes: 200 single-row writes on node 1's file,

@@ -209,7 +209,7 @@ fn wait_ready(cluster: &mut Cluster, dir: &Path) -> anyhow::Result<()> {
             let members = agent.get(&format!("http://{}/v1/members", node.api)).call();
             let ready = match members {
                 Ok(resp) => match resp.into_json::<serde_json::Value>() {
-                    Ok(v) => member_count(&v).map_or(true, |n| n >= 2),
+                    Ok(v) => !matches!(member_count(&v), Some(n) if n < 2),
                     Err(_) => true,
                 },
                 // An API without the members route still proves the node is up.

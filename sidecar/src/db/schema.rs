@@ -240,15 +240,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("bad.sql");
         std::fs::write(&f, "CREATE TABLE (;").expect("write");
-        let err = declared(&[f]).err().expect("error");
+        let Err(err) = declared(&[f]) else {
+            panic!("a bad schema file was accepted")
+        };
         assert!(err.to_string().contains("bad.sql"), "{err}");
     }
 
     #[test]
     fn missing_path_is_named() {
-        let err = schema_files(&[PathBuf::from("/nonexistent/x.sql")])
-            .err()
-            .expect("error");
+        let err = schema_files(&[PathBuf::from("/nonexistent/x.sql")]).expect_err("error");
         assert!(err.to_string().contains("/nonexistent/x.sql"));
     }
 }

@@ -490,7 +490,7 @@ impl Sync {
     }
 
     fn holds_claim(&self, addr: &SocketAddr, site: &SiteId) -> bool {
-        self.claims.get(site).map_or(true, |c| c.addr == *addr)
+        !matches!(self.claims.get(site), Some(c) if c.addr != *addr)
     }
 
     fn claim_conflict(&self, from: SocketAddr, site: &SiteId, now: Duration) -> Option<SocketAddr> {

@@ -84,7 +84,7 @@ impl Store {
             .cells
             .iter()
             .filter(|(_, c)| c.db_version > after && c.db_version <= upto)
-            .filter(|(_, c)| exclude.map_or(true, |s| c.site != *s))
+            .filter(|(_, c)| exclude != Some(&c.site))
             .map(|(k, c)| Change {
                 table: "t".into(),
                 pk: k.clone(),
