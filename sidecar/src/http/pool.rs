@@ -8,8 +8,9 @@
 //! answers everyone. One client sending one request at a time still gets one commit per
 //! request. Readers run on blocking threads; WAL lets them read while the writer writes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -93,12 +94,13 @@ impl Pool {
         sync: Synchronous,
         on_commit: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<Arc<Pool>, HttpError> {
-        let writer = open_api_conn(&shared, sync, false)?;
+        let mut writer = open_api_conn(&shared, sync, false)?;
+        let limit = WriteLimit::install(&mut writer.conn, WRITE_TIME_LIMIT)?;
         let reader = open_api_conn(&shared, sync, true)?;
         let (tx, rx) = crossbeam_channel::unbounded::<WriteJob>();
         std::thread::Builder::new()
             .name("patina-api-writer".into())
-            .spawn(move || writer_loop(writer, rx, on_commit))
+            .spawn(move || writer_loop(writer, limit, rx, on_commit))
             .map_err(HttpError::Io)?;
         Ok(Arc::new(Pool {
             shared,
@@ -164,6 +166,58 @@ impl Pool {
     }
 }
 
+/// How long one request may run on the writer before SQLite is told to stop it: the
+/// writer serves everyone, so a runaway statement must not hold it forever.
+pub const WRITE_TIME_LIMIT: Duration = Duration::from_secs(30);
+
+/// The writer's deadline, checked by SQLite's progress handler every few thousand VM steps.
+struct WriteLimit {
+    /// Milliseconds since `epoch` after which statements are interrupted; 0: none.
+    deadline_ms: Arc<AtomicU64>,
+    epoch: Instant,
+    limit: Duration,
+}
+
+impl WriteLimit {
+    fn install(conn: &mut Connection, limit: Duration) -> Result<WriteLimit, HttpError> {
+        let deadline_ms = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        let d = deadline_ms.clone();
+        conn.progress_handler(
+            10_000,
+            Some(move || {
+                let limit = d.load(Ordering::Relaxed);
+                limit != 0 && epoch.elapsed().as_millis() as u64 > limit
+            }),
+        )
+        .map_err(|e| HttpError::Internal(format!("cannot install the write time limit: {e}")))?;
+        Ok(WriteLimit {
+            deadline_ms,
+            epoch,
+            limit,
+        })
+    }
+
+    /// Runs one request under the limit; an interrupted one is answered as such.
+    fn run<T>(&self, f: impl FnOnce() -> Result<T, HttpError>) -> Result<T, HttpError> {
+        let deadline = self.epoch.elapsed() + self.limit;
+        self.deadline_ms
+            .store(deadline.as_millis().max(1) as u64, Ordering::Relaxed);
+        let res = f();
+        self.deadline_ms.store(0, Ordering::Relaxed);
+        match res {
+            Err(e) if self.epoch.elapsed() >= deadline && e.to_string().contains("interrupt") => {
+                Err(HttpError::BadRequest(format!(
+                    "the request ran longer than {} s and was interrupted; nothing of it was \
+                     applied",
+                    self.limit.as_secs_f64()
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
 /// The writer's own transaction-control statements. They are prepared once and cached;
 /// a per-process nonce in their text keeps a caller's identical text from ever reusing a
 /// statement that was authorized in trusted mode.
@@ -207,6 +261,7 @@ impl Ctl {
 /// so its failure takes back only its own statements.
 fn writer_loop(
     api: ApiConn,
+    limit: WriteLimit,
     rx: crossbeam_channel::Receiver<WriteJob>,
     on_commit: Arc<dyn Fn() + Send + Sync>,
 ) {
@@ -228,7 +283,7 @@ fn writer_loop(
         let mut next = Some(first);
         while let Some(job) = next.take() {
             let first_of_group = done.is_empty();
-            let res = run_job(&api, &ctl, &job.req, version, !first_of_group);
+            let res = limit.run(|| run_job(&api, &ctl, &job.req, version, !first_of_group));
             if first_of_group && res.is_err() {
                 if !api.conn.is_autocommit() {
                     let _ = ctl.run(&api, &ctl.rollback);
@@ -333,11 +388,54 @@ fn run_job(
 }
 
 /// `crsql_db_version()` on this connection (its own uncommitted changes included).
+///
+/// Read straight from the extension's state row with a cached statement: the function
+/// prepares two statements per call (~12 µs), twice per request on the write path. The
+/// function stays the fallback should the state table ever change shape.
 pub fn db_version(api: &ApiConn) -> Result<i64, HttpError> {
     api.auth.trusted(|| {
-        api.conn
-            .prepare_cached("SELECT crsql_db_version()")
-            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
-            .map_err(|e| HttpError::Internal(format!("cannot read crsql_db_version(): {e}")))
+        let direct = api
+            .conn
+            .prepare_cached("SELECT db_version FROM patina_state WHERE id = 0")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)));
+        match direct {
+            Ok(v) => Ok(v),
+            Err(_) => api
+                .conn
+                .prepare_cached("SELECT crsql_db_version()")
+                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+                .map_err(|e| HttpError::Internal(format!("cannot read crsql_db_version(): {e}"))),
+        }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runaway_statement_is_interrupted() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let limit = WriteLimit::install(&mut conn, Duration::from_millis(100)).unwrap();
+        let res = limit.run(|| {
+            conn.query_row(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+                 SELECT count(*) FROM c",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| HttpError::from_sqlite(e, None))
+        });
+        let err = res.unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
+        // The limit is lifted between requests.
+        let n: i64 = limit
+            .run(|| {
+                conn.query_row("SELECT 41 + 1", [], |r| r.get(0))
+                    .map_err(|e| HttpError::from_sqlite(e, None))
+            })
+            .unwrap();
+        assert_eq!(n, 42);
+    }
 }

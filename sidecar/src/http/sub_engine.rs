@@ -137,9 +137,12 @@ impl SubEngine {
         Ok(engine)
     }
 
-    /// Asks for a re-evaluation (coalesced with any already pending).
+    /// Asks for a re-evaluation (coalesced with any already pending). Without any
+    /// subscription there is nothing to re-evaluate, and the engine thread is left asleep.
     pub fn poke(&self) {
-        let _ = self.cmd.send(Cmd::Poke);
+        if self.count() > 0 {
+            let _ = self.cmd.send(Cmd::Poke);
+        }
     }
 
     /// Stops the engine thread.
@@ -192,6 +195,9 @@ impl SubEngine {
                     Cmd::Create { spec, reply } => {
                         let res = self.create_blocking(&api, &mut states, spec);
                         let _ = reply.send(res);
+                        // A write that committed while the new subscription was being set
+                        // up poked nobody: look once more.
+                        refresh = true;
                     }
                 }
             }
