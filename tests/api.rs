@@ -680,3 +680,42 @@ fn concurrent_failing_requests_roll_back_alone() {
     .json();
     assert_eq!(v["rows"], json!([[160, 0]]));
 }
+
+#[test]
+fn an_idle_subscription_catches_up_coalesced_and_contiguous() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(&dir);
+    let q = json!("SELECT id, status FROM machines");
+    let mut s = Stream::open("POST", &n.url("/v1/subscriptions"), Some(&q)).unwrap();
+    let id = s.header("corro-query-id").unwrap();
+    s.until_eoq();
+    post_sql(&n, "INSERT INTO machines (id) VALUES ('kept')");
+    assert_eq!(change(&mut s)[3], 1);
+    drop(s);
+    wait_for("the stream to detach", || {
+        send("GET", &n.url("/v1/status"), &[], None).json()["subscription_streams"] == 0
+    });
+    // While nobody listens: a row comes and goes, another is added.
+    post_sql(&n, "INSERT INTO machines (id) VALUES ('brief')");
+    post_sql(&n, "UPDATE machines SET status = 'x' WHERE id = 'brief'");
+    post_sql(&n, "DELETE FROM machines WHERE id = 'brief'");
+    post_sql(
+        &n,
+        "INSERT INTO machines (id, status) VALUES ('late', 'new')",
+    );
+    let mut r = Stream::open(
+        "GET",
+        &n.url(&format!("/v1/subscriptions/{id}?from=1")),
+        None,
+    )
+    .unwrap();
+    let c = change(&mut r);
+    assert_eq!(c[0], "insert");
+    assert_eq!(c[2], json!(["late", "new"]));
+    assert_eq!(c[3], 2, "change ids stay contiguous: {c}");
+    post_sql(&n, "UPDATE machines SET status = 'done' WHERE id = 'late'");
+    assert_eq!(
+        change(&mut r),
+        json!(["update", c[1].clone(), ["late", "done"], 3])
+    );
+}

@@ -40,6 +40,7 @@ pub async fn get_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "changes_applied": m.changes_applied.load(Ordering::Relaxed),
         "changes_broadcast": m.changes_broadcast.load(Ordering::Relaxed),
         "subscriptions": st.subs.count(),
+        "subscription_streams": st.subs.streams(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

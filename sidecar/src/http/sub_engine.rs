@@ -14,9 +14,9 @@
 //! resume `from=N` gets no gap and no duplicate.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, Statement};
 use serde_json::Value as Json;
@@ -28,6 +28,11 @@ use super::pool::{open_api_conn, ApiConn};
 use super::queries::prepare_readonly;
 use crate::config::Synchronous;
 use crate::node::NodeShared;
+
+/// A subscription no stream has attached to for this long is deleted with its log.
+pub const IDLE_EXPIRY: Duration = Duration::from_secs(3600);
+/// How often the engine looks for expired subscriptions.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Changes kept per subscription for resuming; older ones are pruned.
 pub const RETAINED_CHANGES: i64 = 100_000;
@@ -66,6 +71,58 @@ pub struct SubHandle {
     pub columns: Vec<String>,
     /// The last change id committed to the log; streams wait on it.
     pub last_change: watch::Sender<i64>,
+    /// Streams attached now. Only subscriptions someone listens to are re-evaluated on
+    /// every change; an idle one catches up (its changes coalesced, ids still contiguous)
+    /// when a stream attaches again.
+    listeners: AtomicUsize,
+    /// When the last stream left (for expiry).
+    idle_since: Mutex<Instant>,
+}
+
+impl SubHandle {
+    fn new(id: String, hash: String, columns: Vec<String>, last_change: i64) -> SubHandle {
+        SubHandle {
+            id,
+            hash,
+            columns,
+            last_change: watch::channel(last_change).0,
+            listeners: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Registers a stream; the guard unregisters it when dropped.
+    pub fn listen(self: &Arc<Self>) -> ListenGuard {
+        self.listeners.fetch_add(1, Ordering::SeqCst);
+        ListenGuard(self.clone())
+    }
+
+    fn is_listened(&self) -> bool {
+        self.listeners.load(Ordering::SeqCst) > 0
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.is_listened() {
+            return Duration::ZERO;
+        }
+        self.idle_since
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// One attached stream (see [`SubHandle::listen`]).
+pub struct ListenGuard(Arc<SubHandle>);
+
+impl Drop for ListenGuard {
+    fn drop(&mut self) {
+        if self.0.listeners.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if let Ok(mut t) = self.0.idle_since.lock() {
+                *t = Instant::now();
+            }
+        }
+    }
 }
 
 enum Cmd {
@@ -73,6 +130,11 @@ enum Cmd {
     Create {
         spec: StatementSpec,
         reply: oneshot::Sender<Result<Arc<SubHandle>, HttpError>>,
+    },
+    /// Re-evaluates one subscription now (a stream is about to attach).
+    CatchUp {
+        id: String,
+        reply: oneshot::Sender<Result<(), HttpError>>,
     },
     Stop,
 }
@@ -161,6 +223,14 @@ impl SubEngine {
         self.subs.read().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// How many subscription streams are attached now.
+    pub fn streams(&self) -> usize {
+        self.subs
+            .read()
+            .map(|m| m.values().map(|h| h.listeners.load(Ordering::SeqCst)).sum())
+            .unwrap_or(0)
+    }
+
     /// Creates a subscription, or returns the existing one for the same statement.
     pub async fn create(&self, spec: StatementSpec) -> Result<Arc<SubHandle>, HttpError> {
         let (reply, rx) = oneshot::channel();
@@ -171,23 +241,35 @@ impl SubEngine {
             .map_err(|_| HttpError::Internal("the subscription engine dropped a request".into()))?
     }
 
+    /// Brings one subscription up to date before a stream reads it.
+    pub async fn catch_up(&self, id: &str) -> Result<(), HttpError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::CatchUp {
+                id: id.to_owned(),
+                reply,
+            })
+            .map_err(|_| HttpError::Internal("the subscription engine has stopped".into()))?;
+        rx.await
+            .map_err(|_| HttpError::Internal("the subscription engine dropped a request".into()))?
+    }
+
     /// The engine thread.
     fn run(&self, api: ApiConn, mut states: Vec<SubState>, rx: crossbeam_channel::Receiver<Cmd>) {
         let mut retry = false;
+        let mut last_sweep = Instant::now();
         loop {
-            let first = if retry {
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(c) => Some(c),
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-                }
+            let wait = if retry {
+                Duration::from_millis(100)
             } else {
-                match rx.recv() {
-                    Ok(c) => Some(c),
-                    Err(_) => return,
-                }
+                SWEEP_EVERY
             };
-            let mut refresh = first.is_none();
+            let first = match rx.recv_timeout(wait) {
+                Ok(c) => Some(c),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut refresh = first.is_none() && retry;
             for cmd in first.into_iter().chain(rx.try_iter()) {
                 match cmd {
                     Cmd::Poke => refresh = true,
@@ -199,16 +281,63 @@ impl SubEngine {
                         // up poked nobody: look once more.
                         refresh = true;
                     }
+                    Cmd::CatchUp { id, reply } => {
+                        let res = refresh_some(&api, &mut states, |s| s.handle.id == id);
+                        let _ = reply.send(res);
+                    }
                 }
             }
             if refresh && !self.stopped.load(Ordering::SeqCst) {
-                retry = match refresh_all(&api, &mut states) {
+                retry = match refresh_some(&api, &mut states, |s| s.handle.is_listened()) {
                     Ok(()) => false,
                     Err(e) => {
                         tracing::warn!(error = %e, "subscription refresh failed; retrying");
                         true
                     }
                 };
+            }
+            if last_sweep.elapsed() >= SWEEP_EVERY {
+                last_sweep = Instant::now();
+                self.expire(&api, &mut states);
+            }
+        }
+    }
+
+    /// Deletes subscriptions idle past [`IDLE_EXPIRY`], with their rows and log.
+    fn expire(&self, api: &ApiConn, states: &mut Vec<SubState>) {
+        let expired: Vec<String> = states
+            .iter()
+            .filter(|s| s.handle.idle_for() >= IDLE_EXPIRY)
+            .map(|s| s.handle.id.clone())
+            .collect();
+        for id in expired {
+            let res = api.auth.trusted(|| {
+                api.conn.execute_batch("BEGIN IMMEDIATE")?;
+                let r = (|| {
+                    for t in ["patina_api_sub_changes", "patina_api_sub_rows"] {
+                        api.conn
+                            .execute(&format!("DELETE FROM {t} WHERE sub_id = ?1"), [&id])?;
+                    }
+                    api.conn
+                        .execute("DELETE FROM patina_api_subs WHERE id = ?1", [&id])
+                })();
+                match r {
+                    Ok(_) => api.conn.execute_batch("COMMIT"),
+                    Err(e) => {
+                        let _ = api.conn.execute_batch("ROLLBACK");
+                        Err(e)
+                    }
+                }
+            });
+            match res {
+                Ok(()) => {
+                    tracing::info!(sub = %id, "subscription expired after no stream attached for an hour");
+                    states.retain(|s| s.handle.id != id);
+                    if let Ok(mut m) = self.subs.write() {
+                        m.remove(&id);
+                    }
+                }
+                Err(e) => tracing::warn!(sub = %id, error = %e, "cannot expire subscription"),
             }
         }
     }
@@ -266,13 +395,7 @@ impl SubEngine {
                 }
             })
             .map_err(|e| HttpError::from_sqlite(e, None))?;
-        let (last_change, _) = watch::channel(0i64);
-        let handle = Arc::new(SubHandle {
-            id: id.clone(),
-            hash,
-            columns,
-            last_change,
-        });
+        let handle = Arc::new(SubHandle::new(id.clone(), hash, columns, 0));
         if let Ok(mut m) = self.subs.write() {
             m.insert(id, handle.clone());
         }
@@ -343,14 +466,8 @@ fn load(api: &ApiConn) -> Result<Vec<SubState>, HttpError> {
                     (StatementSpec::plain(""), None, true)
                 }
             };
-            let (tx, _) = watch::channel(last_change);
             out.push(SubState {
-                handle: Arc::new(SubHandle {
-                    id,
-                    hash,
-                    columns,
-                    last_change: tx,
-                }),
+                handle: Arc::new(SubHandle::new(id, hash, columns, last_change)),
                 spec,
                 key_cols,
                 rows,
@@ -366,11 +483,15 @@ fn load(api: &ApiConn) -> Result<Vec<SubState>, HttpError> {
 /// One subscription's refresh waiting for its commit: index, changes, new rows, next row id.
 type Pending = (usize, Vec<Change>, HashMap<String, (i64, String)>, i64);
 
-/// Re-runs every subscription and commits all their changes in one transaction.
-fn refresh_all(api: &ApiConn, states: &mut [SubState]) -> Result<(), HttpError> {
+/// Re-runs the chosen subscriptions and commits all their changes in one transaction.
+fn refresh_some(
+    api: &ApiConn,
+    states: &mut [SubState],
+    chosen: impl Fn(&SubState) -> bool,
+) -> Result<(), HttpError> {
     let mut pending: Vec<Pending> = Vec::new();
     for (i, s) in states.iter().enumerate() {
-        if s.broken {
+        if s.broken || !chosen(s) {
             continue;
         }
         let result = {

@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::queries::{line, ndjson_response, parse_statement};
-use super::sub_engine::{changes_after, snapshot, SubHandle};
+use super::sub_engine::{changes_after, snapshot, ListenGuard, SubHandle};
 use super::{AppState, HttpError};
 
 /// Changes read from the log per round trip of a stream.
@@ -64,6 +64,9 @@ async fn open_stream(
 ) -> Result<Response, HttpError> {
     let start = Instant::now();
     let id = handle.id.clone();
+    // Registered before catching up, so no change between the two goes unevaluated.
+    let guard = handle.listen();
+    st.subs.catch_up(&id).await?;
     let mut initial = Vec::new();
     let cursor = match from {
         None => {
@@ -103,7 +106,7 @@ async fn open_stream(
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let hash = handle.hash.clone();
-    tokio::spawn(follow(st, handle, cursor, initial, tx));
+    tokio::spawn(follow(st, handle, cursor, initial, tx, guard));
     let mut resp = ndjson_response(rx);
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -123,6 +126,7 @@ async fn follow(
     mut cursor: i64,
     initial: Vec<Bytes>,
     tx: mpsc::Sender<Bytes>,
+    _listening: ListenGuard,
 ) {
     for l in initial {
         if tx.send(l).await.is_err() {
