@@ -719,3 +719,20 @@ fn an_idle_subscription_catches_up_coalesced_and_contiguous() {
         json!(["update", c[1].clone(), ["late", "done"], 3])
     );
 }
+
+#[test]
+fn a_subscription_without_its_keys_diffs_whole_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(&dir);
+    post_sql(&n, "INSERT INTO machines (id, name) VALUES ('k1', 'old')");
+    let q = json!("SELECT name FROM machines");
+    let mut s = Stream::open("POST", &n.url("/v1/subscriptions"), Some(&q)).unwrap();
+    assert_eq!(s.until_eoq()[1], json!({"row": [1, ["old"]]}));
+    post_sql(&n, "UPDATE machines SET name = 'new' WHERE id = 'k1'");
+    let a = change(&mut s);
+    let b = change(&mut s);
+    let mut kinds = vec![a[0].clone(), b[0].clone()];
+    kinds.sort_by_key(|k| k.to_string());
+    assert_eq!(kinds, vec![json!("delete"), json!("insert")]);
+    assert_eq!((a[3].clone(), b[3].clone()), (json!(1), json!(2)));
+}

@@ -663,15 +663,20 @@ fn diff(
 /// `None` when some key column is not selected (or a value is computed): then the whole
 /// row is the key, and an edit shows as a delete plus an insert.
 fn key_columns(conn: &Connection, stmt: &Statement<'_>) -> Option<Vec<usize>> {
-    let meta: Vec<(Option<String>, Option<String>)> = stmt
-        .columns_with_metadata()
-        .map(|m| {
-            (
-                m.table_name().map(String::from),
-                m.origin_name().map(String::from),
-            )
-        })
-        .collect();
+    // rusqlite panics on a table or column name that is not UTF-8; such a query is then
+    // keyed by whole rows rather than taking the engine thread down.
+    let meta: Vec<(Option<String>, Option<String>)> =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            stmt.columns_with_metadata()
+                .map(|m| {
+                    (
+                        m.table_name().map(String::from),
+                        m.origin_name().map(String::from),
+                    )
+                })
+                .collect()
+        }))
+        .ok()?;
     let mut tables: Vec<String> = meta.iter().filter_map(|(t, _)| t.clone()).collect();
     tables.sort();
     tables.dedup();
