@@ -41,9 +41,10 @@ pub async fn post_queries(
     let (first_tx, first_rx) = oneshot::channel();
     let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
     let pool = st.pool.clone();
+    let stop = st.stop.clone();
     tokio::task::spawn_blocking(move || {
         pool.read_blocking(permit, |api| {
-            stream_rows(api, &spec, first_tx, &tx);
+            stream_rows(api, &spec, first_tx, &tx, &stop);
             Ok(())
         })
     });
@@ -116,6 +117,7 @@ fn stream_rows(
     spec: &StatementSpec,
     first: oneshot::Sender<Result<(), HttpError>>,
     tx: &mpsc::Sender<Bytes>,
+    stop: &tokio::sync::watch::Receiver<bool>,
 ) {
     let start = Instant::now();
     let mut stmt = match prepare_readonly(&api.conn, &api.auth, spec) {
@@ -140,6 +142,12 @@ fn stream_rows(
         match rows.next() {
             Ok(Some(row)) => {
                 rowid += 1;
+                // A node shutting down ends its streams so the server can drain.
+                if rowid % 1024 == 0 && *stop.borrow() {
+                    let _ =
+                        tx.blocking_send(line(&json!({ "error": "the node is shutting down" })));
+                    return;
+                }
                 let mut vals = Vec::with_capacity(ncols);
                 for i in 0..ncols {
                     match row.get_ref(i) {
