@@ -25,7 +25,7 @@ use crate::sync::{ApplyJob, Effect, Msg, Sync};
 
 /// Outgoing messages queued per peer; a slow peer loses pushes (anti-entropy recovers
 /// them), never blocks the others.
-const PEER_QUEUE: usize = 256;
+const PEER_QUEUE: usize = 64;
 
 /// Everything the driver works with.
 pub struct Driver {
@@ -61,7 +61,11 @@ impl Driver {
                     let n = unit.changes.len() as u64;
                     self.shared.metrics.changes_broadcast.fetch_add(n, Ordering::Relaxed);
                     let now = self.now();
-                    self.sync.handle_local_unit(unit.from, unit.to, unit.changes, now);
+                    if unit.large {
+                        self.sync.handle_local_large_unit(unit.from, unit.to, now);
+                    } else {
+                        self.sync.handle_local_unit(unit.from, unit.to, unit.changes, now);
+                    }
                 }
                 Some(a) = self.applied.recv() => self.sync.handle_applied(a.peer_site, a.cursor),
                 _ = tokio::time::sleep_until(deadline) => {

@@ -26,7 +26,7 @@ use crate::node::{Metrics, NodeShared};
 use crate::sync::{Sync, SyncConfig};
 
 /// Remote chunks waiting for the apply thread. Full means the network side stops reading.
-const APPLY_QUEUE: usize = 64;
+const APPLY_QUEUE: usize = 32;
 
 /// Why a node could not start or stopped abnormally. Each names the thing that failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,7 @@ pub async fn run(
         unit_tx,
         version_tx,
         stop_threads.clone(),
+        SyncConfig::default().max_chunk_changes as i64,
     )
     .map_err(|source| AgentError::Thread {
         what: "tail",

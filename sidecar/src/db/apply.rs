@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::bookkeeping::{self, InboxError};
 use crate::node::Metrics;
-use crate::sync::{merge_skipped, ApplyJob, Change, Chunk, SiteId, Value};
+use crate::sync::{merge_skipped, ApplyJob, Change, SiteId, Value};
 
 /// Most jobs in one transaction.
 const MAX_BATCH_JOBS: usize = 256;
@@ -173,27 +173,29 @@ fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), Jo
         // Already covered: everything up to the cursor is applied.
         return Ok((0, Some(cursor)));
     }
-    let owned: Vec<Chunk>;
-    let chunks: Vec<&Chunk> = if c.is_whole_unit() {
-        vec![c]
-    } else {
-        match bookkeeping::inbox_put_and_take(conn, &job.peer_site, c)? {
-            Some(all) => {
-                owned = all;
-                owned.iter().collect()
-            }
-            None => return Ok((0, None)),
-        }
-    };
     let mut stmt = conn.prepare_cached(INSERT_SQL)?;
     let mut n = 0u64;
-    for ch in &chunks {
-        for change in &ch.changes {
+    let skipped = if c.is_whole_unit() {
+        for change in &c.changes {
             insert(&mut stmt, change)?;
             n += 1;
         }
-    }
-    let skipped = merge_skipped(chunks.iter().map(|c| &c.skipped));
+        merge_skipped([&c.skipped])
+    } else {
+        if !bookkeeping::inbox_put(conn, &job.peer_site, c)? {
+            return Ok((0, None));
+        }
+        let mut lists = Vec::new();
+        bookkeeping::inbox_drain::<JobError>(conn, &job.peer_site, c.unit_from, c.unit_to, |ch| {
+            for change in &ch.changes {
+                insert(&mut stmt, change)?;
+                n += 1;
+            }
+            lists.push(ch.skipped);
+            Ok(())
+        })?;
+        merge_skipped(lists.iter())
+    };
     let cursor = bookkeeping::mark_applied(conn, &job.peer_site, c.unit_from, c.unit_to, &skipped)?;
     Ok((n, Some(cursor)))
 }

@@ -115,13 +115,9 @@ pub fn mark_applied(
     Ok(next)
 }
 
-/// Buffers one chunk of a multi-chunk unit. Then, if the buffered chunks tile the whole
-/// unit, removes and returns them in order; otherwise returns `None`.
-pub fn inbox_put_and_take(
-    conn: &Connection,
-    site: &SiteId,
-    chunk: &Chunk,
-) -> Result<Option<Vec<Chunk>>, InboxError> {
+/// Buffers one chunk of a multi-chunk unit; returns whether the buffered chunks now tile
+/// the whole unit.
+pub fn inbox_put(conn: &Connection, site: &SiteId, chunk: &Chunk) -> Result<bool, InboxError> {
     let payload = minicbor::to_vec(chunk).map_err(|e| InboxError::Encode(e.to_string()))?;
     conn.prepare_cached(
         "INSERT OR IGNORE INTO patina_sync_inbox \
@@ -152,34 +148,51 @@ pub fn inbox_put_and_take(
             at = to;
         }
     }
-    if at != chunk.unit_to {
-        return Ok(None);
-    }
-    let payloads: Vec<Vec<u8>> = conn
-        .prepare_cached(
-            "SELECT payload FROM patina_sync_inbox \
-             WHERE peer_site = ?1 AND unit_from = ?2 AND unit_to = ?3 ORDER BY chunk_from",
-        )?
-        .query_map(
-            params![site.as_slice(), chunk.unit_from, chunk.unit_to],
-            |r| r.get(0),
-        )?
-        .collect::<rusqlite::Result<_>>()?;
-    conn.prepare_cached(
-        "DELETE FROM patina_sync_inbox WHERE peer_site = ?1 AND unit_from = ?2 AND unit_to = ?3",
-    )?
-    .execute(params![site.as_slice(), chunk.unit_from, chunk.unit_to])?;
-    let mut chunks = Vec::with_capacity(payloads.len());
-    let mut at = chunk.unit_from;
-    for p in payloads {
-        let c: Chunk = minicbor::decode(&p).map_err(|e| InboxError::Decode(e.to_string()))?;
-        // Overlapping duplicates (same start, kept once by the key) are skipped.
-        if c.from == at {
+    Ok(at == chunk.unit_to)
+}
+
+/// Hands the buffered chunks of a whole unit to `f` in order, one at a time (a large unit
+/// is never decoded all at once), then removes them.
+pub fn inbox_drain<E: From<InboxError>>(
+    conn: &Connection,
+    site: &SiteId,
+    unit_from: i64,
+    unit_to: i64,
+    mut f: impl FnMut(Chunk) -> Result<(), E>,
+) -> Result<(), E> {
+    {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT chunk_from, payload FROM patina_sync_inbox \
+                 WHERE peer_site = ?1 AND unit_from = ?2 AND unit_to = ?3 ORDER BY chunk_from",
+            )
+            .map_err(InboxError::from)?;
+        let mut rows = stmt
+            .query(params![site.as_slice(), unit_from, unit_to])
+            .map_err(InboxError::from)?;
+        let mut at = unit_from;
+        while let Some(row) = rows.next().map_err(InboxError::from)? {
+            let from: i64 = row.get(0).map_err(InboxError::from)?;
+            if from != at {
+                continue; // an overlapping duplicate; the tiling chunk was kept
+            }
+            let payload = row.get_ref(1).map_err(InboxError::from)?;
+            let bytes = payload
+                .as_blob()
+                .map_err(|e| InboxError::Decode(e.to_string()))?;
+            let c: Chunk =
+                minicbor::decode(bytes).map_err(|e| InboxError::Decode(e.to_string()))?;
             at = c.to;
-            chunks.push(c);
+            f(c)?;
         }
     }
-    Ok(Some(chunks))
+    conn.prepare_cached(
+        "DELETE FROM patina_sync_inbox WHERE peer_site = ?1 AND unit_from = ?2 AND unit_to = ?3",
+    )
+    .map_err(InboxError::from)?
+    .execute(params![site.as_slice(), unit_from, unit_to])
+    .map_err(InboxError::from)?;
+    Ok(())
 }
 
 /// Errors of the inbox. Each leaves the applying transaction to be rolled back by the caller.
@@ -213,19 +226,16 @@ mod tests {
         let conn = Connection::open_in_memory().expect("in-memory db");
         ensure(&conn).expect("schema");
         let site = [9u8; 16];
-        assert!(inbox_put_and_take(&conn, &site, &chunk(20, 30))
-            .expect("put")
-            .is_none());
-        assert!(inbox_put_and_take(&conn, &site, &chunk(20, 30))
-            .expect("dup")
-            .is_none());
-        let whole = inbox_put_and_take(&conn, &site, &chunk(10, 20))
-            .expect("put")
-            .expect("whole");
-        assert_eq!(
-            whole.iter().map(|c| (c.from, c.to)).collect::<Vec<_>>(),
-            vec![(10, 20), (20, 30)]
-        );
+        assert!(!inbox_put(&conn, &site, &chunk(20, 30)).expect("put"));
+        assert!(!inbox_put(&conn, &site, &chunk(20, 30)).expect("dup"));
+        assert!(inbox_put(&conn, &site, &chunk(10, 20)).expect("put"));
+        let mut seen = Vec::new();
+        inbox_drain::<InboxError>(&conn, &site, 10, 30, |c| {
+            seen.push((c.from, c.to));
+            Ok(())
+        })
+        .expect("drain");
+        assert_eq!(seen, vec![(10, 20), (20, 30)]);
         let left: i64 = conn
             .query_row("SELECT count(*) FROM patina_sync_inbox", [], |r| r.get(0))
             .expect("count");

@@ -100,14 +100,22 @@ pub fn read_range(
     Ok((out, upto))
 }
 
-/// One read of the local feed after `after` in one read transaction: `(to, changes)`.
-pub fn read_unit(conn: &mut Connection, after: i64) -> rusqlite::Result<(i64, Vec<Change>)> {
+/// One read of the local feed after `after` in one read transaction: `(to, changes)`;
+/// `None` for the changes when more than `large_after` versions are new (not read: the
+/// unit travels by pulls, chunk by chunk).
+pub fn read_unit(
+    conn: &mut Connection,
+    after: i64,
+    large_after: i64,
+) -> rusqlite::Result<(i64, Option<Vec<Change>>)> {
     let tx = conn.transaction()?;
     let to = db_version(&tx)?;
-    let changes = if to > after {
-        read_range(&tx, after, to, None, &[], None)?.0
+    let changes = if to - after > large_after {
+        None
+    } else if to > after {
+        Some(read_range(&tx, after, to, None, &[], None)?.0)
     } else {
-        Vec::new()
+        Some(Vec::new())
     };
     tx.commit()?;
     Ok((to, changes))

@@ -19,12 +19,15 @@ use tokio::sync::{mpsc, watch};
 use super::feed::{db_version, read_unit};
 use crate::sync::Change;
 
-/// One read of this node's feed: `(from, to]`, whole transactions only.
+/// One read of this node's feed: `(from, to]`, whole transactions only. A large unit
+/// (more versions than `large_after`; every change has its own version) is not read at
+/// all: `large` is set and peers pull it chunk by chunk instead.
 #[derive(Debug)]
 pub struct Unit {
     pub from: i64,
     pub to: i64,
     pub changes: Vec<Change>,
+    pub large: bool,
 }
 
 /// How often `PRAGMA data_version` is checked when nobody pokes.
@@ -39,6 +42,7 @@ pub fn spawn(
     out: mpsc::Sender<Unit>,
     version: watch::Sender<i64>,
     stop: Arc<AtomicBool>,
+    large_after: i64,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("patina-tail".into())
@@ -74,17 +78,23 @@ pub fn spawn(
                     continue;
                 }
                 last_dv = dv;
-                match read_unit(&mut conn, last) {
+                match read_unit(&mut conn, last, large_after) {
                     Ok((to, changes)) => {
                         if to <= last {
                             continue;
                         }
                         version.send_replace(to);
-                        tracing::trace!(from = last, to, changes = changes.len(), "tail: unit read");
+                        tracing::trace!(
+                            from = last,
+                            to,
+                            changes = changes.as_ref().map(Vec::len),
+                            "tail: unit read"
+                        );
                         let unit = Unit {
                             from: last,
                             to,
-                            changes,
+                            large: changes.is_none(),
+                            changes: changes.unwrap_or_default(),
                         };
                         last = to;
                         // Blocks while the network side is behind: backpressure, and the

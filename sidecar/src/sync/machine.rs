@@ -46,7 +46,7 @@ impl Default for SyncConfig {
             pull_interval: Duration::from_millis(1000),
             pull_jitter: Duration::from_millis(300),
             pull_timeout: Duration::from_secs(10),
-            max_chunk_changes: 5_000,
+            max_chunk_changes: 2_000,
             max_chunk_bytes: 4 * 1024 * 1024,
             site_claim_ttl: Duration::from_secs(30),
         }
@@ -303,6 +303,11 @@ impl Sync {
         let Some(&(to, site)) = candidates.choose(&mut self.rng) else {
             return;
         };
+        self.start_pull(to, site, now);
+    }
+
+    /// Sends a pull of `to`'s feed after our cursor for `site`.
+    fn start_pull(&mut self, to: SocketAddr, site: SiteId, now: Duration) {
         let after = self.cursor(&site);
         self.pulls.insert(
             to,
@@ -322,6 +327,32 @@ impl Sync {
                 known: Some(self.known_except(&site)),
             },
         });
+    }
+
+    /// A unit of this node's feed too large for one chunk (`to - from` versions, one change
+    /// each): tell every alive peer, who pull it chunk by chunk. Nothing large is held in
+    /// memory or queued for a slow peer.
+    pub fn handle_local_large_unit(&mut self, _from: i64, to: i64, _now: Duration) {
+        let targets: Vec<SocketAddr> = self
+            .peers
+            .iter()
+            .filter(|(addr, site)| self.holds_claim(addr, site))
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in targets {
+            self.effects.push_back(Effect::Send {
+                to: addr,
+                msg: Msg::Notify {
+                    site: self.site,
+                    upto: to,
+                },
+            });
+        }
+    }
+
+    /// Whether a local unit spanning `from..to` is pushed (small) or announced (large).
+    pub fn is_large(&self, from: i64, to: i64) -> bool {
+        to.saturating_sub(from) > self.config.max_chunk_changes as i64
     }
 
     /// A new unit of this node's own feed (one read transaction): push it to `fanout`
@@ -441,6 +472,11 @@ impl Sync {
                     exclude: site,
                     known: known.unwrap_or_default(),
                 });
+            }
+            Msg::Notify { upto, .. } => {
+                if upto > self.cursor(&site) && !self.pulls.contains_key(&from) {
+                    self.start_pull(from, site, now);
+                }
             }
             Msg::Changes { chunk, .. } => {
                 let more = chunk.more();
@@ -576,6 +612,29 @@ mod tests {
         assert!(r.is_empty());
         assert_eq!(advance_with_ranges(40, &mut r, 5, 35), 40);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_notify_past_our_cursor_starts_a_pull() {
+        let mut s = machine(1);
+        s.set_peers([(addr(2), [2; 16])], Duration::ZERO);
+        let notify = |upto| Msg::Notify {
+            site: [2; 16],
+            upto,
+        };
+        s.handle_message(addr(2), notify(0), Duration::ZERO);
+        assert!(drain(&mut s).is_empty(), "nothing new: no pull");
+        s.handle_message(addr(2), notify(9000), Duration::ZERO);
+        let eff = drain(&mut s);
+        assert!(matches!(
+            &eff[..],
+            [Effect::Send {
+                msg: Msg::Pull { after: 0, .. },
+                ..
+            }]
+        ));
+        s.handle_message(addr(2), notify(9500), Duration::ZERO);
+        assert!(drain(&mut s).is_empty(), "one pull in flight per peer");
     }
 
     #[test]

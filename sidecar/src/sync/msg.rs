@@ -152,13 +152,25 @@ pub enum Msg {
         #[n(1)]
         chunk: Chunk,
     },
+    /// "My feed grew to `upto`": sent instead of a push for a unit too large for one
+    /// chunk. The receiver pulls it, one chunk per request: flow-controlled, memory bounded.
+    #[n(3)]
+    Notify {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        upto: i64,
+    },
 }
 
 impl Msg {
     /// The sender's site id.
     pub fn site(&self) -> &SiteId {
         match self {
-            Msg::Push { site, .. } | Msg::Pull { site, .. } | Msg::Changes { site, .. } => site,
+            Msg::Push { site, .. }
+            | Msg::Pull { site, .. }
+            | Msg::Changes { site, .. }
+            | Msg::Notify { site, .. } => site,
         }
     }
 

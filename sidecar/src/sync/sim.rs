@@ -286,7 +286,7 @@ impl Sim {
                                 self.changes_delivered += chunk.changes.len() as u64;
                                 self.changes_pulled += chunk.changes.len() as u64;
                             }
-                            Msg::Pull { .. } => {}
+                            Msg::Pull { .. } | Msg::Notify { .. } => {}
                         }
                         let now = self.now;
                         self.nodes[to].sync.handle_message(from, msg, now);
@@ -307,9 +307,13 @@ impl Sim {
         let n = &mut self.nodes[i];
         if n.store.version > n.last_shipped {
             let (from, to) = (n.last_shipped, n.store.version);
-            let changes = n.store.feed(from, to, None);
             n.last_shipped = to;
-            n.sync.handle_local_unit(from, to, changes, now);
+            if n.sync.is_large(from, to) {
+                n.sync.handle_local_large_unit(from, to, now);
+            } else {
+                let changes = n.store.feed(from, to, None);
+                n.sync.handle_local_unit(from, to, changes, now);
+            }
         }
         n.sync.handle_timer(now);
         self.drain(i);
