@@ -442,6 +442,8 @@ fn health_members_metrics_status() {
         "patina_apply_queue_depth 50",
         "patina_members{state=\"alive\"} 1",
         "patina_apply_latency_seconds_count",
+        "patina_api_requests_total{route=\"/v1/health\",status=\"503\"} 2",
+        "patina_api_write_groups_total",
     ] {
         assert!(m.body.contains(name), "{name} missing from:\n{}", m.body);
     }

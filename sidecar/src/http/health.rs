@@ -158,6 +158,7 @@ pub async fn get_metrics(State(st): State<AppState>) -> Response {
     let version = *st.shared.db_version.borrow();
     let _ = writeln!(out, "# HELP patina_db_version Latest local crsql_db_version().\n# TYPE patina_db_version gauge\npatina_db_version {version}");
     let _ = writeln!(out, "# HELP patina_api_subscriptions Live subscriptions.\n# TYPE patina_api_subscriptions gauge\npatina_api_subscriptions {}", st.subs.count());
+    st.stats.render(&mut out);
     let mut resp = (StatusCode::OK, out).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -13,6 +13,7 @@
 //! - `subscriptions` — `POST /v1/subscriptions`, `GET /v1/subscriptions/{id}` (NDJSON).
 //! - `sub_engine`    — re-evaluates subscriptions and keeps their persisted change logs.
 //! - `health`        — `GET /v1/health`, `GET /v1/members`, `GET /metrics`.
+//! - `stats`         — the API's own counters (requests by route and status, group commit).
 //! - `admin`         — `GET /v1/status`, `POST /v1/backup`, `POST /v1/reload`.
 
 pub mod admin;
@@ -25,11 +26,13 @@ pub mod json_values;
 pub mod pool;
 pub mod queries;
 pub mod sql;
+pub mod stats;
 pub mod sub_engine;
 pub mod subscriptions;
 pub mod transactions;
 
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -53,6 +56,7 @@ pub struct AppState {
     pub api: Arc<ApiConfig>,
     pub pool: Arc<pool::Pool>,
     pub subs: Arc<sub_engine::SubEngine>,
+    pub stats: Arc<stats::ApiStats>,
     /// Turns true when the server shuts down, so endless streams end and draining finishes.
     pub stop: watch::Receiver<bool>,
 }
@@ -103,9 +107,17 @@ async fn build_state(
         .map_err(|e| HttpError::Internal(format!("subscription engine failed to start: {e}")))??;
     let notify = shared.local_write.clone();
     let engine = subs.clone();
-    let on_commit: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        notify.notify_one();
-        engine.poke();
+    let stats = Arc::new(stats::ApiStats::default());
+    let counters = stats.clone();
+    let on_commit: pool::OnCommit = Arc::new(move |requests, changed| {
+        counters.write_groups.fetch_add(1, Ordering::Relaxed);
+        counters
+            .write_requests
+            .fetch_add(requests as u64, Ordering::Relaxed);
+        if changed {
+            notify.notify_one();
+            engine.poke();
+        }
     });
     let sh = shared.clone();
     let pool = tokio::task::spawn_blocking(move || pool::Pool::open(sh, sync, on_commit))
@@ -132,6 +144,7 @@ async fn build_state(
         api: Arc::new(api),
         pool,
         subs,
+        stats,
         stop,
     })
 }
@@ -154,6 +167,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/status", get(admin::get_status))
         .route("/v1/backup", post(admin::post_backup))
         .route("/v1/reload", post(admin::post_reload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            stats::count_requests,
+        ))
         .fallback(|| async { HttpError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             (

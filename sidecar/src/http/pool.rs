@@ -22,6 +22,9 @@ use super::json_values::StatementSpec;
 use crate::config::Synchronous;
 use crate::node::NodeShared;
 
+/// Called after each commit with the requests it carried and whether data changed.
+pub type OnCommit = Arc<dyn Fn(usize, bool) + Send + Sync>;
+
 /// How many requests one group commit takes at most.
 const MAX_GROUP: usize = 128;
 /// How many reader connections run at once.
@@ -87,12 +90,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Opens the writer (on its own thread) and one reader; `on_commit` runs after every
+    /// Opens the writer (on its own thread) and one reader; `on_commit(requests, changed)`
+    /// runs after every commit: how many requests it carried, whether any changed data.
     /// commit that changed something.
     pub fn open(
         shared: Arc<NodeShared>,
         sync: Synchronous,
-        on_commit: Arc<dyn Fn() + Send + Sync>,
+        on_commit: OnCommit,
     ) -> Result<Arc<Pool>, HttpError> {
         let mut writer = open_api_conn(&shared, sync, false)?;
         let limit = WriteLimit::install(&mut writer.conn, WRITE_TIME_LIMIT)?;
@@ -263,7 +267,7 @@ fn writer_loop(
     api: ApiConn,
     limit: WriteLimit,
     rx: crossbeam_channel::Receiver<WriteJob>,
-    on_commit: Arc<dyn Fn() + Send + Sync>,
+    on_commit: OnCommit,
 ) {
     let ctl = Ctl::new();
     while let Ok(first) = rx.recv() {
@@ -327,9 +331,7 @@ fn writer_loop(
             }
             continue;
         }
-        if changed {
-            on_commit();
-        }
+        on_commit(done.iter().filter(|(_, r)| r.is_ok()).count(), changed);
         for (j, r) in done {
             let _ = j.reply.send(r);
         }
