@@ -143,7 +143,7 @@ fn stream_rows(
             Ok(Some(row)) => {
                 rowid += 1;
                 // A node shutting down ends its streams so the server can drain.
-                if rowid.is_multiple_of(1024) && *stop.borrow() {
+                if rowid & 1023 == 0 && *stop.borrow() {
                     let _ =
                         tx.blocking_send(line(&json!({ "error": "the node is shutting down" })));
                     return;

@@ -154,7 +154,7 @@ async fn follow(
                     return;
                 }
             };
-            if changes.first().is_none_or(|c| c.0 != cursor + 1) {
+            if changes.first().map(|c| c.0) != Some(cursor + 1) {
                 let _ = tx
                     .send(line(&json!({
                         "error": format!("changes after {cursor} are no longer kept; subscribe again")
