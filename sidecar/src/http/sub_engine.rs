@@ -282,7 +282,16 @@ impl SubEngine {
                         refresh = true;
                     }
                     Cmd::CatchUp { id, reply } => {
-                        let res = refresh_some(&api, &mut states, |s| s.handle.id == id);
+                        let res = match states.iter().find(|s| s.handle.id == id) {
+                            None => Err(HttpError::NotFound(format!(
+                                "subscription {id} expired; subscribe again"
+                            ))),
+                            Some(s) if s.broken => Err(HttpError::BadRequest(format!(
+                                "the query of subscription {id} no longer runs (its table \
+                                 changed or is gone); subscribe again"
+                            ))),
+                            Some(_) => refresh_some(&api, &mut states, |s| s.handle.id == id),
+                        };
                         let _ = reply.send(res);
                     }
                 }
