@@ -26,7 +26,7 @@ use crate::node::{Metrics, NodeShared};
 use crate::sync::{Sync, SyncConfig};
 
 /// Remote chunks waiting for the apply thread. Full means the network side stops reading.
-const APPLY_QUEUE: usize = 32;
+const APPLY_QUEUE: usize = 16;
 
 /// Why a node could not start or stopped abnormally. Each names the thing that failed.
 #[derive(Debug, thiserror::Error)]

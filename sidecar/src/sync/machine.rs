@@ -46,7 +46,7 @@ impl Default for SyncConfig {
             pull_interval: Duration::from_millis(1000),
             pull_jitter: Duration::from_millis(300),
             pull_timeout: Duration::from_secs(10),
-            max_chunk_changes: 2_000,
+            max_chunk_changes: 5_000,
             max_chunk_bytes: 4 * 1024 * 1024,
             site_claim_ttl: Duration::from_secs(30),
         }
