@@ -663,13 +663,28 @@ fn latency_probe() {
                 })
             })
             .collect();
+        // PATINA_PROBE_API=1 writes through node 1's `/v1/transactions` (the API pokes the
+        // tailer); otherwise straight into its file (noticed by the data_version poll).
+        let via_api = std::env::var("PATINA_PROBE_API").is_ok();
         let conn = nodes[0].conn();
+        let url = format!("http://{}/v1/transactions", nodes[0].api);
         for i in 0..N {
-            conn.execute(
-                "INSERT INTO items (id, node, note) VALUES (?1, 'probe', 'probe')",
-                [100_000 + i as i64],
-            )
-            .expect("probe write");
+            let id = 100_000 + i as i64;
+            if via_api {
+                let body = serde_json::json!([[
+                    "INSERT INTO items (id, node, note) VALUES (?, 'probe', 'probe')",
+                    [id]
+                ]]);
+                ureq::post(&url)
+                    .send_json(body)
+                    .expect("probe write via the API");
+            } else {
+                conn.execute(
+                    "INSERT INTO items (id, node, note) VALUES (?1, 'probe', 'probe')",
+                    [id],
+                )
+                .expect("probe write");
+            }
             if let Ok(mut v) = sent.lock() {
                 v.push(Instant::now());
             }

@@ -155,7 +155,20 @@ pub fn serve_pull(
     let tx = conn.transaction()?;
     let (unit_from, unit_to) = match unit {
         Some(u) => u,
-        None => (after, db_version(&tx)?.max(after)),
+        None => {
+            let now = db_version(&tx)?;
+            if now < after {
+                // The requester has seen versions this database never reached: it was
+                // replaced by an older copy that kept its site id. Its new changes would
+                // hide below that cursor, so say so loudly.
+                tracing::error!(
+                    "a peer asks for changes after version {after} but this database is at \
+                     {now}: it was rolled back or restored without a fresh site id; give it \
+                     one (`patina restore` does by default) or peers will miss its changes"
+                );
+            }
+            (after, now.max(after))
+        }
     };
     let (changes, to) = read_range(&tx, after, unit_to, Some(exclude), known, Some(limits))?;
     tx.commit()?;

@@ -5,6 +5,19 @@
 //! complete, and pushing each new local unit to a few peers is a bounded rebroadcast (a
 //! duplicate merge creates no new version, so it stops).
 //!
+//! Bandwidth, measured (per-peer cursors, 3 nodes on loopback, `tests/replication.rs`
+//! `three_nodes_with_concurrent_writers_converge`): 1.01–1.25 changes received per change
+//! needed (5,680 needed). That takes three refinements of the plain cursor scheme, which
+//! measured 3.33×: (1) in a cluster no larger than the fanout a relay leaves out the
+//! changes of alive origins (they push to everyone themselves) and summarises them per
+//! origin (`Chunk::skipped`); the receiver moves its cursor past such a unit only when its
+//! own cursors for those origins already cover them, so a lost push is never papered over
+//! (`sim::relayed_changes_survive_their_origin`); (2) a pull carries the requester's
+//! cursors (`Pull::known`) and the server leaves out what they cover; (3) units arriving
+//! past a gap are remembered (`patina_sync_ranges`) so the cursor jumps once the gap
+//! fills. What remains redundant is a late joiner's catch-up: its first pull of each peer
+//! re-sends what it already took from another (per-origin ranges would avoid that).
+//!
 //! # Layout
 //! - `msg`     — the CBOR payload: `Push`, `Pull`, `Changes`, chunks of a unit.
 //! - `machine` — [`Sync`]: messages, local units, apply confirmations and time in; effects out.
