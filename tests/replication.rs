@@ -554,6 +554,54 @@ fn a_copied_database_is_refused_loudly() {
 }
 
 #[test]
+fn a_node_killed_mid_catch_up_applies_the_unit_whole_after_restart() {
+    const ROWS: i64 = 20_000;
+    let mut nodes = cluster(2);
+    {
+        let mut conn = nodes[0].conn();
+        let tx = conn.transaction().expect("begin");
+        {
+            let mut stmt = tx
+                .prepare("INSERT INTO items (id, node, val, note) VALUES (?1, 'big', ?1, 'bulk')")
+                .expect("prepare");
+            for i in 0..ROWS {
+                stmt.execute([i + 1_000]).expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    // Kill node 2 while chunks of the unit sit in its durable inbox.
+    let db = nodes[1].db.clone();
+    let inbox = move || -> i64 {
+        Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("SELECT count(*) FROM patina_sync_inbox", [], |r| r.get(0)))
+            .unwrap_or(0)
+    };
+    wait_for("chunks in node2's inbox", Duration::from_secs(60), || {
+        inbox() > 0
+    });
+    nodes[1].kill9();
+    let bulk = |n: &Node| -> i64 {
+        Connection::open_with_flags(&n.db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| {
+                c.query_row("SELECT count(*) FROM items WHERE note = 'bulk'", [], |r| {
+                    r.get(0)
+                })
+            })
+            .unwrap_or(-1)
+    };
+    let after_kill = bulk(&nodes[1]);
+    assert!(
+        after_kill == 0 || after_kill == ROWS,
+        "part of the unit visible: {after_kill}"
+    );
+    nodes[1].start();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let d = wait_converged(&refs, Duration::from_secs(120));
+    assert_eq!(d.rows.len() as i64, ROWS);
+}
+
+#[test]
 fn sigterm_stops_cleanly_with_exit_0() {
     let mut nodes = cluster(2);
     write_burst(&nodes[0], 100, 20, "a");
