@@ -251,4 +251,47 @@ mod tests {
         let err = schema_files(&[PathBuf::from("/nonexistent/x.sql")]).expect_err("error");
         assert!(err.to_string().contains("/nonexistent/x.sql"));
     }
+
+    #[test]
+    fn existing_tables_gain_new_columns_and_stay_replicated() {
+        let Ok(ext) = crate::db::extension_path(None) else {
+            eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("s.sql");
+        let mut conn = crate::db::open(
+            &dir.path().join("t.db"),
+            &ext,
+            crate::config::Synchronous::Normal,
+        )
+        .expect("open");
+        std::fs::write(&f, "CREATE TABLE m (id TEXT PRIMARY KEY NOT NULL, a TEXT);")
+            .expect("write");
+        assert_eq!(apply(&mut conn, &[f.clone()]).expect("apply"), vec!["m"]);
+        conn.execute("INSERT INTO m (id, a) VALUES ('x', 'one')", [])
+            .expect("insert");
+        std::fs::write(
+            &f,
+            "CREATE TABLE m (id TEXT PRIMARY KEY NOT NULL, a TEXT, \
+             b INTEGER NOT NULL DEFAULT 7);\nCREATE INDEX m_b ON m(b);",
+        )
+        .expect("write");
+        apply(&mut conn, &[f.clone()]).expect("migrate");
+        apply(&mut conn, &[f]).expect("idempotent");
+        let b: i64 = conn
+            .query_row("SELECT b FROM m WHERE id = 'x'", [], |r| r.get(0))
+            .expect("new column");
+        assert_eq!(b, 7);
+        conn.execute("UPDATE m SET b = 8 WHERE id = 'x'", [])
+            .expect("update");
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM crsql_changes WHERE \"table\" = 'm' AND cid = 'b'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("changes");
+        assert_eq!(n, 1, "writes to the new column are captured");
+    }
 }
