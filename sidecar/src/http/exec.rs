@@ -2,7 +2,7 @@
 //! binding, the VACUUM refusal the authorizer cannot make, and result collection.
 //!
 //! Everything here runs on a blocking thread with the connection's authorizer in force; the
-//! caller (the writer thread, a reader) owns the transaction around it.
+//! caller (the writer, a reader) owns the transaction around it.
 
 use std::time::Instant;
 

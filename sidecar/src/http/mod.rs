@@ -5,7 +5,7 @@
 //! - `authorizer`    — the SQLite authorizer every API connection runs under.
 //! - `json_values`   — SQLite values ↔ JSON the way Corrosion writes them; statement forms.
 //! - `auth`          — the bearer-token check (constant-time).
-//! - `pool`          — the writer thread (group commit) and the reader pool.
+//! - `pool`          — the writer (group commit, led by the requests) and the reader pool.
 //! - `exec`          — running a caller's statements: tail splitting, binding, VACUUM refusal.
 //! - `sql`           — `POST /sql`.
 //! - `transactions`  — `POST /v1/transactions`.

@@ -1,14 +1,18 @@
-//! The API's SQLite connections: one writer thread with group commit, a small pool of
-//! readers.
+//! The API's SQLite connections: one writer connection with group commit, a small pool
+//! of readers.
 //!
 //! SQLite lets one transaction write at a time, so a single writer connection loses
-//! nothing and lets concurrent requests share one commit: the writer takes the first
-//! waiting request, opens `BEGIN IMMEDIATE`, runs it in its own SAVEPOINT (a failing request
-//! rolls back alone), keeps taking whatever else is already waiting, then commits once and
-//! answers everyone. One client sending one request at a time still gets one commit per
-//! request. Readers run on blocking threads; WAL lets them read while the writer writes.
+//! nothing and lets concurrent requests share one commit. A request queues its job and,
+//! unless another request is already leading, leads: on its own worker thread
+//! (`block_in_place`, so no hop to another thread on the common path) it takes the first
+//! waiting job, opens `BEGIN IMMEDIATE`, runs it, keeps taking whatever else is already
+//! waiting (each later job in its own SAVEPOINT: a failing request rolls back alone),
+//! commits once and answers everyone. One client sending one request at a time still gets
+//! one commit per request. Readers run on blocking threads; WAL lets them read while the
+//! writer writes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,7 +88,7 @@ struct WriteJob {
 pub struct Pool {
     shared: Arc<NodeShared>,
     sync: Synchronous,
-    writer: crossbeam_channel::Sender<WriteJob>,
+    writer: Arc<Writer>,
     readers: Mutex<Vec<ApiConn>>,
     slots: Arc<Semaphore>,
 }
@@ -92,7 +96,6 @@ pub struct Pool {
 impl Pool {
     /// Opens the writer (on its own thread) and one reader; `on_commit(requests, changed)`
     /// runs after every commit: how many requests it carried, whether any changed data.
-    /// commit that changed something.
     pub fn open(
         shared: Arc<NodeShared>,
         sync: Synchronous,
@@ -101,28 +104,44 @@ impl Pool {
         let mut writer = open_api_conn(&shared, sync, false)?;
         let limit = WriteLimit::install(&mut writer.conn, WRITE_TIME_LIMIT)?;
         let reader = open_api_conn(&shared, sync, true)?;
-        let (tx, rx) = crossbeam_channel::unbounded::<WriteJob>();
-        std::thread::Builder::new()
-            .name("patina-api-writer".into())
-            .spawn(move || writer_loop(writer, limit, rx, on_commit))
-            .map_err(HttpError::Io)?;
+        let writer = Arc::new(Writer {
+            state: Mutex::new(WriterState {
+                api: writer,
+                limit,
+                ctl: Ctl::new(),
+            }),
+            queue: Mutex::new(VecDeque::new()),
+            leading: AtomicBool::new(false),
+            on_commit,
+        });
         Ok(Arc::new(Pool {
             shared,
             sync,
-            writer: tx,
+            writer,
             readers: Mutex::new(vec![reader]),
             slots: Arc::new(Semaphore::new(READERS)),
         }))
     }
 
-    /// Runs a write request on the writer thread and waits for its commit.
+    /// Queues a write request, leads the writer if nobody does, and waits for the commit.
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, HttpError> {
         let (reply, rx) = oneshot::channel();
         self.writer
-            .send(WriteJob { req, reply })
-            .map_err(|_| HttpError::Internal("the API writer thread has stopped".into()))?;
+            .queue
+            .lock()
+            .map_err(|_| HttpError::Internal("the API write queue is poisoned".into()))?
+            .push_back(WriteJob { req, reply });
+        if !self.writer.leading.load(Ordering::SeqCst) {
+            let writer = self.writer.clone();
+            let flavor = tokio::runtime::Handle::current().runtime_flavor();
+            if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+                tokio::task::block_in_place(|| writer.lead());
+            } else {
+                tokio::task::spawn_blocking(move || writer.lead());
+            }
+        }
         rx.await
-            .map_err(|_| HttpError::Internal("the API writer thread dropped a request".into()))?
+            .map_err(|_| HttpError::Internal("the API writer dropped a request".into()))?
     }
 
     /// Runs `f` on a reader connection on a blocking thread.
@@ -258,42 +277,96 @@ impl Ctl {
     }
 }
 
-/// The writer thread: group commit over whatever requests are waiting.
-///
-/// The first request of a group runs bare in the transaction (if it fails, the whole
-/// transaction is rolled back: nothing else is in it); each later one runs in a savepoint,
-/// so its failure takes back only its own statements.
-fn writer_loop(
+/// The writer connection and what runs with it.
+struct WriterState {
     api: ApiConn,
     limit: WriteLimit,
-    rx: crossbeam_channel::Receiver<WriteJob>,
+    ctl: Ctl,
+}
+
+/// The write queue and whoever leads it.
+struct Writer {
+    state: Mutex<WriterState>,
+    queue: Mutex<VecDeque<WriteJob>>,
+    /// True while a leader holds `state`: a new request then only queues.
+    leading: AtomicBool,
     on_commit: OnCommit,
-) {
-    let ctl = Ctl::new();
-    while let Ok(first) = rx.recv() {
-        if let Err(e) = begin(&api, &ctl) {
-            let _ = first.reply.send(Err(e));
-            continue;
+}
+
+/// Groups one leader commits before handing the lead on (so no request's own answer waits
+/// behind an endless stream of others).
+const GROUPS_PER_LEADER: usize = 4;
+
+impl Writer {
+    fn pop(&self) -> Option<WriteJob> {
+        self.queue.lock().ok().and_then(|mut q| q.pop_front())
+    }
+
+    fn queued(&self) -> bool {
+        self.queue.lock().map(|q| !q.is_empty()).unwrap_or(false)
+    }
+
+    /// Commits waiting jobs if no one else is; hands the lead to a blocking thread when
+    /// jobs remain. A request that saw `leading` set and only queued is picked up because
+    /// the leader looks at the queue again after clearing the flag.
+    fn lead(self: &Arc<Self>) {
+        let state = match self.state.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        self.leading.store(true, Ordering::SeqCst);
+        for _ in 0..GROUPS_PER_LEADER {
+            match self.pop() {
+                Some(first) => state.run_group(first, || self.pop(), &self.on_commit),
+                None => break,
+            }
         }
-        let mut version = match db_version(&api) {
+        self.leading.store(false, Ordering::SeqCst);
+        drop(state);
+        if self.queued() {
+            let next = self.clone();
+            tokio::task::spawn_blocking(move || next.lead());
+        }
+    }
+}
+
+impl WriterState {
+    /// One group commit: `first`, then whatever `pop` yields (up to [`MAX_GROUP`]).
+    ///
+    /// The first request of a group runs bare in the transaction (if it fails, the whole
+    /// transaction is rolled back: nothing else is in it); each later one runs in a
+    /// savepoint, so its failure takes back only its own statements.
+    fn run_group(
+        &self,
+        first: WriteJob,
+        mut pop: impl FnMut() -> Option<WriteJob>,
+        on_commit: &OnCommit,
+    ) {
+        let (api, ctl, limit) = (&self.api, &self.ctl, &self.limit);
+        if let Err(e) = begin(api, ctl) {
+            let _ = first.reply.send(Err(e));
+            return;
+        }
+        let mut version = match db_version(api) {
             Ok(v) => v,
             Err(e) => {
-                let _ = ctl.run(&api, &ctl.rollback);
+                let _ = ctl.run(api, &ctl.rollback);
                 let _ = first.reply.send(Err(e));
-                continue;
+                return;
             }
         };
         let mut done: Vec<(WriteJob, Result<WriteOutcome, HttpError>)> = Vec::new();
         let mut next = Some(first);
         while let Some(job) = next.take() {
             let first_of_group = done.is_empty();
-            let res = limit.run(|| run_job(&api, &ctl, &job.req, version, !first_of_group));
+            let res = limit.run(|| run_job(api, ctl, &job.req, version, !first_of_group));
             if first_of_group && res.is_err() {
                 if !api.conn.is_autocommit() {
-                    let _ = ctl.run(&api, &ctl.rollback);
+                    let _ = ctl.run(api, &ctl.rollback);
                 }
                 let _ = job.reply.send(res);
-                break;
+                return;
             }
             if api.conn.is_autocommit() {
                 // SQLite rolled the whole transaction back (disk full, I/O error): every
@@ -306,7 +379,7 @@ fn writer_loop(
                     let _ = j.reply.send(r.and_then(|_| Err(err.clone_msg())));
                 }
                 let _ = job.reply.send(res.and_then(|_| Err(err.clone_msg())));
-                break;
+                return;
             }
             if let Ok(o) = &res {
                 if let Some(v) = o.version {
@@ -315,21 +388,18 @@ fn writer_loop(
             }
             done.push((job, res));
             if done.len() < MAX_GROUP {
-                next = rx.try_recv().ok();
+                next = pop();
             }
-        }
-        if done.is_empty() {
-            continue;
         }
         let changed = done
             .iter()
             .any(|(_, r)| r.as_ref().is_ok_and(|o| o.version.is_some()));
-        if let Err(err) = ctl.run(&api, &ctl.commit) {
-            let _ = ctl.run(&api, &ctl.rollback);
+        if let Err(err) = ctl.run(api, &ctl.commit) {
+            let _ = ctl.run(api, &ctl.rollback);
             for (j, r) in done {
                 let _ = j.reply.send(r.and_then(|_| Err(err.clone_msg())));
             }
-            continue;
+            return;
         }
         on_commit(done.iter().filter(|(_, r)| r.is_ok()).count(), changed);
         for (j, r) in done {

@@ -17,7 +17,7 @@ use super::AppState;
 pub struct ApiStats {
     /// (route, status) → requests answered.
     requests: Mutex<BTreeMap<(String, u16), u64>>,
-    /// Commits of the writer thread.
+    /// Commits of the API writer.
     pub write_groups: AtomicU64,
     /// Write requests committed (over `write_groups`: the mean group size).
     pub write_requests: AtomicU64,
