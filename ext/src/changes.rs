@@ -59,6 +59,23 @@ struct Vtab {
     db: *mut sqlite3,
     shared: Arc<Shared>,
     merger: RefCell<Merger>,
+    /// The last windowed read's whole remainder, for the next window of the same snapshot.
+    window_cache: RefCell<Option<WindowCache>>,
+}
+
+/// Chunked readers ask for `(a, b]`, then `(b, c]`, … of one snapshot. The row index can
+/// only bound a scan from below (a row's older changes may sit inside a window its newest
+/// change is past), so each window would rescan everything after it. Instead the first
+/// window materializes the remainder once and later windows are served from it while
+/// nothing has committed since: `PRAGMA data_version` moves on other connections' commits,
+/// `total_changes` on this connection's writes.
+struct WindowCache {
+    data_version: i64,
+    total_changes: i64,
+    after: i64,
+    table: Option<String>,
+    /// Sorted by db_version.
+    rows: Vec<Change>,
 }
 
 #[repr(C)]
@@ -135,6 +152,7 @@ unsafe extern "C" fn x_connect(
         db,
         shared,
         merger: RefCell::new(Merger::default()),
+        window_cache: RefCell::new(None),
     });
     // SAFETY: SQLite takes the pointer and hands it back to x_disconnect.
     unsafe { *pp_vtab = Box::into_raw(vtab).cast() };
@@ -272,6 +290,55 @@ fn build_filter(idx: c_int, args: &[Value]) -> Option<Filter> {
     Some(f)
 }
 
+/// A read with an upper bound, served from (and refreshing) the window cache.
+fn read_window(vtab: &Vtab, f: &Filter) -> Result<Vec<Change>> {
+    let conn = Conn(vtab.db);
+    let data_version = conn.query_i64("PRAGMA data_version")?.unwrap_or(0);
+    let total_changes = conn.total_changes();
+    let mut cache = vtab
+        .window_cache
+        .try_borrow_mut()
+        .map_err(|_| Error::State("crsql_changes read re-entered itself".into()))?;
+    let valid = cache.as_ref().is_some_and(|c| {
+        c.data_version == data_version
+            && c.total_changes == total_changes
+            && c.table == f.table
+            && f.after >= c.after
+    });
+    if !valid {
+        let whole = Filter {
+            after: f.after,
+            up_to: i64::MAX,
+            table: f.table.clone(),
+            site_eq: None,
+            site_ne: None,
+        };
+        let rows = read_changes(conn, &whole)?;
+        *cache = Some(WindowCache {
+            data_version,
+            total_changes,
+            after: f.after,
+            table: f.table.clone(),
+            rows,
+        });
+    }
+    let Some(c) = cache.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let start = c.rows.partition_point(|r| r.db_version <= f.after);
+    let out: Vec<Change> = c.rows[start..]
+        .iter()
+        .take_while(|r| r.db_version <= f.up_to)
+        .filter(|r| f.keeps_site(r.site_id.as_deref()))
+        .cloned()
+        .collect();
+    // The last window of the remainder frees it.
+    if c.rows.last().map_or(true, |r| r.db_version <= f.up_to) {
+        *cache = None;
+    }
+    Ok(out)
+}
+
 fn read_changes(conn: Conn, f: &Filter) -> Result<Vec<Change>> {
     let mut out = Vec::new();
     if !crate::state::initialized(conn)? {
@@ -311,7 +378,12 @@ unsafe extern "C" fn x_filter(
     let Some(filter) = build_filter(idx_num, &args) else {
         return sq::SQLITE_OK; // a constraint no row can meet (NULL, a non-blob site id)
     };
-    match read_changes(Conn(vtab.db), &filter) {
+    let rows = if filter.up_to < i64::MAX {
+        read_window(vtab, &filter)
+    } else {
+        read_changes(Conn(vtab.db), &filter)
+    };
+    match rows {
         Ok(rows) => {
             cursor.rows = rows;
             sq::SQLITE_OK

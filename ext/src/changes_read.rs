@@ -52,7 +52,7 @@ impl Filter {
         }
     }
 
-    fn keeps_site(&self, site: Option<&[u8]>) -> bool {
+    pub fn keeps_site(&self, site: Option<&[u8]>) -> bool {
         if let Some(eq) = &self.site_eq {
             if site != Some(eq.as_slice()) {
                 return false;

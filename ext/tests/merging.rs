@@ -368,3 +368,43 @@ fn concurrent_deletes_and_resurrections_credit_one_site_everywhere() {
     assert_eq!(converging_state(&y), converging_state(&z));
     assert_eq!(dump(&x, "t", "id"), dump(&z, "t", "id"));
 }
+
+#[test]
+fn windowed_reads_match_one_read_and_see_new_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db");
+    let c = open(&path);
+    c.execute_batch(
+        "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, a, b); SELECT crsql_as_crr('t');",
+    )
+    .unwrap();
+    c.execute_batch("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000) INSERT INTO t SELECT i, i, i FROM n;").unwrap();
+    c.execute_batch("UPDATE t SET b = 'later' WHERE id % 7 = 0")
+        .unwrap(); // rows whose newest change is past earlier windows
+    let window = |c: &rusqlite::Connection, a: i64, b: i64| -> Vec<i64> {
+        c.prepare("SELECT db_version FROM crsql_changes WHERE db_version > ?1 AND db_version <= ?2")
+            .unwrap()
+            .query_map([a, b], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let all: Vec<i64> = changes_after(&c, 0).iter().map(|r| r.5).collect();
+    let top: i64 = one(&c, "SELECT crsql_db_version()");
+    c.execute_batch("BEGIN").unwrap();
+    let mut stitched = Vec::new();
+    let mut a = 0;
+    while a < top {
+        stitched.extend(window(&c, a, a + 500));
+        a += 500;
+    }
+    c.execute_batch("COMMIT").unwrap();
+    assert_eq!(stitched, all);
+    // Another connection commits: the next window sees it.
+    window(&c, 0, 10);
+    open_plain(&path)
+        .execute_batch("UPDATE t SET a = 'fresh' WHERE id = 1")
+        .unwrap();
+    let newest: i64 = one(&c, "SELECT crsql_db_version()");
+    assert_eq!(window(&c, newest - 1, newest), vec![newest]);
+}
