@@ -52,6 +52,10 @@ pub fn open_api_conn(
     if query_only {
         conn.pragma_update(None, "query_only", true)
             .map_err(|e| HttpError::Internal(format!("cannot make a reader query_only: {e}")))?;
+        // Up to READERS of them exist: 1 MiB of page cache each (SQLite's default is 2)
+        // keeps a busy node's memory in bounds; the OS page cache serves the rest.
+        conn.pragma_update(None, "cache_size", -1024)
+            .map_err(|e| HttpError::Internal(format!("cannot size a reader's cache: {e}")))?;
     }
     conn.set_prepared_statement_cache_capacity(64);
     let auth = Arc::new(AuthState::default());
