@@ -201,6 +201,51 @@ pub fn apply(conn: &mut Connection, paths: &[PathBuf]) -> Result<Vec<String>, Sc
     Ok(made)
 }
 
+/// Replicated tables whose columns no longer match their clocks: an app altered the table
+/// without `crsql_begin_alter`/`crsql_commit_alter` (it need not load the extension to run
+/// `ALTER TABLE`), so the capture triggers still describe the old columns. Each such table
+/// is migrated with `crsql_commit_alter`, which regenerates its triggers; returns the
+/// repaired tables. Cheap when nothing drifted: two pragma reads per replicated table.
+pub fn repair_drift(conn: &Connection) -> Result<Vec<String>, SchemaError> {
+    const SUFFIX: &str = "__patina_clock";
+    let clocks: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, -length(?1)) = ?1")?
+        .query_map([SUFFIX], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut repaired = Vec::new();
+    for clock in clocks {
+        let Some(table) = clock.strip_suffix(SUFFIX).filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        let names = |t: &str| -> rusqlite::Result<Vec<String>> {
+            conn.prepare("SELECT name FROM pragma_table_info(?1) WHERE pk = 0")?
+                .query_map([t], |r| r.get(0))?
+                .collect()
+        };
+        let mut base: Vec<String> = names(table)?;
+        let mut clocked: Vec<String> = names(&clock)?
+            .into_iter()
+            .filter_map(|c| c.strip_suffix("__patina_v").map(str::to_string))
+            .collect();
+        base.sort();
+        clocked.sort();
+        if base != clocked {
+            conn.query_row("SELECT crsql_commit_alter(?1)", [table], |_| Ok(()))
+                .map_err(|source| SchemaError::Table {
+                    table: table.to_string(),
+                    source,
+                })?;
+            tracing::warn!(
+                table,
+                "schema: the table was altered without crsql_begin_alter/crsql_commit_alter; \
+                 its clocks and capture triggers were regenerated"
+            );
+            repaired.push(table.to_string());
+        }
+    }
+    Ok(repaired)
+}
+
 /// Display helper for logs.
 pub fn describe(paths: &[PathBuf]) -> String {
     paths

@@ -5,7 +5,8 @@
 //! `sqlite3` shell — and by the apply thread show up as a change of `PRAGMA data_version`,
 //! polled every few milliseconds (a cheap header read). Each wake-up reads everything
 //! after the last shipped version in one read transaction and hands it on as one unit.
-//! It never writes: there is nothing to "close" or mark.
+//! It never writes to mark versions: there is nothing to "close". Its one write is rare:
+//! regenerating a table's triggers after an app altered the table without the extension.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,6 +57,7 @@ pub fn spawn(
             };
             version.send_replace(last);
             let mut last_dv = data_version(&conn).unwrap_or(-1);
+            let mut last_schema = schema_version(&conn).unwrap_or(-1);
             while !stop.load(Ordering::Relaxed) {
                 let poked = match wake.recv_timeout(POLL) {
                     Ok(()) => true,
@@ -78,6 +80,18 @@ pub fn spawn(
                     continue;
                 }
                 last_dv = dv;
+                // An app that altered a replicated table without the extension left its
+                // triggers describing the old columns: repair before reading on.
+                if let Ok(sv) = schema_version(&conn) {
+                    if sv != last_schema {
+                        if let Err(e) = super::schema::repair_drift(&conn) {
+                            tracing::error!(
+                                "cannot repair a schema change made outside patina: {e}"
+                            );
+                        }
+                        last_schema = schema_version(&conn).unwrap_or(sv);
+                    }
+                }
                 match read_unit(&mut conn, last, large_after) {
                     Ok((to, changes)) => {
                         if to <= last {
@@ -110,6 +124,10 @@ pub fn spawn(
                 }
             }
         })
+}
+
+fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA schema_version", [], |r| r.get(0))
 }
 
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
