@@ -433,7 +433,7 @@ fn a_node_killed_mid_write_catches_up_without_loss() {
 
 #[test]
 fn a_late_empty_node_catches_up() {
-    let nodes = cluster(2);
+    let mut nodes = cluster(2);
     let ids = write_burst(&nodes[0], 100, 300, "a");
     let ids2 = write_burst(&nodes[1], 10_000, 300, "b");
     let refs: Vec<&Node> = nodes.iter().collect();
@@ -556,7 +556,7 @@ fn a_copied_database_is_refused_loudly() {
 #[test]
 fn a_node_killed_mid_catch_up_applies_the_unit_whole_after_restart() {
     const ROWS: i64 = 20_000;
-    let nodes = cluster(2);
+    let mut nodes = cluster(2);
     {
         let mut conn = nodes[0].conn();
         let tx = conn.transaction().expect("begin");
@@ -602,7 +602,7 @@ fn a_node_killed_mid_catch_up_applies_the_unit_whole_after_restart() {
 
 #[test]
 fn sigterm_stops_cleanly_with_exit_0() {
-    let nodes = cluster(2);
+    let mut nodes = cluster(2);
     write_burst(&nodes[0], 100, 20, "a");
     let refs: Vec<&Node> = nodes.iter().collect();
     wait_converged(&refs, Duration::from_secs(30));
