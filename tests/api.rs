@@ -426,6 +426,14 @@ fn health_members_metrics_status() {
         send("GET", &n.url("/v1/health?max_queue=100"), &[], None).status,
         200
     );
+    // Corrosion's parameter names and summary.
+    let a = send("GET", &n.url("/v1/health?gaps=0&queue_size=10"), &[], None);
+    assert_eq!(a.status, 503);
+    assert_eq!(
+        a.json()["response"],
+        json!({"gaps": 0, "members": 1, "queue_size": 50})
+    );
+    assert!(a.json()["error"].as_str().unwrap().contains("max_queue=10"));
     assert_eq!(
         send("GET", &n.url("/v1/health?max_queue=abc"), &[], None).status,
         400
@@ -442,7 +450,7 @@ fn health_members_metrics_status() {
         "patina_apply_queue_depth 50",
         "patina_members{state=\"alive\"} 1",
         "patina_apply_latency_seconds_count",
-        "patina_api_requests_total{route=\"/v1/health\",status=\"503\"} 2",
+        "patina_api_requests_total{route=\"/v1/health\",status=\"503\"} 3",
         "patina_api_write_groups_total",
     ] {
         assert!(m.body.contains(name), "{name} missing from:\n{}", m.body);

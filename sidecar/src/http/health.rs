@@ -20,8 +20,13 @@ use crate::node::MemberInfo;
 pub struct HealthParams {
     /// Unhealthy when the apply plus broadcast queues hold more than this.
     pub max_queue: Option<u64>,
+    /// Corrosion's name for `max_queue`.
+    pub queue_size: Option<u64>,
     /// Unhealthy when fewer members (this node included) are alive.
     pub min_members: Option<usize>,
+    /// Corrosion's "missing version ranges" threshold. patina pulls each peer's feed by a
+    /// gap-free cursor, so it has no gaps to count: the answer is always 0.
+    pub gaps: Option<u64>,
 }
 
 /// The members as the core last published them.
@@ -50,7 +55,7 @@ pub async fn get_health(
         HttpError::Unavailable(format!("unhealthy: the database does not answer: {e}"))
     })?;
     let mut problems = Vec::new();
-    if let Some(max) = p.max_queue {
+    if let Some(max) = p.max_queue.or(p.queue_size) {
         if queue > max {
             problems.push(format!(
                 "queues hold {queue} units, more than max_queue={max}"
@@ -64,11 +69,16 @@ pub async fn get_health(
             ));
         }
     }
+    // Corrosion's summary, so its health probes can read the answer.
+    let response = json!({ "gaps": 0, "members": alive, "queue_size": queue });
     if !problems.is_empty() {
-        return Err(HttpError::Unavailable(format!(
-            "unhealthy: {}",
-            problems.join("; ")
-        )));
+        let error = format!("unhealthy: {}", problems.join("; "));
+        tracing::debug!(%error, "health check failed");
+        return Ok((
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": error, "response": response })),
+        )
+            .into_response());
     }
     Ok(Json(json!({
         "ok": true,
@@ -76,6 +86,7 @@ pub async fn get_health(
         "members_alive": alive,
         "apply_queue_depth": apply,
         "broadcast_queue_depth": broadcast,
+        "response": response,
     }))
     .into_response())
 }
