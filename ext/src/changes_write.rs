@@ -54,11 +54,7 @@ pub struct Merger {
     pub sites: Sites,
 }
 
-fn stmt<'a>(
-    slot: &'a mut Option<Stmt>,
-    conn: Conn,
-    sql: impl FnOnce() -> String,
-) -> Result<&'a mut Stmt> {
+fn stmt(slot: &mut Option<Stmt>, conn: Conn, sql: impl FnOnce() -> String) -> Result<&mut Stmt> {
     if slot.is_none() {
         *slot = Some(conn.prepare(&sql())?);
     }
@@ -66,14 +62,14 @@ fn stmt<'a>(
         .ok_or_else(|| Error::State("statement cache".into()))
 }
 
-fn keyed<'a>(
-    map: &'a mut HashMap<usize, Stmt>,
+fn keyed(
+    map: &mut HashMap<usize, Stmt>,
     k: usize,
     conn: Conn,
     sql: impl FnOnce() -> String,
-) -> Result<&'a mut Stmt> {
-    if !map.contains_key(&k) {
-        map.insert(k, conn.prepare(&sql())?);
+) -> Result<&mut Stmt> {
+    if let std::collections::hash_map::Entry::Vacant(e) = map.entry(k) {
+        e.insert(conn.prepare(&sql())?);
     }
     map.get_mut(&k)
         .ok_or_else(|| Error::State("statement cache".into()))
@@ -308,7 +304,7 @@ impl Merger {
         // order: each change makes at most one base-table statement (atomic by itself),
         // before any clock write; if it fails, the counter and flag are put back.
         if let Err(e) = self.write_base(conn, &ch, &keys, col, &plan) {
-            let s = stmt(&mut self.state_write, conn, || String::new())?;
+            let s = stmt(&mut self.state_write, conn, String::new)?;
             s.execute(&[
                 Value::Integer(db_version),
                 Value::Integer(i64::from(merging)),

@@ -23,7 +23,7 @@ fn finish(ctx: *mut sqlite3_context, r: Result<Value>) -> SlResult<()> {
             sq::result_value(ctx, &v);
             Ok(())
         }
-        Err(e) => Err(sqlite_loadable::Error::new_message(&e.to_string())),
+        Err(e) => Err(sqlite_loadable::Error::new_message(e.to_string())),
     }
 }
 

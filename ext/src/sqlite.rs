@@ -4,6 +4,11 @@
 //! reals, errors, reset). SQLite hands every loadable extension a table of routines at
 //! load time; we keep that pointer here and expose only what patina needs, as safe
 //! methods. Everything else in the crate stays free of `unsafe` except the vtab glue.
+//!
+//! The value, context and statement pointers these helpers take are the ones SQLite hands
+//! a callback, valid for its duration; taking them in safe functions is what this module
+//! is for, so the lint asking for `unsafe fn` is silenced here and only here.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;

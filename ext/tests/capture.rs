@@ -1,5 +1,7 @@
 //! Local writes captured by the plain-SQL triggers: clocks, numbering, causal length.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 use common::*;
 use rusqlite::types::Value;

@@ -2,6 +2,8 @@
 //! scripts of `sql/tests/` against their expected output, and Debian's `/usr/bin/python3`
 //! as an app that writes a replicated table without loading anything.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::path::Path;

@@ -1,5 +1,7 @@
 //! Merging through `INSERT INTO crsql_changes`: the rules of DESIGN §1 and bad input.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 use common::*;
 use rusqlite::types::Value;
@@ -151,7 +153,9 @@ fn bad_changes_are_refused_by_name_and_change_nothing() {
     let site = vec![9u8; 16];
     let pk: Vec<u8> = one(&x, "SELECT crsql_pack_columns(1)");
     let ins = "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, 0)";
-    let cases: Vec<(&str, Value, &str, i64, Vec<u8>, i64, &str)> = vec![
+    // (table, pk, cid, col_version, site_id, cl, expected message)
+    type Case<'a> = (&'a str, Value, &'a str, i64, Vec<u8>, i64, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "nope",
             Value::Blob(pk.clone()),

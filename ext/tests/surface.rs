@@ -1,6 +1,8 @@
 //! The SQL surface: exactly which functions and modules load, argument errors, schema
 //! refusals.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 use common::*;
 

@@ -127,9 +127,10 @@ pub fn merge(c: &Connection, changes: &[ChangeRow]) {
 
 /// The replica state that must converge: every change row on the columns that are not
 /// local numbers, sorted.
-pub fn converging_state(
-    c: &Connection,
-) -> Vec<(String, Vec<u8>, String, String, i64, i64, Vec<u8>)> {
+/// `(table, pk, cid, val, col_version, cl, site_id)` of one change.
+pub type Converging = (String, Vec<u8>, String, String, i64, i64, Vec<u8>);
+
+pub fn converging_state(c: &Connection) -> Vec<Converging> {
     let mut v: Vec<_> = changes_after(c, i64::MIN)
         .into_iter()
         .map(|(t, pk, cid, val, cv, _, site, cl, _, _)| {
