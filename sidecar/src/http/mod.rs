@@ -32,6 +32,8 @@ pub mod subscriptions;
 pub mod transactions;
 
 use std::future::Future;
+
+use axum::serve::ListenerExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -83,6 +85,13 @@ pub async fn serve(
     let subs = state.subs.clone();
     let app = router(state);
     tracing::info!(addr = %local, "HTTP API listening");
+    // Streamed answers (NDJSON) are several small writes; without TCP_NODELAY the last
+    // ones wait for the client's delayed ACK (~40 ms per query).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY on an API connection: {e}");
+        }
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
