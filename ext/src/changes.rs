@@ -74,9 +74,14 @@ struct WindowCache {
     total_changes: i64,
     after: i64,
     table: Option<String>,
-    /// Sorted by db_version.
+    /// Sorted by db_version: every change in `(after, covered]`.
     rows: Vec<Change>,
+    covered: i64,
 }
+
+/// At most this many changes are kept for later windows (a few MB), so a reader that
+/// stops early does not pin the whole remainder of a large feed in memory.
+const WINDOW_CACHE_CHANGES: usize = 32_768;
 
 #[repr(C)]
 struct Cursor {
@@ -304,6 +309,7 @@ fn read_window(vtab: &Vtab, f: &Filter) -> Result<Vec<Change>> {
             && c.total_changes == total_changes
             && c.table == f.table
             && f.after >= c.after
+            && (c.covered == i64::MAX || f.up_to <= c.covered)
     });
     if !valid {
         let whole = Filter {
@@ -313,13 +319,15 @@ fn read_window(vtab: &Vtab, f: &Filter) -> Result<Vec<Change>> {
             site_eq: None,
             site_ne: None,
         };
-        let rows = read_changes(conn, &whole)?;
+        let (rows, covered) =
+            read_changes_first(conn, &whole, WINDOW_CACHE_CHANGES.max(window_hint(f)))?;
         *cache = Some(WindowCache {
             data_version,
             total_changes,
             after: f.after,
             table: f.table.clone(),
             rows,
+            covered,
         });
     }
     let Some(c) = cache.as_ref() else {
@@ -332,11 +340,59 @@ fn read_window(vtab: &Vtab, f: &Filter) -> Result<Vec<Change>> {
         .filter(|r| f.keeps_site(r.site_id.as_deref()))
         .cloned()
         .collect();
-    // The last window of the remainder frees it.
+    // The last window of what is cached frees it.
     if c.rows.last().map_or(true, |r| r.db_version <= f.up_to) {
         *cache = None;
     }
     Ok(out)
+}
+
+/// Room for one window of `f` when its width is known to be larger than the cache bound.
+fn window_hint(f: &Filter) -> usize {
+    usize::try_from(f.up_to.saturating_sub(f.after))
+        .unwrap_or(usize::MAX)
+        .min(1 << 22)
+}
+
+/// The first `limit` changes of `f` by db_version, and the db_version up to which the
+/// result is complete (`i64::MAX` when nothing was cut). Memory stays near `2 * limit`
+/// changes however large the feed: the collection is cut back as it grows.
+fn read_changes_first(conn: Conn, f: &Filter, limit: usize) -> Result<(Vec<Change>, i64)> {
+    let mut out = Vec::new();
+    let mut cut = false;
+    if !crate::state::initialized(conn)? {
+        return Ok((out, i64::MAX));
+    }
+    let tables = match &f.table {
+        Some(t) if schema::is_replicated(conn, t)? => vec![t.clone()],
+        Some(_) => Vec::new(),
+        None => schema::replicated_tables(conn)?,
+    };
+    let mut sites = Sites::default();
+    sites.reload(conn)?;
+    let mut trim = |out: &mut Vec<Change>| {
+        if out.len() > limit {
+            out.sort_unstable_by_key(|c| c.db_version);
+            out.truncate(limit);
+            cut = true;
+        }
+    };
+    for t in tables {
+        let info = schema::inspect(conn, &t)?;
+        changes_read::read_table_with(conn, &info, &sites, f, &mut out, &mut |o| {
+            if o.len() > 2 * limit {
+                trim(o)
+            }
+        })?;
+    }
+    trim(&mut out);
+    out.sort_by_key(|c| c.db_version);
+    let covered = if cut {
+        out.last().map_or(f.after, |c| c.db_version)
+    } else {
+        i64::MAX
+    };
+    Ok((out, covered))
 }
 
 fn read_changes(conn: Conn, f: &Filter) -> Result<Vec<Change>> {

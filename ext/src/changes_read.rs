@@ -103,6 +103,18 @@ pub fn read_table(
     f: &Filter,
     out: &mut Vec<Change>,
 ) -> Result<()> {
+    read_table_with(conn, t, sites, f, out, &mut |_| {})
+}
+
+/// [`read_table`], calling `after_row` after each clock row (to bound memory).
+pub fn read_table_with(
+    conn: Conn,
+    t: &TableInfo,
+    sites: &Sites,
+    f: &Filter,
+    out: &mut Vec<Change>,
+    after_row: &mut dyn FnMut(&mut Vec<Change>),
+) -> Result<()> {
     let mut s = conn.prepare(&read_sql(t))?;
     s.reset();
     // Only the lower bound can narrow rows: a row whose newest change is past `up_to` may
@@ -147,6 +159,7 @@ pub fn read_table(
             }
         }
         if cl % 2 == 0 || !alive {
+            after_row(out);
             continue;
         }
         for (i, cid) in cids.iter().enumerate() {
@@ -180,6 +193,7 @@ pub fn read_table(
                 origin_version: ov,
             });
         }
+        after_row(out);
     }
     s.reset();
     Ok(())

@@ -382,7 +382,7 @@ fn windowed_reads_match_one_read_and_see_new_commits() {
         "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, a, b); SELECT crsql_as_crr('t');",
     )
     .unwrap();
-    c.execute_batch("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000) INSERT INTO t SELECT i, i, i FROM n;").unwrap();
+    c.execute_batch("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12000) INSERT INTO t SELECT i, i, i FROM n;").unwrap();
     c.execute_batch("UPDATE t SET b = 'later' WHERE id % 7 = 0")
         .unwrap(); // rows whose newest change is past earlier windows
     let window = |c: &rusqlite::Connection, a: i64, b: i64| -> Vec<i64> {
@@ -399,8 +399,10 @@ fn windowed_reads_match_one_read_and_see_new_commits() {
     let mut stitched = Vec::new();
     let mut a = 0;
     while a < top {
-        stitched.extend(window(&c, a, a + 500));
-        a += 500;
+        // Windows of several sizes, one wider than the cache's bound.
+        let w = [500, 7000, 40000][(a / 500 % 3) as usize];
+        stitched.extend(window(&c, a, a + w));
+        a += w;
     }
     c.execute_batch("COMMIT").unwrap();
     assert_eq!(stitched, all);

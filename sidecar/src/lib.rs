@@ -5,6 +5,7 @@
 //! - `node`       — [`node::NodeShared`], the seam between the core and the HTTP API.
 //! - `db`         — connections with the extension loaded, tailing the feed, applying units, bookkeeping (core).
 //! - `sync`       — the anti-entropy / broadcast state machine, no I/O (core).
+//! - `memory`     — glibc arena cap and periodic trim: RSS close to the live heap.
 //! - `membership` — the foca (SWIM) driver (core).
 //! - `net`        — QUIC transport, TLS, CBOR frames (core).
 //! - `agent`      — wires everything into a running node; `run(config, shutdown)` (core).
@@ -19,6 +20,7 @@ pub mod db;
 pub mod demo;
 pub mod http;
 pub mod membership;
+pub mod memory;
 pub mod net;
 pub mod node;
 pub mod shutdown;

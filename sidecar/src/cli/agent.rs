@@ -9,6 +9,7 @@ use crate::config::Config;
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = build_config(&args)?;
     init_tracing(&config.log.level);
+    crate::memory::limit_arenas();
     // Two workers are plenty for a node (SQLite work runs on its own threads) and keep
     // the idle footprint small.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -18,7 +19,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(crate::agent::run(config, crate::shutdown::signal()))?;
+    rt.block_on(async {
+        crate::memory::spawn_trimmer();
+        crate::agent::run(config, crate::shutdown::signal()).await
+    })?;
     Ok(())
 }
 
