@@ -380,7 +380,7 @@ fn read_changes_first(conn: Conn, f: &Filter, limit: usize) -> Result<(Vec<Chang
     for t in tables {
         let info = schema::inspect(conn, &t)?;
         changes_read::read_table_with(conn, &info, &sites, f, &mut out, &mut |o| {
-            if o.len() > 2 * limit {
+            if o.len() > limit.saturating_mul(2) {
                 trim(o)
             }
         })?;
@@ -395,24 +395,9 @@ fn read_changes_first(conn: Conn, f: &Filter, limit: usize) -> Result<(Vec<Chang
     Ok((out, covered))
 }
 
+/// Every change that passes `f`, sorted by db_version.
 fn read_changes(conn: Conn, f: &Filter) -> Result<Vec<Change>> {
-    let mut out = Vec::new();
-    if !crate::state::initialized(conn)? {
-        return Ok(out);
-    }
-    let tables = match &f.table {
-        Some(t) if schema::is_replicated(conn, t)? => vec![t.clone()],
-        Some(_) => Vec::new(),
-        None => schema::replicated_tables(conn)?,
-    };
-    let mut sites = Sites::default();
-    sites.reload(conn)?;
-    for t in tables {
-        let info = schema::inspect(conn, &t)?;
-        changes_read::read_table(conn, &info, &sites, f, &mut out)?;
-    }
-    out.sort_by_key(|c| c.db_version);
-    Ok(out)
+    read_changes_first(conn, f, usize::MAX).map(|(rows, _)| rows)
 }
 
 unsafe extern "C" fn x_filter(

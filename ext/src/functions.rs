@@ -82,17 +82,27 @@ fn ok() -> Value {
     Value::Text(b"OK".to_vec())
 }
 
+/// Runs a table-level operation named `function` on its table argument; answers 'OK'.
+fn on_table(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    function: &'static str,
+    op: fn(Conn, &str) -> Result<()>,
+) -> SlResult<()> {
+    finish(
+        ctx,
+        table_arg(function, args)
+            .and_then(|t| op(conn(ctx), &t))
+            .map(|_| ok()),
+    )
+}
+
 pub fn as_crr(
     ctx: *mut sqlite3_context,
     args: &[*mut sqlite3_value],
     _: &Arc<Shared>,
 ) -> SlResult<()> {
-    finish(
-        ctx,
-        table_arg("crsql_as_crr", args)
-            .and_then(|t| crr::as_crr(conn(ctx), &t))
-            .map(|_| ok()),
-    )
+    on_table(ctx, args, "crsql_as_crr", crr::as_crr)
 }
 
 pub fn as_table(
@@ -100,12 +110,7 @@ pub fn as_table(
     args: &[*mut sqlite3_value],
     _: &Arc<Shared>,
 ) -> SlResult<()> {
-    finish(
-        ctx,
-        table_arg("crsql_as_table", args)
-            .and_then(|t| crr::as_table(conn(ctx), &t))
-            .map(|_| ok()),
-    )
+    on_table(ctx, args, "crsql_as_table", crr::as_table)
 }
 
 pub fn begin_alter(
@@ -113,12 +118,7 @@ pub fn begin_alter(
     args: &[*mut sqlite3_value],
     _: &Arc<Shared>,
 ) -> SlResult<()> {
-    finish(
-        ctx,
-        table_arg("crsql_begin_alter", args)
-            .and_then(|t| crr::begin_alter(conn(ctx), &t))
-            .map(|_| ok()),
-    )
+    on_table(ctx, args, "crsql_begin_alter", crr::begin_alter)
 }
 
 pub fn commit_alter(
@@ -126,12 +126,7 @@ pub fn commit_alter(
     args: &[*mut sqlite3_value],
     _: &Arc<Shared>,
 ) -> SlResult<()> {
-    finish(
-        ctx,
-        table_arg("crsql_commit_alter", args)
-            .and_then(|t| crr::commit_alter(conn(ctx), &t))
-            .map(|_| ok()),
-    )
+    on_table(ctx, args, "crsql_commit_alter", crr::commit_alter)
 }
 
 pub fn db_version(
