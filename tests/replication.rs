@@ -580,6 +580,7 @@ fn a_node_killed_mid_catch_up_applies_the_unit_whole_after_restart() {
     wait_for("chunks in node2's inbox", Duration::from_secs(60), || {
         inbox() > 0
     });
+    nodes[1].kill9();
     let bulk = |n: &Node| -> i64 {
         Connection::open_with_flags(&n.db, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .and_then(|c| {
