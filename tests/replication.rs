@@ -53,6 +53,8 @@ struct Node {
     bootstrap: Vec<SocketAddr>,
     child: Option<Child>,
     starts: usize,
+    /// Extra `patina agent` flags (TLS files, …).
+    extra: Vec<String>,
 }
 
 impl Node {
@@ -75,6 +77,7 @@ impl Node {
             bootstrap: bootstrap.to_vec(),
             child: None,
             starts: 0,
+            extra: Vec::new(),
         }
     }
 
@@ -109,6 +112,7 @@ impl Node {
         for b in &self.bootstrap {
             cmd.arg("--gossip-bootstrap").arg(b.to_string());
         }
+        cmd.args(&self.extra);
         self.child = Some(cmd.spawn().expect("spawn patina agent"));
         let want = self.starts;
         wait_for(
@@ -726,6 +730,81 @@ fn a_column_added_by_an_app_that_loads_nothing_is_adopted_and_replicates() {
         )
         .expect("count");
     assert_eq!(colors, 1);
+}
+
+/// `patina tls <kind> generate` into `dir`, as an operator would run it.
+fn tls_generate(dir: &Path, kind: &str, name: &str) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_patina"));
+    cmd.args(["tls", kind, "generate", "--out-dir"]).arg(dir);
+    if kind != "ca" {
+        cmd.args(["--name", name, "--ca-cert"])
+            .arg(dir.join("ca.pem"))
+            .arg("--ca-key")
+            .arg(dir.join("ca.key"));
+    }
+    let out = cmd.output().expect("patina tls generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tls_flags(dir: &Path, name: &str) -> Vec<String> {
+    vec![
+        "--gossip-tls-ca-file".into(),
+        dir.join("ca.pem").display().to_string(),
+        "--gossip-tls-cert-file".into(),
+        dir.join(format!("{name}.pem")).display().to_string(),
+        "--gossip-tls-key-file".into(),
+        dir.join(format!("{name}.key")).display().to_string(),
+    ]
+}
+
+#[test]
+fn mutual_tls_replicates_and_a_peer_from_another_ca_is_refused() {
+    let cluster_ca = tempfile::tempdir().expect("tempdir");
+    let other_ca = tempfile::tempdir().expect("tempdir");
+    tls_generate(cluster_ca.path(), "ca", "ca");
+    for name in ["node1", "node2"] {
+        tls_generate(cluster_ca.path(), "server", name);
+    }
+    tls_generate(other_ca.path(), "ca", "ca");
+    tls_generate(other_ca.path(), "server", "node3");
+
+    let mut a = Node::new("node1", &[]);
+    a.extra = tls_flags(cluster_ca.path(), "node1");
+    a.start();
+    let mut b = Node::new("node2", &[a.gossip]);
+    b.extra = tls_flags(cluster_ca.path(), "node2");
+    b.start();
+    let mut stranger = Node::new("node3", &[a.gossip]);
+    stranger.extra = tls_flags(other_ca.path(), "node3");
+    stranger.start();
+
+    write_burst(&a, 100, 10, "a");
+    let d = wait_converged(&[&a, &b], Duration::from_secs(60));
+    assert!(d.rows.len() >= 10);
+    // The stranger keeps running but learns nothing, and the cluster says why.
+    let stranger_addr = stranger.gossip.to_string();
+    wait_for(
+        "the refusal in node1's log",
+        Duration::from_secs(30),
+        || {
+            a.log_text().lines().any(|l| {
+                l.contains(&stranger_addr) && l.contains("refused") && l.contains("UnknownIssuer")
+            })
+        },
+    );
+    assert_eq!(
+        count_ids(&stranger, &(100..110).collect::<Vec<_>>()),
+        0,
+        "a peer from another CA got rows"
+    );
+    assert!(
+        !a.log_text().contains("UNAUTHENTICATED"),
+        "a node with TLS files must not run unauthenticated"
+    );
 }
 
 /// Commit→visible latency on 3 local nodes: 200 single-row writes on node 1's file,
