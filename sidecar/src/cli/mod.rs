@@ -24,7 +24,21 @@ pub mod tls;
 
 /// `patina`: multi-writer SQLite replication.
 #[derive(Debug, Parser)]
-#[command(name = "patina", version, about, propagate_version = true)]
+#[command(
+    name = "patina",
+    version,
+    about = "patina: multi-writer SQLite replication. Run one node per machine; every node is writable.",
+    propagate_version = true,
+    after_help = "Quick start:
+  patina demo                                      a local 3-node cluster showing a write replicating
+  patina agent --db-path app.db --db-schema-paths schema/ --gossip-bootstrap HOST:8787
+  patina exec \"UPDATE machines SET status = 'healthy' WHERE id = 'machine-123'\"
+  patina query \"SELECT * FROM machines\"        (--json for JSON)
+
+Client commands reach a node with --api ADDR (default 127.0.0.1:8080) and --token or PATINA_TOKEN.
+The node's config keys are flags of `patina agent` (see `patina agent --help`).
+More: README.md and docs/http-api.md."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
