@@ -262,7 +262,7 @@ mod tests {
         assert_eq!(c.api.addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.api.max_body, 8 * 1024 * 1024);
         assert_eq!(c.gossip.addr.to_string(), "127.0.0.1:8787");
-        assert_eq!(c.validate().expect("valid"), true);
+        assert!(c.validate().expect("valid"));
     }
 
     #[test]
@@ -289,7 +289,7 @@ mod tests {
         .expect("parses");
         assert_eq!(c.api.max_body, 1024 * 1024);
         assert_eq!(c.gossip.cluster_id, 7);
-        assert_eq!(c.validate().expect("valid"), false);
+        assert!(!c.validate().expect("valid"));
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub struct Cli {
 
 /// Every subcommand.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start; boxing buys nothing
 pub enum Command {
     /// Run a node.
     Agent(AgentArgs),
