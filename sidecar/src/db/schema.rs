@@ -313,7 +313,10 @@ mod tests {
         .expect("open");
         std::fs::write(&f, "CREATE TABLE m (id TEXT PRIMARY KEY NOT NULL, a TEXT);")
             .expect("write");
-        assert_eq!(apply(&mut conn, &[f.clone()]).expect("apply"), vec!["m"]);
+        assert_eq!(
+            apply(&mut conn, std::slice::from_ref(&f)).expect("apply"),
+            vec!["m"]
+        );
         conn.execute("INSERT INTO m (id, a) VALUES ('x', 'one')", [])
             .expect("insert");
         std::fs::write(
@@ -322,7 +325,7 @@ mod tests {
              b INTEGER NOT NULL DEFAULT 7);\nCREATE INDEX m_b ON m(b);",
         )
         .expect("write");
-        apply(&mut conn, &[f.clone()]).expect("migrate");
+        apply(&mut conn, std::slice::from_ref(&f)).expect("migrate");
         apply(&mut conn, &[f]).expect("idempotent");
         let b: i64 = conn
             .query_row("SELECT b FROM m WHERE id = 'x'", [], |r| r.get(0))
