@@ -17,7 +17,7 @@ use sqlite_loadable::ext::{
 };
 
 use crate::changes_read::{self, Change, Filter};
-use crate::changes_write::{Incoming, Merger};
+use crate::changes_write::Incoming;
 use crate::error::{Error, Result};
 use crate::schema;
 use crate::sqlite::{self as sq, Conn, Value};
@@ -58,7 +58,6 @@ struct Vtab {
     base: sqlite3_vtab,
     db: *mut sqlite3,
     shared: Arc<Shared>,
-    merger: RefCell<Merger>,
     /// The last windowed read's whole remainder, for the next window of the same snapshot.
     window_cache: RefCell<Option<WindowCache>>,
 }
@@ -106,14 +105,14 @@ pub static MODULE: sqlite3_module = sqlite3_module {
     xRowid: Some(x_rowid),
     xUpdate: Some(x_update),
     xBegin: Some(x_begin),
-    xSync: None,
+    xSync: Some(x_sync),
     xCommit: Some(x_end),
     xRollback: Some(x_end),
     xFindFunction: None,
     xRename: None,
-    xSavepoint: None,
-    xRelease: None,
-    xRollbackTo: None,
+    xSavepoint: Some(x_savepoint),
+    xRelease: Some(x_release),
+    xRollbackTo: Some(x_rollback_to),
     xShadowName: None,
 };
 
@@ -156,7 +155,6 @@ unsafe extern "C" fn x_connect(
         },
         db,
         shared,
-        merger: RefCell::new(Merger::default()),
         window_cache: RefCell::new(None),
     });
     // SAFETY: SQLite takes the pointer and hands it back to x_disconnect.
@@ -419,6 +417,10 @@ unsafe extern "C" fn x_filter(
     let Some(filter) = build_filter(idx_num, &args) else {
         return sq::SQLITE_OK; // a constraint no row can meet (NULL, a non-blob site id)
     };
+    // Changes queued on the batched path are part of what this connection holds.
+    if let Err(e) = vtab.shared.flush(Conn(vtab.db)) {
+        return fail(cursor.base.pVtab, &e);
+    }
     let rows = if filter.up_to < i64::MAX {
         read_window(vtab, &filter)
     } else {
@@ -554,7 +556,7 @@ unsafe extern "C" fn x_update(
     }
     let conn = Conn(v.db);
     let result = parse_incoming(&args[2..]).and_then(|ch| {
-        let mut merger = v.merger.try_borrow_mut().map_err(|_| {
+        let mut merger = v.shared.merger.try_borrow_mut().map_err(|_| {
             Error::Change(
                 "a merge was started from inside another merge (a trigger writing crsql_changes?)"
                     .into(),
@@ -563,13 +565,12 @@ unsafe extern "C" fn x_update(
         merger.merge(conn, ch)
     });
     match result {
-        Ok(true) => {
-            v.shared.rows_impacted.fetch_add(1, Ordering::Relaxed);
+        Ok(n) => {
+            v.shared.rows_impacted.fetch_add(n, Ordering::Relaxed);
             sq::SQLITE_OK
         }
-        Ok(false) => sq::SQLITE_OK,
         Err(e) => {
-            if let Ok(mut m) = v.merger.try_borrow_mut() {
+            if let Ok(mut m) = v.shared.merger.try_borrow_mut() {
                 m.clear();
             }
             fail(vtab, &e)
@@ -584,13 +585,52 @@ unsafe extern "C" fn x_begin(vtab: *mut sqlite3_vtab) -> c_int {
     sq::SQLITE_OK
 }
 
-/// Commit or rollback: finalize cached statements so none outlives the transaction (or
-/// keeps the connection from closing).
+/// Commit or rollback: the queue is gone (a commit flushed it in `x_sync`) and cached
+/// statements are finalized, so none outlives the transaction or keeps the connection
+/// from closing.
 unsafe extern "C" fn x_end(vtab: *mut sqlite3_vtab) -> c_int {
     // SAFETY: ours.
     let v = unsafe { &*vtab.cast::<Vtab>() };
-    if let Ok(mut m) = v.merger.try_borrow_mut() {
-        m.clear();
+    if let Ok(mut m) = v.shared.merger.try_borrow_mut() {
+        m.end_transaction();
+    }
+    sq::SQLITE_OK
+}
+
+/// Commit, phase one: apply what the batched path still holds (writing here is allowed;
+/// FTS5 flushes its pending terms the same way).
+unsafe extern "C" fn x_sync(vtab: *mut sqlite3_vtab) -> c_int {
+    // SAFETY: ours.
+    let v = unsafe { &*vtab.cast::<Vtab>() };
+    match v.shared.flush(Conn(v.db)) {
+        Ok(()) => sq::SQLITE_OK,
+        Err(e) => fail(vtab, &e),
+    }
+}
+
+unsafe extern "C" fn x_savepoint(vtab: *mut sqlite3_vtab, n: c_int) -> c_int {
+    // SAFETY: ours.
+    let v = unsafe { &*vtab.cast::<Vtab>() };
+    if let Ok(mut m) = v.shared.merger.try_borrow_mut() {
+        m.savepoint(n);
+    }
+    sq::SQLITE_OK
+}
+
+unsafe extern "C" fn x_release(vtab: *mut sqlite3_vtab, n: c_int) -> c_int {
+    // SAFETY: ours.
+    let v = unsafe { &*vtab.cast::<Vtab>() };
+    if let Ok(mut m) = v.shared.merger.try_borrow_mut() {
+        m.release(n);
+    }
+    sq::SQLITE_OK
+}
+
+unsafe extern "C" fn x_rollback_to(vtab: *mut sqlite3_vtab, n: c_int) -> c_int {
+    // SAFETY: ours.
+    let v = unsafe { &*vtab.cast::<Vtab>() };
+    if let Ok(mut m) = v.shared.merger.try_borrow_mut() {
+        m.rollback_to(n);
     }
     sq::SQLITE_OK
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use crate::changes_batch::{BatchStmts, Queued, QUEUE_LIMIT};
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, ColumnStep, RowStep};
 use crate::pk;
@@ -29,7 +30,7 @@ pub struct Incoming {
 }
 
 /// Prepared statements of one table, by purpose.
-struct TableStmts {
+pub(crate) struct TableStmts {
     /// Per column (index n = the sentinel): the local clock + value + base presence of one key.
     read: HashMap<usize, Stmt>,
     set_column: HashMap<usize, Stmt>,
@@ -39,6 +40,8 @@ struct TableStmts {
     new_life: Option<Stmt>,
     insert_base: Option<Stmt>,
     delete_base: Option<Stmt>,
+    /// The grouped (batched) path's statements.
+    pub batch: BatchStmts,
 }
 
 /// Per-connection merge state, kept for one transaction.
@@ -52,9 +55,17 @@ pub struct Merger {
     /// `total_changes` has not moved since (nothing else wrote in between).
     state: Option<CachedState>,
     pub sites: Sites,
+    /// The batched path's queue and the savepoints' positions in it (`changes_batch`).
+    pub queue: Vec<Queued>,
+    pub marks: Vec<(i32, usize)>,
+    pub counter_write: Option<Stmt>,
 }
 
-fn stmt(slot: &mut Option<Stmt>, conn: Conn, sql: impl FnOnce() -> String) -> Result<&mut Stmt> {
+pub(crate) fn stmt(
+    slot: &mut Option<Stmt>,
+    conn: Conn,
+    sql: impl FnOnce() -> String,
+) -> Result<&mut Stmt> {
     if slot.is_none() {
         *slot = Some(conn.prepare(&sql())?);
     }
@@ -75,7 +86,7 @@ fn keyed(
         .ok_or_else(|| Error::State("statement cache".into()))
 }
 
-fn key_where(t: &TableInfo, first_param: usize) -> String {
+pub(crate) fn key_where(t: &TableInfo, first_param: usize) -> String {
     t.pk.iter()
         .enumerate()
         .map(|(i, c)| format!("{} = ?{}", quote(&c.name), first_param + i))
@@ -84,17 +95,26 @@ fn key_where(t: &TableInfo, first_param: usize) -> String {
 }
 
 impl Merger {
-    /// Drops every cached statement (end of transaction, schema change).
+    /// Ends a transaction: drops the queue (a commit flushed it already) and every cached
+    /// statement.
+    pub fn end_transaction(&mut self) {
+        self.queue.clear();
+        self.marks.clear();
+        self.clear();
+    }
+
+    /// Drops every cached statement (after an error, a schema change); the queue stays.
     pub fn clear(&mut self) {
         self.tables.clear();
         self.state_read = None;
         self.state_write = None;
         self.flag_clear = None;
+        self.counter_write = None;
         self.state = None;
         self.sites.forget();
     }
 
-    fn table(&mut self, conn: Conn, name: &str) -> Result<&mut (TableInfo, TableStmts)> {
+    pub(crate) fn table(&mut self, conn: Conn, name: &str) -> Result<&mut (TableInfo, TableStmts)> {
         if !self.tables.contains_key(name) {
             if !crate::schema::is_replicated(conn, name)? {
                 return Err(Error::Change(format!(
@@ -111,6 +131,7 @@ impl Merger {
                 new_life: None,
                 insert_base: None,
                 delete_base: None,
+                batch: BatchStmts::default(),
             };
             self.tables.insert(name.to_string(), (info, stmts));
         }
@@ -120,7 +141,9 @@ impl Merger {
     }
 
     /// Validates and merges one change. Returns whether a base row was written.
-    pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<bool> {
+    /// Validates and merges one change (or queues it on the batched path). Returns the base
+    /// rows written (several when a full queue was applied).
+    pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<i64> {
         // Validation first: a refused change must not have written anything.
         if ch.site_id.len() != 16 {
             return Err(Error::Change(format!(
@@ -177,31 +200,27 @@ impl Merger {
         }
 
         // Local state.
-        let (db_version, merging, equal_values) = match self.state {
-            Some(c) if c.total_changes == conn.total_changes() => {
-                (c.db_version, c.merging, c.equal_values)
-            }
-            _ => {
-                let s = stmt(&mut self.state_read, conn, || {
-                    "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0"
-                        .into()
-                })?;
-                s.reset();
-                if !s.step()? {
-                    s.reset();
-                    return Err(Error::State("patina_state has no row".into()));
-                }
-                let r = (s.column_i64(0), s.column_i64(1) != 0, s.column_i64(2) != 0);
-                s.reset();
-                self.state = Some(CachedState {
-                    total_changes: conn.total_changes(),
-                    db_version: r.0,
-                    merging: r.1,
-                    equal_values: r.2,
-                });
-                r
-            }
-        };
+        let (db_version, merging, equal_values) = self.state_now(conn)?;
+        if merging {
+            // The batched path: queue it; the queue is applied grouped by row.
+            self.queue.push(Queued {
+                table: ch.table,
+                pk: ch.pk,
+                keys,
+                col,
+                val: ch.val,
+                col_version: ch.col_version,
+                cl: ch.cl,
+                site: ch.site_id,
+                site_ord,
+                origin,
+            });
+            return if self.queue.len() >= QUEUE_LIMIT {
+                self.flush(conn)
+            } else {
+                Ok(0)
+            };
+        }
         let read_key = col.unwrap_or(n);
         let local = {
             let (info, st) = self.table(conn, &ch.table)?;
@@ -239,7 +258,7 @@ impl Merger {
         let step = merge::row_step(local.cl, ch.cl);
         let mut plan = Plan::default();
         match (step, col) {
-            (RowStep::Stale, _) => return Ok(false),
+            (RowStep::Stale, _) => return Ok(0),
             (RowStep::Delete, _) => {
                 plan.base = BaseWrite::Delete;
                 plan.life = Some(Some((site_ord, origin)));
@@ -256,17 +275,17 @@ impl Merger {
                 plan.column_clock = col.is_some();
             }
             (RowStep::SameLife, None) => {
-                let local_site = local.sentinel_site.and_then(|o| self.sites_id(conn, o));
+                let local_site = local.sentinel_site.and_then(|o| self.site_bytes(conn, o));
                 if !merge::sentinel_credits(local_site.as_deref(), &ch.site_id) {
-                    return Ok(false);
+                    return Ok(0);
                 }
                 plan.sentinel = true;
             }
             (RowStep::SameLife, Some(_)) => {
                 if ch.cl % 2 == 0 {
-                    return Ok(false);
+                    return Ok(0);
                 }
-                let local_site = local.col_site.and_then(|o| self.sites_id(conn, o));
+                let local_site = local.col_site.and_then(|o| self.site_bytes(conn, o));
                 let l = ColumnClock {
                     col_version: local.col_version,
                     value: &local.value,
@@ -279,7 +298,7 @@ impl Merger {
                 };
                 plan.column_clock = true;
                 match merge::column_step(&l, &i) {
-                    ColumnStep::Keep => return Ok(false),
+                    ColumnStep::Keep => return Ok(0),
                     ColumnStep::Take => plan.base = BaseWrite::Update,
                     ColumnStep::TakeEqualValue if equal_values => plan.base = BaseWrite::Update,
                     ColumnStep::TakeEqualValue => {}
@@ -327,10 +346,50 @@ impl Merger {
             equal_values,
         });
         result?;
-        Ok(touches_base && base_changed)
+        Ok(i64::from(touches_base && base_changed))
     }
 
-    fn sites_id(&mut self, conn: Conn, ord: i64) -> Option<Vec<u8>> {
+    /// `(db_version, merging, merge_equal_values)`, from the cache while nothing else wrote.
+    pub(crate) fn state_now(&mut self, conn: Conn) -> Result<(i64, bool, bool)> {
+        if let Some(c) = self.state {
+            if c.total_changes == conn.total_changes() {
+                return Ok((c.db_version, c.merging, c.equal_values));
+            }
+        }
+        let s = stmt(&mut self.state_read, conn, || {
+            "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0".into()
+        })?;
+        s.reset();
+        if !s.step()? {
+            s.reset();
+            return Err(Error::State("patina_state has no row".into()));
+        }
+        let r = (s.column_i64(0), s.column_i64(1) != 0, s.column_i64(2) != 0);
+        s.reset();
+        self.remember_state(conn, r.0, r.1, r.2);
+        Ok(r)
+    }
+
+    pub(crate) fn remember_state(
+        &mut self,
+        conn: Conn,
+        db_version: i64,
+        merging: bool,
+        equal_values: bool,
+    ) {
+        self.state = Some(CachedState {
+            total_changes: conn.total_changes(),
+            db_version,
+            merging,
+            equal_values,
+        });
+    }
+
+    pub(crate) fn forget_state(&mut self) {
+        self.state = None;
+    }
+
+    pub(crate) fn site_bytes(&mut self, conn: Conn, ord: i64) -> Option<Vec<u8>> {
         if self.sites.id(ord).is_none() {
             let _ = self.sites.reload(conn);
         }

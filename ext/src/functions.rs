@@ -129,12 +129,27 @@ pub fn commit_alter(
     on_table(ctx, args, "crsql_commit_alter", crr::commit_alter)
 }
 
+pub fn flush(
+    ctx: *mut sqlite3_context,
+    _: &[*mut sqlite3_value],
+    shared: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(ctx, shared.flush(conn(ctx)).map(|_| ok()))
+}
+
 pub fn db_version(
     ctx: *mut sqlite3_context,
     _: &[*mut sqlite3_value],
-    _: &Arc<Shared>,
+    shared: &Arc<Shared>,
 ) -> SlResult<()> {
-    finish(ctx, state::db_version(conn(ctx)).map(Value::Integer))
+    let c = conn(ctx);
+    finish(
+        ctx,
+        shared
+            .flush(c)
+            .and_then(|_| state::db_version(c))
+            .map(Value::Integer),
+    )
 }
 
 pub fn site_id(
@@ -152,7 +167,9 @@ pub fn rows_impacted(
 ) -> SlResult<()> {
     finish(
         ctx,
-        Ok(Value::Integer(shared.rows_impacted.load(Ordering::Relaxed))),
+        shared
+            .flush(conn(ctx))
+            .map(|_| Value::Integer(shared.rows_impacted.load(Ordering::Relaxed))),
     )
 }
 

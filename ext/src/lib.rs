@@ -13,9 +13,11 @@
 //! - `changes`       — the `crsql_changes` virtual table (glue).
 //! - `changes_read`  — the change feed.
 //! - `changes_write` — merging remote changes.
+//! - `changes_batch` — the batched merge path: queued changes applied grouped by row.
 //! - `functions`     — the scalar SQL functions.
 
 pub mod changes;
+pub mod changes_batch;
 pub mod changes_read;
 pub mod changes_write;
 pub mod crr;
@@ -28,6 +30,7 @@ pub mod sqlite;
 pub mod state;
 pub mod triggers;
 
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
@@ -35,11 +38,29 @@ use std::sync::Arc;
 use sqlite_loadable::ext::{faux_sqlite_extension_init2, sqlite3, sqlite3_api_routines};
 use sqlite_loadable::{define_scalar_function_with_aux, FunctionFlags};
 
-/// State one connection's functions and `crsql_changes` share.
-#[derive(Default, Debug)]
+/// State one connection's functions and `crsql_changes` share. SQLite runs one
+/// connection's callbacks one at a time, so a `RefCell` is enough; a re-entrant use (a
+/// trigger merging from inside a merge) gets an error, not a panic.
+#[derive(Default)]
 pub struct Shared {
     /// Base rows written by merges since the current transaction's first merge.
     pub rows_impacted: AtomicI64,
+    /// The merger: statement caches and the batched path's queue.
+    pub merger: RefCell<changes_write::Merger>,
+}
+
+impl Shared {
+    /// Applies the batched path's queue (see `changes_batch`).
+    pub fn flush(&self, conn: sqlite::Conn) -> error::Result<()> {
+        let mut m = self
+            .merger
+            .try_borrow_mut()
+            .map_err(|_| error::Error::Change("patina_flush() ran from inside a merge".into()))?;
+        let n = m.flush(conn)?;
+        self.rows_impacted
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 unsafe extern "C" fn drop_shared(p: *mut c_void) {
@@ -76,6 +97,9 @@ pub unsafe extern "C" fn sqlite3_patina_init(
 
 fn register(db: *mut sqlite3) -> error::Result<()> {
     use functions as f;
+    // Not Sync (RefCell inside): SQLite runs one connection's callbacks one at a time, and
+    // the atomic count stays right when an app moves the connection between threads.
+    #[allow(clippy::arc_with_non_send_sync)]
     let shared = Arc::new(Shared::default());
     let det = FunctionFlags::UTF8 | FunctionFlags::DETERMINISTIC;
     let plain = FunctionFlags::UTF8;
@@ -109,6 +133,8 @@ fn register(db: *mut sqlite3) -> error::Result<()> {
         ("crsql_finalize", 0, plain, f::finalize),
         // patina_version() -> '0.1.0'
         ("patina_version", 0, det, f::version),
+        // patina_flush() -> 'OK': applies changes queued on the batched merge path
+        ("patina_flush", 0, plain, f::flush),
         // patina_new_site_id() -> the new 16-byte site id (restore, cloned files)
         ("patina_new_site_id", 0, direct, f::new_site_id),
     ];

@@ -143,9 +143,27 @@ fn apply(c: &Connection, op: &Op) {
 fn deliver(from: &Connection, to: &Connection, skip: usize, seed: u64) {
     let feed = changes_after(from, 0);
     let part: Vec<_> = feed.into_iter().skip(skip.min(3)).collect();
-    // One delivery is one transaction (as the sidecar applies a unit).
+    // One delivery is one transaction (as the sidecar applies a unit), through one of the
+    // three merge paths: change by change; batched and flushed explicitly; batched with
+    // the flag cleared first, so that commit flushes.
     to.execute_batch("BEGIN").unwrap();
-    merge(to, &shuffle(&part, seed, true));
+    match seed % 3 {
+        0 => merge(to, &shuffle(&part, seed, true)),
+        1 => {
+            to.execute_batch("UPDATE patina_state SET merging = 1")
+                .unwrap();
+            merge(to, &shuffle(&part, seed, true));
+            to.execute_batch("SELECT patina_flush(); UPDATE patina_state SET merging = 0")
+                .unwrap();
+        }
+        _ => {
+            to.execute_batch("UPDATE patina_state SET merging = 1")
+                .unwrap();
+            merge(to, &shuffle(&part, seed, true));
+            to.execute_batch("UPDATE patina_state SET merging = 0")
+                .unwrap();
+        }
+    }
     to.execute_batch("COMMIT").unwrap();
 }
 

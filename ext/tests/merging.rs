@@ -414,3 +414,55 @@ fn windowed_reads_match_one_read_and_see_new_commits() {
     let newest: i64 = one(&c, "SELECT crsql_db_version()");
     assert_eq!(window(&c, newest - 1, newest), vec![newest]);
 }
+
+#[test]
+fn batched_path_queues_then_applies_grouped_and_honours_rollback_to() {
+    let (x, y) = (replica(), replica());
+    y.execute_batch("INSERT INTO t VALUES (1, 'a', 'b'), (2, 'c', 'd'), (3, 'e', 'f'); DELETE FROM t WHERE id = 3;").unwrap();
+    let feed = changes_after(&y, 0);
+    let (first, second): (Vec<_>, Vec<_>) = feed
+        .into_iter()
+        .partition(|r| r.1 == one::<Vec<u8>>(&y, "SELECT crsql_pack_columns(1)"));
+    x.execute_batch("BEGIN; UPDATE patina_state SET merging = 1;")
+        .unwrap();
+    merge(&x, &first);
+    // Queued, not yet visible to this connection's plain reads.
+    assert_eq!(one::<i64>(&x, "SELECT count(*) FROM t"), 0);
+    x.execute_batch("SAVEPOINT job").unwrap();
+    merge(&x, &second);
+    x.execute_batch("ROLLBACK TO job; RELEASE job;").unwrap();
+    x.execute_batch("SELECT patina_flush()").unwrap();
+    assert_eq!(
+        one::<i64>(&x, "SELECT count(*) FROM t"),
+        1,
+        "only the changes queued before the savepoint"
+    );
+    assert_eq!(one::<i64>(&x, "SELECT crsql_rows_impacted()"), 1);
+    x.execute_batch("UPDATE patina_state SET merging = 0; COMMIT;")
+        .unwrap();
+    // Nothing the flush wrote was captured as a local change of x.
+    let xs: Vec<u8> = one(&x, "SELECT crsql_site_id()");
+    assert!(changes_after(&x, 0).iter().all(|r| r.6 != xs));
+    // Now everything, batched, with commit as the only flush: same state as y.
+    x.execute_batch("BEGIN; UPDATE patina_state SET merging = 1;")
+        .unwrap();
+    merge(&x, &changes_after(&y, 0));
+    x.execute_batch("UPDATE patina_state SET merging = 0; COMMIT;")
+        .unwrap();
+    assert_eq!(dump(&x, "t", "id"), dump(&y, "t", "id"));
+    assert_eq!(converging_state(&x), converging_state(&y));
+    assert_eq!(one::<i64>(&x, "SELECT merging FROM patina_state"), 0);
+    // Numbers stay unique and the counter covers them.
+    let versions: Vec<i64> = changes_after(&x, 0).iter().map(|r| r.5).collect();
+    let mut unique = versions.clone();
+    unique.dedup();
+    assert_eq!(versions, unique);
+    assert!(versions
+        .iter()
+        .all(|v| *v <= one::<i64>(&x, "SELECT crsql_db_version()")));
+    // A local write after the batch gets the next number.
+    let top: i64 = one(&x, "SELECT crsql_db_version()");
+    x.execute_batch("UPDATE t SET a = 'local' WHERE id = 1")
+        .unwrap();
+    assert_eq!(one::<i64>(&x, "SELECT crsql_db_version()"), top + 1);
+}

@@ -196,6 +196,9 @@ fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), Jo
         })?;
         merge_skipped(lists.iter())
     };
+    // The batched merge path queues changes and applies them grouped by row; apply them
+    // now, inside this job's savepoint, so a refusal fails this job alone.
+    conn.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
     let cursor = bookkeeping::mark_applied(conn, &job.peer_site, c.unit_from, c.unit_to, &skipped)?;
     Ok((n, Some(cursor)))
 }

@@ -1,0 +1,481 @@
+//! The batched merge path: while the caller holds `patina_state.merging = 1` for its
+//! whole transaction, merged changes are queued and applied grouped by row.
+//!
+//! Applied one by one, a row's changes (its own clock plus each column's) cost four or five
+//! statements each. Grouped, a row costs one clock read, one base-table write and one
+//! clock write, whatever the number of changes. Every change is decided by the same pure
+//! rules (`merge.rs`), in arrival order, so the outcome is the one-by-one outcome.
+//!
+//! The queue is applied (flushed) by `SELECT patina_flush()`, which the caller runs before
+//! clearing `merging`. Commit (`xSync`), reads of `crsql_changes`, the counter functions
+//! and every [`QUEUE_LIMIT`] changes flush too. Until then the caller's own connection
+//! does not see the queued rows. `ROLLBACK TO` drops what was queued after its savepoint.
+//! A flush holds `merging` set while it writes, whoever calls it, so nothing it writes is
+//! captured as a local change.
+
+use std::collections::HashMap;
+
+use crate::changes_write::{key_where, stmt, Merger};
+use crate::error::{Error, Result};
+use crate::merge::{self, ColumnClock, ColumnStep, RowStep};
+use crate::schema::{clock_table, quote, TableInfo};
+use crate::sqlite::{Conn, Stmt, Value};
+use crate::triggers::{col_clock, pk_list, CL, DBV, S_DBV, S_OV, S_SITE};
+
+/// Changes queued before the queue is applied on its own.
+pub const QUEUE_LIMIT: usize = 4096;
+
+/// A validated change waiting in the queue.
+pub struct Queued {
+    pub table: String,
+    pub pk: Vec<u8>,
+    pub keys: Vec<Value>,
+    /// None: the row's own clock (cid '-1').
+    pub col: Option<usize>,
+    pub val: Value,
+    pub col_version: i64,
+    pub cl: i64,
+    pub site: Vec<u8>,
+    pub site_ord: i64,
+    pub origin: i64,
+}
+
+/// The statements of the grouped path for one table.
+#[derive(Default)]
+pub struct BatchStmts {
+    read: Option<Stmt>,
+    upsert_clock: Option<Stmt>,
+    delete: Option<Stmt>,
+    /// By (replace?, columns written).
+    writes: HashMap<(bool, Vec<bool>), Stmt>,
+}
+
+#[derive(Clone, Debug)]
+struct Col {
+    v: i64,
+    dbv: Option<i64>,
+    site: Option<i64>,
+    ov: Option<i64>,
+    /// None after a reset: the column holds its DEFAULT.
+    value: Option<Value>,
+}
+
+impl Col {
+    fn reset() -> Col {
+        Col {
+            v: 0,
+            dbv: None,
+            site: None,
+            ov: None,
+            value: None,
+        }
+    }
+}
+
+struct Row {
+    cl: i64,
+    s_dbv: Option<i64>,
+    s_site: Option<i64>,
+    s_ov: Option<i64>,
+    cols: Vec<Col>,
+}
+
+fn opt(v: Value) -> Option<i64> {
+    v.as_i64()
+}
+
+fn read_sql(t: &TableInfo) -> String {
+    let mut cols = vec![
+        format!("k.{CL}"),
+        format!("k.{S_DBV}"),
+        format!("k.{S_SITE}"),
+        format!("k.{S_OV}"),
+    ];
+    for c in &t.columns {
+        cols.extend(col_clock(&c.name).iter().map(|x| format!("k.{}", quote(x))));
+        cols.push(format!("b.{}", quote(&c.name)));
+    }
+    let on =
+        t.pk.iter()
+            .map(|c| format!("b.{q} = k.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+    let key =
+        t.pk.iter()
+            .enumerate()
+            .map(|(i, c)| format!("k.{} = ?{}", quote(&c.name), i + 1))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+    format!(
+        "SELECT {} FROM {} AS k LEFT JOIN {} AS b ON {on} WHERE {key}",
+        cols.join(", "),
+        quote(&clock_table(&t.name)),
+        quote(&t.name)
+    )
+}
+
+fn upsert_sql(t: &TableInfo) -> String {
+    let mut names = vec![
+        pk_list(t, ""),
+        CL.into(),
+        DBV.into(),
+        S_DBV.into(),
+        S_SITE.into(),
+        S_OV.into(),
+    ];
+    let mut sets = [CL, DBV, S_DBV, S_SITE, S_OV]
+        .iter()
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>();
+    for c in &t.columns {
+        for x in col_clock(&c.name) {
+            let q = quote(&x);
+            sets.push(format!("{q} = excluded.{q}"));
+            names.push(q);
+        }
+    }
+    let n = t.pk.len() + 5 + 4 * t.columns.len();
+    let params: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        quote(&clock_table(&t.name)),
+        names.join(", "),
+        params.join(", "),
+        pk_list(t, ""),
+        sets.join(", ")
+    )
+}
+
+fn write_sql(t: &TableInfo, replace: bool, mask: &[bool]) -> String {
+    let cols: Vec<&str> = t
+        .columns
+        .iter()
+        .zip(mask)
+        .filter(|(_, m)| **m)
+        .map(|(c, _)| c.name.as_str())
+        .collect();
+    if replace {
+        let mut names = vec![pk_list(t, "")];
+        names.extend(cols.iter().map(|c| quote(c)));
+        let params: Vec<String> = (1..=t.pk.len() + cols.len())
+            .map(|i| format!("?{i}"))
+            .collect();
+        format!(
+            "INSERT OR REPLACE INTO {} ({}) VALUES ({})",
+            quote(&t.name),
+            names.join(", "),
+            params.join(", ")
+        )
+    } else {
+        let npk = t.pk.len();
+        let sets: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{} = ?{}", quote(c), npk + 1 + i))
+            .collect();
+        format!(
+            "UPDATE {} SET {} WHERE {}",
+            quote(&t.name),
+            sets.join(", "),
+            key_where(t, 1)
+        )
+    }
+}
+
+impl Merger {
+    /// Records a savepoint's position in the queue (`xSavepoint`).
+    pub fn savepoint(&mut self, n: i32) {
+        self.marks.retain(|(m, _)| *m < n);
+        self.marks.push((n, self.queue.len()));
+    }
+
+    /// Forgets savepoints `n` and above (`xRelease`); the queue stays.
+    pub fn release(&mut self, n: i32) {
+        self.marks.retain(|(m, _)| *m < n);
+    }
+
+    /// Drops what was queued after savepoint `n` (`xRollbackTo`).
+    pub fn rollback_to(&mut self, n: i32) {
+        let keep = self
+            .marks
+            .iter()
+            .find(|(m, _)| *m == n)
+            .map_or(0, |(_, len)| *len);
+        self.queue.truncate(keep);
+        self.marks.retain(|(m, _)| *m <= n);
+        self.forget_state();
+    }
+
+    /// Applies every queued change; returns the base rows written.
+    pub fn flush(&mut self, conn: Conn) -> Result<i64> {
+        if self.queue.is_empty() {
+            return Ok(0);
+        }
+        let queue = std::mem::take(&mut self.queue);
+        self.marks.clear();
+        let result = self.apply_queue(conn, queue);
+        if result.is_err() {
+            self.forget_state();
+        }
+        result
+    }
+
+    fn apply_queue(&mut self, conn: Conn, queue: Vec<Queued>) -> Result<i64> {
+        let (mut counter, merging, equal_values) = self.state_now(conn)?;
+        // Group by row, keeping arrival order inside each group.
+        let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut groups: HashMap<(String, Vec<u8>), Vec<Queued>> = HashMap::new();
+        for q in queue {
+            let key = (q.table.clone(), q.pk.clone());
+            groups
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    order.push(key);
+                    Vec::new()
+                })
+                .push(q);
+        }
+        if !merging {
+            // Flushed after the caller cleared `merging` (or at commit): hold it while writing.
+            let s = stmt(&mut self.counter_write, conn, || {
+                "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
+            })?;
+            s.execute(&[Value::Integer(counter), Value::Integer(1)])?;
+        }
+        let mut impacted = 0;
+        for key in order {
+            let Some(changes) = groups.remove(&key) else {
+                continue;
+            };
+            if self.apply_row(conn, &changes, &mut counter, equal_values)? {
+                impacted += 1;
+            }
+        }
+        let s = stmt(&mut self.counter_write, conn, || {
+            "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
+        })?;
+        s.execute(&[Value::Integer(counter), Value::Integer(i64::from(merging))])?;
+        self.remember_state(conn, counter, merging, equal_values);
+        Ok(impacted)
+    }
+
+    /// Decides and writes one row's queued changes; returns whether its base row was written.
+    fn apply_row(
+        &mut self,
+        conn: Conn,
+        changes: &[Queued],
+        counter: &mut i64,
+        equal_values: bool,
+    ) -> Result<bool> {
+        let first = &changes[0];
+        let keys = first.keys.clone();
+        let ncols = self.table(conn, &first.table)?.0.columns.len();
+
+        // The local row (cl 0 when unknown here).
+        let mut row = {
+            let (info, st) = self.table(conn, &first.table)?;
+            let s = stmt(&mut st.batch.read, conn, || read_sql(info))?;
+            s.reset();
+            s.bind_all(&keys)?;
+            let row = if s.step()? {
+                let cols = (0..ncols)
+                    .map(|i| {
+                        let at = 4 + i * 5;
+                        Col {
+                            v: s.column_i64(at),
+                            dbv: opt(s.column(at + 1)),
+                            site: opt(s.column(at + 2)),
+                            ov: opt(s.column(at + 3)),
+                            value: Some(s.column(at + 4)),
+                        }
+                    })
+                    .collect();
+                Row {
+                    cl: s.column_i64(0),
+                    s_dbv: opt(s.column(1)),
+                    s_site: opt(s.column(2)),
+                    s_ov: opt(s.column(3)),
+                    cols,
+                }
+            } else {
+                Row {
+                    cl: 0,
+                    s_dbv: None,
+                    s_site: None,
+                    s_ov: None,
+                    cols: vec![Col::reset(); ncols],
+                }
+            };
+            s.reset();
+            row
+        };
+
+        let mut next = || {
+            *counter += 1;
+            *counter
+        };
+        let mut life_changed = false;
+        let mut clock_dirty = false;
+        let mut dirty = vec![false; ncols];
+        for q in changes {
+            match (merge::row_step(row.cl, q.cl), q.col) {
+                (RowStep::Stale, _) => {}
+                (RowStep::Delete, _) => {
+                    row.cl = q.cl;
+                    (row.s_dbv, row.s_site, row.s_ov) =
+                        (Some(next()), Some(q.site_ord), Some(q.origin));
+                    row.cols = vec![Col::reset(); ncols];
+                    dirty = vec![false; ncols];
+                    life_changed = true;
+                    clock_dirty = true;
+                }
+                (RowStep::NewLife, col) => {
+                    row.cl = q.cl;
+                    row.cols = vec![Col::reset(); ncols];
+                    dirty = vec![false; ncols];
+                    life_changed = true;
+                    clock_dirty = true;
+                    match col {
+                        // The row's clock is credited only by the change that set it.
+                        None => {
+                            (row.s_dbv, row.s_site, row.s_ov) =
+                                (Some(next()), Some(q.site_ord), Some(q.origin))
+                        }
+                        Some(i) => {
+                            (row.s_dbv, row.s_site, row.s_ov) = (None, None, None);
+                            row.cols[i] = Col {
+                                v: q.col_version,
+                                dbv: Some(next()),
+                                site: Some(q.site_ord),
+                                ov: Some(q.origin),
+                                value: Some(q.val.clone()),
+                            };
+                        }
+                    }
+                }
+                (RowStep::SameLife, None) => {
+                    let local = row.s_site.and_then(|o| self.site_bytes(conn, o));
+                    if merge::sentinel_credits(local.as_deref(), &q.site) {
+                        (row.s_dbv, row.s_site, row.s_ov) =
+                            (Some(next()), Some(q.site_ord), Some(q.origin));
+                        clock_dirty = true;
+                    }
+                }
+                (RowStep::SameLife, Some(i)) => {
+                    if q.cl % 2 == 0 {
+                        continue;
+                    }
+                    let c = &row.cols[i];
+                    let local_site = c.site.and_then(|o| self.site_bytes(conn, o));
+                    // A column at version 0 holds its default: any write wins it.
+                    let local_value = c.value.clone().unwrap_or(Value::Null);
+                    let l = ColumnClock {
+                        col_version: c.v,
+                        value: &local_value,
+                        site: local_site.as_deref(),
+                    };
+                    let inc = ColumnClock {
+                        col_version: q.col_version,
+                        value: &q.val,
+                        site: Some(&q.site),
+                    };
+                    let step = if c.v == 0 {
+                        ColumnStep::Take
+                    } else {
+                        merge::column_step(&l, &inc)
+                    };
+                    let write = match step {
+                        ColumnStep::Keep => continue,
+                        ColumnStep::Take => true,
+                        ColumnStep::TakeEqualValue => equal_values,
+                    };
+                    row.cols[i] = Col {
+                        v: q.col_version,
+                        dbv: Some(next()),
+                        site: Some(q.site_ord),
+                        ov: Some(q.origin),
+                        value: Some(q.val.clone()),
+                    };
+                    dirty[i] = dirty[i] || write;
+                    clock_dirty = true;
+                }
+            }
+        }
+        if !clock_dirty {
+            return Ok(false);
+        }
+
+        let (info, st) = self.table(conn, &first.table)?;
+        let alive = row.cl % 2 == 1;
+        let mut base_written = false;
+        if life_changed && !alive {
+            let s = stmt(&mut st.batch.delete, conn, || {
+                format!(
+                    "DELETE FROM {} WHERE {}",
+                    quote(&info.name),
+                    key_where(info, 1)
+                )
+            })?;
+            s.execute(&keys)?;
+            base_written = conn.changes() > 0;
+        } else if life_changed || dirty.iter().any(|d| *d) {
+            let mask: Vec<bool> = if life_changed {
+                row.cols.iter().map(|c| c.v > 0).collect()
+            } else {
+                dirty.clone()
+            };
+            let s = keyed_writes(
+                &mut st.batch.writes,
+                (life_changed, mask.clone()),
+                conn,
+                || write_sql(info, life_changed, &mask),
+            )?;
+            let mut params = keys.clone();
+            params.extend(
+                row.cols
+                    .iter()
+                    .zip(&mask)
+                    .filter(|(_, m)| **m)
+                    .map(|(c, _)| c.value.clone().unwrap_or(Value::Null)),
+            );
+            s.execute(&params)?;
+            base_written = true;
+        }
+        let row_dbv = row
+            .cols
+            .iter()
+            .filter_map(|c| c.dbv)
+            .chain(row.s_dbv)
+            .max()
+            .unwrap_or(*counter);
+        let s = stmt(&mut st.batch.upsert_clock, conn, || upsert_sql(info))?;
+        let int = |v: Option<i64>| v.map_or(Value::Null, Value::Integer);
+        let mut params = keys;
+        params.extend([
+            Value::Integer(row.cl),
+            Value::Integer(row_dbv),
+            int(row.s_dbv),
+            int(row.s_site),
+            int(row.s_ov),
+        ]);
+        for c in &row.cols {
+            params.extend([Value::Integer(c.v), int(c.dbv), int(c.site), int(c.ov)]);
+        }
+        s.execute(&params)?;
+        Ok(base_written)
+    }
+}
+
+fn keyed_writes(
+    map: &mut HashMap<(bool, Vec<bool>), Stmt>,
+    k: (bool, Vec<bool>),
+    conn: Conn,
+    sql: impl FnOnce() -> String,
+) -> Result<&mut Stmt> {
+    if !map.contains_key(&k) {
+        let s = conn.prepare(&sql())?;
+        map.insert(k.clone(), s);
+    }
+    map.get_mut(&k)
+        .ok_or_else(|| Error::State("statement cache".into()))
+}
