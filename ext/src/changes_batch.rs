@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, ColumnStep, RowStep};
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
-use crate::triggers::{col_clock, pk_list, CL, DBV, S_DBV, S_OV, S_SITE};
+use crate::triggers::{col_clock, pk_list, pk_match, pk_params, CL, DBV, S_DBV, S_OV, S_SITE};
 
 /// Changes queued before the queue is applied on its own.
 pub const QUEUE_LIMIT: usize = 4096;
@@ -95,17 +95,8 @@ fn read_sql(t: &TableInfo) -> String {
         cols.extend(col_clock(&c.name).iter().map(|x| format!("k.{}", quote(x))));
         cols.push(format!("b.{}", quote(&c.name)));
     }
-    let on =
-        t.pk.iter()
-            .map(|c| format!("b.{q} = k.{q}", q = quote(&c.name)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-    let key =
-        t.pk.iter()
-            .enumerate()
-            .map(|(i, c)| format!("k.{} = ?{}", quote(&c.name), i + 1))
-            .collect::<Vec<_>>()
-            .join(" AND ");
+    let on = pk_match(t, "b", "k");
+    let key = pk_params(t, "k", 1);
     format!(
         "SELECT {} FROM {} AS k LEFT JOIN {} AS b ON {on} WHERE {key}",
         cols.join(", "),

@@ -600,12 +600,7 @@ struct Plan {
 /// base table's current value.
 fn read_sql(t: &TableInfo, col: Option<usize>) -> String {
     let clock = quote(&clock_table(&t.name));
-    let key =
-        t.pk.iter()
-            .enumerate()
-            .map(|(i, c)| format!("k.{} = ?{}", quote(&c.name), i + 1))
-            .collect::<Vec<_>>()
-            .join(" AND ");
+    let key = crate::triggers::pk_params(t, "k", 1);
     match col {
         Some(i) => {
             let [v, _, s, _] = col_clock(&t.columns[i].name).map(|x| quote(&x));

@@ -100,8 +100,17 @@ pub fn pk_list(t: &TableInfo, prefix: &str) -> String {
         .join(", ")
 }
 
+/// `alias."p1" = ?first AND alias."p2" = ?first+1 ...`: a key bound as parameters.
+pub fn pk_params(t: &TableInfo, alias: &str, first: usize) -> String {
+    t.pk.iter()
+        .enumerate()
+        .map(|(i, c)| format!("{alias}.{} = ?{}", quote(&c.name), first + i))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// `clock."p1" = SRC."p1" AND ...`
-fn pk_match(t: &TableInfo, left: &str, src: &str) -> String {
+pub fn pk_match(t: &TableInfo, left: &str, src: &str) -> String {
     t.pk.iter()
         .map(|c| format!("{left}.{q} = {src}.{q}", q = quote(&c.name)))
         .collect::<Vec<_>>()
