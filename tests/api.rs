@@ -10,6 +10,7 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot set up should panic
 
+mod common;
 #[path = "api_support/mod.rs"]
 mod support;
 

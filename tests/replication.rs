@@ -5,13 +5,16 @@
 //!
 //! Needs the extension built beside the binary: `cargo build -p patina` first.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{free_tcp, free_udp};
 use patina_sidecar::config::Synchronous;
 use rusqlite::{Connection, OpenFlags};
 
@@ -27,18 +30,6 @@ CREATE TABLE IF NOT EXISTS items (
 fn ext() -> PathBuf {
     patina_sidecar::db::extension_path(None)
         .expect("libpatina.so beside the test binary: run `cargo build -p patina` first")
-}
-
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free UDP port")
-}
-
-fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free TCP port")
 }
 
 /// One node: its directory, addresses and (while running) its process.

@@ -3,7 +3,7 @@
 //! a subscription on node B fed by writes on node A and by an extension-less python3
 //! writer on B's file, resumed after a reconnect and after B restarts.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -11,18 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{post_json, post_sql, send, wait_for, Stream, Url};
-
-fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free TCP port")
-}
-
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free UDP port")
-}
+use crate::common::{free_tcp, free_udp};
 
 /// The schema file the README tour and `patina demo` ship.
 fn machines_schema() -> PathBuf {
