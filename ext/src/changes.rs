@@ -377,7 +377,7 @@ fn read_changes_first(conn: Conn, f: &Filter, limit: usize) -> Result<(Vec<Chang
     };
     for t in tables {
         let info = schema::inspect(conn, &t)?;
-        changes_read::read_table_with(conn, &info, &sites, f, &mut out, &mut |o| {
+        changes_read::read_table(conn, &info, &sites, f, &mut out, &mut |o| {
             if o.len() > limit.saturating_mul(2) {
                 trim(o)
             }

@@ -20,7 +20,9 @@ use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, ColumnStep, RowStep};
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
-use crate::triggers::{col_clock, pk_list, pk_match, pk_params, CL, DBV, S_DBV, S_OV, S_SITE};
+use crate::triggers::{
+    clock_columns, col_clock, pk_list, pk_match, pk_params, CL, S_DBV, S_OV, S_SITE,
+};
 
 /// Changes queued before the queue is applied on its own.
 pub const QUEUE_LIMIT: usize = 4096;
@@ -106,25 +108,12 @@ fn read_sql(t: &TableInfo) -> String {
 }
 
 fn upsert_sql(t: &TableInfo) -> String {
-    let mut names = vec![
-        pk_list(t, ""),
-        CL.into(),
-        DBV.into(),
-        S_DBV.into(),
-        S_SITE.into(),
-        S_OV.into(),
-    ];
-    let mut sets = [CL, DBV, S_DBV, S_SITE, S_OV]
+    let names = clock_columns(t);
+    // Every clock column but the key (the first entry) is taken from the new row.
+    let sets: Vec<String> = names[1..]
         .iter()
         .map(|c| format!("{c} = excluded.{c}"))
-        .collect::<Vec<_>>();
-    for c in &t.columns {
-        for x in col_clock(&c.name) {
-            let q = quote(&x);
-            sets.push(format!("{q} = excluded.{q}"));
-            names.push(q);
-        }
-    }
+        .collect();
     let n = t.pk.len() + 5 + 4 * t.columns.len();
     let params: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
     format!(

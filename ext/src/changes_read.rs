@@ -31,6 +31,9 @@ pub struct Change {
     pub origin_version: i64,
 }
 
+/// A change's `(db_version, site_id, origin_version)` as read from a clock.
+type ClockRef = (i64, Option<Rc<[u8]>>, i64);
+
 /// What the caller's WHERE clause let us narrow the read to.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -95,19 +98,9 @@ fn read_sql(t: &TableInfo) -> String {
     )
 }
 
-/// Appends the changes of one table that pass `f`.
+/// Appends the changes of one table that pass `f`, calling `after_row` after each clock
+/// row (so a caller can bound memory).
 pub fn read_table(
-    conn: Conn,
-    t: &TableInfo,
-    sites: &Sites,
-    f: &Filter,
-    out: &mut Vec<Change>,
-) -> Result<()> {
-    read_table_with(conn, t, sites, f, out, &mut |_| {})
-}
-
-/// [`read_table`], calling `after_row` after each clock row (to bound memory).
-pub fn read_table_with(
     conn: Conn,
     t: &TableInfo,
     sites: &Sites,
@@ -130,68 +123,61 @@ pub fn read_table_with(
     let sentinel: Rc<str> = Rc::from(SENTINEL);
     let site_of =
         |v: &Value| -> Option<Rc<[u8]>> { v.as_i64().and_then(|o| sites.id(o)).map(Rc::from) };
+    // A clock is three consecutive columns (change number, site, origin's number); it
+    // yields a change when it is set and passes the filter.
+    let clock = |s: &crate::sqlite::Stmt, at: usize| -> Option<ClockRef> {
+        if s.column_is_null(at) {
+            return None;
+        }
+        let dbv = s.column_i64(at);
+        let site = site_of(&s.column(at + 1));
+        if !f.in_range(dbv) || !f.keeps_site(site.as_deref()) {
+            return None;
+        }
+        let ov = if s.column_is_null(at + 2) {
+            dbv
+        } else {
+            s.column_i64(at + 2)
+        };
+        Some((dbv, site, ov))
+    };
     while s.step()? {
         let keys: Vec<Value> = (0..npk).map(|i| s.column(i)).collect();
         let pk: Rc<[u8]> = Rc::from(pk::pack(&keys)?);
         let cl = s.column_i64(npk);
         let base = npk + 4;
         let alive = s.column_i64(base + cids.len() * 5) != 0;
+        let change = |cid: &Rc<str>,
+                      val: Value,
+                      col_version: i64,
+                      (db_version, site_id, origin_version)| Change {
+            table: table.clone(),
+            pk: pk.clone(),
+            cid: cid.clone(),
+            val,
+            col_version,
+            db_version,
+            site_id,
+            cl,
+            origin_version,
+        };
+        // The row's own clock, unless its credit is still open (see changes_write).
         if !s.column_is_null(npk + 2) {
-            let dbv = s.column_i64(npk + 1);
-            let site = site_of(&s.column(npk + 2));
-            if f.in_range(dbv) && f.keeps_site(site.as_deref()) {
-                let ov = if s.column_is_null(npk + 3) {
-                    dbv
-                } else {
-                    s.column_i64(npk + 3)
-                };
-                out.push(Change {
-                    table: table.clone(),
-                    pk: pk.clone(),
-                    cid: sentinel.clone(),
-                    val: Value::Null,
-                    col_version: cl,
-                    db_version: dbv,
-                    site_id: site,
-                    cl,
-                    origin_version: ov,
-                });
+            if let Some(c) = clock(&s, npk + 1) {
+                out.push(change(&sentinel, Value::Null, cl, c));
             }
         }
-        if cl % 2 == 0 || !alive {
-            after_row(out);
-            continue;
-        }
-        for (i, cid) in cids.iter().enumerate() {
-            let at = base + i * 5;
-            let version = s.column_i64(at);
-            if version <= 0 || s.column_is_null(at + 1) {
-                continue;
+        if cl % 2 == 1 && alive {
+            for (i, cid) in cids.iter().enumerate() {
+                let at = base + i * 5;
+                let version = s.column_i64(at);
+                if version <= 0 {
+                    continue;
+                }
+                if let Some(c) = clock(&s, at + 1) {
+                    out.push(change(cid, s.column(at + 4), version, c));
+                }
             }
-            let dbv = s.column_i64(at + 1);
-            if !f.in_range(dbv) {
-                continue;
-            }
-            let site = site_of(&s.column(at + 2));
-            if !f.keeps_site(site.as_deref()) {
-                continue;
-            }
-            let ov = if s.column_is_null(at + 3) {
-                dbv
-            } else {
-                s.column_i64(at + 3)
-            };
-            out.push(Change {
-                table: table.clone(),
-                pk: pk.clone(),
-                cid: cid.clone(),
-                val: s.column(at + 4),
-                col_version: version,
-                db_version: dbv,
-                site_id: site,
-                cl,
-                origin_version: ov,
-            });
         }
         after_row(out);
     }

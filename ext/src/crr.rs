@@ -161,21 +161,8 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
     let per_row = n + 1;
     let clock = quote(&clock_table(&info.name));
     let table = quote(&info.name);
-    let key_match = |a: &str, b: &str| {
-        info.pk
-            .iter()
-            .map(|c| format!("{a}.{q} = {b}.{q}", q = quote(&c.name)))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
-    let mut names = vec![
-        triggers::pk_list(info, ""),
-        CL.into(),
-        DBV.into(),
-        S_DBV.into(),
-        S_SITE.into(),
-        S_OV.into(),
-    ];
+    let key_match = |a: &str, b: &str| triggers::pk_match(info, a, b);
+    let names = triggers::clock_columns(info);
     let mut values = vec![
         triggers::pk_list(info, "b."),
         "1".into(),
@@ -184,8 +171,7 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
         site.to_string(),
         "NULL".into(),
     ];
-    for (i, c) in info.columns.iter().enumerate() {
-        names.extend(triggers::col_clock(&c.name).map(|x| quote(&x)));
+    for i in 0..info.columns.len() {
         values.extend([
             "1".into(),
             format!("s.db_version + (b.r - 1) * {per_row} + {}", i + 2),

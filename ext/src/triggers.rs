@@ -117,11 +117,9 @@ pub fn pk_match(t: &TableInfo, left: &str, src: &str) -> String {
         .join(" AND ")
 }
 
-/// Records an insert (or resurrection) of the row `src` (NEW): `n + 1` numbers, the
-/// row's clock first, then each column's.
-fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
-    let n = t.columns.len();
-    let clock = quote(&clock_table(&t.name));
+/// Every clock column in layout order, quoted: the key, the row's own clock, then each
+/// replicated column's four.
+pub fn clock_columns(t: &TableInfo) -> Vec<String> {
     let mut names = vec![
         pk_list(t, ""),
         CL.into(),
@@ -130,6 +128,18 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
         S_SITE.into(),
         S_OV.into(),
     ];
+    for c in &t.columns {
+        names.extend(col_clock(&c.name).map(|x| quote(&x)));
+    }
+    names
+}
+
+/// Records an insert (or resurrection) of the row `src` (NEW): `n + 1` numbers, the
+/// row's clock first, then each column's.
+fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
+    let n = t.columns.len();
+    let clock = quote(&clock_table(&t.name));
+    let names = clock_columns(t);
     let mut values = vec![
         pk_list(t, &format!("{src}.")),
         "1".into(),
@@ -147,7 +157,6 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
     ];
     for (i, c) in t.columns.iter().enumerate() {
         let [v, dbv, s, ov] = col_clock(&c.name).map(|x| quote(&x));
-        names.extend([v.clone(), dbv.clone(), s.clone(), ov.clone()]);
         values.extend([
             "1".into(),
             format!("s.db_version - {}", n - 1 - i),
