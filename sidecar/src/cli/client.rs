@@ -122,6 +122,17 @@ pub fn cell(v: &Value) -> String {
     }
 }
 
+/// JSON rows (arrays of values) as table cells.
+pub fn cells(rows: &[Value]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|r| {
+            r.as_array()
+                .map(|r| r.iter().map(cell).collect())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// An aligned text table.
 pub fn table(columns: &[String], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = columns.iter().map(|c| c.chars().count()).collect();

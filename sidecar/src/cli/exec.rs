@@ -1,6 +1,6 @@
 //! `patina exec SQL`: runs statements on a node in one transaction (`POST /sql`).
 
-use super::client::{cell, table, Client};
+use super::client::{cell, cells, table, Client};
 use super::ExecArgs;
 
 /// Runs `patina exec`.
@@ -13,15 +13,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<()> {
     )?;
     if let (Some(cols), Some(rows)) = (v["columns"].as_array(), v["rows"].as_array()) {
         let columns: Vec<String> = cols.iter().map(cell).collect();
-        let rows: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .map(|r| r.iter().map(cell).collect())
-                    .unwrap_or_default()
-            })
-            .collect();
-        print!("{}", table(&columns, &rows));
+        print!("{}", table(&columns, &cells(rows)));
     }
     println!(
         "rows_affected: {}, version: {}",

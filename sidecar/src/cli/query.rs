@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
 
-use super::client::{cell, table, Client};
+use super::client::{cell, cells, table, Client};
 use super::QueryArgs;
 
 /// Runs `patina query`.
@@ -44,15 +44,7 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", json!({ "columns": columns, "rows": rows }));
     } else {
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .map(|r| r.iter().map(cell).collect())
-                    .unwrap_or_default()
-            })
-            .collect();
-        print!("{}", table(&columns, &cells));
+        print!("{}", table(&columns, &cells(&rows)));
     }
     Ok(())
 }
