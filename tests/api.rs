@@ -432,7 +432,7 @@ fn health_members_metrics_status() {
     assert_eq!(a.status, 503);
     assert_eq!(
         a.json()["response"],
-        json!({"gaps": 0, "members": 1, "queue_size": 50})
+        json!({"gaps": 0, "members": 2, "queue_size": 50})
     );
     assert!(a.json()["error"].as_str().unwrap().contains("max_queue=10"));
     assert_eq!(

@@ -640,6 +640,11 @@ fn changes_for_a_table_this_node_lacks_are_refused_whole_then_applied_after_migr
     wait_for("the first rows on node2", Duration::from_secs(30), || {
         count_ids(&b, &[100, 104]) == 2
     });
+    // Each node counts itself: two healthy nodes satisfy min_members=2, not 3.
+    wait_for("node1 to see 2 members alive", Duration::from_secs(30), || {
+        health(&a, "?min_members=2").0 == 200
+    });
+    assert_eq!(health(&a, "?min_members=3").0, 503);
     // One transaction touching both tables: node2 must refuse all of it, loudly.
     {
         let mut conn = a.conn();
@@ -654,6 +659,15 @@ fn changes_for_a_table_this_node_lacks_are_refused_whole_then_applied_after_migr
         b.log_text().contains("refusing changes")
     });
     assert_eq!(count_ids(&b, &[500]), 0, "half of a unit was applied");
+    // The refused unit keeps coming back with every pull: health must say so, by name,
+    // and /metrics must count the failures.
+    wait_for("node2's health to turn 503", Duration::from_secs(60), || {
+        let (status, body) = health(&b, "");
+        status == 503 && body.contains("apply loop") && body.contains("unknown table 'extra'")
+    });
+    assert!(metric(&b, "patina_loop_failures_total{loop=\"apply\"}") > 0);
+    assert_eq!(metric(&b, "patina_loop_failing{loop=\"apply\"}"), 1);
+    assert_eq!(health(&a, "").0, 200, "node1 has nothing wrong");
     // Migrate node2 (schema file + restart applies it): the unit now goes through.
     std::fs::write(&b.schema, format!("{SCHEMA}{extra}")).expect("schema");
     b.kill9();
@@ -661,6 +675,18 @@ fn changes_for_a_table_this_node_lacks_are_refused_whole_then_applied_after_migr
     let d = wait_converged(&[&a, &b], Duration::from_secs(60));
     assert!(d.rows.iter().any(|r| r.starts_with("500|")));
     assert!(d.changes.iter().any(|c| c.starts_with("extra|")));
+    wait_for("node2's health to recover", Duration::from_secs(30), || {
+        health(&b, "").0 == 200
+    });
+}
+
+/// `GET /v1/health` with `query`: (status, body).
+fn health(node: &Node, query: &str) -> (u16, String) {
+    match ureq::get(&format!("http://{}/v1/health{query}", node.api)).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
 }
 
 #[test]

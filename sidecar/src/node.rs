@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
@@ -61,4 +62,124 @@ pub struct Metrics {
     pub apply_latency_us_total: AtomicU64,
     pub apply_batches: AtomicU64,
     pub frames_rejected: AtomicU64,
+    /// Background loops that keep failing make `/v1/health` answer 503.
+    pub loops: Loops,
+}
+
+/// How long a background loop must keep failing before `GET /v1/health` calls the node
+/// unhealthy: long enough that one retried hiccup (a busy database, a peer that went away
+/// mid-reply) does not flap a load balancer, short enough that a stuck loop is seen.
+pub const FAILING_FOR: Duration = Duration::from_secs(5);
+
+/// The state of one background loop (tailer, apply, pull server) as health reports it.
+///
+/// The loops retry forever, so a failure that keeps coming back is invisible in the log
+/// rate alone; this records when the current run of failures began and its last error,
+/// and is cleared by the next success.
+#[derive(Debug, Default)]
+pub struct LoopHealth {
+    /// Failures ever, for `/metrics`.
+    pub failures: AtomicU64,
+    current: Mutex<Option<Failing>>,
+}
+
+#[derive(Debug, Clone)]
+struct Failing {
+    since: Instant,
+    streak: u64,
+    last_error: String,
+}
+
+/// A loop that has been failing for a while: what health says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stuck {
+    pub failing_for: Duration,
+    pub streak: u64,
+    pub last_error: String,
+}
+
+impl LoopHealth {
+    /// Records a failed attempt.
+    pub fn failed(&self, error: impl std::fmt::Display) {
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        match cur.as_mut() {
+            Some(f) => {
+                f.streak += 1;
+                f.last_error = error.to_string();
+            }
+            None => {
+                *cur = Some(Failing {
+                    since: Instant::now(),
+                    streak: 1,
+                    last_error: error.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Records a successful attempt: the loop is healthy again.
+    pub fn succeeded(&self) {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.is_some() {
+            *cur = None;
+        }
+    }
+
+    /// The current run of failures if it has lasted at least `threshold`.
+    pub fn stuck(&self, now: Instant, threshold: Duration) -> Option<Stuck> {
+        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let f = cur.as_ref()?;
+        let failing_for = now.saturating_duration_since(f.since);
+        (failing_for >= threshold).then(|| Stuck {
+            failing_for,
+            streak: f.streak,
+            last_error: f.last_error.clone(),
+        })
+    }
+}
+
+/// The background loops whose persistent failure makes the node unhealthy.
+#[derive(Debug, Default)]
+pub struct Loops {
+    /// Reads the local change feed and hands units to broadcast.
+    pub tailer: LoopHealth,
+    /// Merges remote units into the database.
+    pub apply: LoopHealth,
+    /// Answers peers' pulls from the local feed.
+    pub pull_server: LoopHealth,
+}
+
+impl Loops {
+    /// `(name, state)` of each loop, in a fixed order for health and metrics.
+    pub fn each(&self) -> [(&'static str, &LoopHealth); 3] {
+        [
+            ("tailer", &self.tailer),
+            ("apply", &self.apply),
+            ("pull_server", &self.pull_server),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_is_stuck_only_after_failing_for_the_threshold_and_clears_on_success() {
+        let h = LoopHealth::default();
+        let t0 = Instant::now();
+        assert_eq!(h.stuck(t0, Duration::ZERO), None);
+        h.failed("disk I/O error");
+        h.failed("disk full");
+        let later = Instant::now() + Duration::from_secs(10);
+        assert_eq!(h.stuck(Instant::now(), Duration::from_secs(5)), None);
+        let s = h.stuck(later, Duration::from_secs(5)).expect("stuck after 10 s");
+        assert_eq!(s.streak, 2);
+        assert_eq!(s.last_error, "disk full");
+        h.succeeded();
+        assert_eq!(h.stuck(later, Duration::ZERO), None);
+        assert_eq!(h.failures.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
 }

@@ -153,6 +153,7 @@ impl Driver {
                     let reader = self.reader.clone();
                     let limits = self.limits;
                     let site = self.sync.site();
+                    let metrics = self.shared.metrics.clone();
                     tokio::task::spawn_blocking(move || {
                         let chunk = {
                             let Ok(mut conn) = reader.lock() else { return };
@@ -160,10 +161,14 @@ impl Driver {
                         };
                         match chunk {
                             Ok(chunk) => {
+                                metrics.loops.pull_server.succeeded();
                                 let _ = tx.blocking_send(Msg::Changes { site, chunk }.encode());
                             }
                             Err(e) => {
-                                tracing::warn!(peer = %to, "cannot serve a pull after {after}: {e}")
+                                tracing::warn!(peer = %to, "cannot serve a pull after {after}: {e}");
+                                metrics.loops.pull_server.failed(format!(
+                                    "cannot serve a pull after {after}: {e}"
+                                ));
                             }
                         }
                     });

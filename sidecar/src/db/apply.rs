@@ -84,6 +84,9 @@ pub fn spawn(
                     match apply_batch(&mut conn, &batch, &metrics) {
                         Ok(a) => break a,
                         Err(e) => {
+                            metrics.loops.apply.failed(format!(
+                                "cannot commit a batch of remote changes: {e}"
+                            ));
                             tracing::error!(
                                 jobs = batch.len(),
                                 "cannot commit a batch of remote changes, retrying: {e}"
@@ -123,6 +126,7 @@ fn apply_batch(
     tx.execute("UPDATE patina_state SET merging = 1", [])?;
     let mut out = Vec::new();
     let mut applied_changes = 0u64;
+    let mut refused = None;
     for job in batch {
         tx.execute_batch("SAVEPOINT patina_job")?;
         match apply_job(&tx, job) {
@@ -139,6 +143,12 @@ fn apply_batch(
             Err(e) => {
                 tx.execute_batch("ROLLBACK TO patina_job; RELEASE patina_job")?;
                 metrics.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                refused = Some(format!(
+                    "refused changes ({}, {}] from site {}: {e}",
+                    job.chunk.from,
+                    job.chunk.to,
+                    hex::encode(job.peer_site)
+                ));
                 tracing::error!(
                     peer = %job.from,
                     site_id = %hex::encode(job.peer_site),
@@ -155,6 +165,12 @@ fn apply_batch(
     }
     tx.execute("UPDATE patina_state SET merging = 0", [])?;
     tx.commit()?;
+    // A refused unit comes back with every pull until its cause is fixed: that keeps the
+    // apply loop failing (health), while a clean batch ends the run.
+    match refused {
+        Some(why) => metrics.loops.apply.failed(why),
+        None => metrics.loops.apply.succeeded(),
+    }
     metrics
         .units_received
         .fetch_add(batch.len() as u64, Ordering::Relaxed);

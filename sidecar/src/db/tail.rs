@@ -44,6 +44,7 @@ pub fn spawn(
     version: watch::Sender<i64>,
     stop: Arc<AtomicBool>,
     large_after: i64,
+    health: Arc<crate::node::Metrics>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("patina-tail".into())
@@ -52,6 +53,10 @@ pub fn spawn(
                 Ok(v) => v,
                 Err(e) => {
                     tracing::error!("tailer cannot read crsql_db_version(): {e}");
+                    health
+                        .loops
+                        .tailer
+                        .failed(format!("cannot read crsql_db_version(): {e}"));
                     return;
                 }
             };
@@ -72,6 +77,10 @@ pub fn spawn(
                     Ok(dv) => dv,
                     Err(e) => {
                         tracing::warn!("tailer cannot read PRAGMA data_version: {e}");
+                        health
+                            .loops
+                            .tailer
+                            .failed(format!("cannot read PRAGMA data_version: {e}"));
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
@@ -94,6 +103,7 @@ pub fn spawn(
                 }
                 match read_unit(&mut conn, last, large_after) {
                     Ok((to, changes)) => {
+                        health.loops.tailer.succeeded();
                         if to <= last {
                             continue;
                         }
@@ -119,6 +129,9 @@ pub fn spawn(
                     }
                     Err(e) => {
                         tracing::warn!("tailer cannot read the change feed after {last}: {e}");
+                        health.loops.tailer.failed(format!(
+                            "cannot read the change feed after version {last}: {e}"
+                        ));
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }

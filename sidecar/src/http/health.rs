@@ -11,9 +11,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::pool::db_version;
 use super::{AppState, HttpError};
-use crate::node::MemberInfo;
+use crate::node::{MemberInfo, FAILING_FOR};
 
 /// Thresholds of `GET /v1/health`; each one given makes the check stricter.
 #[derive(Debug, Default, Deserialize)]
@@ -49,12 +48,22 @@ pub async fn get_health(
     let apply = m.apply_queue_depth.load(Ordering::Relaxed);
     let broadcast = m.broadcast_queue_depth.load(Ordering::Relaxed);
     let queue = apply + broadcast;
-    let all = members(&st);
-    let alive = all.iter().filter(|x| x.state == "alive").count();
-    let version = st.pool.read(db_version).await.map_err(|e| {
-        HttpError::Unavailable(format!("unhealthy: the database does not answer: {e}"))
-    })?;
+    let alive = alive_with_self(&members(&st));
+    // The core's last observed version: health never waits for a reader connection, so
+    // it answers while runaway queries hold every reader.
+    let version = *st.shared.db_version.borrow();
     let mut problems = Vec::new();
+    let now = std::time::Instant::now();
+    for (name, state) in m.loops.each() {
+        if let Some(stuck) = state.stuck(now, FAILING_FOR) {
+            problems.push(format!(
+                "the {name} loop has been failing for {:.0} s ({} attempts): {}",
+                stuck.failing_for.as_secs_f64(),
+                stuck.streak,
+                stuck.last_error
+            ));
+        }
+    }
     if let Some(max) = p.max_queue.or(p.queue_size) {
         if queue > max {
             problems.push(format!(
@@ -89,6 +98,12 @@ pub async fn get_health(
         "response": response,
     }))
     .into_response())
+}
+
+/// Alive members counting this node: a running node is alive by definition, so a healthy
+/// single node has one member alive and `min_members=1` holds.
+pub fn alive_with_self(all: &[MemberInfo]) -> usize {
+    all.iter().filter(|x| x.state == "alive").count() + 1
 }
 
 /// `GET /v1/members`: `{"members": [{"site_id", "addr", "state", "rtt_ms"}]}`.
@@ -157,10 +172,31 @@ pub async fn get_metrics(State(st): State<AppState>) -> Response {
         load(&m.apply_latency_us_total) as f64 / 1e6,
         load(&m.apply_batches)
     );
+    let _ = writeln!(
+        out,
+        "# HELP patina_loop_failures_total Failed attempts of a background loop (tailer, apply, pull_server); each keeps retrying.\n# TYPE patina_loop_failures_total counter"
+    );
+    for (name, state) in m.loops.each() {
+        let _ = writeln!(
+            out,
+            "patina_loop_failures_total{{loop=\"{name}\"}} {}",
+            load(&state.failures)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP patina_loop_failing Whether a background loop has been failing for at least {} s (1) or not (0).\n# TYPE patina_loop_failing gauge",
+        FAILING_FOR.as_secs()
+    );
+    let now = std::time::Instant::now();
+    for (name, state) in m.loops.each() {
+        let failing = u8::from(state.stuck(now, FAILING_FOR).is_some());
+        let _ = writeln!(out, "patina_loop_failing{{loop=\"{name}\"}} {failing}");
+    }
     let all = members(&st);
     let _ = writeln!(
         out,
-        "# HELP patina_members Cluster members by SWIM state.\n# TYPE patina_members gauge"
+        "# HELP patina_members Cluster members by SWIM state (this node not included).\n# TYPE patina_members gauge"
     );
     for state in ["alive", "suspect", "down"] {
         let n = all.iter().filter(|x| x.state == state).count();
