@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::{Batch, Connection, Statement};
-use serde_json::Value as Json;
-
 use super::authorizer::{leading_keyword, AuthState, VACUUM_REFUSED};
 use super::error::HttpError;
-use super::json_values::{value_to_json, Params, StatementSpec};
+use super::json_values::{json_len, Cell, Params, StatementSpec};
+
+/// Column names and rows of a statement's result.
+pub type Rows = (Vec<String>, Vec<Vec<Cell>>);
 
 /// What one statement did.
 #[derive(Debug, Clone)]
@@ -23,8 +24,11 @@ pub struct StmtResult {
     pub rows_affected: usize,
     /// Seconds spent running it.
     pub time: f64,
-    /// Column names and rows when the statement returned rows (a query, or `RETURNING`).
-    pub rows: Option<(Vec<String>, Vec<Vec<Json>>)>,
+    /// Column names and rows when the statement returned rows (a query, or `RETURNING`)
+    /// and rows were kept: only the last statement's, as only they are answered. Values
+    /// stay SQLite values here; they are written as JSON after the transaction ended, so
+    /// the write lock is never held while encoding.
+    pub rows: Option<Rows>,
 }
 
 /// Maps a SQLite error, naming the authorizer's reason when it refused the statement.
@@ -38,19 +42,32 @@ pub fn sql_error(err: rusqlite::Error, auth: &AuthState) -> HttpError {
 }
 
 /// Runs every statement of every spec in order, collecting one [`StmtResult`] per SQL
-/// statement. `keep_rows` decides whether returned rows are collected (only `/sql` answers
-/// them). Stops at the first error; the caller rolls back.
+/// statement. `keep_rows` (only `/sql` answers rows) keeps the last returned rows, up to
+/// that many bytes as JSON: past it the request fails with
+/// [`HttpError::ResultTooLarge`]. Stops at the first error; the caller rolls back.
 pub fn run_specs(
     conn: &Connection,
     auth: &AuthState,
     specs: &[StatementSpec],
-    keep_rows: bool,
+    keep_rows: Option<usize>,
 ) -> Result<Vec<StmtResult>, HttpError> {
-    let mut out = Vec::with_capacity(specs.len());
+    let mut out: Vec<StmtResult> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         run_spec(conn, auth, i, spec, keep_rows, &mut out)?;
     }
     Ok(out)
+}
+
+/// Refuses SQL text holding a NUL byte: SQLite stops reading at the first NUL, so the
+/// statements after it would be dropped without a word.
+pub fn refuse_nul(sql: &str) -> Result<(), HttpError> {
+    match sql.bytes().position(|b| b == 0) {
+        Some(at) => Err(HttpError::BadRequest(format!(
+            "the SQL text holds a NUL byte at offset {at}; SQLite would silently ignore \
+             everything after it, so nothing was run"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Runs one spec: its SQL text may hold several statements when it has no parameters.
@@ -59,9 +76,10 @@ fn run_spec(
     auth: &AuthState,
     index: usize,
     spec: &StatementSpec,
-    keep_rows: bool,
+    keep_rows: Option<usize>,
     out: &mut Vec<StmtResult>,
 ) -> Result<(), HttpError> {
+    refuse_nul(&spec.sql)?;
     if is_single_statement(&spec.sql) {
         let _ = auth.take_denial();
         let mut stmt = conn
@@ -69,9 +87,8 @@ fn run_spec(
             .map_err(|e| sql_error(e, auth))?;
         refuse_unauthorizable(&stmt)?;
         bind(&mut stmt, &spec.params)?;
-        let mut res = step(conn, auth, &mut stmt, keep_rows)?;
-        res.spec = index;
-        out.push(res);
+        let res = step(conn, auth, &mut stmt, keep_rows)?;
+        push(out, index, res);
         return Ok(());
     }
     let mut batch = Batch::new(conn, &spec.sql);
@@ -90,9 +107,8 @@ fn run_spec(
         }
         refuse_unauthorizable(&stmt)?;
         bind(&mut stmt, &spec.params)?;
-        let mut res = step(conn, auth, &mut stmt, keep_rows)?;
-        res.spec = index;
-        out.push(res);
+        let res = step(conn, auth, &mut stmt, keep_rows)?;
+        push(out, index, res);
     }
     if count == 0 {
         return Err(HttpError::BadRequest(format!(
@@ -101,6 +117,17 @@ fn run_spec(
         )));
     }
     Ok(())
+}
+
+/// Records a statement's result; only the last returned rows are kept.
+fn push(out: &mut Vec<StmtResult>, index: usize, mut res: StmtResult) {
+    res.spec = index;
+    if res.rows.is_some() {
+        for earlier in out.iter_mut() {
+            earlier.rows = None;
+        }
+    }
+    out.push(res);
 }
 
 /// True when the text surely holds one statement (no `;` but trailing ones): then it is
@@ -179,12 +206,13 @@ fn named_index(stmt: &Statement<'_>, name: &str) -> Result<usize, HttpError> {
     )))
 }
 
-/// Steps a bound statement to completion.
+/// Steps a bound statement to completion, keeping its rows when `keep_rows` gives a
+/// budget of JSON bytes.
 fn step(
     conn: &Connection,
     auth: &AuthState,
     stmt: &mut Statement<'_>,
-    keep_rows: bool,
+    keep_rows: Option<usize>,
 ) -> Result<StmtResult, HttpError> {
     let start = Instant::now();
     let ncols = stmt.column_count();
@@ -200,17 +228,24 @@ fn step(
     let readonly = stmt.readonly();
     let columns: Vec<String> = stmt.column_names().map(String::from).collect();
     let mut rows_out = Vec::new();
+    // `{"columns":[...],"rows":[` and the brackets and commas of each row count too.
+    let mut size = columns.iter().map(|c| c.len() + 3).sum::<usize>() + 64;
     {
         let mut rows = stmt.raw_query();
         while let Some(row) = rows.next().map_err(|e| sql_error(e, auth))? {
-            if keep_rows {
-                let mut vals = Vec::with_capacity(ncols);
-                for i in 0..ncols {
-                    let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
-                    vals.push(value_to_json(v));
+            let Some(limit) = keep_rows else { continue };
+            let mut vals = Vec::with_capacity(ncols);
+            size += 2;
+            for (i, column) in columns.iter().enumerate() {
+                let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
+                // Measured before anything is copied: a 40 MB blob is refused, not cloned.
+                size += json_len(v) + 1;
+                if size > limit {
+                    return Err(HttpError::ResultTooLarge { limit });
                 }
-                rows_out.push(vals);
+                vals.push(Cell::from_ref(v, column)?);
             }
+            rows_out.push(vals);
         }
     }
     let rows_affected = if readonly {
@@ -222,6 +257,6 @@ fn step(
         spec: 0,
         rows_affected,
         time: start.elapsed().as_secs_f64(),
-        rows: Some((columns, rows_out)),
+        rows: keep_rows.map(|_| (columns, rows_out)),
     })
 }
