@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod hardening;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -4,19 +4,41 @@
 //! Everything here runs on a blocking thread with the connection's authorizer in force; the
 //! caller (the writer, a reader) owns the transaction around it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::{Batch, Connection, Statement};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::authorizer::{leading_keyword, AuthState, VACUUM_REFUSED};
 use super::error::HttpError;
-use super::json_values::{json_len, Cell, Params, StatementSpec};
+use super::json_values::{add_json_len, Cell, Params, StatementSpec};
+
+/// How a request keeps returned rows (only `/sql` answers them).
+#[derive(Clone, Debug)]
+pub struct Keep {
+    /// `api.max_result_bytes`: the largest answer, counted as JSON bytes.
+    pub limit: usize,
+    /// Bytes of answers the node holds in memory at once, all requests together: without
+    /// it, many concurrent answers just under the limit (or slow readers of them) would
+    /// add up without bound.
+    pub budget: Arc<Semaphore>,
+}
+
+/// Bytes taken from [`Keep::budget`] at a time (one semaphore call per 64 KiB).
+const BUDGET_CHUNK: usize = 64 * 1024;
 
 /// Column names and rows of a statement's result.
-pub type Rows = (Vec<String>, Vec<Vec<Cell>>);
+#[derive(Debug)]
+pub struct Rows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Cell>>,
+    /// This answer's share of [`Keep::budget`]; released once the answer has been sent.
+    pub held: Option<OwnedSemaphorePermit>,
+}
 
 /// What one statement did.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StmtResult {
     /// Which spec of the request this statement came from (a spec's text may hold several).
     pub spec: usize,
@@ -49,7 +71,7 @@ pub fn run_specs(
     conn: &Connection,
     auth: &AuthState,
     specs: &[StatementSpec],
-    keep_rows: Option<usize>,
+    keep_rows: Option<&Keep>,
 ) -> Result<Vec<StmtResult>, HttpError> {
     let mut out: Vec<StmtResult> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
@@ -76,7 +98,7 @@ fn run_spec(
     auth: &AuthState,
     index: usize,
     spec: &StatementSpec,
-    keep_rows: Option<usize>,
+    keep_rows: Option<&Keep>,
     out: &mut Vec<StmtResult>,
 ) -> Result<(), HttpError> {
     refuse_nul(&spec.sql)?;
@@ -212,7 +234,7 @@ fn step(
     conn: &Connection,
     auth: &AuthState,
     stmt: &mut Statement<'_>,
-    keep_rows: Option<usize>,
+    keep_rows: Option<&Keep>,
 ) -> Result<StmtResult, HttpError> {
     let start = Instant::now();
     let ncols = stmt.column_count();
@@ -230,19 +252,18 @@ fn step(
     let mut rows_out = Vec::new();
     // `{"columns":[...],"rows":[` and the brackets and commas of each row count too.
     let mut size = columns.iter().map(|c| c.len() + 3).sum::<usize>() + 64;
+    let mut held: Option<OwnedSemaphorePermit> = None;
     {
         let mut rows = stmt.raw_query();
         while let Some(row) = rows.next().map_err(|e| sql_error(e, auth))? {
-            let Some(limit) = keep_rows else { continue };
+            let Some(keep) = keep_rows else { continue };
             let mut vals = Vec::with_capacity(ncols);
             size += 2;
             for (i, column) in columns.iter().enumerate() {
                 let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
                 // Measured before anything is copied: a 40 MB blob is refused, not cloned.
-                size += json_len(v) + 1;
-                if size > limit {
-                    return Err(HttpError::ResultTooLarge { limit });
-                }
+                add_json_len(&mut size, v, keep.limit)?;
+                charge(keep, size, &mut held)?;
                 vals.push(Cell::from_ref(v, column)?);
             }
             rows_out.push(vals);
@@ -257,6 +278,38 @@ fn step(
         spec: 0,
         rows_affected,
         time: start.elapsed().as_secs_f64(),
-        rows: keep_rows.map(|_| (columns, rows_out)),
+        rows: keep_rows.map(|_| Rows {
+            columns,
+            rows: rows_out,
+            held,
+        }),
     })
+}
+
+/// Takes budget up to `size` bytes (never waits: the writer holds the write lock here).
+fn charge(
+    keep: &Keep,
+    size: usize,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<(), HttpError> {
+    let have = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+    if size <= have {
+        return Ok(());
+    }
+    let want = (size - have).div_ceil(BUDGET_CHUNK) * BUDGET_CHUNK;
+    let n = u32::try_from(want).unwrap_or(u32::MAX);
+    match keep.budget.clone().try_acquire_many_owned(n) {
+        Ok(p) => {
+            match held {
+                Some(h) => h.merge(p),
+                None => *held = Some(p),
+            }
+            Ok(())
+        }
+        Err(_) => Err(HttpError::Unavailable(format!(
+            "the node holds as many large answers as it may right now ({} bytes in all); \
+             retry shortly, or select less",
+            keep.budget.available_permits() + have
+        ))),
+    }
 }

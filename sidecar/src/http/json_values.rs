@@ -101,6 +101,26 @@ pub fn json_len(v: ValueRef<'_>) -> usize {
     }
 }
 
+/// Adds `v`'s JSON length and a separator to `size`, or fails with
+/// [`HttpError::ResultTooLarge`] once `size` passes `limit`. A value whose smallest
+/// possible encoding is already too large is refused without reading it (a 40 MB blob
+/// costs nothing to refuse).
+pub fn add_json_len(size: &mut usize, v: ValueRef<'_>, limit: usize) -> Result<(), HttpError> {
+    let at_least = match v {
+        ValueRef::Text(t) => t.len() + 2,
+        ValueRef::Blob(b) => 2 * b.len() + 1,
+        _ => 4,
+    };
+    if size.saturating_add(at_least) > limit {
+        return Err(HttpError::ResultTooLarge { limit });
+    }
+    *size += json_len(v) + 1;
+    if *size > limit {
+        return Err(HttpError::ResultTooLarge { limit });
+    }
+    Ok(())
+}
+
 fn itoa_len(mut n: u64) -> usize {
     let mut len = 1;
     while n >= 10 {

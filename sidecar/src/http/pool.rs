@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::authorizer::AuthState;
 use super::error::HttpError;
-use super::exec::{run_specs, StmtResult};
+use super::exec::{run_specs, Keep, StmtResult};
 use super::json_values::StatementSpec;
 use super::limits::{limit_value_size, Armed, CancelToken, Watchdog};
 use crate::config::{ApiConfig, Synchronous};
@@ -45,6 +45,10 @@ pub const READER_WAIT: Duration = Duration::from_millis(50);
 /// big value some app stored, but `/sql` must not build values of any size while it
 /// holds the write lock.
 pub const WRITER_MAX_VALUE: usize = 64 * 1024 * 1024;
+
+/// Answers `/sql` may hold in memory at once, in multiples of `api.max_result_bytes`
+/// (32 MiB by default; an answer also needs about as much again while it is encoded).
+pub const ANSWER_BUDGET_FACTOR: usize = 4;
 
 /// The limits every API connection runs under (from `[api]`).
 #[derive(Clone, Copy, Debug)]
@@ -111,6 +115,13 @@ pub struct WriteRequest {
     pub keep_rows: bool,
     /// Set when the client went away: the request's statements stop and roll back.
     pub cancel: CancelToken,
+    /// Lead the writer from a blocking thread rather than in place (`block_in_place`).
+    /// In place saves a thread hop on the hot path (`/v1/transactions`), but the
+    /// request's own future is then busy until its group commits, so a client leaving
+    /// cannot cancel a request that leads: it stops at `api.query_timeout` at the
+    /// latest. `/sql`, where hand-typed runaway statements come from, leads off-thread
+    /// and is cancelled at once.
+    pub lead_off_thread: bool,
 }
 
 /// What a committed write request did.
@@ -156,6 +167,12 @@ impl Pool {
         let writer = Arc::new(Writer {
             state: Mutex::new(WriterState {
                 api: writer,
+                keep: Keep {
+                    limit: limits.max_result_bytes,
+                    budget: Arc::new(Semaphore::new(
+                        limits.max_result_bytes.saturating_mul(ANSWER_BUDGET_FACTOR),
+                    )),
+                },
                 limits,
                 ctl: Ctl::new(),
             }),
@@ -180,6 +197,7 @@ impl Pool {
 
     /// Queues a write request, leads the writer if nobody does, and waits for the commit.
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, HttpError> {
+        let off_thread = req.lead_off_thread;
         let (reply, rx) = oneshot::channel();
         self.writer
             .queue
@@ -189,7 +207,7 @@ impl Pool {
         if !self.writer.leading.load(Ordering::SeqCst) {
             let writer = self.writer.clone();
             let flavor = tokio::runtime::Handle::current().runtime_flavor();
-            if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+            if flavor == tokio::runtime::RuntimeFlavor::MultiThread && !off_thread {
                 tokio::task::block_in_place(|| writer.lead());
             } else {
                 tokio::task::spawn_blocking(move || writer.lead());
@@ -325,6 +343,8 @@ impl Ctl {
 /// The writer connection and what runs with it.
 struct WriterState {
     api: ApiConn,
+    /// How `/sql` keeps rows, and the node-wide budget of answers held.
+    keep: Keep,
     limits: Limits,
     ctl: Ctl,
 }
@@ -388,7 +408,7 @@ impl WriterState {
         mut pop: impl FnMut() -> Option<WriteJob>,
         on_commit: &OnCommit,
     ) {
-        let (api, ctl, limits) = (&self.api, &self.ctl, self.limits);
+        let (api, ctl, limits, keep) = (&self.api, &self.ctl, self.limits, &self.keep);
         if let Err(e) = begin(api, ctl) {
             let _ = first.reply.send(Err(e));
             return;
@@ -409,7 +429,7 @@ impl WriterState {
                 let armed = api
                     .dog
                     .arm(limits.query_timeout, Some(job.req.cancel.clone()));
-                let keep = job.req.keep_rows.then_some(limits.max_result_bytes);
+                let keep = job.req.keep_rows.then_some(keep);
                 run_job(api, ctl, &job.req, keep, version, !first_of_group)
                     .map_err(|e| armed.explain(e))
             };
@@ -478,7 +498,7 @@ fn run_job(
     api: &ApiConn,
     ctl: &Ctl,
     req: &WriteRequest,
-    keep_rows: Option<usize>,
+    keep_rows: Option<&Keep>,
     before: i64,
     savepoint: bool,
 ) -> Result<WriteOutcome, HttpError> {

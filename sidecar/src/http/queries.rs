@@ -32,7 +32,7 @@ use tokio_stream::StreamExt;
 
 use super::authorizer::AuthState;
 use super::exec::{bind, refuse_nul, refuse_unauthorizable, sql_error};
-use super::json_values::{check_utf8, json_len, parse_body, JsonRef, StatementSpec};
+use super::json_values::{add_json_len, check_utf8, parse_body, JsonRef, StatementSpec};
 use super::limits::{Armed, CancelOnDrop, CancelToken};
 use super::pool::ApiConn;
 use super::{body_bytes, require_json, AppState, HttpError};
@@ -265,10 +265,7 @@ fn row_line(
     for (i, column) in columns.iter().enumerate() {
         let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
         check_utf8(v, column)?;
-        size += json_len(v) + 1;
-        if size > max_row {
-            return Err(HttpError::ResultTooLarge { limit: max_row });
-        }
+        add_json_len(&mut size, v, max_row)?;
     }
     let internal = |e: &dyn std::fmt::Display| HttpError::Internal(format!("encoding a row: {e}"));
     let mut buf = Vec::with_capacity(size);

@@ -21,6 +21,19 @@ use super::limits::CancelToken;
 use super::pool::WriteRequest;
 use super::{body_bytes, media_type, AppState, HttpError};
 
+/// An encoded answer and its share of the node's answer budget, released when the
+/// server has sent it and drops the bytes.
+struct Held {
+    buf: Vec<u8>,
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
 /// The answer of `/sql`, written straight from the collected values.
 #[derive(Serialize)]
 struct SqlAnswer<'a> {
@@ -69,19 +82,26 @@ pub async fn post_sql(
             specs: vec![StatementSpec::plain(text)],
             keep_rows: true,
             cancel,
+            lead_off_thread: true,
         })
         .await?;
     guard.disarm();
     let body = tokio::task::spawn_blocking(move || {
+        let mut out = out;
         let total: usize = out.results.iter().map(|r| r.rows_affected).sum();
+        let held = out
+            .results
+            .last_mut()
+            .and_then(|r| r.rows.as_mut())
+            .and_then(|r| r.held.take());
         let rows = out.results.last().and_then(|r| r.rows.as_ref());
         let answer = SqlAnswer {
-            columns: rows.map(|(c, _)| c.as_slice()),
-            rows: rows.map(|(_, r)| r.as_slice()),
+            columns: rows.map(|r| r.columns.as_slice()),
+            rows: rows.map(|r| r.rows.as_slice()),
             rows_affected: total,
             version: out.version,
         };
-        serde_json::to_vec(&answer)
+        serde_json::to_vec(&answer).map(|buf| Bytes::from_owner(Held { buf, _held: held }))
     })
     .await
     .map_err(|e| HttpError::Internal(format!("encoding the answer failed: {e}")))?

@@ -9,7 +9,7 @@ use serde_json::Value as Json;
 
 use super::authorizer::AuthState;
 use super::error::HttpError;
-use super::json_values::{json_len, value_to_json};
+use super::json_values::{add_json_len, value_to_json};
 use super::pool::Limits;
 
 /// One change of a subscription's result.
@@ -39,12 +39,7 @@ pub fn evaluate(
         let mut size = 2;
         for (i, column) in columns.iter().enumerate() {
             let v = row.get_ref(i).map_err(sql)?;
-            size += json_len(v) + 1;
-            if size > limits.max_result_bytes {
-                return Err(HttpError::ResultTooLarge {
-                    limit: limits.max_result_bytes,
-                });
-            }
+            add_json_len(&mut size, v, limits.max_result_bytes)?;
             vals.push(value_to_json(v, column)?);
         }
         let vals_text = Json::Array(vals.clone()).to_string();

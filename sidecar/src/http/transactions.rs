@@ -43,6 +43,7 @@ pub async fn post_transactions(
             specs,
             keep_rows: false,
             cancel,
+            lead_off_thread: false,
         })
         .await;
     guard.disarm();
