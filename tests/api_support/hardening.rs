@@ -41,7 +41,10 @@ fn assert_names_column(msg: &str) {
 fn text_that_is_not_utf8_is_never_answered_altered() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(&dir.path().join("node.db"), None, 64 * 1024);
-    let a = post_sql(&n, "INSERT INTO machines (id, name) VALUES ('a-good', 'fine')");
+    let a = post_sql(
+        &n,
+        "INSERT INTO machines (id, name) VALUES ('a-good', 'fine')",
+    );
     assert_eq!(a.status, 200, "{}", a.body);
     insert_bad_text(&n, "b-bad");
 
@@ -54,13 +57,22 @@ fn text_that_is_not_utf8_is_never_answered_altered() {
     assert_eq!(a.status, 400, "{}", a.body);
     assert_names_column(a.json()["error"].as_str().unwrap());
     let a = post_sql(&n, "SELECT status FROM machines WHERE id = 'a-good'");
-    assert_eq!(a.json()["rows"], json!([["unknown"]]), "the failed request wrote");
+    assert_eq!(
+        a.json()["rows"],
+        json!([["unknown"]]),
+        "the failed request wrote"
+    );
     // Read as bytes, the value is exact.
     let a = post_sql(
         &n,
         "SELECT CAST(name AS BLOB), hex(name) FROM machines WHERE id = 'b-bad'",
     );
-    assert_eq!(a.json()["rows"], json!([[[255, 0, 254], "FF00FE"]]), "{}", a.body);
+    assert_eq!(
+        a.json()["rows"],
+        json!([[[255, 0, 254], "FF00FE"]]),
+        "{}",
+        a.body
+    );
 
     // /v1/queries: bad first row → 400; bad later row → an error event ends the stream.
     let e = Stream::open(
@@ -102,7 +114,10 @@ fn text_that_is_not_utf8_is_never_answered_altered() {
     let id = sub.header("corro-query-id").unwrap();
     let ev = sub.until_eoq();
     assert_eq!(ev.len(), 2, "{ev:?}");
-    let a = post_sql(&n, "INSERT INTO machines (id, name) VALUES ('c-good', 'ok')");
+    let a = post_sql(
+        &n,
+        "INSERT INTO machines (id, name) VALUES ('c-good', 'ok')",
+    );
     assert_eq!(a.status, 200, "{}", a.body);
     let ev = sub.next().unwrap();
     assert_eq!(ev["change"][2], json!(["c-good", "ok"]), "{ev}");
@@ -141,16 +156,23 @@ fn a_nul_byte_in_sql_text_is_refused_with_its_offset() {
     let a = post_sql(&n, &body);
     assert_eq!(a.status, 400, "{}", a.body);
     let msg = a.json()["error"].as_str().unwrap().to_owned();
-    assert!(msg.contains(&format!("NUL byte at offset {}", first.len())), "{msg}");
+    assert!(
+        msg.contains(&format!("NUL byte at offset {}", first.len())),
+        "{msg}"
+    );
     let a = post_sql(&n, "SELECT count(*) FROM machines");
     assert_eq!(a.json()["rows"], json!([[0]]), "something was written");
     // The same through JSON strings.
     let a = post_json(&n, "/v1/transactions", &json!([body]));
     assert_eq!(a.status, 400, "{}", a.body);
     assert!(a.body.contains("NUL byte at offset"), "{}", a.body);
-    let e = Stream::open("POST", &n.url("/v1/queries"), Some(&json!("SELECT 1;\u{0}SELECT 2")))
-        .err()
-        .expect("a 400");
+    let e = Stream::open(
+        "POST",
+        &n.url("/v1/queries"),
+        Some(&json!("SELECT 1;\u{0}SELECT 2")),
+    )
+    .err()
+    .expect("a 400");
     assert_eq!(e.status, 400, "{}", e.body);
     let a = post_sql(&n, "SELECT count(*) FROM machines");
     assert_eq!(a.json()["rows"], json!([[0]]), "something was written");
@@ -297,7 +319,11 @@ fn runaway_queries_stop_at_the_limit_and_overload_is_a_fast_503() {
     for path in ["/v1/members", "/metrics"] {
         let t = Instant::now();
         let r = super::send("GET", &a.url(path), &[], None);
-        println!("{path} during the attack: {} in {:?}", r.status, t.elapsed());
+        println!(
+            "{path} during the attack: {} in {:?}",
+            r.status,
+            t.elapsed()
+        );
         assert_eq!(r.status, 200, "{path}: {}", r.body);
     }
     let mut timed_out = 0;

@@ -10,6 +10,7 @@ use std::time::Instant;
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::{Batch, Connection, Statement};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use super::authorizer::{leading_keyword, AuthState, VACUUM_REFUSED};
 use super::error::HttpError;
 use super::json_values::{add_json_len, Cell, Params, StatementSpec};

@@ -369,21 +369,33 @@ mod tests {
         assert!(serde_json::to_string(&JsonRef(bad)).is_err());
         // Valid UTF-8, including NUL and non-ASCII, passes unchanged.
         let ok = ValueRef::Text("a\u{0}é".as_bytes());
-        assert_eq!(value_to_json(ok, "c").unwrap(), Json::String("a\u{0}é".into()));
+        assert_eq!(
+            value_to_json(ok, "c").unwrap(),
+            Json::String("a\u{0}é".into())
+        );
     }
 
     #[test]
     fn json_len_is_exact() {
         let texts: [&[u8]; 4] = [b"", b"plain", b"q\"b\\n\n\x01", "é".as_bytes()];
         for t in texts {
-            assert_eq!(json_len(ValueRef::Text(t)), written(ValueRef::Text(t)).len());
+            assert_eq!(
+                json_len(ValueRef::Text(t)),
+                written(ValueRef::Text(t)).len()
+            );
         }
         let blobs: [&[u8]; 3] = [&[], &[0, 9, 10, 99, 100, 255], &[7]];
         for b in blobs {
-            assert_eq!(json_len(ValueRef::Blob(b)), written(ValueRef::Blob(b)).len());
+            assert_eq!(
+                json_len(ValueRef::Blob(b)),
+                written(ValueRef::Blob(b)).len()
+            );
         }
         for i in [0, 9, 10, -1, i64::MAX, i64::MIN] {
-            assert_eq!(json_len(ValueRef::Integer(i)), written(ValueRef::Integer(i)).len());
+            assert_eq!(
+                json_len(ValueRef::Integer(i)),
+                written(ValueRef::Integer(i)).len()
+            );
         }
         assert_eq!(json_len(ValueRef::Null), 4);
         assert!(json_len(ValueRef::Real(-1.234_567_890_123_4e-300)) >= 23);
@@ -402,7 +414,9 @@ mod tests {
     #[test]
     fn blobs_are_byte_arrays() {
         assert_eq!(
-            value_to_json(ValueRef::Blob(&[0, 255]), "c").unwrap().to_string(),
+            value_to_json(ValueRef::Blob(&[0, 255]), "c")
+                .unwrap()
+                .to_string(),
             "[0,255]"
         );
         assert_eq!(written(ValueRef::Blob(&[0, 255])), "[0,255]");
@@ -419,8 +433,14 @@ mod tests {
 
     #[test]
     fn non_finite_reals_are_null() {
-        assert_eq!(value_to_json(ValueRef::Real(f64::INFINITY), "c").unwrap(), Json::Null);
-        assert_eq!(value_to_json(ValueRef::Real(1.5), "c").unwrap().to_string(), "1.5");
+        assert_eq!(
+            value_to_json(ValueRef::Real(f64::INFINITY), "c").unwrap(),
+            Json::Null
+        );
+        assert_eq!(
+            value_to_json(ValueRef::Real(1.5), "c").unwrap().to_string(),
+            "1.5"
+        );
         assert_eq!(written(ValueRef::Real(f64::NAN)), "null");
         assert_eq!(written(ValueRef::Real(1.5)), "1.5");
     }

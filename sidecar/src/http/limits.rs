@@ -90,7 +90,9 @@ impl Watchdog {
         });
         let d = dog.clone();
         conn.progress_handler(STEPS_PER_CHECK, Some(move || d.should_stop()))
-            .map_err(|e| HttpError::Internal(format!("cannot install the query time limit: {e}")))?;
+            .map_err(|e| {
+                HttpError::Internal(format!("cannot install the query time limit: {e}"))
+            })?;
         Ok(dog)
     }
 
@@ -226,7 +228,9 @@ mod tests {
         let conn = Connection::open_in_memory().unwrap();
         limit_value_size(&conn, 1024).unwrap();
         let err = conn
-            .query_row("SELECT length(randomblob(2000))", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT length(randomblob(2000))", [], |r| {
+                r.get::<_, i64>(0)
+            })
             .unwrap_err();
         assert!(err.to_string().contains("too big"), "{err}");
         let n: i64 = conn

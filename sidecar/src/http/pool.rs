@@ -256,7 +256,9 @@ impl Pool {
     {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            me.read_blocking(permit, None, |api, armed| f(api).map_err(|e| armed.explain(e)))
+            me.read_blocking(permit, None, |api, armed| {
+                f(api).map_err(|e| armed.explain(e))
+            })
         })
         .await
         .map_err(|e| HttpError::Internal(format!("reader task failed: {e}")))?

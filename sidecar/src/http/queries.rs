@@ -221,7 +221,10 @@ fn stream_rows(
                 rowid += 1;
                 // A node shutting down ends its streams so the server can drain.
                 if rowid & 1023 == 0 && *stop.borrow() {
-                    fail(&mut first, HttpError::Unavailable("the node is shutting down".into()));
+                    fail(
+                        &mut first,
+                        HttpError::Unavailable("the node is shutting down".into()),
+                    );
                     return;
                 }
                 match row_line(row, rowid, &columns, max_row, &api.auth) {

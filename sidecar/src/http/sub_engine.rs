@@ -299,10 +299,8 @@ impl SubEngine {
                                 }),
                             )),
                             Some(_) => {
-                                refresh_some(&api, self.limits, &mut states, |s| {
-                                    s.handle.id == id
-                                })
-                                .and_then(|()| failure_of(&states, &id))
+                                refresh_some(&api, self.limits, &mut states, |s| s.handle.id == id)
+                                    .and_then(|()| failure_of(&states, &id))
                             }
                         };
                         let _ = reply.send(res);
@@ -381,8 +379,14 @@ impl SubEngine {
             let columns: Vec<String> = stmt.column_names().map(String::from).collect();
             let key_cols = api.auth.trusted(|| key_columns(&api.conn, &stmt));
             let armed = api.dog.arm(self.limits.query_timeout, None);
-            let result = evaluate(&mut stmt, &columns, key_cols.as_deref(), &api.auth, self.limits)
-                .map_err(|e| armed.explain(e))?;
+            let result = evaluate(
+                &mut stmt,
+                &columns,
+                key_cols.as_deref(),
+                &api.auth,
+                self.limits,
+            )
+            .map_err(|e| armed.explain(e))?;
             (columns, key_cols, result)
         };
         let id = new_id();
@@ -534,7 +538,13 @@ fn refresh_some(
             };
             let columns = s.handle.columns.clone();
             let armed = api.dog.arm(limits.query_timeout, None);
-            match evaluate(&mut stmt, &columns, s.key_cols.as_deref(), &api.auth, limits) {
+            match evaluate(
+                &mut stmt,
+                &columns,
+                s.key_cols.as_deref(),
+                &api.auth,
+                limits,
+            ) {
                 Ok(r) => r,
                 Err(e) => match armed.explain(e) {
                     e @ (HttpError::QueryTimeout { .. }
