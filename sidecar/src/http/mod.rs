@@ -7,6 +7,7 @@
 //! - `auth`          — the bearer-token check (constant-time).
 //! - `limits`        — the query time limit, cancellation and value-size cap.
 //! - `pool`          — the writer (group commit, led by the requests) and the reader pool.
+//! - `readers`       — the niced threads reads run on.
 //! - `exec`          — running a caller's statements: tail splitting, binding, VACUUM refusal.
 //! - `sql`           — `POST /sql`.
 //! - `transactions`  — `POST /v1/transactions`.
@@ -28,6 +29,7 @@ pub mod json_values;
 pub mod limits;
 pub mod pool;
 pub mod queries;
+mod readers;
 pub mod sql;
 pub mod stats;
 pub mod sub_engine;

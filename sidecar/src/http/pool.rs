@@ -24,6 +24,7 @@ use super::error::HttpError;
 use super::exec::{run_specs, Keep, StmtResult};
 use super::json_values::StatementSpec;
 use super::limits::{limit_value_size, Armed, CancelToken, Watchdog};
+use super::readers::ReaderThreads;
 use crate::config::{ApiConfig, Synchronous};
 use crate::node::NodeShared;
 
@@ -38,7 +39,7 @@ pub const READERS: usize = 8;
 /// How long a request waits for a reader slot before it is answered 503. Slots free up
 /// within `api.query_timeout` at worst; an unbounded queue would only turn overload into
 /// requests that hang (issue 7 item 3), so a caller is told at once to retry.
-pub const READER_WAIT: Duration = Duration::from_millis(50);
+pub const READER_WAIT: Duration = Duration::from_millis(20);
 
 /// The largest TEXT or BLOB the writer connection creates or reads. Larger than
 /// `api.max_result_bytes` on purpose: an UPDATE must be able to rewrite a row holding a
@@ -145,6 +146,8 @@ pub struct Pool {
     writer: Arc<Writer>,
     readers: Mutex<Vec<ApiConn>>,
     slots: Arc<Semaphore>,
+    /// Where reads run: one niced thread per slot.
+    threads: ReaderThreads,
     limits: Limits,
 }
 
@@ -186,6 +189,7 @@ impl Pool {
             writer,
             readers: Mutex::new(vec![reader]),
             slots: Arc::new(Semaphore::new(READERS)),
+            threads: ReaderThreads::start(READERS)?,
             limits,
         }))
     }
@@ -255,13 +259,20 @@ impl Pool {
         F: FnOnce(&ApiConn) -> Result<T, HttpError> + Send + 'static,
     {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            me.read_blocking(permit, None, |api, armed| {
+        let (tx, rx) = oneshot::channel();
+        self.spawn_reader(move || {
+            let out = me.read_blocking(permit, None, |api, armed| {
                 f(api).map_err(|e| armed.explain(e))
-            })
-        })
-        .await
-        .map_err(|e| HttpError::Internal(format!("reader task failed: {e}")))?
+            });
+            let _ = tx.send(out);
+        })?;
+        rx.await
+            .map_err(|_| HttpError::Internal("a reader thread dropped its job".into()))?
+    }
+
+    /// Runs `job` on a reader thread (niced, see `readers`); call holding a reader slot.
+    pub fn spawn_reader(&self, job: impl FnOnce() + Send + 'static) -> Result<(), HttpError> {
+        self.threads.run(job)
     }
 
     /// Takes a reader slot (held for as long as a stream reads), or answers 503 when none
@@ -279,7 +290,7 @@ impl Pool {
     }
 
     /// Runs `f` on a reader under `api.query_timeout` (and `cancel`, when given); call
-    /// from a blocking thread holding a permit.
+    /// from a reader thread ([`Pool::spawn_reader`]) holding a permit.
     pub fn read_blocking<T>(
         &self,
         permit: OwnedSemaphorePermit,

@@ -60,12 +60,12 @@ pub async fn post_queries(
     let pool = st.pool.clone();
     let stop = st.stop.clone();
     let max_row = pool.limits().max_result_bytes;
-    tokio::task::spawn_blocking(move || {
-        pool.read_blocking(permit, Some(cancel), |api, armed| {
+    st.pool.spawn_reader(move || {
+        let _ = pool.read_blocking(permit, Some(cancel), |api, armed| {
             stream_rows(api, armed, &spec, first_tx, &tx, &stop, max_row);
             Ok(())
-        })
-    });
+        });
+    })?;
     first_rx
         .await
         .map_err(|_| HttpError::Internal("the query's reader thread stopped".into()))??;
