@@ -438,3 +438,39 @@ impl Url for Base {
         format!("{}{}", self.0, path)
     }
 }
+
+#[test]
+fn a_column_name_that_is_not_utf8_is_refused_not_a_dropped_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("node.db");
+    {
+        // An app may give a column any bytes for a name; SQL text cannot, so write the
+        // schema directly.
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE weird (id INTEGER PRIMARY KEY, x TEXT);
+             INSERT INTO weird VALUES (1, 'a');
+             PRAGMA writable_schema = ON;
+             UPDATE sqlite_master
+                SET sql = 'CREATE TABLE weird (id INTEGER PRIMARY KEY, ' ||
+                          CAST(X'FF78' AS TEXT) || ' TEXT)'
+              WHERE name = 'weird';
+             PRAGMA writable_schema = OFF;",
+        )
+        .unwrap();
+    }
+    let n = Node::start(&db, None, 64 * 1024);
+    // rusqlite's authorizer hook cannot pass such a name on and denies the statement.
+    let a = post_sql(&n, "SELECT * FROM weird");
+    assert_eq!(a.status, 403, "{}", a.body);
+    let e = Stream::open(
+        "POST",
+        &n.url("/v1/queries"),
+        Some(&json!("SELECT * FROM weird")),
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(e.status, 403, "{}", e.body);
+    let a = post_sql(&n, "SELECT id FROM weird");
+    assert_eq!(a.json()["rows"], json!([[1]]), "{}", a.body);
+}

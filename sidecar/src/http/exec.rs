@@ -81,6 +81,28 @@ pub fn run_specs(
     Ok(out)
 }
 
+/// The statement's column names. rusqlite panics on a name that is not UTF-8 (an app can
+/// create a table with any bytes in its column names); that becomes a 400 naming the
+/// column's position instead of a dropped connection.
+pub fn column_names(stmt: &Statement<'_>) -> Result<Vec<String>, HttpError> {
+    (0..stmt.column_count())
+        .map(|i| {
+            let name = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                stmt.column_name(i).map(String::from)
+            }));
+            match name {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(HttpError::Sql(e.to_string())),
+                Err(_) => Err(HttpError::BadRequest(format!(
+                    "the name of result column {} is not valid UTF-8; give it an alias \
+                     (SELECT col AS name)",
+                    i + 1
+                ))),
+            }
+        })
+        .collect()
+}
+
 /// Refuses SQL text holding a NUL byte: SQLite stops reading at the first NUL, so the
 /// statements after it would be dropped without a word.
 pub fn refuse_nul(sql: &str) -> Result<(), HttpError> {
@@ -249,7 +271,7 @@ fn step(
         });
     }
     let readonly = stmt.readonly();
-    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+    let columns = column_names(stmt)?;
     let mut rows_out = Vec::new();
     // `{"columns":[...],"rows":[` and the brackets and commas of each row count too.
     let mut size = columns.iter().map(|c| c.len() + 3).sum::<usize>() + 64;

@@ -31,7 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::authorizer::AuthState;
-use super::exec::{bind, refuse_nul, refuse_unauthorizable, sql_error};
+use super::exec::{bind, column_names, refuse_nul, refuse_unauthorizable, sql_error};
 use super::json_values::{add_json_len, check_utf8, parse_body, JsonRef, StatementSpec};
 use super::limits::{Armed, CancelOnDrop, CancelToken};
 use super::pool::ApiConn;
@@ -199,7 +199,13 @@ fn stream_rows(
             return;
         }
     };
-    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+    let columns = match column_names(&stmt) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = first.send(Err(e));
+            return;
+        }
+    };
     let mut first = Some(first);
     // Before the answer started: a status. After: an error event, the stream ends.
     let fail = |first: &mut Option<oneshot::Sender<Result<(), HttpError>>>, e: HttpError| {

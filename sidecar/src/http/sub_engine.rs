@@ -376,7 +376,7 @@ impl SubEngine {
         }
         let (columns, key_cols, result) = {
             let mut stmt = prepare_readonly(&api.conn, &api.auth, &spec)?;
-            let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+            let columns = super::exec::column_names(&stmt)?;
             let key_cols = api.auth.trusted(|| key_columns(&api.conn, &stmt));
             let armed = api.dog.arm(self.limits.query_timeout, None);
             let result = evaluate(
