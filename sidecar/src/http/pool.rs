@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -137,6 +137,7 @@ pub struct WriteOutcome {
 struct WriteJob {
     req: WriteRequest,
     reply: oneshot::Sender<Result<WriteOutcome, HttpError>>,
+    queued_at: Instant,
 }
 
 /// The API's connections.
@@ -181,6 +182,7 @@ impl Pool {
             }),
             queue: Mutex::new(VecDeque::new()),
             leading: AtomicBool::new(false),
+            max_queue_wait: limits.query_timeout,
             on_commit,
         });
         Ok(Arc::new(Pool {
@@ -207,7 +209,11 @@ impl Pool {
             .queue
             .lock()
             .map_err(|_| HttpError::Internal("the API write queue is poisoned".into()))?
-            .push_back(WriteJob { req, reply });
+            .push_back(WriteJob {
+                req,
+                reply,
+                queued_at: Instant::now(),
+            });
         if !self.writer.leading.load(Ordering::SeqCst) {
             let writer = self.writer.clone();
             let flavor = tokio::runtime::Handle::current().runtime_flavor();
@@ -368,6 +374,10 @@ struct Writer {
     queue: Mutex<VecDeque<WriteJob>>,
     /// True while a leader holds `state`: a new request then only queues.
     leading: AtomicBool,
+    /// A request that waited longer than this for the writer is answered 503 unrun
+    /// (`api.query_timeout`): runaway requests ahead of it, each stopped only at the
+    /// limit, must not add up to a queue that hangs every writer.
+    max_queue_wait: Duration,
     on_commit: OnCommit,
 }
 
@@ -376,8 +386,27 @@ struct Writer {
 const GROUPS_PER_LEADER: usize = 4;
 
 impl Writer {
+    /// The next job to run. Jobs whose client already left are dropped unrun (a short
+    /// statement finishes before the watchdog's first check, so cancellation alone would
+    /// still apply it); jobs that waited past `max_queue_wait` are answered 503 unrun.
     fn pop(&self) -> Option<WriteJob> {
-        self.queue.lock().ok().and_then(|mut q| q.pop_front())
+        loop {
+            let job = self.queue.lock().ok().and_then(|mut q| q.pop_front())?;
+            if job.req.cancel.is_cancelled() {
+                let _ = job.reply.send(Err(HttpError::Cancelled));
+                continue;
+            }
+            let waited = job.queued_at.elapsed();
+            if waited > self.max_queue_wait {
+                let _ = job.reply.send(Err(HttpError::Unavailable(format!(
+                    "the writer is busy: this request waited {} ms behind others (more than \
+                     api.query_timeout) and was not run; nothing was applied, retry shortly",
+                    waited.as_millis()
+                ))));
+                continue;
+            }
+            return Some(job);
+        }
     }
 
     fn queued(&self) -> bool {
