@@ -8,8 +8,13 @@
 //! waiting job, opens `BEGIN IMMEDIATE`, runs it, keeps taking whatever else is already
 //! waiting (each later job in its own SAVEPOINT: a failing request rolls back alone),
 //! commits once and answers everyone. One client sending one request at a time still gets
-//! one commit per request. Readers run on blocking threads; WAL lets them read while the
-//! writer writes.
+//! one commit per request. Readers run on their own niced threads (`readers`); WAL lets
+//! them read while the writer writes.
+//!
+//! Every connection runs under `api.query_timeout` and its request's cancellation (the
+//! `limits` watchdog); a reader slot is waited for at most [`READER_WAIT`], the writer at
+//! most `api.query_timeout`, then the answer is 503: overload is told, never queued
+//! without bound.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -227,7 +232,7 @@ impl Pool {
             .map_err(|_| HttpError::Internal("the API writer dropped a request".into()))?
     }
 
-    /// Runs `f` on a reader connection on a blocking thread, under `api.query_timeout`.
+    /// Runs `f` on a reader connection on a reader thread, under `api.query_timeout`.
     /// Answers 503 at once when every reader slot stays busy for [`READER_WAIT`].
     pub async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, HttpError>
     where
