@@ -6,7 +6,9 @@
 //! of issue 4 answered in the endpoint's error shape while the node keeps serving;
 //! subscriptions fed by API writes and by an extension-less python3 writer, resumed after
 //! a reconnect and after a restart without gaps or duplicates; the client subcommands;
-//! `/v1/transactions` throughput (printed, not asserted).
+//! `/v1/transactions` throughput (printed, not asserted). Issue 7's API hardening (values
+//! that are not UTF-8, runaway and abandoned queries, overload, huge results, NUL bytes)
+//! is in `api_support/hardening.rs`.
 
 #![allow(clippy::unwrap_used)] // a test that cannot set up should panic
 

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
@@ -94,6 +95,17 @@ pub struct ApiConfig {
     /// Largest accepted request body in bytes (`"8MiB"` style or a number in the file).
     #[serde(deserialize_with = "de_size")]
     pub max_body: usize,
+    /// How long one request's statements may run (a query, a stream, a write request)
+    /// before SQLite's progress handler interrupts them (`"5s"`, `"500ms"`, or seconds as
+    /// a number). A runaway query would otherwise hold a reader slot, or the write lock,
+    /// and a core, forever.
+    #[serde(deserialize_with = "de_duration")]
+    pub query_timeout: Duration,
+    /// Largest answer `/sql` builds in memory, counted as JSON bytes; also the largest
+    /// single row `/v1/queries` and subscriptions send, and the largest TEXT or BLOB value
+    /// an API read connection creates. Past it the request fails with 400 naming the limit.
+    #[serde(deserialize_with = "de_size")]
+    pub max_result_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -102,6 +114,8 @@ impl Default for ApiConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token: None,
             max_body: 8 * 1024 * 1024,
+            query_timeout: Duration::from_secs(5),
+            max_result_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -198,6 +212,12 @@ impl Config {
                 self.api.addr
             )));
         }
+        if self.api.max_result_bytes < 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "api.max_result_bytes {} is too small: give at least 1KiB",
+                self.api.max_result_bytes
+            )));
+        }
         let tls = &self.gossip.tls;
         if tls.is_any() && !tls.is_complete() {
             return Err(ConfigError::Invalid(
@@ -238,6 +258,43 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Parses durations like `5s`, `500ms`, `2m`, or a number of seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 5s or 500ms"))?;
+    let secs = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "s" | "sec" | "secs" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(format!(
+            "duration {s:?} is out of range (more than 0, at most a day)"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Dur {
+        N(f64),
+        S(String),
+    }
+    match Dur::deserialize(d)? {
+        Dur::N(n) => parse_duration(&n.to_string()).map_err(serde::de::Error::custom),
+        Dur::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -261,6 +318,8 @@ mod tests {
         assert_eq!(c.db.path, PathBuf::from("patina.db"));
         assert_eq!(c.api.addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.api.max_body, 8 * 1024 * 1024);
+        assert_eq!(c.api.query_timeout, Duration::from_secs(5));
+        assert_eq!(c.api.max_result_bytes, 8 * 1024 * 1024);
         assert_eq!(c.gossip.addr.to_string(), "127.0.0.1:8787");
         assert!(c.validate().expect("valid"));
     }
@@ -276,6 +335,8 @@ mod tests {
             addr = "0.0.0.0:8080"
             token = "x"
             max_body = "1MiB"
+            query_timeout = "250ms"
+            max_result_bytes = "2MiB"
             [gossip]
             addr = "10.0.0.1:8787"
             bootstrap = ["10.0.0.2:8787"]
@@ -288,6 +349,8 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(c.api.max_body, 1024 * 1024);
+        assert_eq!(c.api.query_timeout, Duration::from_millis(250));
+        assert_eq!(c.api.max_result_bytes, 2 * 1024 * 1024);
         assert_eq!(c.gossip.cluster_id, 7);
         assert!(!c.validate().expect("valid"));
     }
@@ -299,6 +362,17 @@ mod tests {
         let c = Config::from_toml("[gossip]\naddr = \"10.0.0.1:8787\"\ninsecure = true")
             .expect("parses");
         assert!(c.validate().expect("valid"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        let c = Config::from_toml("[api]\nquery_timeout = 1.5").expect("parses");
+        assert_eq!(c.api.query_timeout, Duration::from_millis(1500));
     }
 
     #[test]

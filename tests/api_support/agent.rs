@@ -26,6 +26,8 @@ pub struct Agent {
     pub api: SocketAddr,
     pub gossip: SocketAddr,
     bootstrap: Vec<SocketAddr>,
+    /// More flags for `patina agent` (set before `start`).
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -45,6 +47,7 @@ impl Agent {
             api: free_tcp(),
             gossip: free_udp(),
             bootstrap: bootstrap.to_vec(),
+            extra: Vec::new(),
             child: None,
         }
     }
@@ -80,6 +83,7 @@ impl Agent {
         for b in &self.bootstrap {
             cmd.arg("--gossip-bootstrap").arg(b.to_string());
         }
+        cmd.args(&self.extra);
         self.child = Some(cmd.spawn().expect("spawn patina agent"));
         let url = self.url("/v1/health");
         let name = self.name.clone();
@@ -112,6 +116,11 @@ impl Agent {
                 self.log_text()
             );
         }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod hardening;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -137,6 +138,7 @@ impl Node {
             addr: "127.0.0.1:0".parse().unwrap(),
             token: token.map(String::from),
             max_body,
+            ..ApiConfig::default()
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();

@@ -53,6 +53,12 @@ pub fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
     if let Some(v) = args.api_max_body {
         c.api.max_body = v;
     }
+    if let Some(v) = args.api_query_timeout {
+        c.api.query_timeout = v;
+    }
+    if let Some(v) = args.api_max_result_bytes {
+        c.api.max_result_bytes = v;
+    }
     if let Some(v) = args.gossip_addr {
         c.gossip.addr = v;
     }

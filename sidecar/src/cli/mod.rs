@@ -124,6 +124,12 @@ pub struct AgentArgs {
     /// api.max_body: largest request body (e.g. 8MiB).
     #[arg(long, value_parser = crate::config::parse_size)]
     pub api_max_body: Option<usize>,
+    /// api.query_timeout: how long a request's statements may run (e.g. 5s, 500ms).
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub api_query_timeout: Option<std::time::Duration>,
+    /// api.max_result_bytes: largest /sql answer, or /v1/queries row, as JSON (e.g. 8MiB).
+    #[arg(long, value_parser = crate::config::parse_size)]
+    pub api_max_result_bytes: Option<usize>,
     /// gossip.addr: QUIC (UDP) listen address.
     #[arg(long)]
     pub gossip_addr: Option<SocketAddr>,

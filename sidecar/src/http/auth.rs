@@ -35,13 +35,15 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
     next.run(req).await
 }
 
-/// Compares without an early exit, so the time taken does not tell how much of a guess
-/// matched (the length still shows, which a random token of fixed length makes harmless).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares the SHA-256 digests of both in constant time (`subtle`): the time taken
+/// tells neither how much of a guess matched nor whether its length was right (comparing
+/// the bytes themselves would have to stop or branch on a length mismatch).
+pub fn constant_time_eq(given: &[u8], token: &[u8]) -> bool {
+    use ring::digest::{digest, SHA256};
+    use subtle::ConstantTimeEq;
+    let g = digest(&SHA256, given);
+    let t = digest(&SHA256, token);
+    g.as_ref().ct_eq(t.as_ref()).into()
 }
 
 #[cfg(test)]
@@ -54,5 +56,8 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secre"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(!constant_time_eq(b"secretsecret", b"secret"));
+        assert!(constant_time_eq(b"", b""));
     }
 }

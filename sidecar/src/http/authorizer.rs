@@ -76,7 +76,11 @@ impl AuthState {
             }
             AuthAction::Function { function_name } => {
                 let lower = function_name.to_ascii_lowercase();
-                if REFUSED_FUNCTIONS.contains(&lower.as_str()) {
+                if lower == "patina_new_site_id" {
+                    // Without this, its own SAVEPOINT would be refused as "transaction
+                    // control", which names the wrong thing.
+                    self.deny(NEW_SITE_ID_REFUSED.into())
+                } else if REFUSED_FUNCTIONS.contains(&lower.as_str()) {
                     self.deny(format!(
                         "not authorized: {function_name}() is refused through the API"
                     ))
@@ -135,6 +139,11 @@ impl AuthState {
 pub const SCHEMA_REFUSED: &str = "not authorized: schema changes (CREATE, DROP, ALTER) are \
     refused through the API; the schema comes from the node's schema files (db.schema_paths), \
     applied with `patina reload`";
+
+/// The message for `patina_new_site_id()`.
+pub const NEW_SITE_ID_REFUSED: &str = "not authorized: patina_new_site_id() gives the node a \
+    new identity and is refused through the API; a node gets a fresh site id from \
+    `patina restore` (a stopped node), never while it serves";
 
 /// The message for VACUUM, which SQLite does not pass through the authorizer.
 pub const VACUUM_REFUSED: &str = "not authorized: VACUUM (and VACUUM INTO) is refused through \

@@ -40,6 +40,35 @@ pub enum HttpError {
     /// The body is not the JSON the endpoint expects.
     #[error("{0}")]
     MalformedJson(String),
+    /// The request's statements ran past `api.query_timeout` and SQLite interrupted them.
+    /// Its transaction was rolled back (reads change nothing anyway).
+    #[error(
+        "interrupted: the request ran longer than api.query_timeout ({}); nothing of it was \
+         applied. Make it cheaper (a LIMIT, an index) or raise api.query_timeout",
+        fmt_duration(*limit)
+    )]
+    QueryTimeout { limit: std::time::Duration },
+    /// The client went away; its statement was interrupted and rolled back. Nobody reads
+    /// this answer; it exists so the work stops.
+    #[error("the client went away; the request was interrupted and nothing of it was applied")]
+    Cancelled,
+    /// The answer would be larger than `api.max_result_bytes`. Nothing was written: the
+    /// request's transaction was rolled back.
+    #[error(
+        "the result is larger than api.max_result_bytes ({limit} bytes of JSON for a /sql \
+         answer, or for one row of a stream); nothing was applied. Select fewer rows or \
+         columns (LIMIT/OFFSET, substr), stream rows with /v1/queries, or raise \
+         api.max_result_bytes"
+    )]
+    ResultTooLarge { limit: usize },
+    /// A TEXT value is not valid UTF-8, so a JSON string cannot carry it unchanged; the
+    /// API refuses to answer it rather than alter it. Nothing was written.
+    #[error(
+        "column {column:?} holds TEXT that is not valid UTF-8 (bytes {preview}); JSON cannot \
+         carry it unchanged, so it is not answered. Read it as bytes with CAST({column} AS \
+         BLOB) or hex({column})"
+    )]
+    NotUtf8 { column: String, preview: String },
     /// The node is unhealthy or overloaded (health thresholds, SQLITE_BUSY past the
     /// busy timeout). Retrying later may succeed.
     #[error("{0}")]
@@ -56,7 +85,12 @@ impl HttpError {
     /// The status code of each error: the one mapping of the API.
     pub fn status(&self) -> StatusCode {
         match self {
-            HttpError::BadRequest(_) | HttpError::Sql(_) => StatusCode::BAD_REQUEST,
+            HttpError::BadRequest(_)
+            | HttpError::Sql(_)
+            | HttpError::QueryTimeout { .. }
+            | HttpError::Cancelled
+            | HttpError::ResultTooLarge { .. }
+            | HttpError::NotUtf8 { .. } => StatusCode::BAD_REQUEST,
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
             HttpError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             HttpError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -78,6 +112,13 @@ impl HttpError {
             HttpError::Unauthorized(_) => HttpError::Unauthorized(m),
             HttpError::NotFound(_) => HttpError::NotFound(m),
             HttpError::TooLarge { limit } => HttpError::TooLarge { limit: *limit },
+            HttpError::QueryTimeout { limit } => HttpError::QueryTimeout { limit: *limit },
+            HttpError::Cancelled => HttpError::Cancelled,
+            HttpError::ResultTooLarge { limit } => HttpError::ResultTooLarge { limit: *limit },
+            HttpError::NotUtf8 { column, preview } => HttpError::NotUtf8 {
+                column: column.clone(),
+                preview: preview.clone(),
+            },
             HttpError::UnsupportedMediaType(_) => HttpError::UnsupportedMediaType(m),
             HttpError::MalformedJson(_) => HttpError::MalformedJson(m),
             HttpError::Unavailable(_) => HttpError::Unavailable(m),
@@ -99,6 +140,11 @@ impl HttpError {
                 ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
                     HttpError::Unavailable(format!("database is busy, retry later: {err}"))
                 }
+                ErrorCode::TooBig => HttpError::Sql(format!(
+                    "{err}: a TEXT or BLOB value is larger than the API allows \
+                     (api.max_result_bytes on reads, {} MiB on writes)",
+                    super::pool::WRITER_MAX_VALUE / (1024 * 1024)
+                )),
                 ErrorCode::SystemIoFailure
                 | ErrorCode::DatabaseCorrupt
                 | ErrorCode::DiskFull
@@ -116,6 +162,15 @@ impl HttpError {
             | rusqlite::Error::InvalidColumnType(..) => HttpError::Sql(err.to_string()),
             _ => HttpError::Internal(err.to_string()),
         }
+    }
+}
+
+/// `5s`, `250ms`: how a limit is written in the config.
+fn fmt_duration(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }
 

@@ -4,18 +4,42 @@
 //! Everything here runs on a blocking thread with the connection's authorizer in force; the
 //! caller (the writer, a reader) owns the transaction around it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::{Batch, Connection, Statement};
-use serde_json::Value as Json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::authorizer::{leading_keyword, AuthState, VACUUM_REFUSED};
 use super::error::HttpError;
-use super::json_values::{value_to_json, Params, StatementSpec};
+use super::json_values::{add_json_len, Cell, Params, StatementSpec};
+
+/// How a request keeps returned rows (only `/sql` answers them).
+#[derive(Clone, Debug)]
+pub struct Keep {
+    /// `api.max_result_bytes`: the largest answer, counted as JSON bytes.
+    pub limit: usize,
+    /// Bytes of answers the node holds in memory at once, all requests together: without
+    /// it, many concurrent answers just under the limit (or slow readers of them) would
+    /// add up without bound.
+    pub budget: Arc<Semaphore>,
+}
+
+/// Bytes taken from [`Keep::budget`] at a time (one semaphore call per 64 KiB).
+const BUDGET_CHUNK: usize = 64 * 1024;
+
+/// Column names and rows of a statement's result.
+#[derive(Debug)]
+pub struct Rows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Cell>>,
+    /// This answer's share of [`Keep::budget`]; released once the answer has been sent.
+    pub held: Option<OwnedSemaphorePermit>,
+}
 
 /// What one statement did.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StmtResult {
     /// Which spec of the request this statement came from (a spec's text may hold several).
     pub spec: usize,
@@ -23,8 +47,11 @@ pub struct StmtResult {
     pub rows_affected: usize,
     /// Seconds spent running it.
     pub time: f64,
-    /// Column names and rows when the statement returned rows (a query, or `RETURNING`).
-    pub rows: Option<(Vec<String>, Vec<Vec<Json>>)>,
+    /// Column names and rows when the statement returned rows (a query, or `RETURNING`)
+    /// and rows were kept: only the last statement's, as only they are answered. Values
+    /// stay SQLite values here; they are written as JSON after the transaction ended, so
+    /// the write lock is never held while encoding.
+    pub rows: Option<Rows>,
 }
 
 /// Maps a SQLite error, naming the authorizer's reason when it refused the statement.
@@ -38,19 +65,54 @@ pub fn sql_error(err: rusqlite::Error, auth: &AuthState) -> HttpError {
 }
 
 /// Runs every statement of every spec in order, collecting one [`StmtResult`] per SQL
-/// statement. `keep_rows` decides whether returned rows are collected (only `/sql` answers
-/// them). Stops at the first error; the caller rolls back.
+/// statement. `keep_rows` (only `/sql` answers rows) keeps the last returned rows, up to
+/// that many bytes as JSON: past it the request fails with
+/// [`HttpError::ResultTooLarge`]. Stops at the first error; the caller rolls back.
 pub fn run_specs(
     conn: &Connection,
     auth: &AuthState,
     specs: &[StatementSpec],
-    keep_rows: bool,
+    keep_rows: Option<&Keep>,
 ) -> Result<Vec<StmtResult>, HttpError> {
-    let mut out = Vec::with_capacity(specs.len());
+    let mut out: Vec<StmtResult> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         run_spec(conn, auth, i, spec, keep_rows, &mut out)?;
     }
     Ok(out)
+}
+
+/// The statement's column names. rusqlite panics on a name that is not UTF-8 (an app can
+/// create a table with any bytes in its column names); that becomes a 400 naming the
+/// column's position instead of a dropped connection.
+pub fn column_names(stmt: &Statement<'_>) -> Result<Vec<String>, HttpError> {
+    (0..stmt.column_count())
+        .map(|i| {
+            let name = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                stmt.column_name(i).map(String::from)
+            }));
+            match name {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(HttpError::Sql(e.to_string())),
+                Err(_) => Err(HttpError::BadRequest(format!(
+                    "the name of result column {} is not valid UTF-8; give it an alias \
+                     (SELECT col AS name)",
+                    i + 1
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Refuses SQL text holding a NUL byte: SQLite stops reading at the first NUL, so the
+/// statements after it would be dropped without a word.
+pub fn refuse_nul(sql: &str) -> Result<(), HttpError> {
+    match sql.bytes().position(|b| b == 0) {
+        Some(at) => Err(HttpError::BadRequest(format!(
+            "the SQL text holds a NUL byte at offset {at}; SQLite would silently ignore \
+             everything after it, so nothing was run"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Runs one spec: its SQL text may hold several statements when it has no parameters.
@@ -59,9 +121,10 @@ fn run_spec(
     auth: &AuthState,
     index: usize,
     spec: &StatementSpec,
-    keep_rows: bool,
+    keep_rows: Option<&Keep>,
     out: &mut Vec<StmtResult>,
 ) -> Result<(), HttpError> {
+    refuse_nul(&spec.sql)?;
     if is_single_statement(&spec.sql) {
         let _ = auth.take_denial();
         let mut stmt = conn
@@ -69,9 +132,8 @@ fn run_spec(
             .map_err(|e| sql_error(e, auth))?;
         refuse_unauthorizable(&stmt)?;
         bind(&mut stmt, &spec.params)?;
-        let mut res = step(conn, auth, &mut stmt, keep_rows)?;
-        res.spec = index;
-        out.push(res);
+        let res = step(conn, auth, &mut stmt, keep_rows)?;
+        push(out, index, res);
         return Ok(());
     }
     let mut batch = Batch::new(conn, &spec.sql);
@@ -90,9 +152,8 @@ fn run_spec(
         }
         refuse_unauthorizable(&stmt)?;
         bind(&mut stmt, &spec.params)?;
-        let mut res = step(conn, auth, &mut stmt, keep_rows)?;
-        res.spec = index;
-        out.push(res);
+        let res = step(conn, auth, &mut stmt, keep_rows)?;
+        push(out, index, res);
     }
     if count == 0 {
         return Err(HttpError::BadRequest(format!(
@@ -101,6 +162,17 @@ fn run_spec(
         )));
     }
     Ok(())
+}
+
+/// Records a statement's result; only the last returned rows are kept.
+fn push(out: &mut Vec<StmtResult>, index: usize, mut res: StmtResult) {
+    res.spec = index;
+    if res.rows.is_some() {
+        for earlier in out.iter_mut() {
+            earlier.rows = None;
+        }
+    }
+    out.push(res);
 }
 
 /// True when the text surely holds one statement (no `;` but trailing ones): then it is
@@ -179,12 +251,13 @@ fn named_index(stmt: &Statement<'_>, name: &str) -> Result<usize, HttpError> {
     )))
 }
 
-/// Steps a bound statement to completion.
+/// Steps a bound statement to completion, keeping its rows when `keep_rows` gives a
+/// budget of JSON bytes.
 fn step(
     conn: &Connection,
     auth: &AuthState,
     stmt: &mut Statement<'_>,
-    keep_rows: bool,
+    keep_rows: Option<&Keep>,
 ) -> Result<StmtResult, HttpError> {
     let start = Instant::now();
     let ncols = stmt.column_count();
@@ -198,19 +271,25 @@ fn step(
         });
     }
     let readonly = stmt.readonly();
-    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+    let columns = column_names(stmt)?;
     let mut rows_out = Vec::new();
+    // `{"columns":[...],"rows":[` and the brackets and commas of each row count too.
+    let mut size = columns.iter().map(|c| c.len() + 3).sum::<usize>() + 64;
+    let mut held: Option<OwnedSemaphorePermit> = None;
     {
         let mut rows = stmt.raw_query();
         while let Some(row) = rows.next().map_err(|e| sql_error(e, auth))? {
-            if keep_rows {
-                let mut vals = Vec::with_capacity(ncols);
-                for i in 0..ncols {
-                    let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
-                    vals.push(value_to_json(v));
-                }
-                rows_out.push(vals);
+            let Some(keep) = keep_rows else { continue };
+            let mut vals = Vec::with_capacity(ncols);
+            size += 2;
+            for (i, column) in columns.iter().enumerate() {
+                let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
+                // Measured before anything is copied: a 40 MB blob is refused, not cloned.
+                add_json_len(&mut size, v, keep.limit)?;
+                charge(keep, size, &mut held)?;
+                vals.push(Cell::from_ref(v, column)?);
             }
+            rows_out.push(vals);
         }
     }
     let rows_affected = if readonly {
@@ -222,6 +301,38 @@ fn step(
         spec: 0,
         rows_affected,
         time: start.elapsed().as_secs_f64(),
-        rows: Some((columns, rows_out)),
+        rows: keep_rows.map(|_| Rows {
+            columns,
+            rows: rows_out,
+            held,
+        }),
     })
+}
+
+/// Takes budget up to `size` bytes (never waits: the writer holds the write lock here).
+fn charge(
+    keep: &Keep,
+    size: usize,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<(), HttpError> {
+    let have = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+    if size <= have {
+        return Ok(());
+    }
+    let want = (size - have).div_ceil(BUDGET_CHUNK) * BUDGET_CHUNK;
+    let n = u32::try_from(want).unwrap_or(u32::MAX);
+    match keep.budget.clone().try_acquire_many_owned(n) {
+        Ok(p) => {
+            match held {
+                Some(h) => h.merge(p),
+                None => *held = Some(p),
+            }
+            Ok(())
+        }
+        Err(_) => Err(HttpError::Unavailable(format!(
+            "the node holds as many large answers as it may right now ({} bytes in all); \
+             retry shortly, or select less",
+            keep.budget.available_permits() + have
+        ))),
+    }
 }

@@ -14,20 +14,166 @@ use serde_json::Value as Json;
 
 use super::error::HttpError;
 
-/// One SQLite value rendered as JSON.
-pub fn value_to_json(v: ValueRef<'_>) -> Json {
+/// Checks that a TEXT value is UTF-8 before it is answered as a JSON string.
+///
+/// Why: SQLite does not enforce UTF-8 (`CAST(X'FF00FE' AS TEXT)`, apps in C or Go), and a
+/// lossy conversion (U+FFFD) would hand a read-modify-write client altered data to write
+/// back. Such a value is refused with an error naming the column instead.
+pub fn check_utf8(v: ValueRef<'_>, column: &str) -> Result<(), HttpError> {
     match v {
+        ValueRef::Text(t) if std::str::from_utf8(t).is_err() => Err(HttpError::NotUtf8 {
+            column: column.to_owned(),
+            preview: preview(t),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The first bytes of a value in hex, for error messages.
+fn preview(t: &[u8]) -> String {
+    let shown = &t[..t.len().min(16)];
+    let mut s = hex::encode(shown);
+    if t.len() > shown.len() {
+        s.push('…');
+    }
+    s
+}
+
+/// One SQLite value rendered as JSON; TEXT that is not UTF-8 is refused (see
+/// [`check_utf8`]).
+pub fn value_to_json(v: ValueRef<'_>, column: &str) -> Result<Json, HttpError> {
+    check_utf8(v, column)?;
+    Ok(match v {
         ValueRef::Null => Json::Null,
         ValueRef::Integer(i) => Json::from(i),
         ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
         ValueRef::Text(t) => Json::String(String::from_utf8_lossy(t).into_owned()),
         ValueRef::Blob(b) => Json::Array(b.iter().map(|x| Json::from(*x)).collect()),
+    })
+}
+
+/// An owned SQLite value rendered as JSON (parameters: their text came from JSON, so it
+/// is UTF-8).
+pub fn owned_to_json(v: &Value) -> Json {
+    match v {
+        Value::Null => Json::Null,
+        Value::Integer(i) => Json::from(*i),
+        Value::Real(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        Value::Text(t) => Json::String(t.clone()),
+        Value::Blob(b) => Json::Array(b.iter().map(|x| Json::from(*x)).collect()),
     }
 }
 
-/// An owned SQLite value rendered as JSON.
-pub fn owned_to_json(v: &Value) -> Json {
-    value_to_json(ValueRef::from(v))
+/// How many bytes `v` takes as JSON (exactly, for the shapes [`JsonRef`] writes), so a
+/// result can be refused against `api.max_result_bytes` before anything is copied.
+pub fn json_len(v: ValueRef<'_>) -> usize {
+    match v {
+        ValueRef::Null => 4,
+        ValueRef::Integer(i) => {
+            let mut buf = itoa_len(i.unsigned_abs());
+            if i < 0 {
+                buf += 1;
+            }
+            buf
+        }
+        // Rust's shortest round-trip form never exceeds 24 characters.
+        ValueRef::Real(_) => 24,
+        ValueRef::Text(t) => {
+            2 + t
+                .iter()
+                .map(|&b| match b {
+                    b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+                    0..=0x1f => 6,
+                    _ => 1,
+                })
+                .sum::<usize>()
+        }
+        ValueRef::Blob(b) => {
+            2 + b.len().saturating_sub(1)
+                + b.iter()
+                    .map(|&x| match x {
+                        0..=9 => 1,
+                        10..=99 => 2,
+                        _ => 3,
+                    })
+                    .sum::<usize>()
+        }
+    }
+}
+
+/// Adds `v`'s JSON length and a separator to `size`, or fails with
+/// [`HttpError::ResultTooLarge`] once `size` passes `limit`. A value whose smallest
+/// possible encoding is already too large is refused without reading it (a 40 MB blob
+/// costs nothing to refuse).
+pub fn add_json_len(size: &mut usize, v: ValueRef<'_>, limit: usize) -> Result<(), HttpError> {
+    let at_least = match v {
+        ValueRef::Text(t) => t.len() + 2,
+        ValueRef::Blob(b) => 2 * b.len() + 1,
+        _ => 4,
+    };
+    if size.saturating_add(at_least) > limit {
+        return Err(HttpError::ResultTooLarge { limit });
+    }
+    *size += json_len(v) + 1;
+    if *size > limit {
+        return Err(HttpError::ResultTooLarge { limit });
+    }
+    Ok(())
+}
+
+fn itoa_len(mut n: u64) -> usize {
+    let mut len = 1;
+    while n >= 10 {
+        n /= 10;
+        len += 1;
+    }
+    len
+}
+
+/// A borrowed SQLite value written as JSON without building a `serde_json::Value` tree
+/// (a blob as a `Value` costs ~32 bytes per byte). TEXT must have passed [`check_utf8`];
+/// if not, serializing fails rather than altering it.
+pub struct JsonRef<'a>(pub ValueRef<'a>);
+
+impl serde::Serialize for JsonRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            ValueRef::Null => s.serialize_unit(),
+            ValueRef::Integer(i) => s.serialize_i64(i),
+            ValueRef::Real(f) if f.is_finite() => s.serialize_f64(f),
+            ValueRef::Real(_) => s.serialize_unit(),
+            ValueRef::Text(t) => {
+                let text = std::str::from_utf8(t).map_err(serde::ser::Error::custom)?;
+                s.serialize_str(text)
+            }
+            ValueRef::Blob(b) => s.collect_seq(b),
+        }
+    }
+}
+
+/// One value of a result kept until its transaction has ended (see `exec`): owned, its
+/// TEXT already checked to be UTF-8.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell(pub Value);
+
+impl Cell {
+    /// Copies `v` out of SQLite, refusing TEXT that is not UTF-8.
+    pub fn from_ref(v: ValueRef<'_>, column: &str) -> Result<Cell, HttpError> {
+        check_utf8(v, column)?;
+        Ok(Cell(match v {
+            ValueRef::Null => Value::Null,
+            ValueRef::Integer(i) => Value::Integer(i),
+            ValueRef::Real(f) => Value::Real(f),
+            ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+            ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+        }))
+    }
+}
+
+impl serde::Serialize for Cell {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        JsonRef(ValueRef::from(&self.0)).serialize(s)
+    }
 }
 
 /// A statement parameter as given in JSON.
@@ -204,11 +350,62 @@ fn short(j: &Json) -> String {
 mod tests {
     use super::*;
 
+    /// `v` as [`JsonRef`] writes it.
+    fn written(v: ValueRef<'_>) -> String {
+        serde_json::to_string(&JsonRef(v)).unwrap()
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_refused_by_column_name() {
+        let bad = ValueRef::Text(b"\xff\x00\xfe");
+        let err = value_to_json(bad, "status").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("\"status\""), "{msg}");
+        assert!(msg.contains("ff00fe"), "{msg}");
+        assert!(msg.contains("CAST(status AS BLOB)"), "{msg}");
+        assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(Cell::from_ref(bad, "status").is_err());
+        // Serializing never alters it either.
+        assert!(serde_json::to_string(&JsonRef(bad)).is_err());
+        // Valid UTF-8, including NUL and non-ASCII, passes unchanged.
+        let ok = ValueRef::Text("a\u{0}é".as_bytes());
+        assert_eq!(
+            value_to_json(ok, "c").unwrap(),
+            Json::String("a\u{0}é".into())
+        );
+    }
+
+    #[test]
+    fn json_len_is_exact() {
+        let texts: [&[u8]; 4] = [b"", b"plain", b"q\"b\\n\n\x01", "é".as_bytes()];
+        for t in texts {
+            assert_eq!(
+                json_len(ValueRef::Text(t)),
+                written(ValueRef::Text(t)).len()
+            );
+        }
+        let blobs: [&[u8]; 3] = [&[], &[0, 9, 10, 99, 100, 255], &[7]];
+        for b in blobs {
+            assert_eq!(
+                json_len(ValueRef::Blob(b)),
+                written(ValueRef::Blob(b)).len()
+            );
+        }
+        for i in [0, 9, 10, -1, i64::MAX, i64::MIN] {
+            assert_eq!(
+                json_len(ValueRef::Integer(i)),
+                written(ValueRef::Integer(i)).len()
+            );
+        }
+        assert_eq!(json_len(ValueRef::Null), 4);
+        assert!(json_len(ValueRef::Real(-1.234_567_890_123_4e-300)) >= 23);
+    }
+
     #[test]
     fn big_integers_stay_exact() {
-        let j = value_to_json(ValueRef::Integer(i64::MAX));
+        let j = value_to_json(ValueRef::Integer(i64::MAX), "c").unwrap();
         assert_eq!(j.to_string(), "9223372036854775807");
-        let j = value_to_json(ValueRef::Integer(i64::MIN));
+        let j = value_to_json(ValueRef::Integer(i64::MIN), "c").unwrap();
         assert_eq!(j.to_string(), "-9223372036854775808");
         let p = Param::from_json(&serde_json::json!(9223372036854775807i64));
         assert_eq!(p.0, Value::Integer(i64::MAX));
@@ -217,9 +414,12 @@ mod tests {
     #[test]
     fn blobs_are_byte_arrays() {
         assert_eq!(
-            value_to_json(ValueRef::Blob(&[0, 255])).to_string(),
+            value_to_json(ValueRef::Blob(&[0, 255]), "c")
+                .unwrap()
+                .to_string(),
             "[0,255]"
         );
+        assert_eq!(written(ValueRef::Blob(&[0, 255])), "[0,255]");
         assert_eq!(
             Param::from_json(&serde_json::json!([0, 255])).0,
             Value::Blob(vec![0, 255])
@@ -233,8 +433,16 @@ mod tests {
 
     #[test]
     fn non_finite_reals_are_null() {
-        assert_eq!(value_to_json(ValueRef::Real(f64::INFINITY)), Json::Null);
-        assert_eq!(value_to_json(ValueRef::Real(1.5)).to_string(), "1.5");
+        assert_eq!(
+            value_to_json(ValueRef::Real(f64::INFINITY), "c").unwrap(),
+            Json::Null
+        );
+        assert_eq!(
+            value_to_json(ValueRef::Real(1.5), "c").unwrap().to_string(),
+            "1.5"
+        );
+        assert_eq!(written(ValueRef::Real(f64::NAN)), "null");
+        assert_eq!(written(ValueRef::Real(1.5)), "1.5");
     }
 
     #[test]

@@ -5,13 +5,16 @@
 //! - `authorizer`    — the SQLite authorizer every API connection runs under.
 //! - `json_values`   — SQLite values ↔ JSON the way Corrosion writes them; statement forms.
 //! - `auth`          — the bearer-token check (constant-time).
+//! - `limits`        — the query time limit, cancellation and value-size cap.
 //! - `pool`          — the writer (group commit, led by the requests) and the reader pool.
+//! - `readers`       — the niced threads reads run on.
 //! - `exec`          — running a caller's statements: tail splitting, binding, VACUUM refusal.
 //! - `sql`           — `POST /sql`.
 //! - `transactions`  — `POST /v1/transactions`.
 //! - `queries`       — `POST /v1/queries` (NDJSON).
 //! - `subscriptions` — `POST /v1/subscriptions`, `GET /v1/subscriptions/{id}` (NDJSON).
 //! - `sub_engine`    — re-evaluates subscriptions and keeps their persisted change logs.
+//! - `sub_rows`      — a subscription's rows: evaluation, diff, row keys.
 //! - `health`        — `GET /v1/health`, `GET /v1/members`, `GET /metrics`.
 //! - `stats`         — the API's own counters (requests by route and status, group commit).
 //! - `admin`         — `GET /v1/status`, `POST /v1/backup`, `POST /v1/reload`.
@@ -23,11 +26,14 @@ pub mod error;
 pub mod exec;
 pub mod health;
 pub mod json_values;
+pub mod limits;
 pub mod pool;
 pub mod queries;
+mod readers;
 pub mod sql;
 pub mod stats;
 pub mod sub_engine;
+mod sub_rows;
 pub mod subscriptions;
 pub mod transactions;
 
@@ -110,8 +116,9 @@ async fn build_state(
     stop: watch::Receiver<bool>,
 ) -> Result<AppState, HttpError> {
     let sync = shared.synchronous;
+    let limits = pool::Limits::from_config(&api);
     let sh = shared.clone();
-    let subs = tokio::task::spawn_blocking(move || sub_engine::SubEngine::start(sh, sync))
+    let subs = tokio::task::spawn_blocking(move || sub_engine::SubEngine::start(sh, sync, limits))
         .await
         .map_err(|e| HttpError::Internal(format!("subscription engine failed to start: {e}")))??;
     let notify = shared.local_write.clone();
@@ -129,7 +136,7 @@ async fn build_state(
         }
     });
     let sh = shared.clone();
-    let pool = tokio::task::spawn_blocking(move || pool::Pool::open(sh, sync, on_commit))
+    let pool = tokio::task::spawn_blocking(move || pool::Pool::open(sh, sync, on_commit, limits))
         .await
         .map_err(|e| HttpError::Internal(format!("API connections failed to open: {e}")))??;
     // Every change to the node's db_version (merges, other processes' writes) re-evaluates

@@ -8,11 +8,16 @@
 //! waiting job, opens `BEGIN IMMEDIATE`, runs it, keeps taking whatever else is already
 //! waiting (each later job in its own SAVEPOINT: a failing request rolls back alone),
 //! commits once and answers everyone. One client sending one request at a time still gets
-//! one commit per request. Readers run on blocking threads; WAL lets them read while the
-//! writer writes.
+//! one commit per request. Readers run on their own niced threads (`readers`); WAL lets
+//! them read while the writer writes.
+//!
+//! Every connection runs under `api.query_timeout` and its request's cancellation (the
+//! `limits` watchdog); a reader slot is waited for at most [`READER_WAIT`], the writer at
+//! most `api.query_timeout`, then the answer is 503: overload is told, never queued
+//! without bound.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,9 +26,11 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::authorizer::AuthState;
 use super::error::HttpError;
-use super::exec::{run_specs, StmtResult};
+use super::exec::{run_specs, Keep, StmtResult};
 use super::json_values::StatementSpec;
-use crate::config::Synchronous;
+use super::limits::{limit_value_size, Armed, CancelToken, Watchdog};
+use super::readers::ReaderThreads;
+use crate::config::{ApiConfig, Synchronous};
 use crate::node::NodeShared;
 
 /// Called after each commit with the requests it carried and whether data changed.
@@ -34,18 +41,55 @@ const MAX_GROUP: usize = 128;
 /// How many reader connections run at once.
 pub const READERS: usize = 8;
 
-/// A connection with the API's authorizer installed.
+/// How long a request waits for a reader slot before it is answered 503. Slots free up
+/// within `api.query_timeout` at worst; an unbounded queue would only turn overload into
+/// requests that hang (issue 7 item 3), so a caller is told at once to retry.
+pub const READER_WAIT: Duration = Duration::from_millis(20);
+
+/// The largest TEXT or BLOB the writer connection creates or reads. Larger than
+/// `api.max_result_bytes` on purpose: an UPDATE must be able to rewrite a row holding a
+/// big value some app stored, but `/sql` must not build values of any size while it
+/// holds the write lock.
+pub const WRITER_MAX_VALUE: usize = 64 * 1024 * 1024;
+
+/// Answers `/sql` may hold in memory at once, in multiples of `api.max_result_bytes`
+/// (32 MiB by default; an answer also needs about as much again while it is encoded).
+pub const ANSWER_BUDGET_FACTOR: usize = 4;
+
+/// The limits every API connection runs under (from `[api]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `api.query_timeout`.
+    pub query_timeout: Duration,
+    /// `api.max_result_bytes`.
+    pub max_result_bytes: usize,
+}
+
+impl Limits {
+    pub fn from_config(api: &ApiConfig) -> Limits {
+        Limits {
+            query_timeout: api.query_timeout,
+            max_result_bytes: api.max_result_bytes,
+        }
+    }
+}
+
+/// A connection with the API's authorizer and watchdog installed.
 pub struct ApiConn {
     pub conn: Connection,
     pub auth: Arc<AuthState>,
+    /// Stops a request's statements past `api.query_timeout` or once its client left.
+    pub dog: Arc<Watchdog>,
 }
 
-/// Opens an API connection: the extension loaded, the authorizer installed. Readers are
-/// also `query_only`, a second fence behind the authorizer.
+/// Opens an API connection: the extension loaded, the authorizer and the watchdog
+/// installed, TEXT and BLOB values capped at `max_value` bytes. Readers are also
+/// `query_only`, a second fence behind the authorizer.
 pub fn open_api_conn(
     shared: &NodeShared,
     sync: Synchronous,
     query_only: bool,
+    max_value: usize,
 ) -> Result<ApiConn, HttpError> {
     let mut conn = crate::db::open(&shared.db_path, &shared.extension_path, sync)
         .map_err(|e| HttpError::Internal(e.to_string()))?;
@@ -64,14 +108,26 @@ pub fn open_api_conn(
         hook.authorize(ctx)
     }))
     .map_err(|e| HttpError::Internal(format!("cannot install the API authorizer: {e}")))?;
-    Ok(ApiConn { conn, auth })
+    let dog = Watchdog::install(&mut conn)?;
+    limit_value_size(&conn, max_value)?;
+    Ok(ApiConn { conn, auth, dog })
 }
 
 /// A write request: statements run in order, all or nothing.
 pub struct WriteRequest {
     pub specs: Vec<StatementSpec>,
-    /// Collect returned rows (`/sql` answers the last statement's rows).
+    /// Collect returned rows (`/sql` answers the last statement's rows), at most
+    /// `api.max_result_bytes` of them as JSON.
     pub keep_rows: bool,
+    /// Set when the client went away: the request's statements stop and roll back.
+    pub cancel: CancelToken,
+    /// Lead the writer from a blocking thread rather than in place (`block_in_place`).
+    /// In place saves a thread hop on the hot path (`/v1/transactions`), but the
+    /// request's own future is then busy until its group commits, so a client leaving
+    /// cannot cancel a request that leads: it stops at `api.query_timeout` at the
+    /// latest. `/sql`, where hand-typed runaway statements come from, leads off-thread
+    /// and is cancelled at once.
+    pub lead_off_thread: bool,
 }
 
 /// What a committed write request did.
@@ -86,6 +142,7 @@ pub struct WriteOutcome {
 struct WriteJob {
     req: WriteRequest,
     reply: oneshot::Sender<Result<WriteOutcome, HttpError>>,
+    queued_at: Instant,
 }
 
 /// The API's connections.
@@ -95,6 +152,9 @@ pub struct Pool {
     writer: Arc<Writer>,
     readers: Mutex<Vec<ApiConn>>,
     slots: Arc<Semaphore>,
+    /// Where reads run: one niced thread per slot.
+    threads: ReaderThreads,
+    limits: Limits,
 }
 
 impl Pool {
@@ -104,18 +164,30 @@ impl Pool {
         shared: Arc<NodeShared>,
         sync: Synchronous,
         on_commit: OnCommit,
+        limits: Limits,
     ) -> Result<Arc<Pool>, HttpError> {
-        let mut writer = open_api_conn(&shared, sync, false)?;
-        let limit = WriteLimit::install(&mut writer.conn, WRITE_TIME_LIMIT)?;
-        let reader = open_api_conn(&shared, sync, true)?;
+        let writer = open_api_conn(
+            &shared,
+            sync,
+            false,
+            WRITER_MAX_VALUE.max(limits.max_result_bytes),
+        )?;
+        let reader = open_api_conn(&shared, sync, true, limits.max_result_bytes)?;
         let writer = Arc::new(Writer {
             state: Mutex::new(WriterState {
                 api: writer,
-                limit,
+                keep: Keep {
+                    limit: limits.max_result_bytes,
+                    budget: Arc::new(Semaphore::new(
+                        limits.max_result_bytes.saturating_mul(ANSWER_BUDGET_FACTOR),
+                    )),
+                },
+                limits,
                 ctl: Ctl::new(),
             }),
             queue: Mutex::new(VecDeque::new()),
             leading: AtomicBool::new(false),
+            max_queue_wait: limits.query_timeout,
             on_commit,
         });
         Ok(Arc::new(Pool {
@@ -124,21 +196,33 @@ impl Pool {
             writer,
             readers: Mutex::new(vec![reader]),
             slots: Arc::new(Semaphore::new(READERS)),
+            threads: ReaderThreads::start(READERS)?,
+            limits,
         }))
+    }
+
+    /// The limits API connections run under.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Queues a write request, leads the writer if nobody does, and waits for the commit.
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, HttpError> {
+        let off_thread = req.lead_off_thread;
         let (reply, rx) = oneshot::channel();
         self.writer
             .queue
             .lock()
             .map_err(|_| HttpError::Internal("the API write queue is poisoned".into()))?
-            .push_back(WriteJob { req, reply });
+            .push_back(WriteJob {
+                req,
+                reply,
+                queued_at: Instant::now(),
+            });
         if !self.writer.leading.load(Ordering::SeqCst) {
             let writer = self.writer.clone();
             let flavor = tokio::runtime::Handle::current().runtime_flavor();
-            if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+            if flavor == tokio::runtime::RuntimeFlavor::MultiThread && !off_thread {
                 tokio::task::block_in_place(|| writer.lead());
             } else {
                 tokio::task::spawn_blocking(move || writer.lead());
@@ -148,40 +232,91 @@ impl Pool {
             .map_err(|_| HttpError::Internal("the API writer dropped a request".into()))?
     }
 
-    /// Runs `f` on a reader connection on a blocking thread.
+    /// Runs `f` on a reader connection on a reader thread, under `api.query_timeout`.
+    /// Answers 503 at once when every reader slot stays busy for [`READER_WAIT`].
     pub async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, HttpError>
     where
         T: Send + 'static,
         F: FnOnce(&ApiConn) -> Result<T, HttpError> + Send + 'static,
     {
         let permit = self.permit().await?;
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.read_blocking(permit, f))
-            .await
-            .map_err(|e| HttpError::Internal(format!("reader task failed: {e}")))?
+        self.read_with(permit, f).await
     }
 
-    /// Waits for a reader slot (held for as long as a stream reads).
-    pub async fn permit(&self) -> Result<OwnedSemaphorePermit, HttpError> {
-        self.slots
+    /// As [`Pool::read`], but waits for a slot as long as it takes: for a live
+    /// subscription stream, whose client is waiting for changes anyway and should not lose
+    /// its stream to a burst of queries.
+    pub async fn read_patiently<T, F>(self: &Arc<Self>, f: F) -> Result<T, HttpError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ApiConn) -> Result<T, HttpError> + Send + 'static,
+    {
+        let permit = self
+            .slots
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| HttpError::Unavailable("the API is shutting down".into()))
+            .map_err(|_| HttpError::Unavailable("the API is shutting down".into()))?;
+        self.read_with(permit, f).await
     }
 
-    /// Runs `f` on a reader; call from a blocking thread holding a permit.
+    async fn read_with<T, F>(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+        f: F,
+    ) -> Result<T, HttpError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ApiConn) -> Result<T, HttpError> + Send + 'static,
+    {
+        let me = self.clone();
+        let (tx, rx) = oneshot::channel();
+        self.spawn_reader(move || {
+            let out = me.read_blocking(permit, None, |api, armed| {
+                f(api).map_err(|e| armed.explain(e))
+            });
+            let _ = tx.send(out);
+        })?;
+        rx.await
+            .map_err(|_| HttpError::Internal("a reader thread dropped its job".into()))?
+    }
+
+    /// Runs `job` on a reader thread (niced, see `readers`); call holding a reader slot.
+    pub fn spawn_reader(&self, job: impl FnOnce() + Send + 'static) -> Result<(), HttpError> {
+        self.threads.run(job)
+    }
+
+    /// Takes a reader slot (held for as long as a stream reads), or answers 503 when none
+    /// frees up within [`READER_WAIT`].
+    pub async fn permit(&self) -> Result<OwnedSemaphorePermit, HttpError> {
+        match tokio::time::timeout(READER_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(HttpError::Unavailable("the API is shutting down".into())),
+            Err(_) => Err(HttpError::Unavailable(format!(
+                "overloaded: all {READERS} API reader connections are busy; retry shortly \
+                 (queries are stopped after api.query_timeout = {:?})",
+                self.limits.query_timeout
+            ))),
+        }
+    }
+
+    /// Runs `f` on a reader under `api.query_timeout` (and `cancel`, when given); call
+    /// from a reader thread ([`Pool::spawn_reader`]) holding a permit.
     pub fn read_blocking<T>(
         &self,
         permit: OwnedSemaphorePermit,
-        f: impl FnOnce(&ApiConn) -> Result<T, HttpError>,
+        cancel: Option<CancelToken>,
+        f: impl FnOnce(&ApiConn, &Armed<'_>) -> Result<T, HttpError>,
     ) -> Result<T, HttpError> {
         let taken = self.readers.lock().ok().and_then(|mut r| r.pop());
         let conn = match taken {
             Some(c) => c,
-            None => open_api_conn(&self.shared, self.sync, true)?,
+            None => open_api_conn(&self.shared, self.sync, true, self.limits.max_result_bytes)?,
         };
-        let out = f(&conn);
+        let out = {
+            let armed = conn.dog.arm(self.limits.query_timeout, cancel);
+            f(&conn, &armed)
+        };
         // A reader left inside a transaction (a failed stream) is not reused.
         if conn.conn.is_autocommit() {
             if let Ok(mut r) = self.readers.lock() {
@@ -190,58 +325,6 @@ impl Pool {
         }
         drop(permit);
         out
-    }
-}
-
-/// How long one request may run on the writer before SQLite is told to stop it: the
-/// writer serves everyone, so a runaway statement must not hold it forever.
-pub const WRITE_TIME_LIMIT: Duration = Duration::from_secs(30);
-
-/// The writer's deadline, checked by SQLite's progress handler every few thousand VM steps.
-struct WriteLimit {
-    /// Milliseconds since `epoch` after which statements are interrupted; 0: none.
-    deadline_ms: Arc<AtomicU64>,
-    epoch: Instant,
-    limit: Duration,
-}
-
-impl WriteLimit {
-    fn install(conn: &mut Connection, limit: Duration) -> Result<WriteLimit, HttpError> {
-        let deadline_ms = Arc::new(AtomicU64::new(0));
-        let epoch = Instant::now();
-        let d = deadline_ms.clone();
-        conn.progress_handler(
-            10_000,
-            Some(move || {
-                let limit = d.load(Ordering::Relaxed);
-                limit != 0 && epoch.elapsed().as_millis() as u64 > limit
-            }),
-        )
-        .map_err(|e| HttpError::Internal(format!("cannot install the write time limit: {e}")))?;
-        Ok(WriteLimit {
-            deadline_ms,
-            epoch,
-            limit,
-        })
-    }
-
-    /// Runs one request under the limit; an interrupted one is answered as such.
-    fn run<T>(&self, f: impl FnOnce() -> Result<T, HttpError>) -> Result<T, HttpError> {
-        let deadline = self.epoch.elapsed() + self.limit;
-        self.deadline_ms
-            .store(deadline.as_millis().max(1) as u64, Ordering::Relaxed);
-        let res = f();
-        self.deadline_ms.store(0, Ordering::Relaxed);
-        match res {
-            Err(e) if self.epoch.elapsed() >= deadline && e.to_string().contains("interrupt") => {
-                Err(HttpError::BadRequest(format!(
-                    "the request ran longer than {} s and was interrupted; nothing of it was \
-                     applied",
-                    self.limit.as_secs_f64()
-                )))
-            }
-            other => other,
-        }
     }
 }
 
@@ -284,7 +367,9 @@ impl Ctl {
 /// The writer connection and what runs with it.
 struct WriterState {
     api: ApiConn,
-    limit: WriteLimit,
+    /// How `/sql` keeps rows, and the node-wide budget of answers held.
+    keep: Keep,
+    limits: Limits,
     ctl: Ctl,
 }
 
@@ -294,6 +379,10 @@ struct Writer {
     queue: Mutex<VecDeque<WriteJob>>,
     /// True while a leader holds `state`: a new request then only queues.
     leading: AtomicBool,
+    /// A request that waited longer than this for the writer is answered 503 unrun
+    /// (`api.query_timeout`): runaway requests ahead of it, each stopped only at the
+    /// limit, must not add up to a queue that hangs every writer.
+    max_queue_wait: Duration,
     on_commit: OnCommit,
 }
 
@@ -302,8 +391,27 @@ struct Writer {
 const GROUPS_PER_LEADER: usize = 4;
 
 impl Writer {
+    /// The next job to run. Jobs whose client already left are dropped unrun (a short
+    /// statement finishes before the watchdog's first check, so cancellation alone would
+    /// still apply it); jobs that waited past `max_queue_wait` are answered 503 unrun.
     fn pop(&self) -> Option<WriteJob> {
-        self.queue.lock().ok().and_then(|mut q| q.pop_front())
+        loop {
+            let job = self.queue.lock().ok().and_then(|mut q| q.pop_front())?;
+            if job.req.cancel.is_cancelled() {
+                let _ = job.reply.send(Err(HttpError::Cancelled));
+                continue;
+            }
+            let waited = job.queued_at.elapsed();
+            if waited > self.max_queue_wait {
+                let _ = job.reply.send(Err(HttpError::Unavailable(format!(
+                    "the writer is busy: this request waited {} ms behind others (more than \
+                     api.query_timeout) and was not run; nothing was applied, retry shortly",
+                    waited.as_millis()
+                ))));
+                continue;
+            }
+            return Some(job);
+        }
     }
 
     fn queued(&self) -> bool {
@@ -347,7 +455,7 @@ impl WriterState {
         mut pop: impl FnMut() -> Option<WriteJob>,
         on_commit: &OnCommit,
     ) {
-        let (api, ctl, limit) = (&self.api, &self.ctl, &self.limit);
+        let (api, ctl, limits, keep) = (&self.api, &self.ctl, self.limits, &self.keep);
         if let Err(e) = begin(api, ctl) {
             let _ = first.reply.send(Err(e));
             return;
@@ -364,7 +472,14 @@ impl WriterState {
         let mut next = Some(first);
         while let Some(job) = next.take() {
             let first_of_group = done.is_empty();
-            let res = limit.run(|| run_job(api, ctl, &job.req, version, !first_of_group));
+            let res = {
+                let armed = api
+                    .dog
+                    .arm(limits.query_timeout, Some(job.req.cancel.clone()));
+                let keep = job.req.keep_rows.then_some(keep);
+                run_job(api, ctl, &job.req, keep, version, !first_of_group)
+                    .map_err(|e| armed.explain(e))
+            };
             if first_of_group && res.is_err() {
                 if !api.conn.is_autocommit() {
                     let _ = ctl.run(api, &ctl.rollback);
@@ -430,6 +545,7 @@ fn run_job(
     api: &ApiConn,
     ctl: &Ctl,
     req: &WriteRequest,
+    keep_rows: Option<&Keep>,
     before: i64,
     savepoint: bool,
 ) -> Result<WriteOutcome, HttpError> {
@@ -437,7 +553,7 @@ fn run_job(
         ctl.run(api, &ctl.savepoint)?;
     }
     let changes_before = api.conn.total_changes();
-    match run_specs(&api.conn, &api.auth, &req.specs, req.keep_rows) {
+    match run_specs(&api.conn, &api.auth, &req.specs, keep_rows) {
         Ok(results) => {
             if savepoint {
                 ctl.run(api, &ctl.release)?;
@@ -483,35 +599,4 @@ pub fn db_version(api: &ApiConn) -> Result<i64, HttpError> {
                 .map_err(|e| HttpError::Internal(format!("cannot read crsql_db_version(): {e}"))),
         }
     })
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_runaway_statement_is_interrupted() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        let limit = WriteLimit::install(&mut conn, Duration::from_millis(100)).unwrap();
-        let res = limit.run(|| {
-            conn.query_row(
-                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
-                 SELECT count(*) FROM c",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(|e| HttpError::from_sqlite(e, None))
-        });
-        let err = res.unwrap_err();
-        assert!(err.to_string().contains("interrupted"), "{err}");
-        // The limit is lifted between requests.
-        let n: i64 = limit
-            .run(|| {
-                conn.query_row("SELECT 41 + 1", [], |r| r.get(0))
-                    .map_err(|e| HttpError::from_sqlite(e, None))
-            })
-            .unwrap();
-        assert_eq!(n, 42);
-    }
 }

@@ -2,11 +2,20 @@
 //! `{"columns": [...]}`, `{"row": [rowid, [values]]}` per row, `{"eoq": {"time"}}`.
 //!
 //! Errors found before the first event (bad SQL, unknown table, a write statement,
-//! parameter mismatch) are a 400 `{"error"}`; an error while stepping rows arrives as an
-//! `{"error"}` event and ends the stream. A client that goes away stops the query at the
-//! next row: the reader thread sees the closed channel and returns its connection.
+//! parameter mismatch, and anything wrong with the first row: the time limit, TEXT that is
+//! not UTF-8, a row past `api.max_result_bytes`) are a 400 `{"error"}`: the first row is
+//! stepped before the answer starts. An error while stepping later rows arrives as an
+//! `{"error"}` event and ends the stream.
+//!
+//! A query runs under `api.query_timeout`. A client that goes away stops it: the handler
+//! future and then the response body hold a [`CancelOnDrop`], and the connection's
+//! watchdog interrupts the statement at its next check, even in the middle of a step that
+//! produces no row (a `count(*)` over a runaway CTE). Lines wait for the socket under a
+//! budget of bytes, not of lines, so a slow reader of big rows cannot fill memory.
 
 use std::convert::Infallible;
+use std::io::Write as _;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -15,20 +24,24 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use rusqlite::fallible_iterator::FallibleIterator;
-use rusqlite::{Batch, Statement};
+use rusqlite::{Batch, Row, Statement};
 use serde_json::{json, Value as Json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::authorizer::AuthState;
-use super::exec::{bind, refuse_unauthorizable, sql_error};
-use super::json_values::{parse_body, value_to_json, StatementSpec};
+use super::exec::{bind, column_names, refuse_nul, refuse_unauthorizable, sql_error};
+use super::json_values::{add_json_len, check_utf8, parse_body, JsonRef, StatementSpec};
+use super::limits::{Armed, CancelOnDrop, CancelToken};
 use super::pool::ApiConn;
 use super::{body_bytes, require_json, AppState, HttpError};
 
 /// NDJSON lines buffered between the reader thread and the socket.
 const STREAM_BUFFER: usize = 256;
+/// Bytes of NDJSON a stream may have waiting for the socket (one bigger line passes
+/// alone).
+const STREAM_BYTES: usize = 1 << 20;
 
 /// `POST /v1/queries`.
 pub async fn post_queries(
@@ -38,20 +51,25 @@ pub async fn post_queries(
 ) -> Result<Response, HttpError> {
     let spec = parse_statement(&st, &headers, body)?;
     let permit = st.pool.permit().await?;
+    let cancel = CancelToken::new();
+    // Cancels the query if this future is dropped (the client left before the first
+    // row); moved into the response body afterwards.
+    let guard = cancel.on_drop();
     let (first_tx, first_rx) = oneshot::channel();
-    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+    let (tx, rx) = line_channel();
     let pool = st.pool.clone();
     let stop = st.stop.clone();
-    tokio::task::spawn_blocking(move || {
-        pool.read_blocking(permit, |api| {
-            stream_rows(api, &spec, first_tx, &tx, &stop);
+    let max_row = pool.limits().max_result_bytes;
+    st.pool.spawn_reader(move || {
+        let _ = pool.read_blocking(permit, Some(cancel), |api, armed| {
+            stream_rows(api, armed, &spec, first_tx, &tx, &stop, max_row);
             Ok(())
-        })
-    });
+        });
+    })?;
     first_rx
         .await
         .map_err(|_| HttpError::Internal("the query's reader thread stopped".into()))??;
-    Ok(ndjson_response(rx))
+    Ok(ndjson_response(rx, Some(guard)))
 }
 
 /// The body as one statement: `"sql"`, `["sql", [params]]`, `["sql", {named}]` or
@@ -67,9 +85,60 @@ pub fn parse_statement(
     StatementSpec::from_json(&json)
 }
 
-/// An NDJSON streaming response over the lines of `rx`.
-pub fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response {
-    let stream = ReceiverStream::new(rx).map(Ok::<Bytes, Infallible>);
+/// The sending half of an NDJSON stream: lines wait under a budget of bytes.
+pub struct LineSender {
+    tx: mpsc::Sender<(Bytes, OwnedSemaphorePermit)>,
+    budget: Arc<Semaphore>,
+    rt: tokio::runtime::Handle,
+}
+
+/// The receiving half (see [`ndjson_response`]).
+pub type LineReceiver = mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>;
+
+/// A new stream's channel; call within the runtime.
+pub fn line_channel() -> (LineSender, LineReceiver) {
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let sender = LineSender {
+        tx,
+        budget: Arc::new(Semaphore::new(STREAM_BYTES)),
+        rt: tokio::runtime::Handle::current(),
+    };
+    (sender, rx)
+}
+
+impl LineSender {
+    /// Queues a line once the budget allows; false when the client is gone.
+    pub async fn send(&self, line: Bytes) -> bool {
+        let n = u32::try_from(line.len().clamp(1, STREAM_BYTES)).unwrap_or(u32::MAX);
+        let permit = tokio::select! {
+            p = self.budget.clone().acquire_many_owned(n) => match p {
+                Ok(p) => p,
+                Err(_) => return false,
+            },
+            _ = self.tx.closed() => return false,
+        };
+        self.tx.send((line, permit)).await.is_ok()
+    }
+
+    /// [`LineSender::send`] from a blocking thread.
+    pub fn send_blocking(&self, line: Bytes) -> bool {
+        self.rt.block_on(self.send(line))
+    }
+
+    /// Resolves when the client is gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// An NDJSON streaming response over the lines of `rx`; `guard` lives as long as the
+/// body, so dropping the body (the client left) cancels the work behind it.
+pub fn ndjson_response(rx: LineReceiver, guard: Option<CancelOnDrop>) -> Response {
+    let stream = ReceiverStream::new(rx).map(move |(line, permit)| {
+        drop(permit);
+        let _alive = &guard;
+        Ok::<Bytes, Infallible>(line)
+    });
     let mut resp = Body::from_stream(stream).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -91,6 +160,7 @@ pub fn prepare_readonly<'c>(
     auth: &AuthState,
     spec: &StatementSpec,
 ) -> Result<Statement<'c>, HttpError> {
+    refuse_nul(&spec.sql)?;
     let mut batch = Batch::new(conn, &spec.sql);
     let _ = auth.take_denial();
     let mut stmt = batch
@@ -110,14 +180,16 @@ pub fn prepare_readonly<'c>(
     Ok(stmt)
 }
 
-/// Runs the query, answering `first` once it is known whether it can run, then sending
-/// NDJSON lines until the end or until the client is gone.
+/// Runs the query, answering `first` once the first row (or the end) is reached, then
+/// sending NDJSON lines until the end or until the client is gone.
 fn stream_rows(
     api: &ApiConn,
+    armed: &Armed<'_>,
     spec: &StatementSpec,
     first: oneshot::Sender<Result<(), HttpError>>,
-    tx: &mpsc::Sender<Bytes>,
+    tx: &LineSender,
     stop: &tokio::sync::watch::Receiver<bool>,
+    max_row: usize,
 ) {
     let start = Instant::now();
     let mut stmt = match prepare_readonly(&api.conn, &api.auth, spec) {
@@ -127,53 +199,93 @@ fn stream_rows(
             return;
         }
     };
-    let _ = first.send(Ok(()));
-    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
-    let ncols = columns.len();
-    if tx
-        .blocking_send(line(&json!({ "columns": columns })))
-        .is_err()
-    {
-        return;
-    }
+    let columns = match column_names(&stmt) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = first.send(Err(e));
+            return;
+        }
+    };
+    let mut first = Some(first);
+    // Before the answer started: a status. After: an error event, the stream ends.
+    let fail = |first: &mut Option<oneshot::Sender<Result<(), HttpError>>>, e: HttpError| {
+        let e = armed.explain(e);
+        match first.take() {
+            Some(f) => {
+                let _ = f.send(Err(e));
+            }
+            None => {
+                let _ = tx.send_blocking(line(&json!({ "error": e.to_string() })));
+            }
+        }
+    };
     let mut rows = stmt.raw_query();
     let mut rowid: u64 = 0;
     loop {
-        match rows.next() {
+        let next = match rows.next() {
             Ok(Some(row)) => {
                 rowid += 1;
                 // A node shutting down ends its streams so the server can drain.
                 if rowid & 1023 == 0 && *stop.borrow() {
-                    let _ =
-                        tx.blocking_send(line(&json!({ "error": "the node is shutting down" })));
+                    fail(
+                        &mut first,
+                        HttpError::Unavailable("the node is shutting down".into()),
+                    );
                     return;
                 }
-                let mut vals = Vec::with_capacity(ncols);
-                for i in 0..ncols {
-                    match row.get_ref(i) {
-                        Ok(v) => vals.push(value_to_json(v)),
-                        Err(e) => {
-                            let _ = tx.blocking_send(line(&json!({ "error": e.to_string() })));
-                            return;
-                        }
-                    }
-                }
-                if tx
-                    .blocking_send(line(&json!({ "row": [rowid, vals] })))
-                    .is_err()
-                {
-                    return;
+                match row_line(row, rowid, &columns, max_row, &api.auth) {
+                    Ok(l) => Some(l),
+                    Err(e) => return fail(&mut first, e),
                 }
             }
-            Ok(None) => break,
-            Err(e) => {
-                let e = sql_error(e, &api.auth);
-                let _ = tx.blocking_send(line(&json!({ "error": e.to_string() })));
+            Ok(None) => None,
+            Err(e) => return fail(&mut first, sql_error(e, &api.auth)),
+        };
+        if let Some(f) = first.take() {
+            let _ = f.send(Ok(()));
+            if !tx.send_blocking(line(&json!({ "columns": columns }))) {
                 return;
             }
         }
+        match next {
+            Some(l) => {
+                if !tx.send_blocking(l) {
+                    return;
+                }
+            }
+            None => break,
+        }
     }
-    let _ = tx.blocking_send(line(
+    let _ = tx.send_blocking(line(
         &json!({ "eoq": { "time": start.elapsed().as_secs_f64() } }),
     ));
+}
+
+/// One `{"row": [rowid, [values]]}` line, written straight from SQLite's values; refused
+/// when a TEXT value is not UTF-8 or the line would pass `max_row` bytes.
+fn row_line(
+    row: &Row<'_>,
+    rowid: u64,
+    columns: &[String],
+    max_row: usize,
+    auth: &AuthState,
+) -> Result<Bytes, HttpError> {
+    let mut size = 32;
+    for (i, column) in columns.iter().enumerate() {
+        let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
+        check_utf8(v, column)?;
+        add_json_len(&mut size, v, max_row)?;
+    }
+    let internal = |e: &dyn std::fmt::Display| HttpError::Internal(format!("encoding a row: {e}"));
+    let mut buf = Vec::with_capacity(size);
+    write!(buf, "{{\"row\":[{rowid},[").map_err(|e| internal(&e))?;
+    for i in 0..columns.len() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        let v = row.get_ref(i).map_err(|e| sql_error(e, auth))?;
+        serde_json::to_writer(&mut buf, &JsonRef(v)).map_err(|e| internal(&e))?;
+    }
+    buf.extend_from_slice(b"]]}\n");
+    Ok(Bytes::from(buf))
 }

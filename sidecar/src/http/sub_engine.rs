@@ -18,14 +18,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension, Statement};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value as Json;
 use tokio::sync::{oneshot, watch};
 
 use super::error::HttpError;
-use super::json_values::{value_to_json, StatementSpec};
-use super::pool::{open_api_conn, ApiConn};
+use super::json_values::StatementSpec;
+use super::pool::{open_api_conn, ApiConn, Limits};
 use super::queries::prepare_readonly;
+use super::sub_rows::{diff, evaluate, key_columns, Change};
 use crate::config::Synchronous;
 use crate::node::NodeShared;
 
@@ -71,6 +72,9 @@ pub struct SubHandle {
     pub columns: Vec<String>,
     /// The last change id committed to the log; streams wait on it.
     pub last_change: watch::Sender<i64>,
+    /// Why the subscription stopped for good (its query hit the time limit, a value it
+    /// cannot answer unchanged); streams send it as an `{"error"}` event and end.
+    pub failure: watch::Sender<Option<String>>,
     /// Streams attached now. Only subscriptions someone listens to are re-evaluated on
     /// every change; an idle one catches up (its changes coalesced, ids still contiguous)
     /// when a stream attaches again.
@@ -86,6 +90,7 @@ impl SubHandle {
             hash,
             columns,
             last_change: watch::channel(last_change).0,
+            failure: watch::channel(None).0,
             listeners: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
         }
@@ -144,6 +149,7 @@ pub struct SubEngine {
     cmd: crossbeam_channel::Sender<Cmd>,
     subs: RwLock<HashMap<String, Arc<SubHandle>>>,
     stopped: AtomicBool,
+    limits: Limits,
 }
 
 /// One subscription as the engine thread keeps it.
@@ -160,19 +166,16 @@ struct SubState {
     broken: bool,
 }
 
-/// One change of a subscription's result.
-struct Change {
-    kind: &'static str,
-    rowid: i64,
-    key: String,
-    vals: String,
-}
-
 impl SubEngine {
     /// Opens the engine's connection, creates its tables, loads persisted subscriptions
     /// and starts the engine thread (which re-evaluates them once at once).
-    pub fn start(shared: Arc<NodeShared>, sync: Synchronous) -> Result<Arc<SubEngine>, HttpError> {
-        let api = open_api_conn(&shared, sync, false)?;
+    pub fn start(
+        shared: Arc<NodeShared>,
+        sync: Synchronous,
+        limits: Limits,
+    ) -> Result<Arc<SubEngine>, HttpError> {
+        // Values are capped as on readers; the rows it stores are capped per row below.
+        let api = open_api_conn(&shared, sync, false, limits.max_result_bytes)?;
         api.auth
             .trusted(|| api.conn.execute_batch(SCHEMA))
             .map_err(|e| {
@@ -189,6 +192,7 @@ impl SubEngine {
                     .collect(),
             ),
             stopped: AtomicBool::new(false),
+            limits,
         });
         let me = engine.clone();
         std::thread::Builder::new()
@@ -286,18 +290,26 @@ impl SubEngine {
                             None => Err(HttpError::NotFound(format!(
                                 "subscription {id} expired; subscribe again"
                             ))),
-                            Some(s) if s.broken => Err(HttpError::BadRequest(format!(
-                                "the query of subscription {id} no longer runs (its table \
-                                 changed or is gone); subscribe again"
-                            ))),
-                            Some(_) => refresh_some(&api, &mut states, |s| s.handle.id == id),
+                            Some(s) if s.broken => Err(HttpError::BadRequest(
+                                s.handle.failure.borrow().clone().unwrap_or_else(|| {
+                                    format!(
+                                        "the query of subscription {id} no longer runs (its \
+                                         table changed or is gone); subscribe again"
+                                    )
+                                }),
+                            )),
+                            Some(_) => {
+                                refresh_some(&api, self.limits, &mut states, |s| s.handle.id == id)
+                                    .and_then(|()| failure_of(&states, &id))
+                            }
                         };
                         let _ = reply.send(res);
                     }
                 }
             }
             if refresh && !self.stopped.load(Ordering::SeqCst) {
-                retry = match refresh_some(&api, &mut states, |s| s.handle.is_listened()) {
+                let listened = |s: &SubState| s.handle.is_listened();
+                retry = match refresh_some(&api, self.limits, &mut states, listened) {
                     Ok(()) => false,
                     Err(e) => {
                         tracing::warn!(error = %e, "subscription refresh failed; retrying");
@@ -364,10 +376,17 @@ impl SubEngine {
         }
         let (columns, key_cols, result) = {
             let mut stmt = prepare_readonly(&api.conn, &api.auth, &spec)?;
-            let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+            let columns = super::exec::column_names(&stmt)?;
             let key_cols = api.auth.trusted(|| key_columns(&api.conn, &stmt));
-            let result = evaluate(&mut stmt, key_cols.as_deref())
-                .map_err(|e| super::exec::sql_error(e, &api.auth))?;
+            let armed = api.dog.arm(self.limits.query_timeout, None);
+            let result = evaluate(
+                &mut stmt,
+                &columns,
+                key_cols.as_deref(),
+                &api.auth,
+                self.limits,
+            )
+            .map_err(|e| armed.explain(e))?;
             (columns, key_cols, result)
         };
         let id = new_id();
@@ -493,13 +512,19 @@ fn load(api: &ApiConn) -> Result<Vec<SubState>, HttpError> {
 type Pending = (usize, Vec<Change>, HashMap<String, (i64, String)>, i64);
 
 /// Re-runs the chosen subscriptions and commits all their changes in one transaction.
+///
+/// A query that fails for good — past `api.query_timeout`, or a row it cannot answer
+/// unchanged (TEXT that is not UTF-8, a row past `api.max_result_bytes`) — marks only its
+/// own subscription failed (its streams get the reason as an `{"error"}` event); other
+/// errors (a busy database) fail the round, which is retried.
 fn refresh_some(
     api: &ApiConn,
+    limits: Limits,
     states: &mut [SubState],
     chosen: impl Fn(&SubState) -> bool,
 ) -> Result<(), HttpError> {
     let mut pending: Vec<Pending> = Vec::new();
-    for (i, s) in states.iter().enumerate() {
+    for (i, s) in states.iter_mut().enumerate() {
         if s.broken || !chosen(s) {
             continue;
         }
@@ -511,8 +536,34 @@ fn refresh_some(
                     continue;
                 }
             };
-            evaluate(&mut stmt, s.key_cols.as_deref())
-                .map_err(|e| HttpError::Internal(format!("subscription {}: {e}", s.handle.id)))?
+            let columns = s.handle.columns.clone();
+            let armed = api.dog.arm(limits.query_timeout, None);
+            match evaluate(
+                &mut stmt,
+                &columns,
+                s.key_cols.as_deref(),
+                &api.auth,
+                limits,
+            ) {
+                Ok(r) => r,
+                Err(e) => match armed.explain(e) {
+                    e @ (HttpError::QueryTimeout { .. }
+                    | HttpError::NotUtf8 { .. }
+                    | HttpError::ResultTooLarge { .. }) => {
+                        let reason = format!("subscription {} stopped: {e}", s.handle.id);
+                        tracing::warn!(error = %reason, "subscription failed");
+                        s.broken = true;
+                        s.handle.failure.send_replace(Some(reason));
+                        continue;
+                    }
+                    e => {
+                        return Err(HttpError::Internal(format!(
+                            "subscription {}: {e}",
+                            s.handle.id
+                        )))
+                    }
+                },
+            }
         };
         let (changes, rows, next_rowid) = diff(&s.rows, result, s.next_rowid);
         if !changes.is_empty() {
@@ -588,131 +639,14 @@ fn persist(
     Ok(())
 }
 
-/// Runs a prepared query: (key, values as JSON text) per row, in result order. Rows with
-/// the same key get an occurrence suffix so none is lost.
-fn evaluate(
-    stmt: &mut Statement<'_>,
-    key_cols: Option<&[usize]>,
-) -> rusqlite::Result<Vec<(String, String)>> {
-    let n = stmt.column_count();
-    let mut out = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut rows = stmt.raw_query();
-    while let Some(row) = rows.next()? {
-        let mut vals = Vec::with_capacity(n);
-        for i in 0..n {
-            vals.push(value_to_json(row.get_ref(i)?));
-        }
-        let vals_text = Json::Array(vals.clone()).to_string();
-        let mut key = match key_cols {
-            Some(cols) => {
-                Json::Array(cols.iter().filter_map(|&c| vals.get(c).cloned()).collect()).to_string()
-            }
-            None => vals_text.clone(),
-        };
-        let n_seen = seen.entry(key.clone()).or_insert(0);
-        if *n_seen > 0 {
-            key.push_str(&format!("#{n_seen}"));
-        }
-        *n_seen += 1;
-        out.push((key, vals_text));
+/// The error of a subscription that stopped for good, if `id` is one.
+fn failure_of(states: &[SubState], id: &str) -> Result<(), HttpError> {
+    match states.iter().find(|s| s.handle.id == id) {
+        Some(s) if s.broken => Err(HttpError::BadRequest(
+            s.handle.failure.borrow().clone().unwrap_or_default(),
+        )),
+        _ => Ok(()),
     }
-    Ok(out)
-}
-
-/// Compares the old rows with a new result: the changes, the new rows, the next row id.
-fn diff(
-    old: &HashMap<String, (i64, String)>,
-    new: Vec<(String, String)>,
-    mut next_rowid: i64,
-) -> (Vec<Change>, HashMap<String, (i64, String)>, i64) {
-    let mut changes = Vec::new();
-    let mut rows = HashMap::with_capacity(new.len());
-    for (key, vals) in new {
-        match old.get(&key) {
-            Some((rowid, old_vals)) => {
-                if *old_vals != vals {
-                    changes.push(Change {
-                        kind: "update",
-                        rowid: *rowid,
-                        key: key.clone(),
-                        vals: vals.clone(),
-                    });
-                }
-                rows.insert(key, (*rowid, vals));
-            }
-            None => {
-                let rowid = next_rowid;
-                next_rowid += 1;
-                changes.push(Change {
-                    kind: "insert",
-                    rowid,
-                    key: key.clone(),
-                    vals: vals.clone(),
-                });
-                rows.insert(key, (rowid, vals));
-            }
-        }
-    }
-    let mut gone: Vec<(&String, &(i64, String))> =
-        old.iter().filter(|(k, _)| !rows.contains_key(*k)).collect();
-    gone.sort_by_key(|(_, (rowid, _))| *rowid);
-    for (key, (rowid, vals)) in gone {
-        changes.push(Change {
-            kind: "delete",
-            rowid: *rowid,
-            key: key.clone(),
-            vals: vals.clone(),
-        });
-    }
-    (changes, rows, next_rowid)
-}
-
-/// The result columns holding the primary key of every table the rows come from, or
-/// `None` when some key column is not selected (or a value is computed): then the whole
-/// row is the key, and an edit shows as a delete plus an insert.
-fn key_columns(conn: &Connection, stmt: &Statement<'_>) -> Option<Vec<usize>> {
-    // rusqlite panics on a table or column name that is not UTF-8; such a query is then
-    // keyed by whole rows rather than taking the engine thread down.
-    let meta: Vec<(Option<String>, Option<String>)> =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            stmt.columns_with_metadata()
-                .map(|m| {
-                    (
-                        m.table_name().map(String::from),
-                        m.origin_name().map(String::from),
-                    )
-                })
-                .collect()
-        }))
-        .ok()?;
-    let mut tables: Vec<String> = meta.iter().filter_map(|(t, _)| t.clone()).collect();
-    tables.sort();
-    tables.dedup();
-    if tables.is_empty() {
-        return None;
-    }
-    let mut key = Vec::new();
-    for t in &tables {
-        let mut pk_stmt = conn
-            .prepare_cached("SELECT name FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk")
-            .ok()?;
-        let pks: Vec<String> = pk_stmt
-            .query_map([t], |r| r.get(0))
-            .and_then(|it| it.collect())
-            .ok()?;
-        if pks.is_empty() {
-            return None;
-        }
-        for pk in pks {
-            let idx = meta.iter().position(|(tt, o)| {
-                tt.as_deref() == Some(t.as_str())
-                    && o.as_deref().is_some_and(|o| o.eq_ignore_ascii_case(&pk))
-            })?;
-            key.push(idx);
-        }
-    }
-    Some(key)
 }
 
 /// The rows of a subscription and its last change id, read in one snapshot.
@@ -803,31 +737,6 @@ fn new_id() -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    fn rows(items: &[(&str, &str)]) -> Vec<(String, String)> {
-        items
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn diff_inserts_updates_deletes() {
-        let (c, r, next) = diff(&HashMap::new(), rows(&[("a", "[1]"), ("b", "[2]")]), 1);
-        assert_eq!(
-            c.iter().map(|c| (c.kind, c.rowid)).collect::<Vec<_>>(),
-            vec![("insert", 1), ("insert", 2)]
-        );
-        assert_eq!(next, 3);
-        let (c, r2, next) = diff(&r, rows(&[("b", "[3]"), ("c", "[4]")]), next);
-        assert_eq!(
-            c.iter().map(|c| (c.kind, c.rowid)).collect::<Vec<_>>(),
-            vec![("update", 2), ("insert", 3), ("delete", 1)]
-        );
-        assert_eq!(next, 4);
-        let (c, _, _) = diff(&r2, rows(&[("b", "[3]"), ("c", "[4]")]), next);
-        assert!(c.is_empty());
-    }
 
     #[test]
     fn hash_is_stable() {

@@ -6,6 +6,11 @@
 //! for every later change. With `from=N` it gets only the changes after `N`, read from the
 //! persisted log — the same log live changes come from, so nothing is skipped or repeated.
 //! The headers `corro-query-id` and `corro-query-hash` name the subscription.
+//!
+//! A subscription whose query stops working for good — past `api.query_timeout`, or a row
+//! it cannot answer unchanged (TEXT that is not UTF-8, a row past `api.max_result_bytes`)
+//! — is refused with 400 when created or resumed, and its live streams get one
+//! `{"error"}` event naming the reason and end. Nothing is ever answered altered.
 
 use std::time::Instant;
 
@@ -16,9 +21,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::mpsc;
 
-use super::queries::{line, ndjson_response, parse_statement};
+use super::queries::{line, line_channel, ndjson_response, parse_statement, LineSender};
 use super::sub_engine::{changes_after, snapshot, ListenGuard, SubHandle};
 use super::{AppState, HttpError};
 
@@ -104,10 +108,10 @@ async fn open_stream(
             n
         }
     };
-    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let (tx, rx) = line_channel();
     let hash = handle.hash.clone();
     tokio::spawn(follow(st, handle, cursor, initial, tx, guard));
-    let mut resp = ndjson_response(rx);
+    let mut resp = ndjson_response(rx, None);
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(HeaderName::from_static("corro-query-id"), v);
@@ -125,27 +129,34 @@ async fn follow(
     handle: std::sync::Arc<SubHandle>,
     mut cursor: i64,
     initial: Vec<Bytes>,
-    tx: mpsc::Sender<Bytes>,
+    tx: LineSender,
     _listening: ListenGuard,
 ) {
     for l in initial {
-        if tx.send(l).await.is_err() {
+        if !tx.send(l).await {
             return;
         }
     }
     let mut latest_rx = handle.last_change.subscribe();
+    let mut failure_rx = handle.failure.subscribe();
     let mut stop = st.stop.clone();
     loop {
         if *stop.borrow() {
+            return;
+        }
+        let failed = failure_rx.borrow_and_update().clone();
+        if let Some(reason) = failed {
+            let _ = tx.send(line(&json!({ "error": reason }))).await;
             return;
         }
         let latest = *latest_rx.borrow_and_update();
         if latest > cursor {
             let id = handle.id.clone();
             let after = cursor;
+            // A live stream waits for a reader slot rather than end on a burst of queries.
             let page = st
                 .pool
-                .read(move |api| changes_after(api, &id, after, PAGE))
+                .read_patiently(move |api| changes_after(api, &id, after, PAGE))
                 .await;
             let changes = match page {
                 Ok((c, _)) => c,
@@ -164,7 +175,7 @@ async fn follow(
             }
             for (change_id, kind, rowid, vals) in changes {
                 let l = format!("{{\"change\":[\"{kind}\",{rowid},{vals},{change_id}]}}\n");
-                if tx.send(Bytes::from(l)).await.is_err() {
+                if !tx.send(Bytes::from(l)).await {
                     return;
                 }
                 cursor = change_id;
@@ -173,6 +184,7 @@ async fn follow(
         }
         tokio::select! {
             r = latest_rx.changed() => if r.is_err() { return },
+            r = failure_rx.changed() => if r.is_err() { return },
             _ = tx.closed() => return,
             _ = stop.changed() => return,
         }

@@ -17,6 +17,7 @@ use axum::Json;
 use serde_json::{json, Value as Json_};
 
 use super::json_values::{parse_body, StatementSpec};
+use super::limits::CancelToken;
 use super::pool::WriteRequest;
 use super::{actor_id, body_bytes, require_json, AppState, HttpError};
 
@@ -33,14 +34,20 @@ pub async fn post_transactions(
     let start = Instant::now();
     let n = specs.len();
     let actor = actor_id(&st.shared.site_id_hex);
-    match st
+    let cancel = CancelToken::new();
+    // Dropped with this handler's future when the client leaves: the statements stop.
+    let guard = cancel.on_drop();
+    let written = st
         .pool
         .write(WriteRequest {
             specs,
             keep_rows: false,
+            cancel,
+            lead_off_thread: false,
         })
-        .await
-    {
+        .await;
+    guard.disarm();
+    match written {
         Ok(out) => {
             let mut per_spec = vec![(0usize, 0f64); n];
             for r in &out.results {
