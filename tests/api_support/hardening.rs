@@ -297,7 +297,7 @@ fn runaway_queries_stop_at_the_limit_and_overload_is_a_fast_503() {
         })
         .collect();
     // While every reader slot is taken: a normal query gets a 503 quickly, never hangs;
-    // members and metrics do not wait on a slot.
+    // health, members and metrics do not wait on a slot.
     let mut fast_503 = None;
     wait_for("a 503 while the readers are busy", || {
         let t = Instant::now();
@@ -316,7 +316,7 @@ fn runaway_queries_stop_at_the_limit_and_overload_is_a_fast_503() {
     let took = fast_503.unwrap();
     println!("overload answered 503 in {took:?}");
     assert!(took < Duration::from_secs(2), "503 took {took:?}");
-    for path in ["/v1/members", "/metrics"] {
+    for path in ["/v1/health", "/v1/members", "/metrics"] {
         let t = Instant::now();
         let r = super::send("GET", &a.url(path), &[], None);
         println!(
