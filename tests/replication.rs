@@ -899,3 +899,64 @@ fn latency_probe() {
     }
     assert_eq!(lat.len(), 2 * N);
 }
+
+/// `typeof(note)` and `hex(note)` of one row on one node, if the row exists.
+fn note_bytes(node: &Node, id: i64) -> Option<(String, String)> {
+    node.conn()
+        .query_row(
+            "SELECT typeof(note), hex(note) FROM items WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok()
+}
+
+/// Issue 7, item 1: a TEXT value that is not valid UTF-8, written by an app that loads
+/// nothing, used to stop the node's outbound replication for good ("invalid utf-8").
+/// It must arrive byte-exact, as TEXT, and later writes must keep replicating.
+#[test]
+fn text_that_is_not_utf8_replicates_byte_exact_and_later_writes_follow() {
+    let nodes = cluster(2);
+    {
+        let app = Connection::open(&nodes[0].db).expect("plain connection, no extension");
+        app.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        app.execute(
+            "INSERT INTO items (id, node, note) VALUES (1, 'bad', CAST(X'FF00FE' AS TEXT))",
+            [],
+        )
+        .expect("app writes bytes that are not UTF-8 as TEXT");
+        app.execute(
+            "INSERT INTO items (id, node, note) VALUES (2, CAST(X'C328' AS TEXT), 'ok')",
+            [],
+        )
+        .expect("app writes a second bad value");
+    }
+    let want = Some(("text".to_string(), "FF00FE".to_string()));
+    wait_for(
+        "the bad TEXT value on node2",
+        Duration::from_secs(30),
+        || note_bytes(&nodes[1], 1) == want,
+    );
+    let node2: (String, String) = nodes[1]
+        .conn()
+        .query_row(
+            "SELECT typeof(node), hex(node) FROM items WHERE id = 2",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("row 2 on node2");
+    assert_eq!(node2, ("text".to_string(), "C328".to_string()));
+    // Replication goes on both ways: later writes on either node arrive.
+    write_burst(&nodes[0], 100, 10, "a");
+    write_burst(&nodes[1], 200, 10, "b");
+    let ids: Vec<i64> = (100..110).chain(200..210).collect();
+    wait_for("later writes on both nodes", Duration::from_secs(30), || {
+        count_ids(&nodes[0], &ids) == ids.len() && count_ids(&nodes[1], &ids) == ids.len()
+    });
+    assert_eq!(note_bytes(&nodes[0], 1), want);
+    assert!(
+        !nodes[0].log_text().contains("tailer cannot read"),
+        "the tailer failed:\n{}",
+        nodes[0].log_text()
+    );
+}

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{watch, Notify};
 
@@ -61,4 +61,37 @@ pub struct Metrics {
     pub apply_latency_us_total: AtomicU64,
     pub apply_batches: AtomicU64,
     pub frames_rejected: AtomicU64,
+    /// Failed attempts of the tailer to read the local feed (each retried).
+    pub tailer_failures: AtomicU64,
+    /// Failed apply transactions (each batch retried) and refused remote units.
+    pub apply_failures: AtomicU64,
+    /// Pulls this node could not answer (reading its feed failed).
+    pub pull_serve_failures: AtomicU64,
+    /// The tailer's last error; `None` once its latest attempt succeeded. With the counter
+    /// this tells "failed once" from "keeps failing" (`/v1/health` answers 503 on the latter).
+    pub tailer_error: Mutex<Option<String>>,
+    /// The apply thread's last error; `None` once its latest batch committed with every
+    /// job applied.
+    pub apply_error: Mutex<Option<String>>,
+    /// The pull server's last error; `None` once its latest answer was read.
+    pub pull_serve_error: Mutex<Option<String>>,
+}
+
+impl Metrics {
+    /// Records a failure of one loop: counts it and keeps its message as the latest error.
+    pub fn record_failure(counter: &AtomicU64, slot: &Mutex<Option<String>>, error: String) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut e) = slot.lock() {
+            *e = Some(error);
+        }
+    }
+
+    /// Records that a loop's latest attempt succeeded: clears its latest error.
+    pub fn record_success(slot: &Mutex<Option<String>>) {
+        if let Ok(mut e) = slot.lock() {
+            if e.is_some() {
+                *e = None;
+            }
+        }
+    }
 }

@@ -20,7 +20,7 @@ use crate::db::feed::{self, ChunkLimits};
 use crate::db::tail::Unit;
 use crate::membership::Membership;
 use crate::net::{Channel, Incoming, Transport};
-use crate::node::NodeShared;
+use crate::node::{Metrics, NodeShared};
 use crate::sync::{ApplyJob, Effect, Msg, Sync};
 
 /// Outgoing messages queued per peer; a slow peer loses pushes (anti-entropy recovers
@@ -153,6 +153,7 @@ impl Driver {
                     let reader = self.reader.clone();
                     let limits = self.limits;
                     let site = self.sync.site();
+                    let metrics = self.shared.metrics.clone();
                     tokio::task::spawn_blocking(move || {
                         let chunk = {
                             let Ok(mut conn) = reader.lock() else { return };
@@ -160,10 +161,17 @@ impl Driver {
                         };
                         match chunk {
                             Ok(chunk) => {
+                                Metrics::record_success(&metrics.pull_serve_error);
                                 let _ = tx.blocking_send(Msg::Changes { site, chunk }.encode());
                             }
                             Err(e) => {
-                                tracing::warn!(peer = %to, "cannot serve a pull after {after}: {e}")
+                                let msg = format!("cannot serve a pull of peer {to} after {after}: {e}");
+                                tracing::warn!(peer = %to, "{msg}");
+                                Metrics::record_failure(
+                                    &metrics.pull_serve_failures,
+                                    &metrics.pull_serve_error,
+                                    msg,
+                                );
                             }
                         }
                     });

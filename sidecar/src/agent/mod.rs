@@ -119,6 +119,7 @@ pub async fn run(
         version_tx,
         stop_threads.clone(),
         SyncConfig::default().max_chunk_changes as i64,
+        metrics.clone(),
     )
     .map_err(|source| AgentError::Thread {
         what: "tail",

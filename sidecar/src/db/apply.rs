@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::ToSql;
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
@@ -82,8 +83,18 @@ pub fn spawn(
                 // the same jobs: they were accepted, so they are not dropped.
                 let applied = loop {
                     match apply_batch(&mut conn, &batch, &metrics) {
-                        Ok(a) => break a,
+                        Ok((a, refused)) => {
+                            if refused == 0 {
+                                Metrics::record_success(&metrics.apply_error);
+                            }
+                            break a;
+                        }
                         Err(e) => {
+                            Metrics::record_failure(
+                                &metrics.apply_failures,
+                                &metrics.apply_error,
+                                format!("cannot commit a batch of remote changes: {e}"),
+                            );
                             tracing::error!(
                                 jobs = batch.len(),
                                 "cannot commit a batch of remote changes, retrying: {e}"
@@ -113,16 +124,18 @@ pub fn spawn(
         })
 }
 
-/// Applies a batch in one transaction; returns the cursor of every peer site touched.
+/// Applies a batch in one transaction; returns the cursor of every peer site touched and
+/// how many jobs were refused (rolled back whole, counted in `apply_failures`).
 fn apply_batch(
     conn: &mut Connection,
     batch: &[ApplyJob],
     metrics: &Metrics,
-) -> rusqlite::Result<Vec<Applied>> {
+) -> rusqlite::Result<(Vec<Applied>, usize)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute("UPDATE patina_state SET merging = 1", [])?;
     let mut out = Vec::new();
     let mut applied_changes = 0u64;
+    let mut refused = 0usize;
     for job in batch {
         tx.execute_batch("SAVEPOINT patina_job")?;
         match apply_job(&tx, job) {
@@ -139,17 +152,19 @@ fn apply_batch(
             Err(e) => {
                 tx.execute_batch("ROLLBACK TO patina_job; RELEASE patina_job")?;
                 metrics.frames_rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    peer = %job.from,
-                    site_id = %hex::encode(job.peer_site),
-                    "refusing changes ({}, {}] of unit ({}, {}] from peer {}: {e}; \
+                refused += 1;
+                let msg = format!(
+                    "refusing changes ({}, {}] of unit ({}, {}] from peer {} (site id {}): {e}; \
                      nothing of it was applied (reload the schema if a table is missing)",
                     job.chunk.from,
                     job.chunk.to,
                     job.chunk.unit_from,
                     job.chunk.unit_to,
-                    job.from
+                    job.from,
+                    hex::encode(job.peer_site),
                 );
+                tracing::error!(peer = %job.from, "{msg}");
+                Metrics::record_failure(&metrics.apply_failures, &metrics.apply_error, msg);
             }
         }
     }
@@ -161,7 +176,7 @@ fn apply_batch(
     metrics
         .changes_applied
         .fetch_add(applied_changes, Ordering::Relaxed);
-    Ok(out)
+    Ok((out, refused))
 }
 
 /// One job: merge a whole unit (buffering a partial one), then move the cursor.
@@ -203,14 +218,25 @@ fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), Jo
     Ok((n, Some(cursor)))
 }
 
+/// A wire value bound as the SQLite value it was read as. TEXT is bound from its exact
+/// bytes (`sqlite3_bind_text` with a length; rusqlite binds `ValueRef::Text` that way and
+/// never checks UTF-8), so a value that is not valid UTF-8 arrives byte-exact and as TEXT.
+struct Bind<'a>(&'a Value);
+
+impl ToSql for Bind<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(f) => ValueRef::Real(*f),
+            Value::Text(s) => ValueRef::Text(s),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
 fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Result<()> {
-    let val = match &c.val {
-        Value::Null => SqlValue::Null,
-        Value::Integer(i) => SqlValue::Integer(*i),
-        Value::Real(f) => SqlValue::Real(*f),
-        Value::Text(s) => SqlValue::Text(s.clone()),
-        Value::Blob(b) => SqlValue::Blob(b.clone()),
-    };
+    let val = Bind(&c.val);
     let site = if c.site_id.is_empty() {
         None
     } else {
