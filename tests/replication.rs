@@ -919,7 +919,8 @@ fn text_that_is_not_utf8_replicates_byte_exact_and_later_writes_follow() {
     let nodes = cluster(2);
     {
         let app = Connection::open(&nodes[0].db).expect("plain connection, no extension");
-        app.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        app.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
         app.execute(
             "INSERT INTO items (id, node, note) VALUES (1, 'bad', CAST(X'FF00FE' AS TEXT))",
             [],
@@ -950,13 +951,105 @@ fn text_that_is_not_utf8_replicates_byte_exact_and_later_writes_follow() {
     write_burst(&nodes[0], 100, 10, "a");
     write_burst(&nodes[1], 200, 10, "b");
     let ids: Vec<i64> = (100..110).chain(200..210).collect();
-    wait_for("later writes on both nodes", Duration::from_secs(30), || {
-        count_ids(&nodes[0], &ids) == ids.len() && count_ids(&nodes[1], &ids) == ids.len()
-    });
+    wait_for(
+        "later writes on both nodes",
+        Duration::from_secs(30),
+        || count_ids(&nodes[0], &ids) == ids.len() && count_ids(&nodes[1], &ids) == ids.len(),
+    );
     assert_eq!(note_bytes(&nodes[0], 1), want);
     assert!(
         !nodes[0].log_text().contains("tailer cannot read"),
         "the tailer failed:\n{}",
         nodes[0].log_text()
     );
+}
+
+/// This node's stored cursor for `site` (0 when none).
+fn stored_cursor(node: &Node, site: &[u8]) -> i64 {
+    node.conn()
+        .query_row(
+            "SELECT coalesce((SELECT after FROM patina_sync_cursors WHERE peer_site = ?1), 0)",
+            [site],
+            |r| r.get(0),
+        )
+        .expect("cursor")
+}
+
+/// Issue 7, item 5: a peer reusing the site id of a node that is down pushed an empty
+/// unit `(0, 2^62]`; our cursor for that site jumped there and the real node's writes
+/// were never taken again. The id is now bound durably to the first identity (here, the
+/// address: the cluster is unauthenticated) and the impostor is refused, also after a
+/// restart of the victim, also with ranges that break the rule.
+#[test]
+fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
+    use patina_sidecar::net::{Channel, NetConfig, Transport, DEFAULT_MAX_FRAME};
+    use patina_sidecar::sync::{Chunk, Msg};
+
+    let mut nodes = cluster(2);
+    write_burst(&nodes[0], 100, 5, "a");
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, Duration::from_secs(60));
+    let site_a: Vec<u8> = nodes[0]
+        .conn()
+        .query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+        .expect("site id of node1");
+    let bound: String = nodes[1]
+        .conn()
+        .query_row(
+            "SELECT identity FROM patina_site_bindings WHERE site_id = ?1",
+            [&site_a],
+            |r| r.get(0),
+        )
+        .expect("node2 stored node1's binding");
+    assert_eq!(bound, format!("address {}", nodes[0].gossip));
+    nodes[0].kill9();
+    // node2 restarts: the binding must come from its database, not from memory.
+    nodes[1].kill9();
+    nodes[1].start();
+    let before = stored_cursor(&nodes[1], &site_a);
+    let mut site = [0u8; 16];
+    site.copy_from_slice(&site_a);
+    let target = nodes[1].gossip;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (impostor, _rx) = Transport::bind(NetConfig {
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            cluster_id: 0,
+            tls: None,
+            max_frame_bytes: DEFAULT_MAX_FRAME,
+        })
+        .await
+        .expect("impostor transport");
+        let empty = |unit_from, unit_to, from, to| Msg::Push {
+            site,
+            chunk: Chunk {
+                unit_from,
+                unit_to,
+                from,
+                to,
+                changes: vec![],
+                skipped: None,
+            },
+        };
+        for msg in [empty(0, 1 << 62, 0, 1 << 62), empty(1 << 62, 0, 1 << 62, 0)] {
+            impostor
+                .send(target, Channel::Sync, msg.encode())
+                .await
+                .expect("the frame itself is delivered");
+        }
+        impostor.close().await;
+    });
+    wait_for("node2 to refuse the impostor", Duration::from_secs(30), || {
+        let log = nodes[1].log_text();
+        log.contains("which is bound to address") && log.contains("two nodes share one database identity")
+    });
+    assert_eq!(stored_cursor(&nodes[1], &site_a), before, "the impostor moved the cursor");
+    // The real node comes back and its new writes still arrive.
+    nodes[0].start();
+    write_burst(&nodes[0], 300, 5, "a2");
+    let ids: Vec<i64> = (300..305).collect();
+    wait_for("node1's new writes on node2", Duration::from_secs(60), || {
+        count_ids(&nodes[1], &ids) == ids.len()
+    });
+    wait_converged(&[&nodes[0], &nodes[1]], Duration::from_secs(60));
 }

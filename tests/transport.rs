@@ -13,7 +13,7 @@ use patina_sidecar::cli::tls::{generate, CertKind};
 use patina_sidecar::cli::TlsGenerateArgs;
 use patina_sidecar::membership::{MemberId, Membership};
 use patina_sidecar::net::{
-    Channel, Incoming, NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME,
+    Channel, Incoming, NetConfig, NetError, PeerIdentity, TlsFiles, Transport, DEFAULT_MAX_FRAME,
 };
 use tokio::sync::mpsc::Receiver;
 
@@ -98,10 +98,20 @@ async fn exchange(
     match next(rx_b).await {
         Incoming::Message {
             from,
+            peer,
             channel,
             payload,
         } => {
             assert_eq!(from, a.local_addr());
+            // The identity site ids are bound to: the certificate under mutual TLS (the
+            // same on every connection), the address otherwise.
+            match &peer {
+                PeerIdentity::Address(addr) => assert_eq!(*addr, a.local_addr()),
+                PeerIdentity::Certificate(fp) => {
+                    assert_eq!(fp.len(), 64, "a SHA-256 fingerprint in hex");
+                    assert!(peer.to_string().starts_with("certificate sha256:"));
+                }
+            }
             assert_eq!(channel, Channel::Sync);
             assert_eq!(payload, b"hello");
         }
@@ -116,6 +126,7 @@ async fn exchange(
                 channel,
                 payload,
                 reply,
+                ..
             } => {
                 assert_eq!(from, ba);
                 assert_eq!(channel, Channel::Sync);

@@ -16,6 +16,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
 use crate::db::apply::Applied;
+use crate::db::bookkeeping;
 use crate::db::feed::{self, ChunkLimits};
 use crate::db::tail::Unit;
 use crate::membership::Membership;
@@ -87,13 +88,14 @@ impl Driver {
             Incoming::Datagram { from, payload } => self.membership.handle_datagram(from, payload),
             Incoming::Message {
                 from,
+                peer,
                 channel: Channel::Sync,
                 payload,
             } => match Msg::decode(&payload) {
                 Ok(msg) => {
                     tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
                     let now = self.now();
-                    self.sync.handle_message(from, msg, now);
+                    self.sync.handle_message(from, &peer.to_string(), msg, now);
                 }
                 Err(e) => {
                     self.shared
@@ -107,6 +109,7 @@ impl Driver {
                 from,
                 channel: Channel::Swim,
                 payload,
+                ..
             } => self.membership.handle_datagram(from, payload),
             // Pulls travel as messages both ways; a request here is a peer of another
             // version: dropping `reply` resets its stream, which it reports.
@@ -165,7 +168,8 @@ impl Driver {
                                 let _ = tx.blocking_send(Msg::Changes { site, chunk }.encode());
                             }
                             Err(e) => {
-                                let msg = format!("cannot serve a pull of peer {to} after {after}: {e}");
+                                let msg =
+                                    format!("cannot serve a pull of peer {to} after {after}: {e}");
                                 tracing::warn!(peer = %to, "{msg}");
                                 Metrics::record_failure(
                                     &metrics.pull_serve_failures,
@@ -173,6 +177,24 @@ impl Driver {
                                     msg,
                                 );
                             }
+                        }
+                    });
+                }
+                Effect::Bind { site, identity } => {
+                    // Rare (once per site id ever seen); the binding is in force in memory
+                    // already, this makes it survive a restart.
+                    let reader = self.reader.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let stored = match reader.lock() {
+                            Ok(conn) => bookkeeping::bind_site(&conn, &site, &identity),
+                            Err(_) => return,
+                        };
+                        if let Err(e) = stored {
+                            tracing::error!(
+                                site_id = %hex::encode(site),
+                                "cannot store that site id {} is bound to {identity}: {e}",
+                                hex::encode(site)
+                            );
                         }
                     });
                 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::bookkeeping::{self, InboxError};
 use crate::node::Metrics;
-use crate::sync::{merge_skipped, ApplyJob, Change, SiteId, Value};
+use crate::sync::{merge_skipped, validate_chunk, ApplyJob, Change, RangeError, SiteId, Value};
 
 /// Most jobs in one transaction.
 const MAX_BATCH_JOBS: usize = 256;
@@ -44,6 +44,10 @@ enum JobError {
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
     Inbox(#[from] InboxError),
+    /// The chunk breaks the range rule (`sync::validate_chunk`); checked again here so
+    /// nothing reaches the inbox or the cursor without it.
+    #[error("{0}")]
+    Range(#[from] RangeError),
 }
 
 /// Starts the apply thread on `conn` (its own connection, extension loaded).
@@ -183,6 +187,7 @@ fn apply_batch(
 /// Returns the number of changes merged and the stored cursor (None while buffering).
 fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), JobError> {
     let c = &job.chunk;
+    validate_chunk(c)?;
     let cursor = bookkeeping::cursor(conn, &job.peer_site)?;
     if c.unit_to <= cursor {
         // Already covered: everything up to the cursor is applied.

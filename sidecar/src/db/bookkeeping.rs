@@ -24,6 +24,11 @@ CREATE TABLE IF NOT EXISTS patina_sync_ranges (
     to_v      INTEGER NOT NULL,
     PRIMARY KEY (peer_site, from_v)
 );
+CREATE TABLE IF NOT EXISTS patina_site_bindings (
+    site_id   BLOB PRIMARY KEY NOT NULL,
+    identity  TEXT NOT NULL,
+    bound_at  INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER))
+);
 CREATE TABLE IF NOT EXISTS patina_sync_inbox (
     peer_site  BLOB NOT NULL,
     unit_from  INTEGER NOT NULL,
@@ -38,6 +43,33 @@ CREATE TABLE IF NOT EXISTS patina_sync_inbox (
 /// Creates the bookkeeping tables if missing.
 pub fn ensure(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)
+}
+
+/// Stores that `site` is bound to the peer `identity`, once: an existing binding is never
+/// replaced (see `sync::identity`). Returns whether this call stored it.
+pub fn bind_site(conn: &Connection, site: &SiteId, identity: &str) -> rusqlite::Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO patina_site_bindings (site_id, identity) VALUES (?1, ?2)",
+        )?
+        .execute(params![site.as_slice(), identity])?;
+    Ok(n == 1)
+}
+
+/// All stored site bindings: site id → the identity that may speak for it.
+pub fn load_bindings(conn: &Connection) -> rusqlite::Result<HashMap<SiteId, String>> {
+    let mut stmt = conn.prepare("SELECT site_id, identity FROM patina_site_bindings")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = HashMap::new();
+    for row in rows {
+        let (site, identity) = row?;
+        if let Ok(s) = <SiteId>::try_from(site.as_slice()) {
+            out.insert(s, identity);
+        }
+    }
+    Ok(out)
 }
 
 /// All stored cursors.

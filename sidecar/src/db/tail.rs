@@ -135,7 +135,9 @@ pub fn spawn(
                         }
                     }
                     Err(e) => {
-                        fail(format!("tailer cannot read the change feed after {last}: {e}"));
+                        fail(format!(
+                            "tailer cannot read the change feed after {last}: {e}"
+                        ));
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::envelope::{self, FrameError, PREFIX_LEN};
-use super::{Incoming, Inner};
+use super::{Incoming, Inner, PeerIdentity};
 
 /// Stream stop/reset codes, so the sender learns why.
 const CODE_REFUSED: u32 = 1;
@@ -131,17 +131,39 @@ pub(super) fn log_handshake_failure(
     }
 }
 
+/// The identity of the peer of `conn`: its certificate's fingerprint under mutual TLS
+/// (the handshake verified it against the cluster CA), else its address.
+fn identify(inner: &Inner, conn: &quinn::Connection) -> PeerIdentity {
+    let addr = conn.remote_address();
+    if !inner.authenticated {
+        return PeerIdentity::Address(addr);
+    }
+    let certs = conn.peer_identity().and_then(|any| {
+        any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    match certs.as_deref().and_then(|c| c.first()) {
+        Some(cert) => PeerIdentity::Certificate(hex::encode(
+            ring::digest::digest(&ring::digest::SHA256, cert.as_ref()).as_ref(),
+        )),
+        // Mutual TLS always yields a certificate; should it not, the address is the
+        // narrower claim (it cannot let another address take a binding over).
+        None => PeerIdentity::Address(addr),
+    }
+}
+
 /// Serves one connection (accepted or dialed) until it closes: streams and datagrams.
 pub(super) async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection) {
     let from = conn.remote_address();
+    let peer = identify(&inner, &conn);
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
-                Ok(recv) => { tokio::spawn(serve_uni(inner.clone(), from, recv)); }
+                Ok(recv) => { tokio::spawn(serve_uni(inner.clone(), from, peer.clone(), recv)); }
                 Err(e) => { closed(&inner, from, &conn, e).await; break; }
             },
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => { tokio::spawn(serve_bi(inner.clone(), from, send, recv)); }
+                Ok((send, recv)) => { tokio::spawn(serve_bi(inner.clone(), from, peer.clone(), send, recv)); }
                 Err(e) => { closed(&inner, from, &conn, e).await; break; }
             },
             dg = conn.read_datagram() => match dg {
@@ -171,7 +193,12 @@ async fn deliver(inner: &Inner, msg: Incoming) {
     let _ = inner.incoming.send(msg).await;
 }
 
-async fn serve_uni(inner: Arc<Inner>, from: SocketAddr, mut recv: quinn::RecvStream) {
+async fn serve_uni(
+    inner: Arc<Inner>,
+    from: SocketAddr,
+    peer: PeerIdentity,
+    mut recv: quinn::RecvStream,
+) {
     let env = match read_frame(&mut recv, inner.max_frame).await {
         Ok(bytes) => envelope::decode(&bytes, inner.cluster_id).map_err(ReadFail::Frame),
         Err(e) => Err(e),
@@ -192,6 +219,7 @@ async fn serve_uni(inner: Arc<Inner>, from: SocketAddr, mut recv: quinn::RecvStr
                 &inner,
                 Incoming::Message {
                     from,
+                    peer,
                     channel: env.channel,
                     payload: env.payload,
                 },
@@ -221,6 +249,7 @@ fn refuse(inner: &Inner, from: SocketAddr, recv: &mut quinn::RecvStream, fail: R
 async fn serve_bi(
     inner: Arc<Inner>,
     from: SocketAddr,
+    peer: PeerIdentity,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -242,6 +271,7 @@ async fn serve_bi(
         &inner,
         Incoming::Request {
             from,
+            peer,
             channel,
             payload: env.payload,
             reply: tx,

@@ -63,17 +63,42 @@ pub enum Channel {
     Sync,
 }
 
+/// Who is at the other end of a connection, as far as the transport can vouch for it.
+/// The sync layer binds site ids to it (a site id may only be spoken for by the identity
+/// that first presented it), so it must not change while the peer stays the same.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PeerIdentity {
+    /// Mutual TLS: the SHA-256 fingerprint (hex) of the peer's end-entity certificate,
+    /// which the cluster CA signed. Survives address changes; a new certificate is a new
+    /// identity.
+    Certificate(String),
+    /// Unauthenticated transport: the peer's address is all we know. (Its ephemeral
+    /// self-signed certificate changes on every start, so it is no identity.)
+    Address(SocketAddr),
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerIdentity::Certificate(fp) => write!(f, "certificate sha256:{fp}"),
+            PeerIdentity::Address(a) => write!(f, "address {a}"),
+        }
+    }
+}
+
 /// Something a peer sent us.
 #[derive(Debug)]
 pub enum Incoming {
     Message {
         from: SocketAddr,
+        peer: PeerIdentity,
         channel: Channel,
         payload: Vec<u8>,
     },
     /// Answer through `reply`; dropping it resets the peer's request.
     Request {
         from: SocketAddr,
+        peer: PeerIdentity,
         channel: Channel,
         payload: Vec<u8>,
         reply: oneshot::Sender<Vec<u8>>,
@@ -138,6 +163,8 @@ pub(crate) struct Inner {
     local_addr: SocketAddr,
     cluster_id: u64,
     max_frame: usize,
+    /// Mutual TLS is on: peers are identified by certificate, not address.
+    authenticated: bool,
     conns: Mutex<HashMap<SocketAddr, Slot>>,
     incoming: mpsc::Sender<Incoming>,
     frames_rejected: AtomicU64,
@@ -176,6 +203,7 @@ impl Transport {
             local_addr,
             cluster_id: cfg.cluster_id,
             max_frame: cfg.max_frame_bytes,
+            authenticated: cfg.tls.is_some(),
             conns: Mutex::new(HashMap::new()),
             incoming: tx,
             frames_rejected: AtomicU64::new(0),

@@ -7,8 +7,10 @@
 //!
 //! What it knows: the alive peers and their site ids (from membership), the committed
 //! cursor per peer site (reported back by the apply side after each commit — the database
-//! is the source of truth, this is a cache), the pulls in flight, and which address holds
-//! which site id (to refuse a second node carrying a copied database).
+//! is the source of truth, this is a cache), the pulls in flight, and which peer identity
+//! each site id is bound to (`identity.rs`: refuses a second node carrying a copied
+//! database, or a peer taking over the id of a node that is down). Every range a peer
+//! sends is validated (`ranges.rs`) before anything is applied.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -18,7 +20,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+use super::identity::{check_claim, Claim};
 use super::msg::{chunk_unit, Change, Chunk, Msg, SiteId, Skipped};
+use super::ranges::{validate_chunk, validate_pull, RangeError};
 
 /// Tunables; the defaults are the node's.
 #[derive(Clone, Debug)]
@@ -35,8 +39,6 @@ pub struct SyncConfig {
     pub max_chunk_changes: usize,
     /// Largest chunk, in approximate bytes (kept under the transport's frame limit).
     pub max_chunk_bytes: usize,
-    /// A site id stays bound to the address that last used it for this long.
-    pub site_claim_ttl: Duration,
 }
 
 impl Default for SyncConfig {
@@ -48,7 +50,6 @@ impl Default for SyncConfig {
             pull_timeout: Duration::from_secs(10),
             max_chunk_changes: 5_000,
             max_chunk_bytes: 4 * 1024 * 1024,
-            site_claim_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -80,6 +81,9 @@ pub enum Effect {
     },
     /// Hand a chunk to the apply side (which buffers partial units durably).
     Apply(ApplyJob),
+    /// Store, once and for good, that `site` is bound to the peer `identity`
+    /// (`patina_site_bindings`; `INSERT OR IGNORE`). Already in force in memory.
+    Bind { site: SiteId, identity: String },
 }
 
 /// The cursor rule, the one place it is written down: a unit `(unit_from, unit_to]` of a
@@ -168,12 +172,6 @@ struct PullState {
     deadline: Duration,
 }
 
-#[derive(Clone, Debug)]
-struct Claim {
-    addr: SocketAddr,
-    last_seen: Duration,
-}
-
 /// Counters the caller may export.
 #[derive(Clone, Debug, Default)]
 pub struct SyncStats {
@@ -191,7 +189,10 @@ pub struct Sync {
     peers: BTreeMap<SocketAddr, SiteId>,
     cursors: HashMap<SiteId, i64>,
     pulls: HashMap<SocketAddr, PullState>,
-    claims: HashMap<SiteId, Claim>,
+    /// Site id → the peer identity it is bound to (loaded from the database at start).
+    bindings: HashMap<SiteId, String>,
+    /// Address → the identity last seen on a message from it.
+    seen: HashMap<SocketAddr, String>,
     last_warned: HashMap<SocketAddr, Duration>,
     next_pull: Duration,
     effects: VecDeque<Effect>,
@@ -215,12 +216,23 @@ impl Sync {
             peers: BTreeMap::new(),
             cursors,
             pulls: HashMap::new(),
-            claims: HashMap::new(),
+            bindings: HashMap::new(),
+            seen: HashMap::new(),
             last_warned: HashMap::new(),
             next_pull: now + first,
             effects: VecDeque::new(),
             stats: SyncStats::default(),
         }
+    }
+
+    /// Loads the durable site bindings (`patina_site_bindings`) at start.
+    pub fn set_bindings(&mut self, bindings: HashMap<SiteId, String>) {
+        self.bindings = bindings;
+    }
+
+    /// The identity `site` is bound to, if any.
+    pub fn binding(&self, site: &SiteId) -> Option<&str> {
+        self.bindings.get(site).map(String::as_str)
     }
 
     /// This node's site id.
@@ -265,21 +277,6 @@ impl Sync {
             if site == self.site {
                 self.refuse_own_site(addr, now);
                 continue;
-            }
-            // An alive member keeps its claim on its site id fresh; a second member with
-            // the same id cannot take it over while the first is alive.
-            match self.claims.get_mut(&site) {
-                Some(c) if c.addr == addr => c.last_seen = now,
-                Some(c) if now.saturating_sub(c.last_seen) < self.config.site_claim_ttl => {}
-                _ => {
-                    self.claims.insert(
-                        site,
-                        Claim {
-                            addr,
-                            last_seen: now,
-                        },
-                    );
-                }
             }
             next.insert(addr, site);
         }
@@ -425,35 +422,57 @@ impl Sync {
         }
     }
 
-    /// A message from peer `from`.
-    pub fn handle_message(&mut self, from: SocketAddr, msg: Msg, now: Duration) {
+    /// A message from peer `from`, which presented `identity` (its certificate's
+    /// fingerprint, or its address when the transport is unauthenticated).
+    pub fn handle_message(&mut self, from: SocketAddr, identity: &str, msg: Msg, now: Duration) {
         let site = *msg.site();
         if site == self.site {
             self.refuse_own_site(from, now);
             return;
         }
-        if let Some(holder) = self.claim_conflict(from, &site, now) {
-            self.stats.refused += 1;
-            if self.should_warn(from, now) {
-                tracing::error!(
+        match check_claim(&self.bindings, &site, identity) {
+            Claim::Held => {}
+            Claim::New => {
+                tracing::info!(
                     peer = %from,
                     site_id = %hex::encode(site),
-                    holder = %holder,
-                    "refusing peer {from}: it claims site id {} which {holder} already holds; \
-                     two nodes share one database identity (a copied database file? \
-                     give one of them a fresh id with `patina restore`)",
+                    "site id {} is now bound to {identity} (peer {from})",
                     hex::encode(site)
                 );
+                self.bindings.insert(site, identity.to_string());
+                self.effects.push_back(Effect::Bind {
+                    site,
+                    identity: identity.to_string(),
+                });
             }
+            Claim::Conflict { holder } => {
+                self.stats.refused += 1;
+                if self.should_warn(from, now) {
+                    tracing::error!(
+                        peer = %from,
+                        site_id = %hex::encode(site),
+                        holder = %holder,
+                        "refusing peer {from} ({identity}): it claims site id {} which is bound \
+                         to {holder}; two nodes share one database identity (a copied \
+                         database file, or a peer taking over a node that is down? give one \
+                         of them a fresh id with `patina restore`)",
+                        hex::encode(site)
+                    );
+                }
+                return;
+            }
+        }
+        self.seen.insert(from, identity.to_string());
+        if let Err(e) = validate_msg(&msg) {
+            self.stats.refused += 1;
+            tracing::warn!(
+                peer = %from,
+                site_id = %hex::encode(site),
+                "refusing a sync message from peer {from} ({identity}): {e}; nothing of it \
+                 is applied and no cursor moves"
+            );
             return;
         }
-        self.claims.insert(
-            site,
-            Claim {
-                addr: from,
-                last_seen: now,
-            },
-        );
         match msg {
             Msg::Push { chunk, .. } => {
                 self.effects.push_back(Effect::Apply(ApplyJob {
@@ -525,16 +544,12 @@ impl Sync {
             .collect()
     }
 
+    /// False when `addr` was last seen presenting an identity other than the one `site`
+    /// is bound to: no pulls from or pushes to a member impersonating a site.
     fn holds_claim(&self, addr: &SocketAddr, site: &SiteId) -> bool {
-        !matches!(self.claims.get(site), Some(c) if c.addr != *addr)
-    }
-
-    fn claim_conflict(&self, from: SocketAddr, site: &SiteId, now: Duration) -> Option<SocketAddr> {
-        let c = self.claims.get(site)?;
-        if c.addr != from && now.saturating_sub(c.last_seen) < self.config.site_claim_ttl {
-            Some(c.addr)
-        } else {
-            None
+        match (self.bindings.get(site), self.seen.get(addr)) {
+            (Some(bound), Some(seen)) => bound == seen,
+            _ => true,
         }
     }
 
@@ -564,6 +579,15 @@ impl Sync {
     }
 }
 
+/// The ranges a message carries, checked by the rule of `ranges.rs`.
+fn validate_msg(msg: &Msg) -> Result<(), RangeError> {
+    match msg {
+        Msg::Push { chunk, .. } | Msg::Changes { chunk, .. } => validate_chunk(chunk),
+        Msg::Pull { after, unit, .. } => validate_pull(*after, *unit),
+        Msg::Notify { .. } => Ok(()),
+    }
+}
+
 fn jittered(rng: &mut StdRng, config: &SyncConfig) -> Duration {
     let base = config.pull_interval.as_millis() as i64;
     let j = config.pull_jitter.as_millis() as i64;
@@ -580,6 +604,10 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], p))
     }
 
+    fn ident(p: u16) -> String {
+        format!("address {}", addr(p))
+    }
+
     fn machine(site: u8) -> Sync {
         Sync::new(
             [site; 16],
@@ -590,8 +618,86 @@ mod tests {
         )
     }
 
+    /// Effects other than `Bind` (tested on their own).
     fn drain(s: &mut Sync) -> Vec<Effect> {
-        std::iter::from_fn(|| s.poll_effect()).collect()
+        std::iter::from_fn(|| s.poll_effect())
+            .filter(|e| !matches!(e, Effect::Bind { .. }))
+            .collect()
+    }
+
+    #[test]
+    fn a_site_is_bound_to_the_first_identity_for_good() {
+        let mut s = machine(1);
+        let push = |unit_from, unit_to| Msg::Push {
+            site: [2; 16],
+            chunk: Chunk {
+                unit_from,
+                unit_to,
+                from: unit_from,
+                to: unit_to,
+                changes: vec![],
+                skipped: None,
+            },
+        };
+        s.handle_message(addr(2), &ident(2), push(0, 1), Duration::ZERO);
+        let eff: Vec<Effect> = std::iter::from_fn(|| s.poll_effect()).collect();
+        assert!(
+            matches!(&eff[0], Effect::Bind { site, identity } if *site == [2; 16] && *identity == ident(2))
+        );
+        assert!(matches!(&eff[1], Effect::Apply(_)));
+        // Long after node 2 went quiet, another peer claims its id: refused, whatever the
+        // time (the binding does not expire).
+        s.handle_message(
+            addr(3),
+            &ident(3),
+            push(0, 1 << 62),
+            Duration::from_secs(3600),
+        );
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.stats().refused, 1);
+        // After a restart the binding comes from the database: still refused.
+        let mut restarted = machine(1);
+        restarted.set_bindings(HashMap::from([([2; 16], ident(2))]));
+        restarted.handle_message(addr(3), &ident(3), push(0, 1 << 62), Duration::ZERO);
+        assert!(std::iter::from_fn(|| restarted.poll_effect())
+            .next()
+            .is_none());
+        restarted.handle_message(addr(2), &ident(2), push(1, 2), Duration::ZERO);
+        assert!(matches!(&drain(&mut restarted)[..], [Effect::Apply(_)]));
+    }
+
+    #[test]
+    fn ranges_that_break_the_rule_are_refused_before_anything_is_applied() {
+        let mut s = machine(1);
+        let bad = [
+            (20, 10, 20, 10),
+            (10, 20, 30, 40),
+            (10, 20, 15, 15),
+            (-1, 5, -1, 5),
+        ];
+        for (uf, ut, f, t) in bad {
+            s.handle_message(
+                addr(2),
+                &ident(2),
+                Msg::Push {
+                    site: [2; 16],
+                    chunk: Chunk {
+                        unit_from: uf,
+                        unit_to: ut,
+                        from: f,
+                        to: t,
+                        changes: vec![],
+                        skipped: None,
+                    },
+                },
+                Duration::ZERO,
+            );
+            assert!(
+                drain(&mut s).is_empty(),
+                "({uf}, {ut}] ({f}, {t}] was accepted"
+            );
+        }
+        assert_eq!(s.stats().refused, bad.len() as u64);
     }
 
     #[test]
@@ -622,9 +728,9 @@ mod tests {
             site: [2; 16],
             upto,
         };
-        s.handle_message(addr(2), notify(0), Duration::ZERO);
+        s.handle_message(addr(2), &ident(2), notify(0), Duration::ZERO);
         assert!(drain(&mut s).is_empty(), "nothing new: no pull");
-        s.handle_message(addr(2), notify(9000), Duration::ZERO);
+        s.handle_message(addr(2), &ident(2), notify(9000), Duration::ZERO);
         let eff = drain(&mut s);
         assert!(matches!(
             &eff[..],
@@ -633,7 +739,7 @@ mod tests {
                 ..
             }]
         ));
-        s.handle_message(addr(2), notify(9500), Duration::ZERO);
+        s.handle_message(addr(2), &ident(2), notify(9500), Duration::ZERO);
         assert!(drain(&mut s).is_empty(), "one pull in flight per peer");
     }
 
@@ -642,6 +748,7 @@ mod tests {
         let mut s = machine(1);
         s.handle_message(
             addr(2),
+            &ident(2),
             Msg::Pull {
                 site: [1; 16],
                 after: 0,
@@ -670,9 +777,9 @@ mod tests {
             unit: None,
             known: None,
         };
-        s.handle_message(addr(2), pull([2; 16]), Duration::from_secs(1));
+        s.handle_message(addr(2), &ident(2), pull([2; 16]), Duration::from_secs(1));
         assert_eq!(drain(&mut s).len(), 1);
-        s.handle_message(addr(3), pull([2; 16]), Duration::from_secs(1));
+        s.handle_message(addr(3), &ident(3), pull([2; 16]), Duration::from_secs(1));
         assert!(drain(&mut s).is_empty());
         assert_eq!(s.stats().refused, 1);
     }
@@ -704,6 +811,7 @@ mod tests {
         };
         s.handle_message(
             addr(2),
+            &ident(2),
             Msg::Changes {
                 site: [2; 16],
                 chunk: chunk(0, 4),
@@ -724,6 +832,7 @@ mod tests {
         ));
         s.handle_message(
             addr(2),
+            &ident(2),
             Msg::Changes {
                 site: [2; 16],
                 chunk: chunk(4, 9),

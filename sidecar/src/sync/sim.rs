@@ -289,7 +289,11 @@ impl Sim {
                             Msg::Pull { .. } | Msg::Notify { .. } => {}
                         }
                         let now = self.now;
-                        self.nodes[to].sync.handle_message(from, msg, now);
+                        // The simulated transport is unauthenticated: identity is the address.
+                        let identity = format!("address {from}");
+                        self.nodes[to]
+                            .sync
+                            .handle_message(from, &identity, msg, now);
                         self.drain(to);
                     }
                 }
@@ -355,6 +359,8 @@ impl Sim {
                     self.send(i, to, msg);
                 }
                 Effect::Apply(job) => self.apply(i, job),
+                // The binding is already in force in the machine; nothing to store here.
+                Effect::Bind { .. } => {}
             }
         }
     }
