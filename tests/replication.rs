@@ -1039,17 +1039,107 @@ fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
         }
         impostor.close().await;
     });
-    wait_for("node2 to refuse the impostor", Duration::from_secs(30), || {
-        let log = nodes[1].log_text();
-        log.contains("which is bound to address") && log.contains("two nodes share one database identity")
-    });
-    assert_eq!(stored_cursor(&nodes[1], &site_a), before, "the impostor moved the cursor");
+    wait_for(
+        "node2 to refuse the impostor",
+        Duration::from_secs(30),
+        || {
+            let log = nodes[1].log_text();
+            log.contains("which is bound to address")
+                && log.contains("two nodes share one database identity")
+        },
+    );
+    assert_eq!(
+        stored_cursor(&nodes[1], &site_a),
+        before,
+        "the impostor moved the cursor"
+    );
     // The real node comes back and its new writes still arrive.
     nodes[0].start();
     write_burst(&nodes[0], 300, 5, "a2");
     let ids: Vec<i64> = (300..305).collect();
-    wait_for("node1's new writes on node2", Duration::from_secs(60), || {
-        count_ids(&nodes[1], &ids) == ids.len()
-    });
+    wait_for(
+        "node1's new writes on node2",
+        Duration::from_secs(60),
+        || count_ids(&nodes[1], &ids) == ids.len(),
+    );
     wait_converged(&[&nodes[0], &nodes[1]], Duration::from_secs(60));
+}
+
+/// Issue 7, item 7: 50 never-completed 1 MB chunks left 50 rows in `patina_sync_inbox`
+/// and grew the database from 0.4 to 69.5 MB. A peer now has at most 4 incomplete units
+/// buffered (older ones dropped; all expire after `db::inbox::MAX_AGE`, unit-tested).
+#[test]
+fn never_completed_units_do_not_pile_up_in_the_inbox() {
+    use patina_sidecar::net::{Channel, NetConfig, Transport, DEFAULT_MAX_FRAME};
+    use patina_sidecar::sync::{Change, Chunk, Msg, Value};
+
+    let nodes = cluster(1);
+    let size = |n: &Node| std::fs::metadata(&n.db).map(|m| m.len()).unwrap_or(0);
+    let before = size(&nodes[0]);
+    let site = [0x5au8; 16];
+    let target = nodes[0].gossip;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (peer, _rx) = Transport::bind(NetConfig {
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            cluster_id: 0,
+            tls: None,
+            max_frame_bytes: DEFAULT_MAX_FRAME,
+        })
+        .await
+        .expect("peer transport");
+        for k in 0..50i64 {
+            let (unit_from, unit_to) = (k * 10, k * 10 + 10);
+            let msg = Msg::Push {
+                site,
+                chunk: Chunk {
+                    unit_from,
+                    unit_to,
+                    from: unit_from,
+                    to: unit_from + 1,
+                    changes: vec![Change {
+                        table: "items".into(),
+                        pk: vec![1, 9, 1],
+                        cid: "note".into(),
+                        val: Value::Blob(vec![k as u8; 1 << 20]),
+                        col_version: 1,
+                        db_version: unit_from + 1,
+                        site_id: site.to_vec(),
+                        cl: 1,
+                        seq: 0,
+                        origin_version: Some(unit_from + 1),
+                    }],
+                    skipped: None,
+                },
+            };
+            peer.send(target, Channel::Sync, msg.encode())
+                .await
+                .expect("chunk delivered");
+        }
+        peer.close().await;
+    });
+    let last_unit = || {
+        nodes[0]
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM patina_sync_inbox WHERE unit_from = 490",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0)
+            == 1
+    };
+    wait_for(
+        "the last chunk buffered",
+        Duration::from_secs(60),
+        last_unit,
+    );
+    let rows: i64 = nodes[0]
+        .conn()
+        .query_row("SELECT count(*) FROM patina_sync_inbox", [], |r| r.get(0))
+        .expect("count");
+    assert!(rows <= 4, "{rows} incomplete units buffered for one peer");
+    let grown = size(&nodes[0]).saturating_sub(before);
+    eprintln!("inbox rows {rows}, database grew by {grown} bytes");
+    assert!(grown < 12 << 20, "the database grew by {grown} bytes");
 }

@@ -18,7 +18,8 @@ use rusqlite::ToSql;
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
-use super::bookkeeping::{self, InboxError};
+use super::bookkeeping;
+use super::inbox::{self, InboxError, InboxLimits};
 use crate::node::Metrics;
 use crate::sync::{merge_skipped, validate_chunk, ApplyJob, Change, RangeError, SiteId, Value};
 
@@ -61,7 +62,13 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("patina-apply".into())
         .spawn(move || {
+            // Swept at start too: units left incomplete before a restart age out.
+            let mut last_expire: Option<Instant> = None;
             while !stop.load(Ordering::Relaxed) {
+                if last_expire.map_or(true, |t| t.elapsed() >= EXPIRE_EVERY) {
+                    expire_inbox(&conn);
+                    last_expire = Some(Instant::now());
+                }
                 let first = match rx.recv_timeout(Duration::from_millis(100)) {
                     Ok(j) => j,
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -202,11 +209,11 @@ fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), Jo
         }
         merge_skipped([&c.skipped])
     } else {
-        if !bookkeeping::inbox_put(conn, &job.peer_site, c)? {
+        if !inbox::put(conn, &job.peer_site, c, unix_now(), &InboxLimits::default())? {
             return Ok((0, None));
         }
         let mut lists = Vec::new();
-        bookkeeping::inbox_drain::<JobError>(conn, &job.peer_site, c.unit_from, c.unit_to, |ch| {
+        inbox::drain::<JobError>(conn, &job.peer_site, c.unit_from, c.unit_to, |ch| {
             for change in &ch.changes {
                 insert(&mut stmt, change)?;
                 n += 1;
@@ -221,6 +228,29 @@ fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), Jo
     conn.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
     let cursor = bookkeeping::mark_applied(conn, &job.peer_site, c.unit_from, c.unit_to, &skipped)?;
     Ok((n, Some(cursor)))
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it): inbox ages.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// How often the apply thread drops expired incomplete units (`db::inbox`).
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+/// Drops incomplete units past their age; a failure is logged and retried next sweep.
+fn expire_inbox(conn: &Connection) {
+    match inbox::expire(conn, unix_now(), InboxLimits::default().max_age) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            "sync inbox: dropped {n} chunks of units left incomplete for over {:?} \
+             (anti-entropy fetches them again if they are still needed)",
+            InboxLimits::default().max_age
+        ),
+        Err(e) => tracing::warn!("sync inbox: cannot drop expired units: {e}"),
+    }
 }
 
 /// A wire value bound as the SQLite value it was read as. TEXT is bound from its exact
