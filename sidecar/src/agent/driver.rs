@@ -91,7 +91,13 @@ impl Driver {
                 peer,
                 channel: Channel::Sync,
                 payload,
-            } => match Msg::decode(&payload) {
+                permit,
+            } => match {
+                // The decoded message is what stays; the frame's receive budget goes.
+                let decoded = Msg::decode(&payload);
+                drop(permit);
+                decoded
+            } {
                 Ok(msg) => {
                     tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
                     let now = self.now();

@@ -5,6 +5,7 @@
 //! - `inbound.rs`  — accepting connections and reading streams and datagrams.
 //! - `envelope.rs` — the CBOR envelope and stream framing, pure functions.
 //! - `tls.rs`      — rustls configuration (mutual TLS, or unauthenticated on loopback).
+//! - `limits.rs`   — what peers can make this node hold: windows, streams, byte budgets.
 //!
 //! Because one endpoint both dials and accepts, the remote address of every connection is
 //! the peer's listen address, so `from` in [`Incoming`] is where to answer. `net` never
@@ -21,12 +22,17 @@ use tokio::sync::{mpsc, oneshot};
 
 pub mod envelope;
 mod inbound;
+pub mod limits;
 pub(crate) mod tls;
 
 pub use envelope::PROTOCOL_VERSION;
+pub use limits::FramePermit;
 
-/// Frames larger than this are refused unless configured otherwise.
-pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+/// Frames larger than this are refused unless configured otherwise. Chunks are at most
+/// 4 MiB, so 16 MiB leaves room for one change (a value) up to about 15 MiB; a larger
+/// value cannot replicate (the API's `max_body` is 8 MiB). See `limits.rs` for why it is
+/// not larger: it is also what one connection may make this node buffer.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// Depth of the [`Incoming`] channel. When it is full, readers stop reading (QUIC flow
 /// control then pushes back on the senders); nothing accepted is dropped.
@@ -94,6 +100,8 @@ pub enum Incoming {
         peer: PeerIdentity,
         channel: Channel,
         payload: Vec<u8>,
+        /// The frame's share of the receive budget: drop it once the payload is decoded.
+        permit: FramePermit,
     },
     /// Answer through `reply`; dropping it resets the peer's request.
     Request {
@@ -102,6 +110,8 @@ pub enum Incoming {
         channel: Channel,
         payload: Vec<u8>,
         reply: oneshot::Sender<Vec<u8>>,
+        /// The frame's share of the receive budget: drop it once the payload is decoded.
+        permit: FramePermit,
     },
     Datagram {
         from: SocketAddr,
@@ -167,6 +177,12 @@ pub(crate) struct Inner {
     authenticated: bool,
     conns: Mutex<HashMap<SocketAddr, Slot>>,
     incoming: mpsc::Sender<Incoming>,
+    /// Node-wide budgets of frame bodies being read or waiting to be taken.
+    budgets: limits::Budgets,
+    /// Connections peers opened to us ([`limits::MAX_CONNECTIONS`]).
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Handshakes in progress ([`limits::MAX_HANDSHAKES`]).
+    handshakes: Arc<tokio::sync::Semaphore>,
     frames_rejected: AtomicU64,
     handshakes_rejected: AtomicU64,
     closed: AtomicBool,
@@ -206,6 +222,9 @@ impl Transport {
             authenticated: cfg.tls.is_some(),
             conns: Mutex::new(HashMap::new()),
             incoming: tx,
+            budgets: limits::Budgets::new(cfg.max_frame_bytes),
+            connections: Arc::new(tokio::sync::Semaphore::new(limits::MAX_CONNECTIONS)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(limits::MAX_HANDSHAKES)),
             frames_rejected: AtomicU64::new(0),
             handshakes_rejected: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -224,6 +243,11 @@ impl Transport {
     /// Frames refused so far (wrong cluster, bad version, corrupt, truncated, oversized).
     pub fn frames_rejected(&self) -> u64 {
         self.inner.frames_rejected.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of large frame bodies buffered right now, node-wide (see `limits.rs`).
+    pub fn frame_bytes_buffered(&self) -> usize {
+        self.inner.budgets.large_in_use()
     }
 
     /// TLS handshakes that failed, in either direction (e.g. a certificate from another CA).
@@ -325,6 +349,17 @@ impl Transport {
         Ok(())
     }
 
+    /// Test hook: opens a uni stream and hands it over, so a test can play a peer that
+    /// never finishes its frame (memory limits, `limits.rs`).
+    #[doc(hidden)]
+    pub async fn open_raw_uni(&self, to: SocketAddr) -> Result<quinn::SendStream, NetError> {
+        let conn = self.inner.connection(to).await?;
+        conn.open_uni().await.map_err(|e| NetError::Send {
+            addr: to,
+            reason: e.to_string(),
+        })
+    }
+
     /// Closes connections politely and waits (at most 2 s) for the endpoint to go idle.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
@@ -398,8 +433,16 @@ impl Transport {
                     continue;
                 }
             }
-            return match inbound::read_frame(&mut recv, self.inner.max_frame).await {
-                Ok(bytes) => match envelope::decode(&bytes, self.inner.cluster_id) {
+            let budget = limits::connection_budget(self.inner.max_frame);
+            let read = inbound::read_frame(
+                &mut recv,
+                self.inner.max_frame,
+                &self.inner.budgets,
+                &budget,
+            )
+            .await;
+            return match read {
+                Ok((bytes, _permit)) => match envelope::decode(&bytes, self.inner.cluster_id) {
                     Ok(env) => Ok(env.payload),
                     Err(e) => {
                         self.inner.reject(to, &e.to_string());
