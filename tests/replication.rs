@@ -796,6 +796,23 @@ fn mutual_tls_replicates_and_a_peer_from_another_ca_is_refused() {
         !a.log_text().contains("UNAUTHENTICATED"),
         "a node with TLS files must not run unauthenticated"
     );
+    // Under mutual TLS node1's site id is bound to its certificate, not its address.
+    let site_a: Vec<u8> = a
+        .conn()
+        .query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+        .expect("site id");
+    let bound: String = b
+        .conn()
+        .query_row(
+            "SELECT identity FROM patina_site_bindings WHERE site_id = ?1",
+            [&site_a],
+            |r| r.get(0),
+        )
+        .expect("node2 bound node1's site id");
+    assert!(
+        bound.starts_with("certificate sha256:") && bound.len() == "certificate sha256:".len() + 64,
+        "{bound}"
+    );
 }
 
 /// Commit→visible latency on 3 local nodes: 200 single-row writes on node 1's file,

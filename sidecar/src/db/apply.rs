@@ -291,3 +291,85 @@ fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Res
     ])?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::sync::Chunk;
+
+    fn job(table: &str, v: i64) -> ApplyJob {
+        ApplyJob {
+            from: "127.0.0.1:9".parse().expect("addr"),
+            peer_site: [2; 16],
+            chunk: Chunk {
+                unit_from: v - 1,
+                unit_to: v,
+                from: v - 1,
+                to: v,
+                changes: vec![Change {
+                    table: table.into(),
+                    pk: vec![1, 0x09, v as u8],
+                    cid: "a".into(),
+                    val: Value::Text(vec![0xff, 0x00, 0xfe]),
+                    col_version: 1,
+                    db_version: v,
+                    site_id: vec![2; 16],
+                    cl: 1,
+                    seq: 0,
+                    origin_version: Some(v),
+                }],
+                skipped: None,
+            },
+        }
+    }
+
+    /// Item 2 helpers: a refused unit counts in `apply_failures` and sets `apply_error`;
+    /// the next batch applied whole clears it. Item 1: TEXT that is not UTF-8 is stored
+    /// byte-exact, as TEXT.
+    #[test]
+    fn failures_are_recorded_and_cleared_and_bad_utf8_is_stored_byte_exact() {
+        let Ok(ext) = crate::db::extension_path(None) else {
+            eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let setup = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
+        setup
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
+                 SELECT crsql_as_crr('t');",
+            )
+            .expect("schema");
+        bookkeeping::ensure(&setup).expect("bookkeeping");
+        let conn = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let (done_tx, mut done) = mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(conn, rx, done_tx, metrics.clone(), stop.clone()).expect("spawn");
+        tx.send(job("missing_table", 1)).expect("send");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while metrics.apply_failures.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the refusal was not recorded");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let err = metrics.apply_error.lock().expect("lock").clone();
+        assert!(err.is_some_and(|e| e.contains("refusing changes")));
+        tx.send(job("t", 1)).expect("send");
+        let applied = done.blocking_recv().expect("applied");
+        assert_eq!(applied.cursor, 1);
+        assert!(metrics.apply_error.lock().expect("lock").is_none());
+        assert_eq!(metrics.apply_failures.load(Ordering::Relaxed), 1);
+        let (ty, hex): (String, String) = setup
+            .query_row("SELECT typeof(a), hex(a) FROM t", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("row");
+        assert_eq!((ty.as_str(), hex.as_str()), ("text", "FF00FE"));
+        stop.store(true, Ordering::SeqCst);
+        drop(tx);
+        let _ = thread.join();
+    }
+}
