@@ -86,77 +86,6 @@ pub enum Effect {
     Bind { site: SiteId, identity: String },
 }
 
-/// The cursor rule, the one place it is written down: a unit `(unit_from, unit_to]` of a
-/// peer's feed moves our cursor for that peer only if it starts at or before the cursor
-/// (otherwise there is a gap we have not seen).
-pub fn advance_cursor(cursor: i64, unit_from: i64, unit_to: i64) -> i64 {
-    if unit_from <= cursor && unit_to > cursor {
-        unit_to
-    } else {
-        cursor
-    }
-}
-
-/// Most out-of-order ranges remembered per peer; beyond that the oldest are forgotten
-/// (harmless: the cursor just moves later and a pull re-fetches).
-pub const MAX_RANGES: usize = 64;
-
-/// [`advance_cursor`] for units that arrive out of order: a unit past a gap is remembered
-/// in `ranges` and the cursor jumps over it once the gap is filled. Returns the cursor.
-pub fn advance_with_ranges(
-    cursor: i64,
-    ranges: &mut Vec<(i64, i64)>,
-    unit_from: i64,
-    unit_to: i64,
-) -> i64 {
-    let mut cur = advance_cursor(cursor, unit_from, unit_to);
-    if cur == cursor && unit_from > cursor && unit_to > unit_from {
-        ranges.push((unit_from, unit_to));
-    }
-    loop {
-        let before = cur;
-        ranges.retain(|&(f, t)| {
-            if f <= cur {
-                cur = cur.max(t);
-                false
-            } else {
-                true
-            }
-        });
-        if cur == before {
-            break;
-        }
-    }
-    ranges.sort_unstable();
-    if ranges.len() > MAX_RANGES {
-        let drop = ranges.len() - MAX_RANGES;
-        ranges.drain(..drop);
-    }
-    cur
-}
-
-/// Whether a unit whose sender left out `skipped` may move the cursor: only if, for each
-/// origin left out, our cursor for that origin covers the highest version left out.
-/// (Any read of the origin's feed covering version `v` held that change or a newer one
-/// for the same cell, so we hold it or newer.)
-pub fn skipped_covered(skipped: &[Skipped], cursor_of: impl Fn(&SiteId) -> i64) -> bool {
-    skipped.iter().all(|s| cursor_of(&s.site) >= s.upto)
-}
-
-/// Merges the `skipped` lists of a unit's chunks: the highest version per origin.
-pub fn merge_skipped<'a>(
-    lists: impl IntoIterator<Item = &'a Option<Vec<Skipped>>>,
-) -> Vec<Skipped> {
-    let mut out: Vec<Skipped> = Vec::new();
-    for s in lists.into_iter().flatten().flatten() {
-        match out.iter_mut().find(|o| o.site == s.site) {
-            Some(o) => o.upto = o.upto.max(s.upto),
-            None => out.push(s.clone()),
-        }
-    }
-    out
-}
-
 #[derive(Clone, Debug)]
 enum Phase {
     /// Waiting for the next `Changes` chunk.
@@ -698,26 +627,6 @@ mod tests {
             );
         }
         assert_eq!(s.stats().refused, bad.len() as u64);
-    }
-
-    #[test]
-    fn cursor_advances_only_without_a_gap() {
-        assert_eq!(advance_cursor(10, 10, 20), 20);
-        assert_eq!(advance_cursor(10, 5, 20), 20);
-        assert_eq!(advance_cursor(10, 11, 20), 10);
-        assert_eq!(advance_cursor(30, 10, 20), 30);
-    }
-
-    #[test]
-    fn out_of_order_units_move_the_cursor_once_the_gap_fills() {
-        let mut r = Vec::new();
-        assert_eq!(advance_with_ranges(10, &mut r, 20, 30), 10);
-        assert_eq!(advance_with_ranges(10, &mut r, 30, 40), 10);
-        assert_eq!(r, vec![(20, 30), (30, 40)]);
-        assert_eq!(advance_with_ranges(10, &mut r, 10, 20), 40);
-        assert!(r.is_empty());
-        assert_eq!(advance_with_ranges(40, &mut r, 5, 35), 40);
-        assert!(r.is_empty());
     }
 
     #[test]

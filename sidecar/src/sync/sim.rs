@@ -15,10 +15,9 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::machine::{
-    advance_with_ranges, merge_skipped, skipped_covered, ApplyJob, Effect, Sync, SyncConfig,
-};
+use super::machine::{ApplyJob, Effect, Sync, SyncConfig};
 use super::msg::{known_covers, Change, Chunk, Msg, SiteId, Value};
+use super::ranges::{advance_with_ranges, merge_skipped, skipped_covered};
 
 /// One key's state: (col_version, value, site) ordered lexicographically; plus its local version.
 #[derive(Clone, Debug, PartialEq)]
