@@ -92,25 +92,25 @@ impl Driver {
                 channel: Channel::Sync,
                 payload,
                 permit,
-            } => match {
-                // The decoded message is what stays; the frame's receive budget goes.
+            } => {
                 let decoded = Msg::decode(&payload);
+                // The decoded message is what stays; the frame's receive budget goes.
                 drop(permit);
-                decoded
-            } {
-                Ok(msg) => {
-                    tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
-                    let now = self.now();
-                    self.sync.handle_message(from, &peer.to_string(), msg, now);
+                match decoded {
+                    Ok(msg) => {
+                        tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
+                        let now = self.now();
+                        self.sync.handle_message(from, &peer.to_string(), msg, now);
+                    }
+                    Err(e) => {
+                        self.shared
+                            .metrics
+                            .frames_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %from, "undecodable sync message from {from}: {e}");
+                    }
                 }
-                Err(e) => {
-                    self.shared
-                        .metrics
-                        .frames_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = %from, "undecodable sync message from {from}: {e}");
-                }
-            },
+            }
             Incoming::Message {
                 from,
                 channel: Channel::Swim,

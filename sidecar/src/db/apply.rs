@@ -65,7 +65,7 @@ pub fn spawn(
             // Swept at start too: units left incomplete before a restart age out.
             let mut last_expire: Option<Instant> = None;
             while !stop.load(Ordering::Relaxed) {
-                if last_expire.map_or(true, |t| t.elapsed() >= EXPIRE_EVERY) {
+                if !matches!(last_expire, Some(t) if t.elapsed() < EXPIRE_EVERY) {
                     expire_inbox(&conn);
                     last_expire = Some(Instant::now());
                 }

@@ -290,7 +290,7 @@ mod tests {
         ) {
             let mut cursor = 0i64;
             let mut ranges = Vec::new();
-            let mut covered = vec![false; 61];
+            let mut covered = [false; 61];
             for (uf, ut, f, t, vs) in frames {
                 let c = chunk(uf, ut, f, t, &vs);
                 if validate_chunk(&c).is_err() {
