@@ -119,13 +119,17 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
             inner.handshakes.clone().try_acquire_owned(),
             inner.connections.clone().try_acquire_owned(),
         ) else {
-            tracing::warn!(
-                peer = %remote,
-                "refusing a connection from {remote}: {} handshakes or {} connections \
-                 already in progress",
-                limits::MAX_HANDSHAKES,
-                limits::MAX_CONNECTIONS
-            );
+            // Logged on the 1st, 2nd, 4th, 8th… refusal: a flood cannot flood the log.
+            let n = inner.connections_refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    peer = %remote,
+                    "refusing a connection from {remote}: {} handshakes or {} connections \
+                     already in progress ({n} refused so far)",
+                    limits::MAX_HANDSHAKES,
+                    limits::MAX_CONNECTIONS
+                );
+            }
             incoming.refuse();
             continue;
         };

@@ -183,6 +183,8 @@ pub(crate) struct Inner {
     connections: Arc<tokio::sync::Semaphore>,
     /// Handshakes in progress ([`limits::MAX_HANDSHAKES`]).
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// Connections refused because a cap above was reached.
+    connections_refused: AtomicU64,
     frames_rejected: AtomicU64,
     handshakes_rejected: AtomicU64,
     closed: AtomicBool,
@@ -225,6 +227,7 @@ impl Transport {
             budgets: limits::Budgets::new(cfg.max_frame_bytes),
             connections: Arc::new(tokio::sync::Semaphore::new(limits::MAX_CONNECTIONS)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(limits::MAX_HANDSHAKES)),
+            connections_refused: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
             handshakes_rejected: AtomicU64::new(0),
             closed: AtomicBool::new(false),

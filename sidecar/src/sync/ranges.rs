@@ -197,7 +197,70 @@ pub fn merge_skipped<'a>(
 mod tests {
     use super::*;
     use crate::sync::msg::{chunk_unit, Change, Value};
+    use crate::sync::{Effect, Msg, Sync, SyncConfig};
     use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    fn addr(p: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    fn ident(p: u16) -> String {
+        format!("address {}", addr(p))
+    }
+
+    fn machine(site: u8) -> Sync {
+        use rand::SeedableRng;
+        Sync::new(
+            [site; 16],
+            SyncConfig::default(),
+            HashMap::new(),
+            rand::rngs::StdRng::seed_from_u64(1),
+            Duration::ZERO,
+        )
+    }
+
+    /// Effects other than `Bind`.
+    fn drain(s: &mut Sync) -> Vec<Effect> {
+        std::iter::from_fn(|| s.poll_effect())
+            .filter(|e| !matches!(e, Effect::Bind { .. }))
+            .collect()
+    }
+
+    #[test]
+    fn ranges_that_break_the_rule_are_refused_before_anything_is_applied() {
+        let mut s = machine(1);
+        let bad = [
+            (20, 10, 20, 10),
+            (10, 20, 30, 40),
+            (10, 20, 15, 15),
+            (-1, 5, -1, 5),
+        ];
+        for (uf, ut, f, t) in bad {
+            s.handle_message(
+                addr(2),
+                &ident(2),
+                Msg::Push {
+                    site: [2; 16],
+                    chunk: Chunk {
+                        unit_from: uf,
+                        unit_to: ut,
+                        from: f,
+                        to: t,
+                        changes: vec![],
+                        skipped: None,
+                    },
+                },
+                Duration::ZERO,
+            );
+            assert!(
+                drain(&mut s).is_empty(),
+                "({uf}, {ut}] ({f}, {t}] was accepted"
+            );
+        }
+        assert_eq!(s.stats().refused, bad.len() as u64);
+    }
 
     fn change(v: i64) -> Change {
         Change {
