@@ -164,9 +164,16 @@ impl Driver {
                     let site = self.sync.site();
                     let metrics = self.shared.metrics.clone();
                     tokio::task::spawn_blocking(move || {
-                        let chunk = {
-                            let Ok(mut conn) = reader.lock() else { return };
-                            feed::serve_pull(&mut conn, after, unit, &exclude, &known, limits)
+                        let chunk = match reader.lock() {
+                            Ok(mut conn) => {
+                                feed::serve_pull(&mut conn, after, unit, &exclude, &known, limits)
+                                    .map_err(|e| e.to_string())
+                            }
+                            // A thread panicked holding the reader: every pull fails from
+                            // now on, which health must show.
+                            Err(_) => Err("the feed reader is unusable (a thread panicked \
+                                           while holding it)"
+                                .to_string()),
                         };
                         match chunk {
                             Ok(chunk) => {
