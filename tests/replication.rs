@@ -5,319 +5,17 @@
 //!
 //! Needs the extension built beside the binary: `cargo build -p patina` first.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod cluster;
 mod common;
 
-use common::{free_tcp, free_udp};
-use patina_sidecar::config::Synchronous;
+use cluster::*;
 use rusqlite::{Connection, OpenFlags};
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS items (
-    id   INTEGER PRIMARY KEY NOT NULL,
-    node TEXT NOT NULL DEFAULT '',
-    val  INTEGER,
-    note TEXT
-);
-";
-
-fn ext() -> PathBuf {
-    patina_sidecar::db::extension_path(None)
-        .expect("libpatina.so beside the test binary: run `cargo build -p patina` first")
-}
-
-/// One node: its directory, addresses and (while running) its process.
-struct Node {
-    name: String,
-    _dir: tempfile::TempDir,
-    db: PathBuf,
-    schema: PathBuf,
-    log: PathBuf,
-    api: SocketAddr,
-    gossip: SocketAddr,
-    bootstrap: Vec<SocketAddr>,
-    child: Option<Child>,
-    starts: usize,
-    /// Extra `patina agent` flags (TLS files, …).
-    extra: Vec<String>,
-}
-
-impl Node {
-    fn new(name: &str, bootstrap: &[SocketAddr]) -> Node {
-        Node::with_schema(name, bootstrap, SCHEMA)
-    }
-
-    fn with_schema(name: &str, bootstrap: &[SocketAddr], sql: &str) -> Node {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let schema = dir.path().join("schema.sql");
-        std::fs::write(&schema, sql).expect("write schema");
-        Node {
-            name: name.to_string(),
-            db: dir.path().join("node.db"),
-            log: dir.path().join("node.log"),
-            schema,
-            _dir: dir,
-            api: free_tcp(),
-            gossip: free_udp(),
-            bootstrap: bootstrap.to_vec(),
-            child: None,
-            starts: 0,
-            extra: Vec::new(),
-        }
-    }
-
-    /// Starts the agent and waits until it says it runs.
-    fn start(&mut self) {
-        self.starts += 1;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_patina"));
-        cmd.arg("agent")
-            .arg("--db-path")
-            .arg(&self.db)
-            .arg("--db-schema-paths")
-            .arg(&self.schema)
-            .arg("--db-extension-path")
-            .arg(ext())
-            .arg("--api-addr")
-            .arg(self.api.to_string())
-            .arg("--gossip-addr")
-            .arg(self.gossip.to_string())
-            .env(
-                "RUST_LOG",
-                std::env::var("PATINA_TEST_LOG")
-                    .unwrap_or_else(|_| "info,patina_sidecar=debug".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for b in &self.bootstrap {
-            cmd.arg("--gossip-bootstrap").arg(b.to_string());
-        }
-        cmd.args(&self.extra);
-        self.child = Some(cmd.spawn().expect("spawn patina agent"));
-        let want = self.starts;
-        wait_for(
-            &format!("{} to start", self.name),
-            Duration::from_secs(30),
-            || {
-                if let Some(c) = self.child.as_mut() {
-                    if let Ok(Some(st)) = c.try_wait() {
-                        panic!("{} exited early ({st}):\n{}", self.name, self.log_text());
-                    }
-                }
-                self.log_text().matches("patina node running").count() >= want
-            },
-        );
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// A writer connection with the extension loaded.
-    fn conn(&self) -> Connection {
-        patina_sidecar::db::open(&self.db, &ext(), Synchronous::Normal).expect("open node db")
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            let text = self.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            eprintln!("---- last log lines of {} ----", self.name);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
-/// Polls `cond` every 20 ms until it holds or `limit` passes (then panics naming `what`).
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts `n` nodes, each bootstrapping to the first.
-fn cluster(n: usize) -> Vec<Node> {
-    let mut nodes = vec![Node::new("node1", &[])];
-    let first = nodes[0].gossip;
-    for i in 1..n {
-        nodes.push(Node::new(&format!("node{}", i + 1), &[first]));
-    }
-    for node in nodes.iter_mut() {
-        node.start();
-    }
-    nodes
-}
-
-#[derive(Debug, PartialEq, Clone)]
-struct Dump {
-    rows: Vec<String>,
-    changes: Vec<String>,
-}
-
-/// The canonical dump of one node's replicated content.
-fn dump(node: &Node) -> Dump {
-    let conn = node.conn();
-    let rows = conn
-        .prepare("SELECT id, quote(node), quote(val), quote(note) FROM items ORDER BY id")
-        .and_then(|mut s| {
-            s.query_map([], |r| {
-                Ok(format!(
-                    "{}|{}|{}|{}",
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .expect("dump rows");
-    let changes = conn
-        .prepare(
-            "SELECT \"table\", hex(pk), cid, quote(val), col_version, cl, hex(site_id) \
-             FROM crsql_changes ORDER BY 1, 2, 3",
-        )
-        .and_then(|mut s| {
-            s.query_map([], |r| {
-                Ok(format!(
-                    "{}|{}|{}|{}|{}|{}|{}",
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, String>(6)?
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .expect("dump crsql_changes");
-    Dump { rows, changes }
-}
-
-/// Waits until every node's dump is identical; returns it.
-fn wait_converged(nodes: &[&Node], limit: Duration) -> Dump {
-    let deadline = Instant::now() + limit;
-    loop {
-        let dumps: Vec<Dump> = nodes.iter().map(|n| dump(n)).collect();
-        if dumps.windows(2).all(|w| w[0] == w[1]) {
-            return dumps[0].clone();
-        }
-        if Instant::now() > deadline {
-            for (n, d) in nodes.iter().zip(&dumps) {
-                eprintln!(
-                    "{}: {} rows, {} changes",
-                    n.name,
-                    d.rows.len(),
-                    d.changes.len()
-                );
-            }
-            let a = &dumps[0].rows;
-            for (n, d) in nodes.iter().zip(&dumps).skip(1) {
-                let missing: Vec<&String> =
-                    a.iter().filter(|r| !d.rows.contains(r)).take(5).collect();
-                let extra: Vec<&String> =
-                    d.rows.iter().filter(|r| !a.contains(r)).take(5).collect();
-                eprintln!(
-                    "{} vs {}: missing {missing:?} extra {extra:?}",
-                    nodes[0].name, n.name
-                );
-            }
-            panic!("nodes did not converge within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Writes `count` transactions on `node`'s file through its own connection: inserts of
-/// ids from `base` plus updates of the shared ids 1..=20 (conflicts across nodes).
-/// Returns the ids committed.
-fn write_burst(node: &Node, base: i64, count: i64, tag: &str) -> Vec<i64> {
-    let conn = node.conn();
-    let mut done = Vec::new();
-    for i in 0..count {
-        let id = base + i;
-        conn.execute(
-            "INSERT INTO items (id, node, val, note) VALUES (?1, ?2, ?3, 'w')",
-            rusqlite::params![id, tag, i],
-        )
-        .expect("insert");
-        conn.execute(
-            "INSERT INTO items (id, node, val) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (id) DO UPDATE SET val = excluded.val, node = excluded.node",
-            rusqlite::params![1 + (i % 20), tag, i],
-        )
-        .expect("upsert shared");
-        done.push(id);
-    }
-    done
-}
-
-fn python_writer(db: &Path, base: i64, count: i64) -> std::process::Output {
-    let script = format!(
-        "import sqlite3\n\
-         c = sqlite3.connect({db:?}, timeout=30)\n\
-         for i in range({count}):\n\
-         \x20   c.execute('INSERT INTO items (id, node, val, note) VALUES (?, ?, ?, ?)', ({base} + i, 'py', i, 'python'))\n\
-         \x20   c.execute('UPDATE items SET note = ? WHERE id = ?', ('py%d' % i, 1 + i % 20))\n\
-         \x20   c.commit()\n",
-        db = db.display().to_string()
-    );
-    Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("run /usr/bin/python3")
-}
-
-fn count_ids(node: &Node, ids: &[i64]) -> usize {
-    let conn = node.conn();
-    let mut stmt = conn
-        .prepare("SELECT 1 FROM items WHERE id = ?1")
-        .expect("prepare");
-    ids.iter()
-        .filter(|id| stmt.exists([**id]).unwrap_or(false))
-        .count()
-}
-
-/// A counter from the node's `GET /metrics`.
-fn metric(node: &Node, name: &str) -> u64 {
-    let text = ureq::get(&format!("http://{}/metrics", node.api))
-        .call()
-        .ok()
-        .and_then(|r| r.into_string().ok())
-        .unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
-}
-
 #[test]
 fn three_nodes_with_concurrent_writers_converge() {
     let nodes = cluster(3);
@@ -641,9 +339,11 @@ fn changes_for_a_table_this_node_lacks_are_refused_whole_then_applied_after_migr
         count_ids(&b, &[100, 104]) == 2
     });
     // Each node counts itself: two healthy nodes satisfy min_members=2, not 3.
-    wait_for("node1 to see 2 members alive", Duration::from_secs(30), || {
-        health(&a, "?min_members=2").0 == 200
-    });
+    wait_for(
+        "node1 to see 2 members alive",
+        Duration::from_secs(30),
+        || health(&a, "?min_members=2").0 == 200,
+    );
     assert_eq!(health(&a, "?min_members=3").0, 503);
     // One transaction touching both tables: node2 must refuse all of it, loudly.
     {
@@ -661,10 +361,14 @@ fn changes_for_a_table_this_node_lacks_are_refused_whole_then_applied_after_migr
     assert_eq!(count_ids(&b, &[500]), 0, "half of a unit was applied");
     // The refused unit keeps coming back with every pull: health must say so, by name,
     // and /metrics must count the failures.
-    wait_for("node2's health to turn 503", Duration::from_secs(60), || {
-        let (status, body) = health(&b, "");
-        status == 503 && body.contains("apply loop") && body.contains("unknown table 'extra'")
-    });
+    wait_for(
+        "node2's health to turn 503",
+        Duration::from_secs(60),
+        || {
+            let (status, body) = health(&b, "");
+            status == 503 && body.contains("apply loop") && body.contains("unknown table 'extra'")
+        },
+    );
     assert!(metric(&b, "patina_loop_failures_total{loop=\"apply\"}") > 0);
     assert_eq!(metric(&b, "patina_loop_failing{loop=\"apply\"}"), 1);
     assert_eq!(health(&a, "").0, 200, "node1 has nothing wrong");
@@ -821,6 +525,23 @@ fn mutual_tls_replicates_and_a_peer_from_another_ca_is_refused() {
     assert!(
         !a.log_text().contains("UNAUTHENTICATED"),
         "a node with TLS files must not run unauthenticated"
+    );
+    // Under mutual TLS node1's site id is bound to its certificate, not its address.
+    let site_a: Vec<u8> = a
+        .conn()
+        .query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+        .expect("site id");
+    let bound: String = b
+        .conn()
+        .query_row(
+            "SELECT identity FROM patina_site_bindings WHERE site_id = ?1",
+            [&site_a],
+            |r| r.get(0),
+        )
+        .expect("node2 bound node1's site id");
+    assert!(
+        bound.starts_with("certificate sha256:") && bound.len() == "certificate sha256:".len() + 64,
+        "{bound}"
     );
 }
 

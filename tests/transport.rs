@@ -13,7 +13,7 @@ use patina_sidecar::cli::tls::{generate, CertKind};
 use patina_sidecar::cli::TlsGenerateArgs;
 use patina_sidecar::membership::{MemberId, Membership};
 use patina_sidecar::net::{
-    Channel, Incoming, NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME,
+    Channel, Incoming, NetConfig, NetError, PeerIdentity, TlsFiles, Transport, DEFAULT_MAX_FRAME,
 };
 use tokio::sync::mpsc::Receiver;
 
@@ -98,10 +98,21 @@ async fn exchange(
     match next(rx_b).await {
         Incoming::Message {
             from,
+            peer,
             channel,
             payload,
+            ..
         } => {
             assert_eq!(from, a.local_addr());
+            // The identity site ids are bound to: the certificate under mutual TLS (the
+            // same on every connection), the address otherwise.
+            match &peer {
+                PeerIdentity::Address(addr) => assert_eq!(*addr, a.local_addr()),
+                PeerIdentity::Certificate(fp) => {
+                    assert_eq!(fp.len(), 64, "a SHA-256 fingerprint in hex");
+                    assert!(peer.to_string().starts_with("certificate sha256:"));
+                }
+            }
             assert_eq!(channel, Channel::Sync);
             assert_eq!(payload, b"hello");
         }
@@ -116,6 +127,7 @@ async fn exchange(
                 channel,
                 payload,
                 reply,
+                ..
             } => {
                 assert_eq!(from, ba);
                 assert_eq!(channel, Channel::Sync);
@@ -515,4 +527,56 @@ async fn measure_transport_costs() {
             .unwrap();
     }
     eprintln!("bulk: {:.0} MB/s", 40.0 / t.elapsed().as_secs_f64());
+}
+
+/// Issue 7, item 6: peers that never finish their frames used to make a node buffer
+/// every byte they sent (2 GB from 30 streams). Frame bodies now wait for a node-wide
+/// byte budget, which unfinished frames from many connections fill but never exceed, and
+/// small frames (membership, pulls, small pushes) still get through meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_frames_cannot_take_more_than_the_node_budget() {
+    use patina_sidecar::net::limits::LARGE_BUDGET;
+    init_logs();
+    let (a, mut rx_a) = Transport::bind(cfg(0, None)).await.unwrap();
+    let to = a.local_addr();
+    let mut attackers = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (t, _rx) = Transport::bind(cfg(0, None)).await.unwrap();
+        for _ in 0..4 {
+            let mut s = t.open_raw_uni(to).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let len = DEFAULT_MAX_FRAME as u32;
+                let _ = s.write_all(&len.to_be_bytes()).await;
+                let block = vec![0u8; 1 << 20];
+                for _ in 0..(DEFAULT_MAX_FRAME >> 20) - 1 {
+                    if s.write_all(&block).await.is_err() {
+                        break;
+                    }
+                }
+                std::future::pending::<()>().await;
+            }));
+        }
+        attackers.push(t);
+    }
+    // 16 unfinished frames of 16 MiB want 256 MiB: the budget holds 32 MiB of them.
+    wait_for("the frame budget to fill", || {
+        a.frame_bytes_buffered() == LARGE_BUDGET
+    })
+    .await;
+    let (good, _rx_g) = Transport::bind(cfg(0, None)).await.unwrap();
+    good.send(to, Channel::Sync, b"small".to_vec())
+        .await
+        .unwrap();
+    match next(&mut rx_a).await {
+        Incoming::Message { payload, .. } => assert_eq!(payload, b"small"),
+        other => panic!("expected the small message, got {other:?}"),
+    }
+    assert_eq!(a.frame_bytes_buffered(), LARGE_BUDGET);
+    for t in tasks {
+        t.abort();
+    }
+    for t in attackers {
+        t.close().await;
+    }
 }

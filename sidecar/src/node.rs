@@ -175,7 +175,9 @@ mod tests {
         h.failed("disk full");
         let later = Instant::now() + Duration::from_secs(10);
         assert_eq!(h.stuck(Instant::now(), Duration::from_secs(5)), None);
-        let s = h.stuck(later, Duration::from_secs(5)).expect("stuck after 10 s");
+        let s = h
+            .stuck(later, Duration::from_secs(5))
+            .expect("stuck after 10 s");
         assert_eq!(s.streak, 2);
         assert_eq!(s.last_error, "disk full");
         h.succeeded();

@@ -16,6 +16,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
 use crate::db::apply::Applied;
+use crate::db::bookkeeping;
 use crate::db::feed::{self, ChunkLimits};
 use crate::db::tail::Unit;
 use crate::membership::Membership;
@@ -87,26 +88,34 @@ impl Driver {
             Incoming::Datagram { from, payload } => self.membership.handle_datagram(from, payload),
             Incoming::Message {
                 from,
+                peer,
                 channel: Channel::Sync,
                 payload,
-            } => match Msg::decode(&payload) {
-                Ok(msg) => {
-                    tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
-                    let now = self.now();
-                    self.sync.handle_message(from, msg, now);
+                permit,
+            } => {
+                let decoded = Msg::decode(&payload);
+                // The decoded message is what stays; the frame's receive budget goes.
+                drop(permit);
+                match decoded {
+                    Ok(msg) => {
+                        tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
+                        let now = self.now();
+                        self.sync.handle_message(from, &peer.to_string(), msg, now);
+                    }
+                    Err(e) => {
+                        self.shared
+                            .metrics
+                            .frames_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %from, "undecodable sync message from {from}: {e}");
+                    }
                 }
-                Err(e) => {
-                    self.shared
-                        .metrics
-                        .frames_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = %from, "undecodable sync message from {from}: {e}");
-                }
-            },
+            }
             Incoming::Message {
                 from,
                 channel: Channel::Swim,
                 payload,
+                ..
             } => self.membership.handle_datagram(from, payload),
             // Pulls travel as messages both ways; a request here is a peer of another
             // version: dropping `reply` resets its stream, which it reports.
@@ -155,9 +164,16 @@ impl Driver {
                     let site = self.sync.site();
                     let metrics = self.shared.metrics.clone();
                     tokio::task::spawn_blocking(move || {
-                        let chunk = {
-                            let Ok(mut conn) = reader.lock() else { return };
-                            feed::serve_pull(&mut conn, after, unit, &exclude, &known, limits)
+                        let chunk = match reader.lock() {
+                            Ok(mut conn) => {
+                                feed::serve_pull(&mut conn, after, unit, &exclude, &known, limits)
+                                    .map_err(|e| e.to_string())
+                            }
+                            // A thread panicked holding the reader: every pull fails from
+                            // now on, which health must show.
+                            Err(_) => Err("the feed reader is unusable (a thread panicked \
+                                           while holding it)"
+                                .to_string()),
                         };
                         match chunk {
                             Ok(chunk) => {
@@ -165,11 +181,29 @@ impl Driver {
                                 let _ = tx.blocking_send(Msg::Changes { site, chunk }.encode());
                             }
                             Err(e) => {
-                                tracing::warn!(peer = %to, "cannot serve a pull after {after}: {e}");
-                                metrics.loops.pull_server.failed(format!(
-                                    "cannot serve a pull after {after}: {e}"
-                                ));
+                                let msg =
+                                    format!("cannot serve a pull of peer {to} after {after}: {e}");
+                                tracing::warn!(peer = %to, "{msg}");
+                                metrics.loops.pull_server.failed(msg);
                             }
+                        }
+                    });
+                }
+                Effect::Bind { site, identity } => {
+                    // Rare (once per site id ever seen); the binding is in force in memory
+                    // already, this makes it survive a restart.
+                    let reader = self.reader.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let stored = match reader.lock() {
+                            Ok(conn) => bookkeeping::bind_site(&conn, &site, &identity),
+                            Err(_) => return,
+                        };
+                        if let Err(e) = stored {
+                            tracing::error!(
+                                site_id = %hex::encode(site),
+                                "cannot store that site id {} is bound to {identity}: {e}",
+                                hex::encode(site)
+                            );
                         }
                     });
                 }

@@ -96,6 +96,7 @@ pub async fn run(
     })?;
     let site = feed::site_id(&setup).map_err(sql_err)?;
     let cursors = bookkeeping::load_cursors(&setup).map_err(sql_err)?;
+    let bindings = bookkeeping::load_bindings(&setup).map_err(sql_err)?;
     let version = feed::db_version(&setup).map_err(sql_err)?;
     drop(setup);
     tracing::info!(
@@ -230,13 +231,14 @@ pub async fn run(
         max_changes: sync_config.max_chunk_changes,
         max_bytes: sync_config.max_chunk_bytes,
     };
-    let sync = Sync::new(
+    let mut sync = Sync::new(
         site,
         sync_config,
         cursors,
         StdRng::from_entropy(),
         Duration::ZERO,
     );
+    sync.set_bindings(bindings);
     let driver = driver::Driver {
         sync,
         transport: transport.clone(),

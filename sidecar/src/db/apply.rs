@@ -13,13 +13,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::ToSql;
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
-use super::bookkeeping::{self, InboxError};
+use super::bookkeeping;
+use super::inbox::{self, InboxError, InboxLimits};
 use crate::node::Metrics;
-use crate::sync::{merge_skipped, ApplyJob, Change, SiteId, Value};
+use crate::sync::{merge_skipped, validate_chunk, ApplyJob, Change, RangeError, SiteId, Value};
 
 /// Most jobs in one transaction.
 const MAX_BATCH_JOBS: usize = 256;
@@ -43,6 +45,10 @@ enum JobError {
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
     Inbox(#[from] InboxError),
+    /// The chunk breaks the range rule (`sync::validate_chunk`); checked again here so
+    /// nothing reaches the inbox or the cursor without it.
+    #[error("{0}")]
+    Range(#[from] RangeError),
 }
 
 /// Starts the apply thread on `conn` (its own connection, extension loaded).
@@ -56,7 +62,13 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("patina-apply".into())
         .spawn(move || {
+            // Swept at start too: units left incomplete before a restart age out.
+            let mut last_expire: Option<Instant> = None;
             while !stop.load(Ordering::Relaxed) {
+                if !matches!(last_expire, Some(t) if t.elapsed() < EXPIRE_EVERY) {
+                    expire_inbox(&conn);
+                    last_expire = Some(Instant::now());
+                }
                 let first = match rx.recv_timeout(Duration::from_millis(100)) {
                     Ok(j) => j,
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -82,11 +94,17 @@ pub fn spawn(
                 // the same jobs: they were accepted, so they are not dropped.
                 let applied = loop {
                     match apply_batch(&mut conn, &batch, &metrics) {
-                        Ok(a) => break a,
+                        Ok((a, refused)) => {
+                            if refused == 0 {
+                                metrics.loops.apply.succeeded();
+                            }
+                            break a;
+                        }
                         Err(e) => {
-                            metrics.loops.apply.failed(format!(
-                                "cannot commit a batch of remote changes: {e}"
-                            ));
+                            metrics
+                                .loops
+                                .apply
+                                .failed(format!("cannot commit a batch of remote changes: {e}"));
                             tracing::error!(
                                 jobs = batch.len(),
                                 "cannot commit a batch of remote changes, retrying: {e}"
@@ -116,17 +134,18 @@ pub fn spawn(
         })
 }
 
-/// Applies a batch in one transaction; returns the cursor of every peer site touched.
+/// Applies a batch in one transaction; returns the cursor of every peer site touched and
+/// how many jobs were refused (rolled back whole, counted as apply failures).
 fn apply_batch(
     conn: &mut Connection,
     batch: &[ApplyJob],
     metrics: &Metrics,
-) -> rusqlite::Result<Vec<Applied>> {
+) -> rusqlite::Result<(Vec<Applied>, usize)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute("UPDATE patina_state SET merging = 1", [])?;
     let mut out = Vec::new();
     let mut applied_changes = 0u64;
-    let mut refused = None;
+    let mut refused = 0usize;
     for job in batch {
         tx.execute_batch("SAVEPOINT patina_job")?;
         match apply_job(&tx, job) {
@@ -143,47 +162,38 @@ fn apply_batch(
             Err(e) => {
                 tx.execute_batch("ROLLBACK TO patina_job; RELEASE patina_job")?;
                 metrics.frames_rejected.fetch_add(1, Ordering::Relaxed);
-                refused = Some(format!(
-                    "refused changes ({}, {}] from site {}: {e}",
-                    job.chunk.from,
-                    job.chunk.to,
-                    hex::encode(job.peer_site)
-                ));
-                tracing::error!(
-                    peer = %job.from,
-                    site_id = %hex::encode(job.peer_site),
-                    "refusing changes ({}, {}] of unit ({}, {}] from peer {}: {e}; \
+                refused += 1;
+                let msg = format!(
+                    "refusing changes ({}, {}] of unit ({}, {}] from peer {} (site id {}): {e}; \
                      nothing of it was applied (reload the schema if a table is missing)",
                     job.chunk.from,
                     job.chunk.to,
                     job.chunk.unit_from,
                     job.chunk.unit_to,
-                    job.from
+                    job.from,
+                    hex::encode(job.peer_site),
                 );
+                tracing::error!(peer = %job.from, "{msg}");
+                metrics.loops.apply.failed(msg);
             }
         }
     }
     tx.execute("UPDATE patina_state SET merging = 0", [])?;
     tx.commit()?;
-    // A refused unit comes back with every pull until its cause is fixed: that keeps the
-    // apply loop failing (health), while a clean batch ends the run.
-    match refused {
-        Some(why) => metrics.loops.apply.failed(why),
-        None => metrics.loops.apply.succeeded(),
-    }
     metrics
         .units_received
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
     metrics
         .changes_applied
         .fetch_add(applied_changes, Ordering::Relaxed);
-    Ok(out)
+    Ok((out, refused))
 }
 
 /// One job: merge a whole unit (buffering a partial one), then move the cursor.
 /// Returns the number of changes merged and the stored cursor (None while buffering).
 fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), JobError> {
     let c = &job.chunk;
+    validate_chunk(c)?;
     let cursor = bookkeeping::cursor(conn, &job.peer_site)?;
     if c.unit_to <= cursor {
         // Already covered: everything up to the cursor is applied.
@@ -198,11 +208,11 @@ fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), Jo
         }
         merge_skipped([&c.skipped])
     } else {
-        if !bookkeeping::inbox_put(conn, &job.peer_site, c)? {
+        if !inbox::put(conn, &job.peer_site, c, unix_now(), &InboxLimits::default())? {
             return Ok((0, None));
         }
         let mut lists = Vec::new();
-        bookkeeping::inbox_drain::<JobError>(conn, &job.peer_site, c.unit_from, c.unit_to, |ch| {
+        inbox::drain::<JobError>(conn, &job.peer_site, c.unit_from, c.unit_to, |ch| {
             for change in &ch.changes {
                 insert(&mut stmt, change)?;
                 n += 1;
@@ -219,14 +229,48 @@ fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), Jo
     Ok((n, Some(cursor)))
 }
 
+/// Seconds since the Unix epoch (0 if the clock is before it): inbox ages.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// How often the apply thread drops expired incomplete units (`db::inbox`).
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+/// Drops incomplete units past their age; a failure is logged and retried next sweep.
+fn expire_inbox(conn: &Connection) {
+    match inbox::expire(conn, unix_now(), InboxLimits::default().max_age) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            "sync inbox: dropped {n} chunks of units left incomplete for over {:?} \
+             (anti-entropy fetches them again if they are still needed)",
+            InboxLimits::default().max_age
+        ),
+        Err(e) => tracing::warn!("sync inbox: cannot drop expired units: {e}"),
+    }
+}
+
+/// A wire value bound as the SQLite value it was read as. TEXT is bound from its exact
+/// bytes (`sqlite3_bind_text` with a length; rusqlite binds `ValueRef::Text` that way and
+/// never checks UTF-8), so a value that is not valid UTF-8 arrives byte-exact and as TEXT.
+struct Bind<'a>(&'a Value);
+
+impl ToSql for Bind<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(f) => ValueRef::Real(*f),
+            Value::Text(s) => ValueRef::Text(s),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
 fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Result<()> {
-    let val = match &c.val {
-        Value::Null => SqlValue::Null,
-        Value::Integer(i) => SqlValue::Integer(*i),
-        Value::Real(f) => SqlValue::Real(*f),
-        Value::Text(s) => SqlValue::Text(s.clone()),
-        Value::Blob(b) => SqlValue::Blob(b.clone()),
-    };
+    let val = Bind(&c.val);
     let site = if c.site_id.is_empty() {
         None
     } else {
@@ -245,4 +289,90 @@ fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Res
         c.origin_version
     ])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::sync::Chunk;
+
+    fn job(table: &str, v: i64) -> ApplyJob {
+        ApplyJob {
+            from: "127.0.0.1:9".parse().expect("addr"),
+            peer_site: [2; 16],
+            chunk: Chunk {
+                unit_from: v - 1,
+                unit_to: v,
+                from: v - 1,
+                to: v,
+                changes: vec![Change {
+                    table: table.into(),
+                    pk: vec![1, 0x09, v as u8],
+                    cid: "a".into(),
+                    val: Value::Text(vec![0xff, 0x00, 0xfe]),
+                    col_version: 1,
+                    db_version: v,
+                    site_id: vec![2; 16],
+                    cl: 1,
+                    seq: 0,
+                    origin_version: Some(v),
+                }],
+                skipped: None,
+            },
+        }
+    }
+
+    /// Item 2 helpers: a refused unit counts as an apply failure and keeps the apply loop failing;
+    /// the next batch applied whole clears it. Item 1: TEXT that is not UTF-8 is stored
+    /// byte-exact, as TEXT.
+    #[test]
+    fn failures_are_recorded_and_cleared_and_bad_utf8_is_stored_byte_exact() {
+        let Ok(ext) = crate::db::extension_path(None) else {
+            eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let setup = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
+        setup
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
+                 SELECT crsql_as_crr('t');",
+            )
+            .expect("schema");
+        bookkeeping::ensure(&setup).expect("bookkeeping");
+        let conn = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let (done_tx, mut done) = mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(conn, rx, done_tx, metrics.clone(), stop.clone()).expect("spawn");
+        tx.send(job("missing_table", 1)).expect("send");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while metrics.loops.apply.failures.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the refusal was not recorded");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let err = metrics.loops.apply.stuck(Instant::now(), Duration::ZERO);
+        assert!(err.is_some_and(|e| e.last_error.contains("refusing changes")));
+        tx.send(job("t", 1)).expect("send");
+        let applied = done.blocking_recv().expect("applied");
+        assert_eq!(applied.cursor, 1);
+        assert!(metrics
+            .loops
+            .apply
+            .stuck(Instant::now(), Duration::ZERO)
+            .is_none());
+        assert_eq!(metrics.loops.apply.failures.load(Ordering::Relaxed), 1);
+        let (ty, hex): (String, String) = setup
+            .query_row("SELECT typeof(a), hex(a) FROM t", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("row");
+        assert_eq!((ty.as_str(), hex.as_str()), ("text", "FF00FE"));
+        stop.store(true, Ordering::SeqCst);
+        drop(tx);
+        let _ = thread.join();
+    }
 }

@@ -4,7 +4,7 @@
 //! only (DESIGN §2): the tailer ships each read as one unit, and a pull answer is a
 //! version-ranged chunk of one fixed unit.
 
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, Row};
 
 use crate::sync::{known_covers, Change, Chunk, SiteId, Skipped, Value};
@@ -43,12 +43,14 @@ pub fn site_id(conn: &Connection) -> rusqlite::Result<SiteId> {
 }
 
 fn row_to_change(r: &Row<'_>) -> rusqlite::Result<Change> {
-    let val = match r.get::<_, SqlValue>(3)? {
-        SqlValue::Null => Value::Null,
-        SqlValue::Integer(i) => Value::Integer(i),
-        SqlValue::Real(f) => Value::Real(f),
-        SqlValue::Text(s) => Value::Text(s),
-        SqlValue::Blob(b) => Value::Blob(b),
+    // TEXT is read as bytes: SQLite does not promise UTF-8, and one such value must not
+    // stop the feed (rusqlite's `Value` would refuse it as "invalid utf-8").
+    let val = match r.get_ref(3)? {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(f) => Value::Real(f),
+        ValueRef::Text(s) => Value::Text(s.to_vec()),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
     };
     Ok(Change {
         table: r.get(0)?,

@@ -6,13 +6,15 @@
 //! - `feed`        — reading `crsql_changes` by `db_version` in one read transaction.
 //! - `tail`        — the tailer thread: notices local commits from any process, ships units.
 //! - `apply`       — the apply thread: the one writer of remote changes, batched, atomic.
-//! - `bookkeeping` — per-peer cursors and the inbox of partial units, in the database.
+//! - `bookkeeping` — per-peer cursors, out-of-order ranges and site bindings, in the database.
+//! - `inbox`       — chunks of large units buffered until whole; bounded and expiring.
 //! - `schema`      — schema files: create, migrate (add columns), make replicated.
 
 pub mod apply;
 pub mod bookkeeping;
 pub mod conn;
 pub mod feed;
+pub mod inbox;
 pub mod schema;
 pub mod tail;
 

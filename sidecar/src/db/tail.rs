@@ -18,6 +18,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
 use super::feed::{db_version, read_unit};
+use crate::node::Metrics;
 use crate::sync::Change;
 
 /// One read of this node's feed: `(from, to]`, whole transactions only. A large unit
@@ -36,7 +37,9 @@ pub const POLL: Duration = Duration::from_millis(2);
 
 /// Starts the tailer on `conn` (a connection of its own, extension loaded). It ships
 /// versions after the current one (history is served by anti-entropy pulls), keeps
-/// `version` up to date and stops when `stop` is set or `out` is closed.
+/// `version` up to date and stops when `stop` is set or `out` is closed. Every failed
+/// read is recorded in `metrics.loops.tailer` until a read succeeds, so `/v1/health` can
+/// tell a tailer that keeps failing.
 pub fn spawn(
     mut conn: Connection,
     wake: Receiver<()>,
@@ -44,21 +47,29 @@ pub fn spawn(
     version: watch::Sender<i64>,
     stop: Arc<AtomicBool>,
     large_after: i64,
-    health: Arc<crate::node::Metrics>,
+    metrics: Arc<Metrics>,
 ) -> std::io::Result<JoinHandle<()>> {
+    let fail = {
+        let metrics = metrics.clone();
+        move |msg: String| {
+            tracing::warn!("{msg}");
+            metrics.loops.tailer.failed(msg);
+        }
+    };
     std::thread::Builder::new()
         .name("patina-tail".into())
         .spawn(move || {
-            let mut last = match db_version(&conn) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::error!("tailer cannot read crsql_db_version(): {e}");
-                    health
-                        .loops
-                        .tailer
-                        .failed(format!("cannot read crsql_db_version(): {e}"));
+            // Retried rather than given up: a tailer that stops is a node that silently
+            // stops replicating.
+            let mut last = loop {
+                match db_version(&conn) {
+                    Ok(v) => break v,
+                    Err(e) => fail(format!("tailer cannot read crsql_db_version(): {e}")),
+                }
+                if stop.load(Ordering::Relaxed) {
                     return;
                 }
+                std::thread::sleep(Duration::from_millis(500));
             };
             version.send_replace(last);
             let mut last_dv = data_version(&conn).unwrap_or(-1);
@@ -76,11 +87,7 @@ pub fn spawn(
                 let dv = match data_version(&conn) {
                     Ok(dv) => dv,
                     Err(e) => {
-                        tracing::warn!("tailer cannot read PRAGMA data_version: {e}");
-                        health
-                            .loops
-                            .tailer
-                            .failed(format!("cannot read PRAGMA data_version: {e}"));
+                        fail(format!("tailer cannot read PRAGMA data_version: {e}"));
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
@@ -103,7 +110,7 @@ pub fn spawn(
                 }
                 match read_unit(&mut conn, last, large_after) {
                     Ok((to, changes)) => {
-                        health.loops.tailer.succeeded();
+                        metrics.loops.tailer.succeeded();
                         if to <= last {
                             continue;
                         }
@@ -128,9 +135,8 @@ pub fn spawn(
                         }
                     }
                     Err(e) => {
-                        tracing::warn!("tailer cannot read the change feed after {last}: {e}");
-                        health.loops.tailer.failed(format!(
-                            "cannot read the change feed after version {last}: {e}"
+                        fail(format!(
+                            "tailer cannot read the change feed after {last}: {e}"
                         ));
                         std::thread::sleep(Duration::from_millis(100));
                     }

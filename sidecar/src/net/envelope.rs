@@ -9,9 +9,16 @@ use minicbor::{Decode, Encode};
 
 use super::Channel;
 
-/// The protocol version this build speaks. Peers one version apart interoperate (new
-/// fields are optional, unknown trailing fields are skipped); others are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. A peer of the next version interoperates (new
+/// fields are optional, unknown trailing fields are skipped); anything below
+/// [`MIN_PROTOCOL_VERSION`] or further ahead is refused, with both versions logged.
+///
+/// Version 2 carries TEXT values as CBOR byte strings (they need not be UTF-8), which a
+/// version-1 node cannot decode, so version 1 is refused rather than misread.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest version this build interoperates with (see [`PROTOCOL_VERSION`]).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes of the stream length prefix.
 pub const PREFIX_LEN: usize = 4;
@@ -57,7 +64,12 @@ pub enum FrameError {
     #[error("corrupt frame: {0}")]
     Corrupt(String),
     /// A protocol version this build cannot interoperate with.
-    #[error("protocol version {theirs} is not supported (this node speaks {PROTOCOL_VERSION})")]
+    #[error(
+        "protocol version {theirs} is not supported: this node speaks version \
+         {PROTOCOL_VERSION} and accepts {MIN_PROTOCOL_VERSION}..={}; run the same patina \
+         release on every node (version 2 changed how TEXT values travel)",
+        PROTOCOL_VERSION + 1
+    )]
     UnknownVersion { theirs: u16 },
     /// The peer belongs to another cluster (`gossip.cluster_id`).
     #[error("cluster id {theirs} does not match this node's cluster id {ours}")]
@@ -143,7 +155,7 @@ pub fn decode(bytes: &[u8], cluster_id: u64) -> Result<Envelope, FrameError> {
             bytes.len() - d.position()
         )));
     }
-    if wire.version.abs_diff(PROTOCOL_VERSION) > 1 {
+    if wire.version < MIN_PROTOCOL_VERSION || wire.version > PROTOCOL_VERSION + 1 {
         return Err(FrameError::UnknownVersion {
             theirs: wire.version,
         });
@@ -236,6 +248,12 @@ mod tests {
                 theirs: PROTOCOL_VERSION + 2
             })
         );
+        // Version 1 sent TEXT as CBOR text strings: refused, and the reason says so.
+        let old = encode_with_version(1, 0, Channel::Sync, b"x", false);
+        let err = decode(&old, 0).unwrap_err();
+        assert_eq!(err, FrameError::UnknownVersion { theirs: 1 });
+        let msg = err.to_string();
+        assert!(msg.contains("version 1 is not supported") && msg.contains("speaks version 2"));
     }
 
     #[test]
@@ -243,7 +261,7 @@ mod tests {
         // A version-2 peer appending a field we do not know: skipped, not refused.
         let mut e = minicbor::Encoder::new(Vec::new());
         e.array(6).unwrap();
-        e.u16(2)
+        e.u16(PROTOCOL_VERSION + 1)
             .unwrap()
             .u64(0)
             .unwrap()
@@ -260,7 +278,7 @@ mod tests {
     fn unknown_channel_refused() {
         let mut e = minicbor::Encoder::new(Vec::new());
         e.array(4).unwrap();
-        e.u16(1)
+        e.u16(PROTOCOL_VERSION)
             .unwrap()
             .u64(0)
             .unwrap()

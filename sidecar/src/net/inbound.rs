@@ -7,20 +7,17 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::envelope::{self, FrameError, PREFIX_LEN};
-use super::{Incoming, Inner};
+use super::limits::{self, Budgets, FramePermit, FRAME_DEADLINE};
+use super::{Incoming, Inner, PeerIdentity};
 
 /// Stream stop/reset codes, so the sender learns why.
 const CODE_REFUSED: u32 = 1;
 const CODE_NO_REPLY: u32 = 2;
 const CODE_REPLY_TOO_LARGE: u32 = 3;
-
-/// A frame whose bytes stop arriving for this long is abandoned (its stream is stopped).
-const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Explains a stop/reset code received from a peer.
 pub(super) fn refusal_reason(code: quinn::VarInt) -> String {
@@ -47,18 +44,29 @@ pub(super) enum ReadFail {
 }
 
 /// Reads one length-prefixed frame that must fill the rest of the stream; returns the
-/// envelope bytes. The prefix is checked against `max` before any body is read.
+/// envelope bytes and their share of the budgets. The prefix is checked against `max`
+/// before any body is read, and the body is read only once its bytes are reserved from
+/// `conn` and the node-wide `budgets` (`limits.rs`), into a buffer of exactly its size.
 pub(super) async fn read_frame(
     recv: &mut quinn::RecvStream,
     max: usize,
-) -> Result<Vec<u8>, ReadFail> {
-    match tokio::time::timeout(STALL_TIMEOUT, read_frame_inner(recv, max)).await {
+    budgets: &Budgets,
+    conn: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, FramePermit), ReadFail> {
+    match tokio::time::timeout(FRAME_DEADLINE, read_frame_inner(recv, max, budgets, conn)).await {
         Ok(r) => r,
-        Err(_) => Err(ReadFail::Io(format!("frame stalled for {STALL_TIMEOUT:?}"))),
+        Err(_) => Err(ReadFail::Io(format!(
+            "frame not complete within {FRAME_DEADLINE:?}"
+        ))),
     }
 }
 
-async fn read_frame_inner(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, ReadFail> {
+async fn read_frame_inner(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    budgets: &Budgets,
+    conn: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, FramePermit), ReadFail> {
     let mut prefix = [0u8; PREFIX_LEN];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -71,16 +79,26 @@ async fn read_frame_inner(recv: &mut quinn::RecvStream, max: usize) -> Result<Ve
         Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
     }
     let len = envelope::frame_len(prefix, max).map_err(ReadFail::Frame)?;
-    match recv.read_to_end(len).await {
-        Ok(body) if body.len() == len => Ok(body),
-        Ok(body) => Err(ReadFail::Frame(FrameError::Truncated {
-            expected: len,
-            got: body.len(),
-        })),
-        Err(quinn::ReadToEndError::TooLong) => Err(ReadFail::Frame(FrameError::Corrupt(
+    let permit = budgets.reserve(conn, len).await;
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(ReadFail::Frame(FrameError::Truncated {
+                    expected: len,
+                    got: body.len(),
+                }))
+            }
+            Err(e) => return Err(read_error(e)),
+        }
+    }
+    match recv.read_chunk(1, true).await {
+        Ok(None) => Ok((body, permit)),
+        Ok(Some(_)) => Err(ReadFail::Frame(FrameError::Corrupt(
             "bytes after the announced frame length".to_string(),
         ))),
-        Err(quinn::ReadToEndError::Read(e)) => Err(read_error(e)),
+        Err(e) => Err(read_error(e)),
     }
 }
 
@@ -91,19 +109,43 @@ fn read_error(e: quinn::ReadError) -> ReadFail {
     }
 }
 
-/// Accepts connections until the endpoint closes.
+/// Accepts connections until the endpoint closes. Past [`limits::MAX_HANDSHAKES`]
+/// handshakes in progress or [`limits::MAX_CONNECTIONS`] connections peers opened, new
+/// ones are refused (the peer sees CONNECTION_REFUSED and retries later).
 pub(super) async fn accept_loop(inner: Arc<Inner>) {
     while let Some(incoming) = inner.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let (Ok(handshake), Ok(slot)) = (
+            inner.handshakes.clone().try_acquire_owned(),
+            inner.connections.clone().try_acquire_owned(),
+        ) else {
+            // Logged on the 1st, 2nd, 4th, 8th… refusal: a flood cannot flood the log.
+            let n = inner.connections_refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    peer = %remote,
+                    "refusing a connection from {remote}: {} handshakes or {} connections \
+                     already in progress ({n} refused so far)",
+                    limits::MAX_HANDSHAKES,
+                    limits::MAX_CONNECTIONS
+                );
+            }
+            incoming.refuse();
+            continue;
+        };
         let inner = inner.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
+            let accepted = incoming.await;
+            drop(handshake);
+            match accepted {
                 Ok(conn) => {
                     inner.adopt(&conn);
                     serve_connection(inner, conn).await;
                 }
                 Err(e) => log_handshake_failure(&inner, remote, &e, "accepting"),
             }
+            // The connection slot is held until the connection is done.
+            drop(slot);
         });
     }
 }
@@ -131,17 +173,46 @@ pub(super) fn log_handshake_failure(
     }
 }
 
+/// The identity of the peer of `conn`: its certificate's fingerprint under mutual TLS
+/// (the handshake verified it against the cluster CA), else its address.
+fn identify(inner: &Inner, conn: &quinn::Connection) -> PeerIdentity {
+    let addr = conn.remote_address();
+    if !inner.authenticated {
+        return PeerIdentity::Address(addr);
+    }
+    let certs = conn.peer_identity().and_then(|any| {
+        any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    match certs.as_deref().and_then(|c| c.first()) {
+        Some(cert) => PeerIdentity::Certificate(hex::encode(
+            ring::digest::digest(&ring::digest::SHA256, cert.as_ref()).as_ref(),
+        )),
+        // Mutual TLS always yields a certificate; should it not, the address is the
+        // narrower claim (it cannot let another address take a binding over).
+        None => PeerIdentity::Address(addr),
+    }
+}
+
 /// Serves one connection (accepted or dialed) until it closes: streams and datagrams.
 pub(super) async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection) {
     let from = conn.remote_address();
+    let peer = identify(&inner, &conn);
+    let budget = limits::connection_budget(inner.max_frame);
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
-                Ok(recv) => { tokio::spawn(serve_uni(inner.clone(), from, recv)); }
+                Ok(recv) => {
+                    let from = Source { addr: from, peer: peer.clone(), budget: budget.clone() };
+                    tokio::spawn(serve_uni(inner.clone(), from, recv));
+                }
                 Err(e) => { closed(&inner, from, &conn, e).await; break; }
             },
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => { tokio::spawn(serve_bi(inner.clone(), from, send, recv)); }
+                Ok((send, recv)) => {
+                    let from = Source { addr: from, peer: peer.clone(), budget: budget.clone() };
+                    tokio::spawn(serve_bi(inner.clone(), from, send, recv));
+                }
                 Err(e) => { closed(&inner, from, &conn, e).await; break; }
             },
             dg = conn.read_datagram() => match dg {
@@ -171,13 +242,31 @@ async fn deliver(inner: &Inner, msg: Incoming) {
     let _ = inner.incoming.send(msg).await;
 }
 
-async fn serve_uni(inner: Arc<Inner>, from: SocketAddr, mut recv: quinn::RecvStream) {
-    let env = match read_frame(&mut recv, inner.max_frame).await {
-        Ok(bytes) => envelope::decode(&bytes, inner.cluster_id).map_err(ReadFail::Frame),
-        Err(e) => Err(e),
-    };
+/// Where a stream comes from: the connection's address, identity and frame budget.
+struct Source {
+    addr: SocketAddr,
+    peer: PeerIdentity,
+    budget: Arc<Semaphore>,
+}
+
+/// Reads and decodes one frame; the permit covers the decoded payload.
+async fn read_envelope(
+    inner: &Inner,
+    from: &Source,
+    recv: &mut quinn::RecvStream,
+) -> Result<(envelope::Envelope, FramePermit), ReadFail> {
+    let (bytes, permit) = read_frame(recv, inner.max_frame, &inner.budgets, &from.budget).await?;
+    let env = envelope::decode(&bytes, inner.cluster_id).map_err(ReadFail::Frame)?;
+    Ok((env, permit))
+}
+
+async fn serve_uni(inner: Arc<Inner>, src: Source, mut recv: quinn::RecvStream) {
+    let env = read_envelope(&inner, &src, &mut recv).await;
+    let Source {
+        addr: from, peer, ..
+    } = src;
     match env {
-        Ok(env) if env.as_datagram => {
+        Ok((env, _permit)) if env.as_datagram => {
             deliver(
                 &inner,
                 Incoming::Datagram {
@@ -187,13 +276,15 @@ async fn serve_uni(inner: Arc<Inner>, from: SocketAddr, mut recv: quinn::RecvStr
             )
             .await
         }
-        Ok(env) => {
+        Ok((env, permit)) => {
             deliver(
                 &inner,
                 Incoming::Message {
                     from,
+                    peer,
                     channel: env.channel,
                     payload: env.payload,
+                    permit,
                 },
             )
             .await
@@ -220,16 +311,16 @@ fn refuse(inner: &Inner, from: SocketAddr, recv: &mut quinn::RecvStream, fail: R
 
 async fn serve_bi(
     inner: Arc<Inner>,
-    from: SocketAddr,
+    src: Source,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let env = match read_frame(&mut recv, inner.max_frame).await {
-        Ok(bytes) => envelope::decode(&bytes, inner.cluster_id).map_err(ReadFail::Frame),
-        Err(e) => Err(e),
-    };
-    let env = match env {
-        Ok(env) => env,
+    let env = read_envelope(&inner, &src, &mut recv).await;
+    let Source {
+        addr: from, peer, ..
+    } = src;
+    let (env, permit) = match env {
+        Ok(e) => e,
         Err(fail) => {
             refuse(&inner, from, &mut recv, fail);
             let _ = send.reset(CODE_REFUSED.into());
@@ -242,9 +333,11 @@ async fn serve_bi(
         &inner,
         Incoming::Request {
             from,
+            peer,
             channel,
             payload: env.payload,
             reply: tx,
+            permit,
         },
     )
     .await;

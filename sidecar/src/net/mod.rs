@@ -5,6 +5,7 @@
 //! - `inbound.rs`  — accepting connections and reading streams and datagrams.
 //! - `envelope.rs` — the CBOR envelope and stream framing, pure functions.
 //! - `tls.rs`      — rustls configuration (mutual TLS, or unauthenticated on loopback).
+//! - `limits.rs`   — what peers can make this node hold: windows, streams, byte budgets.
 //!
 //! Because one endpoint both dials and accepts, the remote address of every connection is
 //! the peer's listen address, so `from` in [`Incoming`] is where to answer. `net` never
@@ -21,12 +22,17 @@ use tokio::sync::{mpsc, oneshot};
 
 pub mod envelope;
 mod inbound;
+pub mod limits;
 pub(crate) mod tls;
 
 pub use envelope::PROTOCOL_VERSION;
+pub use limits::FramePermit;
 
-/// Frames larger than this are refused unless configured otherwise.
-pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+/// Frames larger than this are refused unless configured otherwise. Chunks are at most
+/// 4 MiB, so 16 MiB leaves room for one change (a value) up to about 15 MiB; a larger
+/// value cannot replicate (the API's `max_body` is 8 MiB). See `limits.rs` for why it is
+/// not larger: it is also what one connection may make this node buffer.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// Depth of the [`Incoming`] channel. When it is full, readers stop reading (QUIC flow
 /// control then pushes back on the senders); nothing accepted is dropped.
@@ -63,20 +69,49 @@ pub enum Channel {
     Sync,
 }
 
+/// Who is at the other end of a connection, as far as the transport can vouch for it.
+/// The sync layer binds site ids to it (a site id may only be spoken for by the identity
+/// that first presented it), so it must not change while the peer stays the same.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PeerIdentity {
+    /// Mutual TLS: the SHA-256 fingerprint (hex) of the peer's end-entity certificate,
+    /// which the cluster CA signed. Survives address changes; a new certificate is a new
+    /// identity.
+    Certificate(String),
+    /// Unauthenticated transport: the peer's address is all we know. (Its ephemeral
+    /// self-signed certificate changes on every start, so it is no identity.)
+    Address(SocketAddr),
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerIdentity::Certificate(fp) => write!(f, "certificate sha256:{fp}"),
+            PeerIdentity::Address(a) => write!(f, "address {a}"),
+        }
+    }
+}
+
 /// Something a peer sent us.
 #[derive(Debug)]
 pub enum Incoming {
     Message {
         from: SocketAddr,
+        peer: PeerIdentity,
         channel: Channel,
         payload: Vec<u8>,
+        /// The frame's share of the receive budget: drop it once the payload is decoded.
+        permit: FramePermit,
     },
     /// Answer through `reply`; dropping it resets the peer's request.
     Request {
         from: SocketAddr,
+        peer: PeerIdentity,
         channel: Channel,
         payload: Vec<u8>,
         reply: oneshot::Sender<Vec<u8>>,
+        /// The frame's share of the receive budget: drop it once the payload is decoded.
+        permit: FramePermit,
     },
     Datagram {
         from: SocketAddr,
@@ -138,8 +173,18 @@ pub(crate) struct Inner {
     local_addr: SocketAddr,
     cluster_id: u64,
     max_frame: usize,
+    /// Mutual TLS is on: peers are identified by certificate, not address.
+    authenticated: bool,
     conns: Mutex<HashMap<SocketAddr, Slot>>,
     incoming: mpsc::Sender<Incoming>,
+    /// Node-wide budgets of frame bodies being read or waiting to be taken.
+    budgets: limits::Budgets,
+    /// Connections peers opened to us ([`limits::MAX_CONNECTIONS`]).
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Handshakes in progress ([`limits::MAX_HANDSHAKES`]).
+    handshakes: Arc<tokio::sync::Semaphore>,
+    /// Connections refused because a cap above was reached.
+    connections_refused: AtomicU64,
     frames_rejected: AtomicU64,
     handshakes_rejected: AtomicU64,
     closed: AtomicBool,
@@ -176,8 +221,13 @@ impl Transport {
             local_addr,
             cluster_id: cfg.cluster_id,
             max_frame: cfg.max_frame_bytes,
+            authenticated: cfg.tls.is_some(),
             conns: Mutex::new(HashMap::new()),
             incoming: tx,
+            budgets: limits::Budgets::new(cfg.max_frame_bytes),
+            connections: Arc::new(tokio::sync::Semaphore::new(limits::MAX_CONNECTIONS)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(limits::MAX_HANDSHAKES)),
+            connections_refused: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
             handshakes_rejected: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -196,6 +246,11 @@ impl Transport {
     /// Frames refused so far (wrong cluster, bad version, corrupt, truncated, oversized).
     pub fn frames_rejected(&self) -> u64 {
         self.inner.frames_rejected.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of large frame bodies buffered right now, node-wide (see `limits.rs`).
+    pub fn frame_bytes_buffered(&self) -> usize {
+        self.inner.budgets.large_in_use()
     }
 
     /// TLS handshakes that failed, in either direction (e.g. a certificate from another CA).
@@ -297,6 +352,17 @@ impl Transport {
         Ok(())
     }
 
+    /// Test hook: opens a uni stream and hands it over, so a test can play a peer that
+    /// never finishes its frame (memory limits, `limits.rs`).
+    #[doc(hidden)]
+    pub async fn open_raw_uni(&self, to: SocketAddr) -> Result<quinn::SendStream, NetError> {
+        let conn = self.inner.connection(to).await?;
+        conn.open_uni().await.map_err(|e| NetError::Send {
+            addr: to,
+            reason: e.to_string(),
+        })
+    }
+
     /// Closes connections politely and waits (at most 2 s) for the endpoint to go idle.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
@@ -370,8 +436,16 @@ impl Transport {
                     continue;
                 }
             }
-            return match inbound::read_frame(&mut recv, self.inner.max_frame).await {
-                Ok(bytes) => match envelope::decode(&bytes, self.inner.cluster_id) {
+            let budget = limits::connection_budget(self.inner.max_frame);
+            let read = inbound::read_frame(
+                &mut recv,
+                self.inner.max_frame,
+                &self.inner.budgets,
+                &budget,
+            )
+            .await;
+            return match read {
+                Ok((bytes, _permit)) => match envelope::decode(&bytes, self.inner.cluster_id) {
                     Ok(env) => Ok(env.payload),
                     Err(e) => {
                         self.inner.reject(to, &e.to_string());

@@ -83,6 +83,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     ack.max_ack_delay(Some(Duration::from_millis(1)));
     ack.ack_eliciting_threshold(0u32.into());
     t.ack_frequency_config(Some(ack));
+    super::limits::apply_transport_limits(&mut t);
     Arc::new(t)
 }
 
@@ -160,6 +161,11 @@ pub(crate) fn configure(files: Option<&TlsFiles>) -> Result<EndpointTls, NetErro
     let client = QuicClientConfig::try_from(client).map_err(|e| cfg_err("QUIC client", &e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
     server.transport_config(transport_config());
+    // Connection attempts not yet accepted or refused, and the early data buffered for
+    // them (quinn's defaults: 65,536 attempts, 10 MB each, 100 MB in all).
+    server.max_incoming(4 * super::limits::MAX_HANDSHAKES);
+    server.incoming_buffer_size(64 * 1024);
+    server.incoming_buffer_size_total(1024 * 1024);
     let mut client = quinn::ClientConfig::new(Arc::new(client));
     client.transport_config(transport_config());
     Ok(EndpointTls { server, client })

@@ -7,8 +7,10 @@
 //!
 //! What it knows: the alive peers and their site ids (from membership), the committed
 //! cursor per peer site (reported back by the apply side after each commit — the database
-//! is the source of truth, this is a cache), the pulls in flight, and which address holds
-//! which site id (to refuse a second node carrying a copied database).
+//! is the source of truth, this is a cache), the pulls in flight, and which peer identity
+//! each site id is bound to (`identity.rs`: refuses a second node carrying a copied
+//! database, or a peer taking over the id of a node that is down). Every range a peer
+//! sends is validated (`ranges.rs`) before anything is applied.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -18,7 +20,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+use super::identity::{check_claim, Claim};
 use super::msg::{chunk_unit, Change, Chunk, Msg, SiteId, Skipped};
+use super::ranges::{validate_chunk, validate_pull, RangeError};
 
 /// Tunables; the defaults are the node's.
 #[derive(Clone, Debug)]
@@ -35,8 +39,6 @@ pub struct SyncConfig {
     pub max_chunk_changes: usize,
     /// Largest chunk, in approximate bytes (kept under the transport's frame limit).
     pub max_chunk_bytes: usize,
-    /// A site id stays bound to the address that last used it for this long.
-    pub site_claim_ttl: Duration,
 }
 
 impl Default for SyncConfig {
@@ -48,7 +50,6 @@ impl Default for SyncConfig {
             pull_timeout: Duration::from_secs(10),
             max_chunk_changes: 5_000,
             max_chunk_bytes: 4 * 1024 * 1024,
-            site_claim_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -80,77 +81,9 @@ pub enum Effect {
     },
     /// Hand a chunk to the apply side (which buffers partial units durably).
     Apply(ApplyJob),
-}
-
-/// The cursor rule, the one place it is written down: a unit `(unit_from, unit_to]` of a
-/// peer's feed moves our cursor for that peer only if it starts at or before the cursor
-/// (otherwise there is a gap we have not seen).
-pub fn advance_cursor(cursor: i64, unit_from: i64, unit_to: i64) -> i64 {
-    if unit_from <= cursor && unit_to > cursor {
-        unit_to
-    } else {
-        cursor
-    }
-}
-
-/// Most out-of-order ranges remembered per peer; beyond that the oldest are forgotten
-/// (harmless: the cursor just moves later and a pull re-fetches).
-pub const MAX_RANGES: usize = 64;
-
-/// [`advance_cursor`] for units that arrive out of order: a unit past a gap is remembered
-/// in `ranges` and the cursor jumps over it once the gap is filled. Returns the cursor.
-pub fn advance_with_ranges(
-    cursor: i64,
-    ranges: &mut Vec<(i64, i64)>,
-    unit_from: i64,
-    unit_to: i64,
-) -> i64 {
-    let mut cur = advance_cursor(cursor, unit_from, unit_to);
-    if cur == cursor && unit_from > cursor && unit_to > unit_from {
-        ranges.push((unit_from, unit_to));
-    }
-    loop {
-        let before = cur;
-        ranges.retain(|&(f, t)| {
-            if f <= cur {
-                cur = cur.max(t);
-                false
-            } else {
-                true
-            }
-        });
-        if cur == before {
-            break;
-        }
-    }
-    ranges.sort_unstable();
-    if ranges.len() > MAX_RANGES {
-        let drop = ranges.len() - MAX_RANGES;
-        ranges.drain(..drop);
-    }
-    cur
-}
-
-/// Whether a unit whose sender left out `skipped` may move the cursor: only if, for each
-/// origin left out, our cursor for that origin covers the highest version left out.
-/// (Any read of the origin's feed covering version `v` held that change or a newer one
-/// for the same cell, so we hold it or newer.)
-pub fn skipped_covered(skipped: &[Skipped], cursor_of: impl Fn(&SiteId) -> i64) -> bool {
-    skipped.iter().all(|s| cursor_of(&s.site) >= s.upto)
-}
-
-/// Merges the `skipped` lists of a unit's chunks: the highest version per origin.
-pub fn merge_skipped<'a>(
-    lists: impl IntoIterator<Item = &'a Option<Vec<Skipped>>>,
-) -> Vec<Skipped> {
-    let mut out: Vec<Skipped> = Vec::new();
-    for s in lists.into_iter().flatten().flatten() {
-        match out.iter_mut().find(|o| o.site == s.site) {
-            Some(o) => o.upto = o.upto.max(s.upto),
-            None => out.push(s.clone()),
-        }
-    }
-    out
+    /// Store, once and for good, that `site` is bound to the peer `identity`
+    /// (`patina_site_bindings`; `INSERT OR IGNORE`). Already in force in memory.
+    Bind { site: SiteId, identity: String },
 }
 
 #[derive(Clone, Debug)]
@@ -166,12 +99,6 @@ struct PullState {
     site: SiteId,
     phase: Phase,
     deadline: Duration,
-}
-
-#[derive(Clone, Debug)]
-struct Claim {
-    addr: SocketAddr,
-    last_seen: Duration,
 }
 
 /// Counters the caller may export.
@@ -191,7 +118,10 @@ pub struct Sync {
     peers: BTreeMap<SocketAddr, SiteId>,
     cursors: HashMap<SiteId, i64>,
     pulls: HashMap<SocketAddr, PullState>,
-    claims: HashMap<SiteId, Claim>,
+    /// Site id → the peer identity it is bound to (loaded from the database at start).
+    bindings: HashMap<SiteId, String>,
+    /// Address → the identity last seen on a message from it.
+    seen: HashMap<SocketAddr, String>,
     last_warned: HashMap<SocketAddr, Duration>,
     next_pull: Duration,
     effects: VecDeque<Effect>,
@@ -215,12 +145,23 @@ impl Sync {
             peers: BTreeMap::new(),
             cursors,
             pulls: HashMap::new(),
-            claims: HashMap::new(),
+            bindings: HashMap::new(),
+            seen: HashMap::new(),
             last_warned: HashMap::new(),
             next_pull: now + first,
             effects: VecDeque::new(),
             stats: SyncStats::default(),
         }
+    }
+
+    /// Loads the durable site bindings (`patina_site_bindings`) at start.
+    pub fn set_bindings(&mut self, bindings: HashMap<SiteId, String>) {
+        self.bindings = bindings;
+    }
+
+    /// The identity `site` is bound to, if any.
+    pub fn binding(&self, site: &SiteId) -> Option<&str> {
+        self.bindings.get(site).map(String::as_str)
     }
 
     /// This node's site id.
@@ -266,24 +207,14 @@ impl Sync {
                 self.refuse_own_site(addr, now);
                 continue;
             }
-            // An alive member keeps its claim on its site id fresh; a second member with
-            // the same id cannot take it over while the first is alive.
-            match self.claims.get_mut(&site) {
-                Some(c) if c.addr == addr => c.last_seen = now,
-                Some(c) if now.saturating_sub(c.last_seen) < self.config.site_claim_ttl => {}
-                _ => {
-                    self.claims.insert(
-                        site,
-                        Claim {
-                            addr,
-                            last_seen: now,
-                        },
-                    );
-                }
-            }
             next.insert(addr, site);
         }
         self.pulls.retain(|addr, _| next.contains_key(addr));
+        // Per-address state is kept for members only, so addresses that came and went
+        // (or a peer cycling source ports) do not accumulate.
+        self.seen.retain(|addr, _| next.contains_key(addr));
+        self.last_warned
+            .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(10));
         self.peers = next;
     }
 
@@ -425,35 +356,71 @@ impl Sync {
         }
     }
 
-    /// A message from peer `from`.
-    pub fn handle_message(&mut self, from: SocketAddr, msg: Msg, now: Duration) {
+    /// A message from peer `from`, which presented `identity` (its certificate's
+    /// fingerprint, or its address when the transport is unauthenticated).
+    pub fn handle_message(&mut self, from: SocketAddr, identity: &str, msg: Msg, now: Duration) {
         let site = *msg.site();
         if site == self.site {
             self.refuse_own_site(from, now);
             return;
         }
-        if let Some(holder) = self.claim_conflict(from, &site, now) {
-            self.stats.refused += 1;
-            if self.should_warn(from, now) {
-                tracing::error!(
+        match check_claim(&self.bindings, &site, identity) {
+            Claim::Held => {}
+            Claim::New => {
+                tracing::info!(
                     peer = %from,
                     site_id = %hex::encode(site),
-                    holder = %holder,
-                    "refusing peer {from}: it claims site id {} which {holder} already holds; \
-                     two nodes share one database identity (a copied database file? \
-                     give one of them a fresh id with `patina restore`)",
+                    "site id {} is now bound to {identity} (peer {from})",
                     hex::encode(site)
                 );
+                self.bindings.insert(site, identity.to_string());
+                self.effects.push_back(Effect::Bind {
+                    site,
+                    identity: identity.to_string(),
+                });
             }
+            Claim::TooMany => {
+                self.stats.refused += 1;
+                if self.should_warn(from, now) {
+                    tracing::error!(
+                        peer = %from,
+                        site_id = %hex::encode(site),
+                        "refusing peer {from} ({identity}): it claims a new site id {} but \
+                         already holds {} site ids",
+                        hex::encode(site),
+                        super::identity::MAX_SITES_PER_IDENTITY
+                    );
+                }
+                return;
+            }
+            Claim::Conflict { holder } => {
+                self.stats.refused += 1;
+                if self.should_warn(from, now) {
+                    tracing::error!(
+                        peer = %from,
+                        site_id = %hex::encode(site),
+                        holder = %holder,
+                        "refusing peer {from} ({identity}): it claims site id {} which is bound \
+                         to {holder}; two nodes share one database identity (a copied \
+                         database file, or a peer taking over a node that is down? give one \
+                         of them a fresh id with `patina restore`)",
+                        hex::encode(site)
+                    );
+                }
+                return;
+            }
+        }
+        self.seen.insert(from, identity.to_string());
+        if let Err(e) = validate_msg(&msg) {
+            self.stats.refused += 1;
+            tracing::warn!(
+                peer = %from,
+                site_id = %hex::encode(site),
+                "refusing a sync message from peer {from} ({identity}): {e}; nothing of it \
+                 is applied and no cursor moves"
+            );
             return;
         }
-        self.claims.insert(
-            site,
-            Claim {
-                addr: from,
-                last_seen: now,
-            },
-        );
         match msg {
             Msg::Push { chunk, .. } => {
                 self.effects.push_back(Effect::Apply(ApplyJob {
@@ -525,16 +492,12 @@ impl Sync {
             .collect()
     }
 
+    /// False when `addr` was last seen presenting an identity other than the one `site`
+    /// is bound to: no pulls from or pushes to a member impersonating a site.
     fn holds_claim(&self, addr: &SocketAddr, site: &SiteId) -> bool {
-        !matches!(self.claims.get(site), Some(c) if c.addr != *addr)
-    }
-
-    fn claim_conflict(&self, from: SocketAddr, site: &SiteId, now: Duration) -> Option<SocketAddr> {
-        let c = self.claims.get(site)?;
-        if c.addr != from && now.saturating_sub(c.last_seen) < self.config.site_claim_ttl {
-            Some(c.addr)
-        } else {
-            None
+        match (self.bindings.get(site), self.seen.get(addr)) {
+            (Some(bound), Some(seen)) => bound == seen,
+            _ => true,
         }
     }
 
@@ -564,6 +527,15 @@ impl Sync {
     }
 }
 
+/// The ranges a message carries, checked by the rule of `ranges.rs`.
+fn validate_msg(msg: &Msg) -> Result<(), RangeError> {
+    match msg {
+        Msg::Push { chunk, .. } | Msg::Changes { chunk, .. } => validate_chunk(chunk),
+        Msg::Pull { after, unit, .. } => validate_pull(*after, *unit),
+        Msg::Notify { .. } => Ok(()),
+    }
+}
+
 fn jittered(rng: &mut StdRng, config: &SyncConfig) -> Duration {
     let base = config.pull_interval.as_millis() as i64;
     let j = config.pull_jitter.as_millis() as i64;
@@ -580,6 +552,10 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], p))
     }
 
+    fn ident(p: u16) -> String {
+        format!("address {}", addr(p))
+    }
+
     fn machine(site: u8) -> Sync {
         Sync::new(
             [site; 16],
@@ -590,28 +566,11 @@ mod tests {
         )
     }
 
+    /// Effects other than `Bind` (tested on their own).
     fn drain(s: &mut Sync) -> Vec<Effect> {
-        std::iter::from_fn(|| s.poll_effect()).collect()
-    }
-
-    #[test]
-    fn cursor_advances_only_without_a_gap() {
-        assert_eq!(advance_cursor(10, 10, 20), 20);
-        assert_eq!(advance_cursor(10, 5, 20), 20);
-        assert_eq!(advance_cursor(10, 11, 20), 10);
-        assert_eq!(advance_cursor(30, 10, 20), 30);
-    }
-
-    #[test]
-    fn out_of_order_units_move_the_cursor_once_the_gap_fills() {
-        let mut r = Vec::new();
-        assert_eq!(advance_with_ranges(10, &mut r, 20, 30), 10);
-        assert_eq!(advance_with_ranges(10, &mut r, 30, 40), 10);
-        assert_eq!(r, vec![(20, 30), (30, 40)]);
-        assert_eq!(advance_with_ranges(10, &mut r, 10, 20), 40);
-        assert!(r.is_empty());
-        assert_eq!(advance_with_ranges(40, &mut r, 5, 35), 40);
-        assert!(r.is_empty());
+        std::iter::from_fn(|| s.poll_effect())
+            .filter(|e| !matches!(e, Effect::Bind { .. }))
+            .collect()
     }
 
     #[test]
@@ -622,9 +581,9 @@ mod tests {
             site: [2; 16],
             upto,
         };
-        s.handle_message(addr(2), notify(0), Duration::ZERO);
+        s.handle_message(addr(2), &ident(2), notify(0), Duration::ZERO);
         assert!(drain(&mut s).is_empty(), "nothing new: no pull");
-        s.handle_message(addr(2), notify(9000), Duration::ZERO);
+        s.handle_message(addr(2), &ident(2), notify(9000), Duration::ZERO);
         let eff = drain(&mut s);
         assert!(matches!(
             &eff[..],
@@ -633,7 +592,7 @@ mod tests {
                 ..
             }]
         ));
-        s.handle_message(addr(2), notify(9500), Duration::ZERO);
+        s.handle_message(addr(2), &ident(2), notify(9500), Duration::ZERO);
         assert!(drain(&mut s).is_empty(), "one pull in flight per peer");
     }
 
@@ -642,6 +601,7 @@ mod tests {
         let mut s = machine(1);
         s.handle_message(
             addr(2),
+            &ident(2),
             Msg::Pull {
                 site: [1; 16],
                 after: 0,
@@ -670,9 +630,9 @@ mod tests {
             unit: None,
             known: None,
         };
-        s.handle_message(addr(2), pull([2; 16]), Duration::from_secs(1));
+        s.handle_message(addr(2), &ident(2), pull([2; 16]), Duration::from_secs(1));
         assert_eq!(drain(&mut s).len(), 1);
-        s.handle_message(addr(3), pull([2; 16]), Duration::from_secs(1));
+        s.handle_message(addr(3), &ident(3), pull([2; 16]), Duration::from_secs(1));
         assert!(drain(&mut s).is_empty());
         assert_eq!(s.stats().refused, 1);
     }
@@ -704,6 +664,7 @@ mod tests {
         };
         s.handle_message(
             addr(2),
+            &ident(2),
             Msg::Changes {
                 site: [2; 16],
                 chunk: chunk(0, 4),
@@ -724,6 +685,7 @@ mod tests {
         ));
         s.handle_message(
             addr(2),
+            &ident(2),
             Msg::Changes {
                 site: [2; 16],
                 chunk: chunk(4, 9),

@@ -21,15 +21,19 @@
 //! # Layout
 //! - `msg`     — the CBOR payload: `Push`, `Pull`, `Changes`, chunks of a unit.
 //! - `machine` — [`Sync`]: messages, local units, apply confirmations and time in; effects out.
+//! - `ranges`  — the cursor rule and the one rule every range from a peer must meet, pure.
+//! - `identity` — which peer identity may speak for a site id (bound once, durably).
 //! - `sim`     — (tests) a deterministic simulation of many nodes with drops and partitions.
 
+mod identity;
 pub mod machine;
 pub mod msg;
+mod ranges;
 #[cfg(test)]
 mod sim;
 
-pub use machine::{
-    advance_cursor, advance_with_ranges, merge_skipped, skipped_covered, ApplyJob, Effect, Sync,
-    SyncConfig, SyncStats,
-};
+pub use identity::{check_claim, Claim};
+pub use machine::{ApplyJob, Effect, Sync, SyncConfig, SyncStats};
 pub use msg::{chunk_unit, known_covers, Change, Chunk, Msg, SiteId, Skipped, Value};
+pub use ranges::{advance_cursor, advance_with_ranges, merge_skipped, skipped_covered, MAX_RANGES};
+pub use ranges::{validate_chunk, validate_pull, RangeError};

@@ -11,6 +11,10 @@ use minicbor::{Decode, Encode};
 pub type SiteId = [u8; 16];
 
 /// One SQLite value as `crsql_changes.val` holds it.
+///
+/// TEXT travels as its exact bytes (a CBOR byte string), not as a CBOR text string:
+/// SQLite does not guarantee TEXT is UTF-8 (`CAST(X'FF00FE' AS TEXT)` by any app), and
+/// such a value must replicate byte-exact rather than stop the feed (issue 7, item 1).
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
 pub enum Value {
     #[n(0)]
@@ -20,7 +24,7 @@ pub enum Value {
     #[n(2)]
     Real(#[n(0)] f64),
     #[n(3)]
-    Text(#[n(0)] String),
+    Text(#[cbor(n(0), with = "minicbor::bytes")] Vec<u8>),
     #[n(4)]
     Blob(#[cbor(n(0), with = "minicbor::bytes")] Vec<u8>),
 }
@@ -249,7 +253,7 @@ mod tests {
             table: "t".into(),
             pk: vec![1, 9, v as u8],
             cid: "a".into(),
-            val: Value::Text(format!("v{v}")),
+            val: Value::Text(format!("v{v}").into_bytes()),
             col_version: 1,
             db_version: v,
             site_id: vec![7; 16],
@@ -300,7 +304,8 @@ mod tests {
             Value::Null,
             Value::Integer(i64::MIN),
             Value::Real(1.5),
-            Value::Text("x".into()),
+            Value::Text(b"x".to_vec()),
+            Value::Text(vec![0xff, 0x00, 0xfe]),
             Value::Blob(vec![0, 255]),
         ];
         for v in vals {

@@ -15,10 +15,9 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::machine::{
-    advance_with_ranges, merge_skipped, skipped_covered, ApplyJob, Effect, Sync, SyncConfig,
-};
+use super::machine::{ApplyJob, Effect, Sync, SyncConfig};
 use super::msg::{known_covers, Change, Chunk, Msg, SiteId, Value};
+use super::ranges::{advance_with_ranges, merge_skipped, skipped_covered};
 
 /// One key's state: (col_version, value, site) ordered lexicographically; plus its local version.
 #[derive(Clone, Debug, PartialEq)]
@@ -289,7 +288,11 @@ impl Sim {
                             Msg::Pull { .. } | Msg::Notify { .. } => {}
                         }
                         let now = self.now;
-                        self.nodes[to].sync.handle_message(from, msg, now);
+                        // The simulated transport is unauthenticated: identity is the address.
+                        let identity = format!("address {from}");
+                        self.nodes[to]
+                            .sync
+                            .handle_message(from, &identity, msg, now);
                         self.drain(to);
                     }
                 }
@@ -355,6 +358,8 @@ impl Sim {
                     self.send(i, to, msg);
                 }
                 Effect::Apply(job) => self.apply(i, job),
+                // The binding is already in force in the machine; nothing to store here.
+                Effect::Bind { .. } => {}
             }
         }
     }
