@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use crate::changes_batch::{BatchStmts, Queued, QUEUE_LIMIT};
 use crate::error::{Error, Result};
-use crate::merge::{self, ColumnClock, ColumnStep, RowStep};
+use crate::merge::{self, ColumnClock, Plan};
 use crate::pk;
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
@@ -151,12 +151,6 @@ impl Merger {
                 ch.site_id.len()
             )));
         }
-        if ch.cl < 1 {
-            return Err(Error::Change(format!(
-                "cl must be a positive integer, got {}",
-                ch.cl
-            )));
-        }
         let keys = pk::unpack(&ch.pk)?;
         let site_ord = self.sites.ordinal(conn, &ch.site_id)?;
         let origin = ch.origin_version.unwrap_or(ch.db_version);
@@ -192,11 +186,13 @@ impl Merger {
                 ch.cid, ch.table, ch.cl
             )));
         }
-        if col.is_some() && ch.col_version < 1 {
-            return Err(Error::Change(format!(
-                "col_version must be a positive integer, got {}",
-                ch.col_version
-            )));
+        if let Err((field, value)) = merge::check_clocks(ch.cl, col.map(|_| ch.col_version)) {
+            return Err(Error::Clock {
+                table: ch.table,
+                cid: ch.cid,
+                field,
+                value,
+            });
         }
 
         // Local state.
@@ -255,60 +251,39 @@ impl Merger {
             }
         };
 
-        let step = merge::row_step(local.cl, ch.cl);
-        let mut plan = Plan::default();
-        match (step, col) {
-            (RowStep::Stale, _) => return Ok(0),
-            (RowStep::Delete, _) => {
-                plan.base = BaseWrite::Delete;
-                plan.life = Some(Some((site_ord, origin)));
-            }
-            (RowStep::NewLife, _) => {
-                plan.base = BaseWrite::Replace;
-                // The row's own clock is credited only by the change that set it; a column
-                // change that reveals a new life leaves the credit open until it arrives.
-                plan.life = Some(if col.is_none() {
-                    Some((site_ord, origin))
-                } else {
-                    None
-                });
-                plan.column_clock = col.is_some();
-            }
-            (RowStep::SameLife, None) => {
-                let local_site = local.sentinel_site.and_then(|o| self.site_bytes(conn, o));
-                if !merge::sentinel_credits(local_site.as_deref(), &ch.site_id) {
-                    return Ok(0);
-                }
-                plan.sentinel = true;
-            }
-            (RowStep::SameLife, Some(_)) => {
-                if ch.cl % 2 == 0 {
-                    return Ok(0);
-                }
-                let local_site = local.col_site.and_then(|o| self.site_bytes(conn, o));
-                let l = ColumnClock {
+        let plan = {
+            let row_site = match (col, local.sentinel_site) {
+                (None, Some(o)) => self.site_bytes(conn, o),
+                _ => None,
+            };
+            let col_site = local.col_site.and_then(|o| self.site_bytes(conn, o));
+            let local_row = merge::LocalRow {
+                cl: local.cl,
+                row_site: row_site.as_deref(),
+                column: ColumnClock {
                     col_version: local.col_version,
                     value: &local.value,
-                    site: local_site.as_deref(),
-                };
-                let i = ColumnClock {
+                    site: col_site.as_deref(),
+                },
+            };
+            let incoming = merge::IncomingChange {
+                cl: ch.cl,
+                site: &ch.site_id,
+                column: col.map(|_| ColumnClock {
                     col_version: ch.col_version,
                     value: &ch.val,
                     site: Some(&ch.site_id),
-                };
-                plan.column_clock = true;
-                match merge::column_step(&l, &i) {
-                    ColumnStep::Keep => return Ok(0),
-                    ColumnStep::Take => plan.base = BaseWrite::Update,
-                    ColumnStep::TakeEqualValue if equal_values => plan.base = BaseWrite::Update,
-                    ColumnStep::TakeEqualValue => {}
-                }
-            }
+                }),
+            };
+            merge::plan(&local_row, &incoming, equal_values)
+        };
+        if plan == Plan::Skip {
+            return Ok(0);
         }
 
         // Write: one new local change number for this change.
         let new_dbv = db_version + 1;
-        let touches_base = plan.base != BaseWrite::None;
+        let touches_base = plan.impacts(true);
         let set_flag = touches_base && !merging;
         {
             let s = stmt(&mut self.state_write, conn, || {
@@ -322,7 +297,7 @@ impl Merger {
         // SQLite cannot open a savepoint while the INSERT runs, so atomicity comes from the
         // order: each change makes at most one base-table statement (atomic by itself),
         // before any clock write; if it fails, the counter and flag are put back.
-        if let Err(e) = self.write_base(conn, &ch, &keys, col, &plan) {
+        if let Err(e) = self.write_base(conn, &ch, &keys, col, plan) {
             let s = stmt(&mut self.state_write, conn, String::new)?;
             s.execute(&[
                 Value::Integer(db_version),
@@ -331,8 +306,8 @@ impl Merger {
             return Err(e);
         }
         // A delete of a row this replica never had changes no base row.
-        let base_changed = plan.base != BaseWrite::Delete || conn.changes() > 0;
-        let result = self.write_clock(conn, &ch, &keys, col, &plan, site_ord, origin, new_dbv);
+        let base_changed = plan != Plan::Delete || conn.changes() > 0;
+        let result = self.write_clock(conn, &ch, &keys, col, plan, site_ord, origin, new_dbv);
         if set_flag {
             let s = stmt(&mut self.flag_clear, conn, || {
                 "UPDATE patina_state SET merging = 0 WHERE id = 0".into()
@@ -346,7 +321,7 @@ impl Merger {
             equal_values,
         });
         result?;
-        Ok(i64::from(touches_base && base_changed))
+        Ok(i64::from(plan.impacts(base_changed)))
     }
 
     /// `(db_version, merging, merge_equal_values)`, from the cache while nothing else wrote.
@@ -403,14 +378,15 @@ impl Merger {
         ch: &Incoming,
         keys: &[Value],
         col: Option<usize>,
-        plan: &Plan,
+        plan: Plan,
     ) -> Result<()> {
         let (info, st) = self.table(conn, &ch.table)?;
         let npk = keys.len();
         let mut params = keys.to_vec();
-        match (plan.base, col) {
-            (BaseWrite::None, _) => Ok(()),
-            (BaseWrite::Delete, _) => {
+        match (plan, col) {
+            (Plan::Skip | Plan::CreditRow | Plan::SetColumn { write_base: false }, _)
+            | (Plan::SetColumn { .. }, None) => Ok(()),
+            (Plan::Delete, _) => {
                 let s = stmt(&mut st.delete_base, conn, || {
                     format!(
                         "DELETE FROM {} WHERE {}",
@@ -420,7 +396,7 @@ impl Merger {
                 })?;
                 s.execute(keys)
             }
-            (BaseWrite::Replace, None) => {
+            (Plan::NewLife, None) => {
                 let s = stmt(&mut st.insert_base, conn, || {
                     let params: Vec<String> = (1..=npk).map(|i| format!("?{i}")).collect();
                     format!(
@@ -432,7 +408,7 @@ impl Merger {
                 })?;
                 s.execute(keys)
             }
-            (BaseWrite::Replace, Some(i)) => {
+            (Plan::NewLife, Some(i)) => {
                 let s = keyed(&mut st.replace_with_column, i, conn, || {
                     let params: Vec<String> = (1..=npk + 1).map(|i| format!("?{i}")).collect();
                     format!(
@@ -446,7 +422,7 @@ impl Merger {
                 params.push(ch.val.clone());
                 s.execute(&params)
             }
-            (BaseWrite::Update, Some(i)) => {
+            (Plan::SetColumn { write_base: true }, Some(i)) => {
                 let s = keyed(&mut st.update_base, i, conn, || {
                     format!(
                         "UPDATE {} SET {} = ?{} WHERE {}",
@@ -459,7 +435,6 @@ impl Merger {
                 params.push(ch.val.clone());
                 s.execute(&params)
             }
-            (BaseWrite::Update, None) => Ok(()),
         }
     }
 
@@ -470,14 +445,21 @@ impl Merger {
         ch: &Incoming,
         keys: &[Value],
         col: Option<usize>,
-        plan: &Plan,
+        plan: Plan,
         site: i64,
         origin: i64,
         dbv: i64,
     ) -> Result<()> {
         let (info, st) = self.table(conn, &ch.table)?;
         let npk = keys.len();
-        if let Some(life) = plan.life {
+        // A new life or delete sets `cl` and restarts the columns; the row's own clock is
+        // credited only by the change that set it (see `merge::Plan::NewLife`).
+        let life = match (plan, col) {
+            (Plan::Delete, _) | (Plan::NewLife, None) => Some(Some((site, origin))),
+            (Plan::NewLife, Some(_)) => Some(None),
+            _ => None,
+        };
+        if let Some(life) = life {
             let s = stmt(&mut st.new_life, conn, || new_life_sql(info))?;
             let (s_site, s_ov, s_dbv) = match life {
                 Some((site, ov)) => (
@@ -497,7 +479,7 @@ impl Merger {
             ]);
             s.execute(&params)?;
         }
-        if plan.sentinel {
+        if plan == Plan::CreditRow {
             let s = stmt(&mut st.set_sentinel, conn, || {
                 format!(
                     "UPDATE {} SET {S_DBV} = ?{a}, {DBV} = ?{a}, {S_SITE} = ?{b}, {S_OV} = ?{c} WHERE {w}",
@@ -516,7 +498,7 @@ impl Merger {
             ]);
             s.execute(&params)?;
         }
-        if let (Some(i), true) = (col, plan.column_clock) {
+        if let (Some(i), Plan::NewLife | Plan::SetColumn { .. }) = (col, plan) {
             let s = keyed(&mut st.set_column, i, conn, || {
                 let [v, d, si, ov] = col_clock(&info.columns[i].name).map(|x| quote(&x));
                 format!(
@@ -569,31 +551,6 @@ struct CachedState {
     db_version: i64,
     merging: bool,
     equal_values: bool,
-}
-
-/// The base-table statement of a change.
-#[derive(Clone, Copy, Default, PartialEq, Eq)]
-enum BaseWrite {
-    #[default]
-    None,
-    Delete,
-    /// A new life: the row restarts from its defaults (plus the incoming column, if any).
-    Replace,
-    /// The column's new value.
-    Update,
-}
-
-/// What one change writes.
-#[derive(Default)]
-struct Plan {
-    base: BaseWrite,
-    /// Set the row's life: `Some(Some((site, origin)))` credits it, `Some(None)` leaves
-    /// the credit open; column clocks restart either way.
-    life: Option<Option<(i64, i64)>>,
-    /// Credit the row's own clock to the incoming site (same life).
-    sentinel: bool,
-    /// Write the column's clock.
-    column_clock: bool,
 }
 
 /// The local clock of a key (no row when unknown) and, for a column, its clock and the

@@ -4,6 +4,7 @@
 //! Every entry point runs in a savepoint: on error nothing it did remains.
 
 use crate::error::{Error, Result};
+use crate::merge::MAX_CLOCK;
 use crate::schema::{self, clock_table, inspect, literal, quote, TableInfo, MARK};
 use crate::sqlite::{Conn, Value};
 use crate::state;
@@ -195,12 +196,13 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
             added * per_row
         ))?;
     }
-    // Rows the clock thinks alive but the table no longer has: record their delete.
+    // Rows the clock thinks alive but the table no longer has: record their delete (a row
+    // at the causal length limit stays as it is, as its delete trigger would refuse).
     conn.exec(&format!(
         "UPDATE {clock} SET {CL} = {CL} + 1, {DBV} = s.db_version + d.r, {S_DBV} = s.db_version + d.r, \
          {S_SITE} = {site}, {S_OV} = NULL \
          FROM (SELECT {kpk}, row_number() OVER (ORDER BY {kpk}) AS r FROM {clock} AS k \
-               WHERE k.{CL} % 2 = 1 AND NOT EXISTS (SELECT 1 FROM {table} AS b WHERE {m})) AS d, patina_state AS s \
+               WHERE k.{CL} % 2 = 1 AND k.{CL} < {MAX_CLOCK} AND NOT EXISTS (SELECT 1 FROM {table} AS b WHERE {m})) AS d, patina_state AS s \
          WHERE s.id = 0 AND {dm}",
         kpk = triggers::pk_list(info, "k."),
         m = key_match("b", "k"),

@@ -193,6 +193,11 @@ fn trigger_statements_never_scan() {
                 for col in ["id", "k1", "k2", "a", "b"] {
                     sql = sql.replace(&format!("NEW.\"{col}\""), "?").replace(&format!("OLD.\"{col}\""), "?");
                 }
+                // RAISE() prepares only inside a trigger; a NULL plans the same.
+                while let Some(at) = sql.find("RAISE(ABORT, '") {
+                    let end = at + sql[at..].find("')").unwrap() + 2;
+                    sql.replace_range(at..end, "NULL");
+                }
                 let mut plan = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap_or_else(|e| panic!("{sql}: {e}"));
                 let mut rows = plan.raw_query(); // parameters stay unbound: the plan is the same
                 let mut details: Vec<String> = Vec::new();
