@@ -159,23 +159,29 @@ fn migrate_clock(conn: Conn, info: &TableInfo) -> Result<()> {
 fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
     let site = state::local_site(conn)?;
     let n = info.columns.len() as i64;
-    let per_row = n + 1;
+    // As the insert trigger numbers a first life: the columns carry the row; only a
+    // key-only table records the row's own clock.
+    let per_row = n.max(1);
     let clock = quote(&clock_table(&info.name));
     let table = quote(&info.name);
     let key_match = |a: &str, b: &str| triggers::pk_match(info, a, b);
     let names = triggers::clock_columns(info);
+    let own = if n == 0 {
+        ["s.db_version + b.r".to_string(), site.to_string()]
+    } else {
+        ["NULL".to_string(), "NULL".to_string()]
+    };
     let mut values = vec![
         triggers::pk_list(info, "b."),
         "1".into(),
         format!("s.db_version + b.r * {per_row}"),
-        format!("s.db_version + (b.r - 1) * {per_row} + 1"),
-        site.to_string(),
-        "NULL".into(),
     ];
+    values.extend(own);
+    values.push("NULL".into());
     for i in 0..info.columns.len() {
         values.extend([
             "1".into(),
-            format!("s.db_version + (b.r - 1) * {per_row} + {}", i + 2),
+            format!("s.db_version + (b.r - 1) * {per_row} + {}", i + 1),
             site.to_string(),
             "NULL".into(),
         ]);
@@ -212,6 +218,29 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
     if deleted > 0 {
         conn.exec(&format!(
             "UPDATE patina_state SET db_version = db_version + {deleted} WHERE id = 0"
+        ))?;
+    }
+    // Living rows that nothing in the feed carries any more: no column clock in this life
+    // and the row's own clock open (a `DROP COLUMN` took the columns that carried them).
+    // They get their own clock now, or a fresh replica would never learn of them.
+    let no_column: String = info
+        .columns
+        .iter()
+        .map(|c| format!(" AND k.{} = 0", quote(&triggers::col_clock(&c.name)[0])))
+        .collect();
+    conn.exec(&format!(
+        "UPDATE {clock} SET {DBV} = s.db_version + d.r, {S_DBV} = s.db_version + d.r, \
+         {S_SITE} = {site}, {S_OV} = NULL \
+         FROM (SELECT {kpk}, row_number() OVER (ORDER BY {kpk}) AS r FROM {clock} AS k \
+               WHERE k.{CL} % 2 = 1 AND k.{S_SITE} IS NULL{no_column}) AS d, patina_state AS s \
+         WHERE s.id = 0 AND {dm}",
+        kpk = triggers::pk_list(info, "k."),
+        dm = key_match(&clock, "d"),
+    ))?;
+    let carried = conn.query_i64("SELECT changes()")?.unwrap_or(0);
+    if carried > 0 {
+        conn.exec(&format!(
+            "UPDATE patina_state SET db_version = db_version + {carried} WHERE id = 0"
         ))?;
     }
     Ok(())

@@ -30,22 +30,28 @@ fn numbers_are_gap_free_consecutive_and_per_change() {
         "BEGIN; INSERT INTO t VALUES (1, 'a', 'b'); UPDATE t SET a = 'c' WHERE id = 1; COMMIT;",
     )
     .unwrap();
-    // insert: row clock 1, a 2, b 3; update of a: 4 (a's old change 2 is superseded).
+    // insert: a 1, b 2 (a first life has no row-clock change); update of a: 3 (a's old
+    // change 1 is superseded).
     let v: Vec<i64> = changes_after(&c, 0).iter().map(|r| r.5).collect();
-    assert_eq!(v, vec![1, 3, 4]);
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 4);
+    assert_eq!(v, vec![2, 3]);
+    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 3);
     // A rolled-back transaction gives its numbers back.
     c.execute_batch("BEGIN; INSERT INTO t VALUES (2, 1, 1); ROLLBACK;")
         .unwrap();
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 4);
+    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 3);
     // An update that changes nothing records nothing.
     c.execute_batch("UPDATE t SET a = 'c' WHERE id = 1")
         .unwrap();
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 4);
+    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 3);
     // 1 -> 1.0 is a change (storage class differs).
     c.execute_batch("UPDATE t SET b = 1 WHERE id = 1; UPDATE t SET b = 1.0 WHERE id = 1;")
         .unwrap();
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 6);
+    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 5);
+    // A resurrection records the row's own clock too: delete 6, re-insert 7 (row), 8, 9.
+    c.execute_batch("DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (1, 'r', 'r');")
+        .unwrap();
+    let v: Vec<i64> = changes_after(&c, 5).iter().map(|r| r.5).collect();
+    assert_eq!(v, vec![7, 8, 9]);
 }
 
 #[test]
@@ -55,7 +61,7 @@ fn delete_and_resurrect_walk_causal_length() {
         .unwrap();
     assert_eq!(
         row_clock(&c, 1),
-        vec![("-1".into(), 1, 1), ("a".into(), 2, 1), ("b".into(), 1, 1)]
+        vec![("a".into(), 2, 1), ("b".into(), 1, 1)]
     );
     c.execute_batch("DELETE FROM t WHERE id = 1").unwrap();
     assert_eq!(row_clock(&c, 1), vec![("-1".into(), 2, 2)]);
@@ -99,7 +105,7 @@ fn upsert_multi_row_and_key_updates() {
     .unwrap();
     assert_eq!(
         row_clock(&c, 1),
-        vec![("-1".into(), 1, 1), ("a".into(), 2, 1), ("b".into(), 1, 1)]
+        vec![("a".into(), 2, 1), ("b".into(), 1, 1)]
     );
     assert_eq!(row_clock(&c, 3), vec![("-1".into(), 2, 2)]);
     assert_eq!(
@@ -109,7 +115,7 @@ fn upsert_multi_row_and_key_updates() {
     );
     assert_eq!(
         row_clock(&c, 10),
-        vec![("-1".into(), 1, 1), ("a".into(), 1, 1), ("b".into(), 1, 1)],
+        vec![("a".into(), 1, 1), ("b".into(), 1, 1)],
         "new key inserted"
     );
 }
@@ -157,7 +163,7 @@ fn writes_from_a_connection_that_loaded_nothing_are_captured() {
     app.execute_batch("INSERT INTO t VALUES (1, 'a', 'b'); UPDATE t SET a = 'c'; INSERT INTO t VALUES (2, 1, 2); DELETE FROM t WHERE id = 2;").unwrap();
     assert_eq!(
         row_clock(&c, 1),
-        vec![("-1".into(), 1, 1), ("a".into(), 2, 1), ("b".into(), 1, 1)]
+        vec![("a".into(), 2, 1), ("b".into(), 1, 1)]
     );
     assert_eq!(row_clock(&c, 2), vec![("-1".into(), 2, 2)]);
     let site: Vec<u8> = one(&c, "SELECT crsql_site_id()");
