@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use crate::changes_write::{key_where, stmt, Merger};
+use crate::merger::{key_where, stmt, Merger, Queued};
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, Plan};
 use crate::schema::{clock_table, quote, TableInfo};
@@ -23,34 +23,6 @@ use crate::sqlite::{Conn, Stmt, Value};
 use crate::triggers::{
     clock_columns, col_clock, pk_list, pk_match, pk_params, CL, S_DBV, S_OV, S_SITE,
 };
-
-/// Changes queued before the queue is applied on its own.
-pub const QUEUE_LIMIT: usize = 4096;
-
-/// A validated change waiting in the queue.
-pub struct Queued {
-    pub table: String,
-    pub pk: Vec<u8>,
-    pub keys: Vec<Value>,
-    /// None: the row's own clock (cid '-1').
-    pub col: Option<usize>,
-    pub val: Value,
-    pub col_version: i64,
-    pub cl: i64,
-    pub site: Vec<u8>,
-    pub site_ord: i64,
-    pub origin: i64,
-}
-
-/// The statements of the grouped path for one table.
-#[derive(Default)]
-pub struct BatchStmts {
-    read: Option<Stmt>,
-    upsert_clock: Option<Stmt>,
-    delete: Option<Stmt>,
-    /// By (replace?, columns written).
-    writes: HashMap<(bool, Vec<bool>), Stmt>,
-}
 
 #[derive(Clone, Debug)]
 struct Col {

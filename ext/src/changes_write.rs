@@ -5,15 +5,12 @@
 //! so the capture triggers stay quiet) and the clock row, which gets a fresh local change
 //! number. Statements are prepared once per transaction and finalized at its end.
 
-use std::collections::HashMap;
-
-use crate::changes_batch::{BatchStmts, Queued, QUEUE_LIMIT};
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, Plan};
+use crate::merger::{key_where, keyed, stmt, Merger, Queued, QUEUE_LIMIT};
 use crate::pk;
 use crate::schema::{clock_table, quote, TableInfo};
-use crate::sqlite::{Conn, Stmt, Value};
-use crate::state::Sites;
+use crate::sqlite::{Conn, Value};
 use crate::triggers::{col_clock, CL, DBV, S_DBV, S_OV, S_SITE};
 
 /// A change as written to `crsql_changes`.
@@ -29,118 +26,7 @@ pub struct Incoming {
     pub origin_version: Option<i64>,
 }
 
-/// Prepared statements of one table, by purpose.
-pub(crate) struct TableStmts {
-    /// Per column (index n = the sentinel): the local clock + value + base presence of one key.
-    read: HashMap<usize, Stmt>,
-    set_column: HashMap<usize, Stmt>,
-    update_base: HashMap<usize, Stmt>,
-    replace_with_column: HashMap<usize, Stmt>,
-    set_sentinel: Option<Stmt>,
-    new_life: Option<Stmt>,
-    insert_base: Option<Stmt>,
-    delete_base: Option<Stmt>,
-    /// The grouped (batched) path's statements.
-    pub batch: BatchStmts,
-}
-
-/// Per-connection merge state, kept for one transaction.
-#[derive(Default)]
-pub struct Merger {
-    tables: HashMap<String, (TableInfo, TableStmts)>,
-    state_read: Option<Stmt>,
-    state_write: Option<Stmt>,
-    flag_clear: Option<Stmt>,
-    /// `patina_state` as of our last read or write, valid while the connection's
-    /// `total_changes` has not moved since (nothing else wrote in between).
-    state: Option<CachedState>,
-    pub sites: Sites,
-    /// The batched path's queue and the savepoints' positions in it (`changes_batch`).
-    pub queue: Vec<Queued>,
-    pub marks: Vec<(i32, usize)>,
-    pub counter_write: Option<Stmt>,
-}
-
-pub(crate) fn stmt(
-    slot: &mut Option<Stmt>,
-    conn: Conn,
-    sql: impl FnOnce() -> String,
-) -> Result<&mut Stmt> {
-    if slot.is_none() {
-        *slot = Some(conn.prepare(&sql())?);
-    }
-    slot.as_mut()
-        .ok_or_else(|| Error::State("statement cache".into()))
-}
-
-fn keyed(
-    map: &mut HashMap<usize, Stmt>,
-    k: usize,
-    conn: Conn,
-    sql: impl FnOnce() -> String,
-) -> Result<&mut Stmt> {
-    if let std::collections::hash_map::Entry::Vacant(e) = map.entry(k) {
-        e.insert(conn.prepare(&sql())?);
-    }
-    map.get_mut(&k)
-        .ok_or_else(|| Error::State("statement cache".into()))
-}
-
-pub(crate) fn key_where(t: &TableInfo, first_param: usize) -> String {
-    t.pk.iter()
-        .enumerate()
-        .map(|(i, c)| format!("{} = ?{}", quote(&c.name), first_param + i))
-        .collect::<Vec<_>>()
-        .join(" AND ")
-}
-
 impl Merger {
-    /// Ends a transaction: drops the queue (a commit flushed it already) and every cached
-    /// statement.
-    pub fn end_transaction(&mut self) {
-        self.queue.clear();
-        self.marks.clear();
-        self.clear();
-    }
-
-    /// Drops every cached statement (after an error, a schema change); the queue stays.
-    pub fn clear(&mut self) {
-        self.tables.clear();
-        self.state_read = None;
-        self.state_write = None;
-        self.flag_clear = None;
-        self.counter_write = None;
-        self.state = None;
-        self.sites.forget();
-    }
-
-    pub(crate) fn table(&mut self, conn: Conn, name: &str) -> Result<&mut (TableInfo, TableStmts)> {
-        if !self.tables.contains_key(name) {
-            if !crate::schema::is_replicated(conn, name)? {
-                return Err(Error::Change(format!(
-                    "unknown table '{name}': it is not a replicated table in this database"
-                )));
-            }
-            let info = crate::schema::inspect(conn, name)?;
-            let stmts = TableStmts {
-                read: HashMap::new(),
-                set_column: HashMap::new(),
-                update_base: HashMap::new(),
-                replace_with_column: HashMap::new(),
-                set_sentinel: None,
-                new_life: None,
-                insert_base: None,
-                delete_base: None,
-                batch: BatchStmts::default(),
-            };
-            self.tables.insert(name.to_string(), (info, stmts));
-        }
-        self.tables
-            .get_mut(name)
-            .ok_or_else(|| Error::State("table cache".into()))
-    }
-
-    /// Validates and merges one change. Returns whether a base row was written.
     /// Validates and merges one change (or queues it on the batched path). Returns the base
     /// rows written (several when a full queue was applied).
     pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<i64> {
@@ -314,62 +200,14 @@ impl Merger {
             })?;
             s.execute(&[])?;
         }
-        self.state = result.as_ref().ok().map(|_| CachedState {
-            total_changes: conn.total_changes(),
-            db_version: new_dbv,
-            merging,
-            equal_values,
-        });
+        match &result {
+            Ok(()) => self.remember_state(conn, new_dbv, merging, equal_values),
+            Err(_) => self.forget_state(),
+        }
         result?;
         Ok(i64::from(plan.impacts(base_changed)))
     }
 
-    /// `(db_version, merging, merge_equal_values)`, from the cache while nothing else wrote.
-    pub(crate) fn state_now(&mut self, conn: Conn) -> Result<(i64, bool, bool)> {
-        if let Some(c) = self.state {
-            if c.total_changes == conn.total_changes() {
-                return Ok((c.db_version, c.merging, c.equal_values));
-            }
-        }
-        let s = stmt(&mut self.state_read, conn, || {
-            "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0".into()
-        })?;
-        s.reset();
-        if !s.step()? {
-            s.reset();
-            return Err(Error::State("patina_state has no row".into()));
-        }
-        let r = (s.column_i64(0), s.column_i64(1) != 0, s.column_i64(2) != 0);
-        s.reset();
-        self.remember_state(conn, r.0, r.1, r.2);
-        Ok(r)
-    }
-
-    pub(crate) fn remember_state(
-        &mut self,
-        conn: Conn,
-        db_version: i64,
-        merging: bool,
-        equal_values: bool,
-    ) {
-        self.state = Some(CachedState {
-            total_changes: conn.total_changes(),
-            db_version,
-            merging,
-            equal_values,
-        });
-    }
-
-    pub(crate) fn forget_state(&mut self) {
-        self.state = None;
-    }
-
-    pub(crate) fn site_bytes(&mut self, conn: Conn, ord: i64) -> Option<Vec<u8>> {
-        if self.sites.id(ord).is_none() {
-            let _ = self.sites.reload(conn);
-        }
-        self.sites.id(ord).map(<[u8]>::to_vec)
-    }
 
     /// The one base-table statement of a change, if any.
     fn write_base(
@@ -545,13 +383,6 @@ impl LocalRow {
     }
 }
 
-#[derive(Clone, Copy)]
-struct CachedState {
-    total_changes: i64,
-    db_version: i64,
-    merging: bool,
-    equal_values: bool,
-}
 
 /// The local clock of a key (no row when unknown) and, for a column, its clock and the
 /// base table's current value.

@@ -64,7 +64,7 @@ pub fn commit_alter(conn: Conn, table: &str) -> Result<()> {
 }
 
 /// Regenerates the triggers of a replicated table (after a site id change).
-pub fn install_triggers(conn: Conn, table: &str) -> Result<()> {
+fn install_triggers(conn: Conn, table: &str) -> Result<()> {
     let info = inspect(conn, table)?;
     install_triggers_for(conn, &info)
 }
@@ -244,4 +244,22 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
         ))?;
     }
     Ok(())
+}
+
+/// Gives the database a fresh random site id. Past local changes keep their credit to the
+/// old id (they point at its ordinal); new ones use the new ordinal, baked into the
+/// triggers, which are regenerated.
+pub fn new_site_id(conn: Conn) -> Result<Vec<u8>> {
+    state::ensure(conn)?;
+    state::savepoint(conn, "patina_new_site", || {
+        let site: [u8; 16] = rand::random();
+        let ord = state::site_ordinal_insert(conn, &site)?;
+        let mut s =
+            conn.prepare("UPDATE patina_state SET site_id = ?1, local_site = ?2 WHERE id = 0")?;
+        s.execute(&[Value::Blob(site.to_vec()), Value::Integer(ord)])?;
+        for table in schema::replicated_tables(conn)? {
+            install_triggers(conn, &table)?;
+        }
+        Ok(site.to_vec())
+    })
 }

@@ -67,12 +67,6 @@ pub fn compare_values(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-/// True when two values are the same value of the same storage class (so `1` and `1.0`
-/// differ, as they do in the order above).
-pub fn same_value(a: &Value, b: &Value) -> bool {
-    compare_values(a, b) == Ordering::Equal
-}
-
 /// What the incoming change's causal length does to the row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowStep {
@@ -288,7 +282,7 @@ mod tests {
             Ordering::Less
         );
         assert_eq!(compare_values(&Integer(-3), &Real(-2.5)), Ordering::Less);
-        assert!(!same_value(&Integer(1), &Real(1.0)));
+        assert_ne!(compare_values(&Integer(1), &Real(1.0)), Ordering::Equal);
     }
 
     #[test]
