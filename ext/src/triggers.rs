@@ -146,26 +146,20 @@ fn next_cl(t: &TableInfo, step: &str) -> String {
     format!("CASE WHEN {CL} + {step} > {MAX_CLOCK} THEN RAISE(ABORT, {msg}) ELSE {CL} + {step} END")
 }
 
-/// Records an insert (or resurrection) of the row `src` (NEW).
+/// Records an insert (or resurrection) of the row `src` (NEW): `n + 1` numbers, the
+/// row's own clock first, then each column's.
 ///
 /// The feed's shape is cr-sqlite's, decided here, per row, as it is written: a first life
 /// of a row with columns is carried by its column changes alone (they hold `cl` and create
-/// the row on merge), so it takes `n` numbers and leaves the row's own clock open. A
-/// resurrection (a clock row already exists, so `cl` becomes > 1) or a key-only table also
-/// records the row's own clock (the `cid = '-1'` change), first: `n + 1` numbers.
+/// the row on merge), so its row clock stays open and its number is used by no change
+/// (like a superseded change's). A resurrection (the clock row exists, so `cl` becomes
+/// > 1) or a key-only table records the row's own clock (the `cid = '-1'` change) with
+/// that number. Reserving the number either way keeps the trigger free of a lookup of the
+/// clock row, which measured 1.5-2x the whole insert cost.
 fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
     let n = t.columns.len();
     let clock = quote(&clock_table(&t.name));
     let names = clock_columns(t);
-    // How many numbers this insert takes: one more when the clock row exists already.
-    let count = if n == 0 {
-        "1".to_string()
-    } else {
-        format!(
-            "{n} + EXISTS (SELECT 1 FROM {clock} WHERE {})",
-            pk_match(t, &clock, src)
-        )
-    };
     let own_clock: [String; 3] = if n == 0 {
         ["s.db_version".into(), site.to_string(), "NULL".into()]
     } else {
@@ -177,15 +171,10 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
         "s.db_version".into(),
     ];
     values.extend(own_clock);
-    // On a resurrection the row's own clock takes the number before the first column's.
-    let own_dbv = match t.columns.first() {
-        Some(c) => format!("excluded.{} - 1", quote(&col_clock(&c.name)[1])),
-        None => format!("excluded.{DBV}"),
-    };
     let mut sets = vec![
         format!("{CL} = {}", next_cl(t, &format!("1 + ({CL} % 2)"))),
         format!("{DBV} = excluded.{DBV}"),
-        format!("{S_DBV} = {own_dbv}"),
+        format!("{S_DBV} = excluded.{DBV} - {n}"),
         format!("{S_SITE} = {site}"),
         format!("{S_OV} = NULL"),
     ];
@@ -205,9 +194,10 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
         ]);
     }
     format!(
-        "UPDATE patina_state SET db_version = db_version + {count} WHERE id = 0 AND merging = 0;\n\
+        "UPDATE patina_state SET db_version = db_version + {k} WHERE id = 0 AND merging = 0;\n\
          INSERT INTO {clock} ({names}) SELECT {values} FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
          ON CONFLICT ({pk}) DO UPDATE SET {sets};\n",
+        k = n + 1,
         names = names.join(", "),
         values = values.join(", "),
         pk = pk_list(t, ""),

@@ -30,28 +30,29 @@ fn numbers_are_gap_free_consecutive_and_per_change() {
         "BEGIN; INSERT INTO t VALUES (1, 'a', 'b'); UPDATE t SET a = 'c' WHERE id = 1; COMMIT;",
     )
     .unwrap();
-    // insert: a 1, b 2 (a first life has no row-clock change); update of a: 3 (a's old
-    // change 1 is superseded).
+    // insert: 1 reserved for the row clock (a first life records none), a 2, b 3; update
+    // of a: 4 (a's old change 2 is superseded).
     let v: Vec<i64> = changes_after(&c, 0).iter().map(|r| r.5).collect();
-    assert_eq!(v, vec![2, 3]);
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 3);
+    assert_eq!(v, vec![3, 4]);
+    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 4);
     // A rolled-back transaction gives its numbers back.
     c.execute_batch("BEGIN; INSERT INTO t VALUES (2, 1, 1); ROLLBACK;")
         .unwrap();
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 3);
+    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 4);
     // An update that changes nothing records nothing.
     c.execute_batch("UPDATE t SET a = 'c' WHERE id = 1")
         .unwrap();
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 3);
+    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 4);
     // 1 -> 1.0 is a change (storage class differs).
     c.execute_batch("UPDATE t SET b = 1 WHERE id = 1; UPDATE t SET b = 1.0 WHERE id = 1;")
         .unwrap();
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 5);
-    // A resurrection records the row's own clock too: delete 6, re-insert 7 (row), 8, 9.
+    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 6);
+    // A resurrection records the row's own clock with its number: delete 7, re-insert 8
+    // (row), 9, 10.
     c.execute_batch("DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (1, 'r', 'r');")
         .unwrap();
-    let v: Vec<i64> = changes_after(&c, 5).iter().map(|r| r.5).collect();
-    assert_eq!(v, vec![7, 8, 9]);
+    let v: Vec<i64> = changes_after(&c, 6).iter().map(|r| r.5).collect();
+    assert_eq!(v, vec![8, 9, 10]);
 }
 
 #[test]
