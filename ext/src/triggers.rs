@@ -152,8 +152,8 @@ fn next_cl(t: &TableInfo, step: &str) -> String {
 /// The feed's shape is cr-sqlite's, decided here, per row, as it is written: a first life
 /// of a row with columns is carried by its column changes alone (they hold `cl` and create
 /// the row on merge), so its row clock stays open and its number is used by no change
-/// (like a superseded change's). A resurrection (the clock row exists, so `cl` becomes
-/// > 1) or a key-only table records the row's own clock (the `cid = '-1'` change) with
+/// (like a superseded change's). A resurrection (the clock row exists, so `cl` passes 1)
+/// or a key-only table records the row's own clock (the `cid = '-1'` change) with
 /// that number. Reserving the number either way keeps the trigger free of a lookup of the
 /// clock row, which measured 1.5-2x the whole insert cost.
 fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
