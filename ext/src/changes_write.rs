@@ -297,8 +297,16 @@ impl Merger {
             (Plan::NewLife, Some(_)) => Some(None),
             _ => None,
         };
+        // A new life's column change rides in the same upsert.
+        let with_column = match (life, col) {
+            (Some(None), Some(i)) => Some(i),
+            _ => None,
+        };
         if let Some(life) = life {
-            let s = stmt(&mut st.new_life, conn, || new_life_sql(info))?;
+            let s = match with_column {
+                Some(i) => keyed(&mut st.new_life_with, i, conn, || new_life_sql(info, Some(i)))?,
+                None => stmt(&mut st.new_life, conn, || new_life_sql(info, None))?,
+            };
             let (s_site, s_ov, s_dbv) = match life {
                 Some((site, ov)) => (
                     Value::Integer(site),
@@ -315,6 +323,14 @@ impl Merger {
                 s_site,
                 s_ov,
             ]);
+            if with_column.is_some() {
+                params.extend([
+                    Value::Integer(ch.col_version),
+                    Value::Integer(dbv),
+                    Value::Integer(site),
+                    Value::Integer(origin),
+                ]);
+            }
             s.execute(&params)?;
         }
         if plan == Plan::CreditRow {
@@ -336,7 +352,7 @@ impl Merger {
             ]);
             s.execute(&params)?;
         }
-        if let (Some(i), Plan::NewLife | Plan::SetColumn { .. }) = (col, plan) {
+        if let (Some(i), Plan::SetColumn { .. }) = (col, plan) {
             let s = keyed(&mut st.set_column, i, conn, || {
                 let [v, d, si, ov] = col_clock(&info.columns[i].name).map(|x| quote(&x));
                 format!(
@@ -408,9 +424,18 @@ fn read_sql(t: &TableInfo, col: Option<usize>) -> String {
 }
 
 /// Upserts the row's clock for a new life (or delete): sets cl and the row clock, and
-/// restarts every column clock.
-fn new_life_sql(t: &TableInfo) -> String {
+/// restarts every column clock but `col`, which takes the incoming change's clock (so a
+/// change that starts a new life costs one clock statement, not two).
+fn new_life_sql(t: &TableInfo, col: Option<usize>) -> String {
     let npk = t.pk.len();
+    let mut names = vec![
+        crate::triggers::pk_list(t, ""),
+        CL.into(),
+        DBV.into(),
+        S_DBV.into(),
+        S_SITE.into(),
+        S_OV.into(),
+    ];
     let mut sets = vec![
         format!("{CL} = excluded.{CL}"),
         format!("{DBV} = excluded.{DBV}"),
@@ -418,20 +443,28 @@ fn new_life_sql(t: &TableInfo) -> String {
         format!("{S_SITE} = excluded.{S_SITE}"),
         format!("{S_OV} = excluded.{S_OV}"),
     ];
-    for c in &t.columns {
+    for (i, c) in t.columns.iter().enumerate() {
         let [v, d, s, ov] = col_clock(&c.name).map(|x| quote(&x));
-        sets.extend([
-            format!("{v} = 0"),
-            format!("{d} = NULL"),
-            format!("{s} = NULL"),
-            format!("{ov} = NULL"),
-        ]);
+        if Some(i) == col {
+            for x in [v, d, s, ov] {
+                sets.push(format!("{x} = excluded.{x}"));
+                names.push(x);
+            }
+        } else {
+            sets.extend([
+                format!("{v} = 0"),
+                format!("{d} = NULL"),
+                format!("{s} = NULL"),
+                format!("{ov} = NULL"),
+            ]);
+        }
     }
-    let params: Vec<String> = (1..=npk + 5).map(|i| format!("?{i}")).collect();
+    let n = npk + 5 + if col.is_some() { 4 } else { 0 };
+    let params: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
     format!(
-        "INSERT INTO {clock} ({pk}, {CL}, {DBV}, {S_DBV}, {S_SITE}, {S_OV}) VALUES ({params}) \
-         ON CONFLICT ({pk}) DO UPDATE SET {sets}",
+        "INSERT INTO {clock} ({names}) VALUES ({params}) ON CONFLICT ({pk}) DO UPDATE SET {sets}",
         clock = quote(&clock_table(&t.name)),
+        names = names.join(", "),
         pk = crate::triggers::pk_list(t, ""),
         params = params.join(", "),
         sets = sets.join(", "),

@@ -50,6 +50,8 @@ pub(crate) struct TableStmts {
     pub(crate) replace_with_column: HashMap<usize, Stmt>,
     pub(crate) set_sentinel: Option<Stmt>,
     pub(crate) new_life: Option<Stmt>,
+    /// By column: a new life started by that column's change.
+    pub(crate) new_life_with: HashMap<usize, Stmt>,
     pub(crate) insert_base: Option<Stmt>,
     pub(crate) delete_base: Option<Stmt>,
     /// The grouped (batched) path's statements.
@@ -141,6 +143,7 @@ impl Merger {
                 replace_with_column: HashMap::new(),
                 set_sentinel: None,
                 new_life: None,
+                new_life_with: HashMap::new(),
                 insert_base: None,
                 delete_base: None,
                 batch: BatchStmts::default(),
