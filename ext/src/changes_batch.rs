@@ -15,9 +15,9 @@
 
 use std::collections::HashMap;
 
-use crate::merger::{key_where, stmt, Merger, Queued};
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, Plan};
+use crate::merger::{key_where, stmt, Merger, Queued};
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
 use crate::triggers::{

@@ -208,7 +208,6 @@ impl Merger {
         Ok(i64::from(plan.impacts(base_changed)))
     }
 
-
     /// The one base-table statement of a change, if any.
     fn write_base(
         &mut self,
@@ -304,7 +303,9 @@ impl Merger {
         };
         if let Some(life) = life {
             let s = match with_column {
-                Some(i) => keyed(&mut st.new_life_with, i, conn, || new_life_sql(info, Some(i)))?,
+                Some(i) => keyed(&mut st.new_life_with, i, conn, || {
+                    new_life_sql(info, Some(i))
+                })?,
                 None => stmt(&mut st.new_life, conn, || new_life_sql(info, None))?,
             };
             let (s_site, s_ov, s_dbv) = match life {
@@ -398,7 +399,6 @@ impl LocalRow {
         }
     }
 }
-
 
 /// The local clock of a key (no row when unknown) and, for a column, its clock and the
 /// base table's current value.

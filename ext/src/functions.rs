@@ -26,7 +26,9 @@ fn conn(ctx: *mut sqlite3_context) -> Conn {
 /// Copies the running call's arguments.
 fn values(args: &[*mut sqlite3_value]) -> Vec<Value> {
     // SAFETY: args are the running call's arguments (see above).
-    args.iter().map(|a| unsafe { Value::from_raw(*a) }).collect()
+    args.iter()
+        .map(|a| unsafe { Value::from_raw(*a) })
+        .collect()
 }
 
 fn finish(ctx: *mut sqlite3_context, r: Result<Value>) -> SlResult<()> {

@@ -155,7 +155,6 @@ impl Merger {
             .ok_or_else(|| Error::State("table cache".into()))
     }
 
-
     /// `(db_version, merging, merge_equal_values)`, from the cache while nothing else wrote.
     pub(crate) fn state_now(&mut self, conn: Conn) -> Result<(i64, bool, bool)> {
         if let Some(c) = self.state {

@@ -474,7 +474,15 @@ pub unsafe fn create_module(
     destroy: Option<unsafe extern "C" fn(*mut c_void)>,
 ) -> c_int {
     // SAFETY: the module is 'static; aux ownership passes to SQLite with `destroy`.
-    unsafe { call!(create_module_v2(conn.0, name.as_ptr(), module, aux, destroy)) }
+    unsafe {
+        call!(create_module_v2(
+            conn.0,
+            name.as_ptr(),
+            module,
+            aux,
+            destroy
+        ))
+    }
 }
 
 /// `sqlite3_table_column_metadata`: the collation of a column (None when default BINARY).

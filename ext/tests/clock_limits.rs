@@ -61,7 +61,8 @@ fn sync_both(x: &Connection, y: &Connection) {
 fn clocks_above_the_bound_are_refused_by_name_on_both_merge_paths() {
     for batched in [false, true] {
         let x = replica();
-        x.execute_batch("INSERT INTO t VALUES (1, 'a', 'b')").unwrap();
+        x.execute_batch("INSERT INTO t VALUES (1, 'a', 'b')")
+            .unwrap();
         if batched {
             x.execute_batch("BEGIN; UPDATE patina_state SET merging = 1;")
                 .unwrap();
@@ -80,7 +81,10 @@ fn clocks_above_the_bound_are_refused_by_name_on_both_merge_paths() {
                 format!("column '{cid}'"),
                 value.to_string(),
             ] {
-                assert!(err.contains(&needle), "batched={batched}: {err:?} lacks {needle:?}");
+                assert!(
+                    err.contains(&needle),
+                    "batched={batched}: {err:?} lacks {needle:?}"
+                );
             }
         }
         if batched {
@@ -102,8 +106,10 @@ fn clocks_above_the_bound_are_refused_by_name_on_both_merge_paths() {
 fn clocks_at_the_bound_stay_integers_and_replicas_converge() {
     for batched in [false, true] {
         let (x, y) = (replica(), replica());
-        x.execute_batch("INSERT INTO t VALUES (1, 'x', 'x')").unwrap();
-        y.execute_batch("INSERT INTO t VALUES (1, 'y', 'y')").unwrap();
+        x.execute_batch("INSERT INTO t VALUES (1, 'x', 'x')")
+            .unwrap();
+        y.execute_batch("INSERT INTO t VALUES (1, 'y', 'y')")
+            .unwrap();
         if batched {
             x.execute_batch("BEGIN; UPDATE patina_state SET merging = 1;")
                 .unwrap();
@@ -122,7 +128,10 @@ fn clocks_at_the_bound_stay_integers_and_replicas_converge() {
         for c in [&x, &y] {
             assert_integer_clocks(c);
             assert_eq!(
-                one::<i64>(c, "SELECT max(col_version) FROM crsql_changes WHERE cid = 'a'"),
+                one::<i64>(
+                    c,
+                    "SELECT max(col_version) FROM crsql_changes WHERE cid = 'a'"
+                ),
                 BOUND
             );
         }
@@ -140,11 +149,13 @@ fn clocks_at_the_bound_stay_integers_and_replicas_converge() {
             .execute("INSERT INTO t VALUES (1, 'again', 'again')", [])
             .unwrap_err();
         assert!(
-            err.to_string().contains("table 't'") && err.to_string().contains("causal length limit"),
+            err.to_string().contains("table 't'")
+                && err.to_string().contains("causal length limit"),
             "{err}"
         );
         assert_eq!(one::<i64>(&x, "SELECT count(*) FROM t"), 0);
-        x.execute_batch("INSERT INTO t VALUES (2, 'other', 'row')").unwrap();
+        x.execute_batch("INSERT INTO t VALUES (2, 'other', 'row')")
+            .unwrap();
         x.execute_batch("UPDATE t SET b = 'z'").unwrap();
         sync_both(&x, &y);
         for c in [&x, &y] {

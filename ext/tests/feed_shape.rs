@@ -49,20 +49,29 @@ fn first_lives_carry_no_sentinel_yet_defaults_and_nulls_arrive() {
     )
     .unwrap();
     assert_eq!(sentinels(&c), vec![], "no '-1' change for a first life");
-    assert_eq!(changes_after(&c, 0).len(), 6, "two columns per row (the upsert superseded one)");
+    assert_eq!(
+        changes_after(&c, 0).len(),
+        6,
+        "two columns per row (the upsert superseded one)"
+    );
     // Each insert reserves its row clock's number (unused in a first life, like a
     // superseded change's), then one per column; the upsert's update takes one.
     assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), 10);
     let fresh = assert_fresh_replica_receives(&c, T, &["t"]);
     assert_eq!(one::<i64>(&fresh, "SELECT a FROM t WHERE id = 3"), 9);
-    assert_eq!(sentinels(&fresh), vec![], "merges that create rows add no sentinel");
+    assert_eq!(
+        sentinels(&fresh),
+        vec![],
+        "merges that create rows add no sentinel"
+    );
 }
 
 #[test]
 fn deletes_resurrections_and_replace_carry_the_row_clock() {
     for recursive in [false, true] {
         let c = with(T);
-        c.pragma_update(None, "recursive_triggers", recursive).unwrap();
+        c.pragma_update(None, "recursive_triggers", recursive)
+            .unwrap();
         c.execute_batch(
             "INSERT INTO t VALUES (1, 1, 'a'), (2, 2, 'b'), (3, 3, 'c');
              DELETE FROM t WHERE id = 1;
@@ -130,7 +139,11 @@ fn rows_left_key_only_by_a_drop_column_get_a_sentinel() {
     c.execute_batch("SELECT crsql_begin_alter('t'); ALTER TABLE t DROP COLUMN b; SELECT crsql_commit_alter('t');")
         .unwrap();
     assert_eq!(sentinels(&c).len(), 2, "both rows are key-only now");
-    assert_eq!(one::<i64>(&c, "SELECT crsql_db_version()"), before + 2, "gap-free");
+    assert_eq!(
+        one::<i64>(&c, "SELECT crsql_db_version()"),
+        before + 2,
+        "gap-free"
+    );
     let ddl = "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL); SELECT crsql_as_crr('t');";
     assert_fresh_replica_receives(&c, ddl, &["t"]);
 }
@@ -147,7 +160,11 @@ fn merges_pass_rows_on_and_no_op_merges_add_no_sentinel() {
     b.execute_batch("INSERT INTO t VALUES (3, 3, 'c')").unwrap();
     let top = one::<i64>(&b, "SELECT crsql_db_version()");
     merge(&b, &changes_after(&a, 0));
-    assert_eq!(one::<i64>(&b, "SELECT crsql_db_version()"), top, "no-op merges number nothing");
+    assert_eq!(
+        one::<i64>(&b, "SELECT crsql_db_version()"),
+        top,
+        "no-op merges number nothing"
+    );
     assert_eq!(sentinels(&b), sentinels(&a), "only the delete's row clock");
     assert_eq!(changes_after(&b, 0)[..b_feed.len()], b_feed[..]);
     // A third replica that only ever hears from b holds a's rows.

@@ -43,7 +43,9 @@ fn apply(c: &Connection, op: &Op) {
     // A failing write (duplicate key) changes nothing; that is fine here.
     let _ = match op {
         Op::Insert(k, a, b) => c.execute("INSERT INTO t VALUES (?1, ?2, ?3)", [k, a, b]),
-        Op::Update(k, col, x) => c.execute(&format!("UPDATE t SET {col} = ?2 WHERE id = ?1"), [k, x]),
+        Op::Update(k, col, x) => {
+            c.execute(&format!("UPDATE t SET {col} = ?2 WHERE id = ?1"), [k, x])
+        }
         Op::Delete(k) => c.execute("DELETE FROM t WHERE id = ?1", [k]),
         Op::Replace(k, a) => c.execute("INSERT OR REPLACE INTO t (id, a) VALUES (?1, ?2)", [k, a]),
         Op::Upsert(k, a) => c.execute(
@@ -67,7 +69,8 @@ fn shuffle<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
     v
 }
 
-const DDL: &str = "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, a, b DEFAULT 1); SELECT crsql_as_crr('t');";
+const DDL: &str =
+    "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, a, b DEFAULT 1); SELECT crsql_as_crr('t');";
 
 /// The app's own triggers: a mirror of `t`, kept by insert, update and delete triggers.
 const APP_TRIGGERS: &str = "
@@ -91,7 +94,10 @@ fn clocks(c: &Connection) -> Vec<Vec<String>> {
         .collect();
     let sql = format!(
         "SELECT {} FROM t__patina_clock ORDER BY id",
-        cols.iter().map(|c| format!("quote(\"{c}\")")).collect::<Vec<_>>().join(" || ' ' || ")
+        cols.iter()
+            .map(|c| format!("quote(\"{c}\")"))
+            .collect::<Vec<_>>()
+            .join(" || ' ' || ")
     );
     dump_sql(c, &sql)
 }
@@ -109,7 +115,12 @@ fn dump_sql(c: &Connection, sql: &str) -> Vec<Vec<String>> {
     .collect()
 }
 
-fn run(ops: &[(usize, Op)], local_ops: usize, seed: u64, equal_values: bool) -> Result<(), TestCaseError> {
+fn run(
+    ops: &[(usize, Op)],
+    local_ops: usize,
+    seed: u64,
+    equal_values: bool,
+) -> Result<(), TestCaseError> {
     // Two sources write and exchange; the target (index 2) takes some local writes and
     // part of the sources' feeds before it is copied.
     let dir = tempfile::tempdir().unwrap();
@@ -134,7 +145,9 @@ fn run(ops: &[(usize, Op)], local_ops: usize, seed: u64, equal_values: bool) -> 
                 (s, op) => apply(&srcs[*s], op),
             }
         }
-        target.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        target
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
     }
     let mut feed = changes_after(&srcs[0], 0);
     feed.extend(changes_after(&srcs[1], 0));
@@ -144,7 +157,10 @@ fn run(ops: &[(usize, Op)], local_ops: usize, seed: u64, equal_values: bool) -> 
     std::fs::copy(&base, &one_by_one).unwrap();
     std::fs::copy(&base, &batched).unwrap();
     let (a, b) = (open(&one_by_one), open(&batched));
-    let config = format!("SELECT crsql_config_set('merge-equal-values', {})", i64::from(equal_values));
+    let config = format!(
+        "SELECT crsql_config_set('merge-equal-values', {})",
+        i64::from(equal_values)
+    );
     for c in [&a, &b] {
         c.execute_batch(&config).unwrap();
     }
@@ -153,18 +169,24 @@ fn run(ops: &[(usize, Op)], local_ops: usize, seed: u64, equal_values: bool) -> 
     let impacted_a: i64 = one(&a, "SELECT crsql_rows_impacted()");
     a.execute_batch("COMMIT").unwrap();
 
-    b.execute_batch("BEGIN; UPDATE patina_state SET merging = 1").unwrap();
+    b.execute_batch("BEGIN; UPDATE patina_state SET merging = 1")
+        .unwrap();
     merge(&b, &feed);
     b.execute_batch("SELECT patina_flush()").unwrap();
     let impacted_b: i64 = one(&b, "SELECT crsql_rows_impacted()");
-    b.execute_batch("UPDATE patina_state SET merging = 0; COMMIT").unwrap();
+    b.execute_batch("UPDATE patina_state SET merging = 0; COMMIT")
+        .unwrap();
 
     prop_assert_eq!(impacted_a, impacted_b, "crsql_rows_impacted()");
     prop_assert_eq!(dump(&a, "t", "id"), dump(&b, "t", "id"));
     prop_assert_eq!(clocks(&a), clocks(&b));
     prop_assert_eq!(converging_state(&a), converging_state(&b));
     prop_assert_eq!(dump(&a, "mirror", "id"), dump(&b, "mirror", "id"));
-    prop_assert_eq!(dump(&a, "mirror", "id"), dump(&a, "t", "id"), "the app's mirror follows t");
+    prop_assert_eq!(
+        dump(&a, "mirror", "id"),
+        dump(&a, "t", "id"),
+        "the app's mirror follows t"
+    );
     // The same local change numbers were handed out, and nothing was captured as local.
     prop_assert_eq!(
         one::<i64>(&a, "SELECT crsql_db_version()"),

@@ -326,7 +326,11 @@ fn batched_merge_path_and_feed_filters() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!((not_y, only_y), (2, 4), "two columns per row, no row-clock changes");
+    assert_eq!(
+        (not_y, only_y),
+        (2, 4),
+        "two columns per row, no row-clock changes"
+    );
     let window: i64 = one(
         &x,
         "SELECT count(*) FROM crsql_changes WHERE db_version > 2 AND db_version <= 4",
