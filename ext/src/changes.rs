@@ -56,7 +56,7 @@ const F_TABLE: i32 = 128;
 #[repr(C)]
 struct Vtab {
     base: sqlite3_vtab,
-    db: *mut sqlite3,
+    conn: Conn,
     shared: Arc<Shared>,
     /// The last windowed read's whole remainder, for the next window of the same snapshot.
     window_cache: RefCell<Option<WindowCache>>,
@@ -137,7 +137,8 @@ unsafe extern "C" fn x_connect(
     pp_vtab: *mut *mut sqlite3_vtab,
     _err: *mut *mut c_char,
 ) -> c_int {
-    let rc = sq::declare_vtab(db, SCHEMA);
+    // SAFETY: db is the connection SQLite passed this xConnect; it outlives the vtab.
+    let rc = unsafe { sq::declare_vtab(db, SCHEMA) };
     if rc != sq::SQLITE_OK {
         return rc;
     }
@@ -153,7 +154,8 @@ unsafe extern "C" fn x_connect(
             nRef: 0,
             zErrMsg: ptr::null_mut(),
         },
-        db,
+        // SAFETY: the connection outlives its vtab (SQLite disconnects it before closing).
+        conn: unsafe { Conn::from_raw(db) },
         shared,
         window_cache: RefCell::new(None),
     });
@@ -295,7 +297,7 @@ fn build_filter(idx: c_int, args: &[Value]) -> Option<Filter> {
 
 /// A read with an upper bound, served from (and refreshing) the window cache.
 fn read_window(vtab: &Vtab, f: &Filter) -> Result<Vec<Change>> {
-    let conn = Conn(vtab.db);
+    let conn = vtab.conn;
     let data_version = conn.query_i64("PRAGMA data_version")?.unwrap_or(0);
     let total_changes = conn.total_changes();
     let mut cache = vtab
@@ -409,8 +411,8 @@ unsafe extern "C" fn x_filter(
     let cursor = unsafe { &mut *cur.cast::<Cursor>() };
     let vtab = unsafe { &*(cursor.base.pVtab.cast::<Vtab>()) };
     let args: Vec<Value> = (0..argc.max(0) as usize)
-        // SAFETY: argc values.
-        .map(|i| Value::from_raw(unsafe { *argv.add(i) }))
+        // SAFETY: argv holds argc values SQLite passed this call.
+        .map(|i| unsafe { Value::from_raw(*argv.add(i)) })
         .collect();
     cursor.rows.clear();
     cursor.pos = 0;
@@ -418,13 +420,13 @@ unsafe extern "C" fn x_filter(
         return sq::SQLITE_OK; // a constraint no row can meet (NULL, a non-blob site id)
     };
     // Changes queued on the batched path are part of what this connection holds.
-    if let Err(e) = vtab.shared.flush(Conn(vtab.db)) {
+    if let Err(e) = vtab.shared.flush(vtab.conn) {
         return fail(cursor.base.pVtab, &e);
     }
     let rows = if filter.up_to < i64::MAX {
         read_window(vtab, &filter)
     } else {
-        read_changes(Conn(vtab.db), &filter)
+        read_changes(vtab.conn, &filter)
     };
     match rows {
         Ok(rows) => {
@@ -473,7 +475,8 @@ unsafe extern "C" fn x_column(
         9 => Value::Integer(row.origin_version),
         _ => Value::Null,
     };
-    sq::result_value(ctx, &v);
+    // SAFETY: ctx is the context SQLite passed this xColumn.
+    unsafe { sq::result_value(ctx, &v) };
     sq::SQLITE_OK
 }
 
@@ -544,7 +547,8 @@ unsafe extern "C" fn x_update(
     // SAFETY: vtab is ours; argv has argc values.
     let v = unsafe { &*vtab.cast::<Vtab>() };
     let args: Vec<Value> = (0..argc.max(0) as usize)
-        .map(|i| Value::from_raw(unsafe { *argv.add(i) }))
+        // SAFETY: argv holds argc values SQLite passed this call.
+        .map(|i| unsafe { Value::from_raw(*argv.add(i)) })
         .collect();
     if args.len() != 2 + NCOLS || args[0] != Value::Null {
         return fail(
@@ -554,7 +558,7 @@ unsafe extern "C" fn x_update(
             ),
         );
     }
-    let conn = Conn(v.db);
+    let conn = v.conn;
     let result = parse_incoming(&args[2..]).and_then(|ch| {
         let mut merger = v.shared.merger.try_borrow_mut().map_err(|_| {
             Error::Change(
@@ -602,7 +606,7 @@ unsafe extern "C" fn x_end(vtab: *mut sqlite3_vtab) -> c_int {
 unsafe extern "C" fn x_sync(vtab: *mut sqlite3_vtab) -> c_int {
     // SAFETY: ours.
     let v = unsafe { &*vtab.cast::<Vtab>() };
-    match v.shared.flush(Conn(v.db)) {
+    match v.shared.flush(v.conn) {
         Ok(()) => sq::SQLITE_OK,
         Err(e) => fail(vtab, &e),
     }

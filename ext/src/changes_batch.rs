@@ -15,42 +15,14 @@
 
 use std::collections::HashMap;
 
-use crate::changes_write::{key_where, stmt, Merger};
 use crate::error::{Error, Result};
-use crate::merge::{self, ColumnClock, ColumnStep, RowStep};
+use crate::merge::{self, ColumnClock, Plan};
+use crate::merger::{key_where, stmt, Merger, Queued};
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
 use crate::triggers::{
     clock_columns, col_clock, pk_list, pk_match, pk_params, CL, S_DBV, S_OV, S_SITE,
 };
-
-/// Changes queued before the queue is applied on its own.
-pub const QUEUE_LIMIT: usize = 4096;
-
-/// A validated change waiting in the queue.
-pub struct Queued {
-    pub table: String,
-    pub pk: Vec<u8>,
-    pub keys: Vec<Value>,
-    /// None: the row's own clock (cid '-1').
-    pub col: Option<usize>,
-    pub val: Value,
-    pub col_version: i64,
-    pub cl: i64,
-    pub site: Vec<u8>,
-    pub site_ord: i64,
-    pub origin: i64,
-}
-
-/// The statements of the grouped path for one table.
-#[derive(Default)]
-pub struct BatchStmts {
-    read: Option<Stmt>,
-    upsert_clock: Option<Stmt>,
-    delete: Option<Stmt>,
-    /// By (replace?, columns written).
-    writes: HashMap<(bool, Vec<bool>), Stmt>,
-}
 
 #[derive(Clone, Debug)]
 struct Col {
@@ -76,6 +48,8 @@ impl Col {
 
 struct Row {
     cl: i64,
+    /// Whether the base table holds the row.
+    base: bool,
     s_dbv: Option<i64>,
     s_site: Option<i64>,
     s_ov: Option<i64>,
@@ -97,6 +71,8 @@ fn read_sql(t: &TableInfo) -> String {
         cols.extend(col_clock(&c.name).iter().map(|x| format!("k.{}", quote(x))));
         cols.push(format!("b.{}", quote(&c.name)));
     }
+    // Whether the base row exists (a key column is NOT NULL in any base row).
+    cols.push(format!("b.{} IS NOT NULL", quote(&t.pk[0].name)));
     let on = pk_match(t, "b", "k");
     let key = pk_params(t, "k", 1);
     format!(
@@ -227,9 +203,7 @@ impl Merger {
             let Some(changes) = groups.remove(&key) else {
                 continue;
             };
-            if self.apply_row(conn, &changes, &mut counter, equal_values)? {
-                impacted += 1;
-            }
+            impacted += self.apply_row(conn, &changes, &mut counter, equal_values)?;
         }
         let s = stmt(&mut self.counter_write, conn, || {
             "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
@@ -239,14 +213,15 @@ impl Merger {
         Ok(impacted)
     }
 
-    /// Decides and writes one row's queued changes; returns whether its base row was written.
+    /// Decides and writes one row's queued changes; returns how many of them wrote the base
+    /// row (`merge::Plan::impacts`, counted per change as on the one-by-one path).
     fn apply_row(
         &mut self,
         conn: Conn,
         changes: &[Queued],
         counter: &mut i64,
         equal_values: bool,
-    ) -> Result<bool> {
+    ) -> Result<i64> {
         let first = &changes[0];
         let keys = first.keys.clone();
         let ncols = self.table(conn, &first.table)?.0.columns.len();
@@ -272,6 +247,7 @@ impl Merger {
                     .collect();
                 Row {
                     cl: s.column_i64(0),
+                    base: s.column_i64(4 + ncols * 5) != 0,
                     s_dbv: opt(s.column(1)),
                     s_site: opt(s.column(2)),
                     s_ov: opt(s.column(3)),
@@ -280,6 +256,7 @@ impl Merger {
             } else {
                 Row {
                     cl: 0,
+                    base: false,
                     s_dbv: None,
                     s_site: None,
                     s_ov: None,
@@ -295,99 +272,82 @@ impl Merger {
             *counter
         };
         let mut life_changed = false;
+        let mut base_present = row.base;
         let mut clock_dirty = false;
         let mut dirty = vec![false; ncols];
+        let mut impacted = 0;
         for q in changes {
-            match (merge::row_step(row.cl, q.cl), q.col) {
-                (RowStep::Stale, _) => {}
-                (RowStep::Delete, _) => {
-                    row.cl = q.cl;
-                    (row.s_dbv, row.s_site, row.s_ov) =
-                        (Some(next()), Some(q.site_ord), Some(q.origin));
-                    row.cols = vec![Col::reset(); ncols];
-                    dirty = vec![false; ncols];
-                    life_changed = true;
-                    clock_dirty = true;
-                }
-                (RowStep::NewLife, col) => {
-                    row.cl = q.cl;
-                    row.cols = vec![Col::reset(); ncols];
-                    dirty = vec![false; ncols];
-                    life_changed = true;
-                    clock_dirty = true;
-                    match col {
-                        // The row's clock is credited only by the change that set it.
-                        None => {
-                            (row.s_dbv, row.s_site, row.s_ov) =
-                                (Some(next()), Some(q.site_ord), Some(q.origin))
-                        }
-                        Some(i) => {
-                            (row.s_dbv, row.s_site, row.s_ov) = (None, None, None);
-                            row.cols[i] = Col {
-                                v: q.col_version,
-                                dbv: Some(next()),
-                                site: Some(q.site_ord),
-                                ov: Some(q.origin),
-                                value: Some(q.val.clone()),
-                            };
-                        }
-                    }
-                }
-                (RowStep::SameLife, None) => {
-                    let local = row.s_site.and_then(|o| self.site_bytes(conn, o));
-                    if merge::sentinel_credits(local.as_deref(), &q.site) {
-                        (row.s_dbv, row.s_site, row.s_ov) =
-                            (Some(next()), Some(q.site_ord), Some(q.origin));
-                        clock_dirty = true;
-                    }
-                }
-                (RowStep::SameLife, Some(i)) => {
-                    if q.cl % 2 == 0 {
-                        continue;
-                    }
-                    let c = &row.cols[i];
-                    let local_site = c.site.and_then(|o| self.site_bytes(conn, o));
-                    // A column at version 0 holds its default: any write wins it.
-                    let local_value = c.value.clone().unwrap_or(Value::Null);
-                    let l = ColumnClock {
+            let plan = {
+                let row_site = match q.col {
+                    None => row.s_site.and_then(|o| self.site_bytes(conn, o)),
+                    Some(_) => None,
+                };
+                let c = q.col.map_or_else(Col::reset, |i| row.cols[i].clone());
+                let col_site = c.site.and_then(|o| self.site_bytes(conn, o));
+                let local_value = c.value.unwrap_or(Value::Null);
+                let local = merge::LocalRow {
+                    cl: row.cl,
+                    row_site: row_site.as_deref(),
+                    column: ColumnClock {
                         col_version: c.v,
                         value: &local_value,
-                        site: local_site.as_deref(),
-                    };
-                    let inc = ColumnClock {
+                        site: col_site.as_deref(),
+                    },
+                };
+                let incoming = merge::IncomingChange {
+                    cl: q.cl,
+                    site: &q.site,
+                    column: q.col.map(|_| ColumnClock {
                         col_version: q.col_version,
                         value: &q.val,
                         site: Some(&q.site),
-                    };
-                    let step = if c.v == 0 {
-                        ColumnStep::Take
-                    } else {
-                        merge::column_step(&l, &inc)
-                    };
-                    let write = match step {
-                        ColumnStep::Keep => continue,
-                        ColumnStep::Take => true,
-                        ColumnStep::TakeEqualValue => equal_values,
-                    };
-                    row.cols[i] = Col {
-                        v: q.col_version,
-                        dbv: Some(next()),
-                        site: Some(q.site_ord),
-                        ov: Some(q.origin),
-                        value: Some(q.val.clone()),
-                    };
-                    dirty[i] = dirty[i] || write;
-                    clock_dirty = true;
+                    }),
+                };
+                merge::plan(&local, &incoming, equal_values)
+            };
+            if plan.impacts(base_present) {
+                impacted += 1;
+            }
+            match plan {
+                Plan::Skip => continue,
+                Plan::Delete | Plan::NewLife => {
+                    row.cl = q.cl;
+                    row.cols = vec![Col::reset(); ncols];
+                    dirty = vec![false; ncols];
+                    life_changed = true;
+                    base_present = plan == Plan::NewLife;
+                }
+                Plan::CreditRow | Plan::SetColumn { .. } => {}
+            }
+            clock_dirty = true;
+            // The row's own clock is credited only by the change that set it.
+            match (plan, q.col) {
+                (Plan::Delete | Plan::CreditRow, _) | (Plan::NewLife, None) => {
+                    (row.s_dbv, row.s_site, row.s_ov) =
+                        (Some(next()), Some(q.site_ord), Some(q.origin));
+                }
+                (Plan::NewLife, Some(_)) => (row.s_dbv, row.s_site, row.s_ov) = (None, None, None),
+                _ => {}
+            }
+            if let (Plan::NewLife | Plan::SetColumn { .. }, Some(i)) = (plan, q.col) {
+                row.cols[i] = Col {
+                    v: q.col_version,
+                    dbv: Some(next()),
+                    site: Some(q.site_ord),
+                    ov: Some(q.origin),
+                    value: Some(q.val.clone()),
+                };
+                if let Plan::SetColumn { write_base: true } = plan {
+                    dirty[i] = true;
                 }
             }
         }
         if !clock_dirty {
-            return Ok(false);
+            return Ok(0);
         }
 
         let (info, st) = self.table(conn, &first.table)?;
         let alive = row.cl % 2 == 1;
-        let mut base_written = false;
         if life_changed && !alive {
             let s = stmt(&mut st.batch.delete, conn, || {
                 format!(
@@ -397,7 +357,6 @@ impl Merger {
                 )
             })?;
             s.execute(&keys)?;
-            base_written = conn.changes() > 0;
         } else if life_changed || dirty.iter().any(|d| *d) {
             let mask: Vec<bool> = if life_changed {
                 row.cols.iter().map(|c| c.v > 0).collect()
@@ -419,7 +378,6 @@ impl Merger {
                     .map(|(c, _)| c.value.clone().unwrap_or(Value::Null)),
             );
             s.execute(&params)?;
-            base_written = true;
         }
         let row_dbv = row
             .cols
@@ -442,7 +400,7 @@ impl Merger {
             params.extend([Value::Integer(c.v), int(c.dbv), int(c.site), int(c.ov)]);
         }
         s.execute(&params)?;
-        Ok(base_written)
+        Ok(impacted)
     }
 }
 

@@ -5,15 +5,12 @@
 //! so the capture triggers stay quiet) and the clock row, which gets a fresh local change
 //! number. Statements are prepared once per transaction and finalized at its end.
 
-use std::collections::HashMap;
-
-use crate::changes_batch::{BatchStmts, Queued, QUEUE_LIMIT};
 use crate::error::{Error, Result};
-use crate::merge::{self, ColumnClock, ColumnStep, RowStep};
+use crate::merge::{self, ColumnClock, Plan};
+use crate::merger::{key_where, keyed, stmt, Merger, Queued, QUEUE_LIMIT};
 use crate::pk;
 use crate::schema::{clock_table, quote, TableInfo};
-use crate::sqlite::{Conn, Stmt, Value};
-use crate::state::Sites;
+use crate::sqlite::{Conn, Value};
 use crate::triggers::{col_clock, CL, DBV, S_DBV, S_OV, S_SITE};
 
 /// A change as written to `crsql_changes`.
@@ -29,118 +26,7 @@ pub struct Incoming {
     pub origin_version: Option<i64>,
 }
 
-/// Prepared statements of one table, by purpose.
-pub(crate) struct TableStmts {
-    /// Per column (index n = the sentinel): the local clock + value + base presence of one key.
-    read: HashMap<usize, Stmt>,
-    set_column: HashMap<usize, Stmt>,
-    update_base: HashMap<usize, Stmt>,
-    replace_with_column: HashMap<usize, Stmt>,
-    set_sentinel: Option<Stmt>,
-    new_life: Option<Stmt>,
-    insert_base: Option<Stmt>,
-    delete_base: Option<Stmt>,
-    /// The grouped (batched) path's statements.
-    pub batch: BatchStmts,
-}
-
-/// Per-connection merge state, kept for one transaction.
-#[derive(Default)]
-pub struct Merger {
-    tables: HashMap<String, (TableInfo, TableStmts)>,
-    state_read: Option<Stmt>,
-    state_write: Option<Stmt>,
-    flag_clear: Option<Stmt>,
-    /// `patina_state` as of our last read or write, valid while the connection's
-    /// `total_changes` has not moved since (nothing else wrote in between).
-    state: Option<CachedState>,
-    pub sites: Sites,
-    /// The batched path's queue and the savepoints' positions in it (`changes_batch`).
-    pub queue: Vec<Queued>,
-    pub marks: Vec<(i32, usize)>,
-    pub counter_write: Option<Stmt>,
-}
-
-pub(crate) fn stmt(
-    slot: &mut Option<Stmt>,
-    conn: Conn,
-    sql: impl FnOnce() -> String,
-) -> Result<&mut Stmt> {
-    if slot.is_none() {
-        *slot = Some(conn.prepare(&sql())?);
-    }
-    slot.as_mut()
-        .ok_or_else(|| Error::State("statement cache".into()))
-}
-
-fn keyed(
-    map: &mut HashMap<usize, Stmt>,
-    k: usize,
-    conn: Conn,
-    sql: impl FnOnce() -> String,
-) -> Result<&mut Stmt> {
-    if let std::collections::hash_map::Entry::Vacant(e) = map.entry(k) {
-        e.insert(conn.prepare(&sql())?);
-    }
-    map.get_mut(&k)
-        .ok_or_else(|| Error::State("statement cache".into()))
-}
-
-pub(crate) fn key_where(t: &TableInfo, first_param: usize) -> String {
-    t.pk.iter()
-        .enumerate()
-        .map(|(i, c)| format!("{} = ?{}", quote(&c.name), first_param + i))
-        .collect::<Vec<_>>()
-        .join(" AND ")
-}
-
 impl Merger {
-    /// Ends a transaction: drops the queue (a commit flushed it already) and every cached
-    /// statement.
-    pub fn end_transaction(&mut self) {
-        self.queue.clear();
-        self.marks.clear();
-        self.clear();
-    }
-
-    /// Drops every cached statement (after an error, a schema change); the queue stays.
-    pub fn clear(&mut self) {
-        self.tables.clear();
-        self.state_read = None;
-        self.state_write = None;
-        self.flag_clear = None;
-        self.counter_write = None;
-        self.state = None;
-        self.sites.forget();
-    }
-
-    pub(crate) fn table(&mut self, conn: Conn, name: &str) -> Result<&mut (TableInfo, TableStmts)> {
-        if !self.tables.contains_key(name) {
-            if !crate::schema::is_replicated(conn, name)? {
-                return Err(Error::Change(format!(
-                    "unknown table '{name}': it is not a replicated table in this database"
-                )));
-            }
-            let info = crate::schema::inspect(conn, name)?;
-            let stmts = TableStmts {
-                read: HashMap::new(),
-                set_column: HashMap::new(),
-                update_base: HashMap::new(),
-                replace_with_column: HashMap::new(),
-                set_sentinel: None,
-                new_life: None,
-                insert_base: None,
-                delete_base: None,
-                batch: BatchStmts::default(),
-            };
-            self.tables.insert(name.to_string(), (info, stmts));
-        }
-        self.tables
-            .get_mut(name)
-            .ok_or_else(|| Error::State("table cache".into()))
-    }
-
-    /// Validates and merges one change. Returns whether a base row was written.
     /// Validates and merges one change (or queues it on the batched path). Returns the base
     /// rows written (several when a full queue was applied).
     pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<i64> {
@@ -149,12 +35,6 @@ impl Merger {
             return Err(Error::Change(format!(
                 "site_id must be a 16-byte blob, got {} bytes",
                 ch.site_id.len()
-            )));
-        }
-        if ch.cl < 1 {
-            return Err(Error::Change(format!(
-                "cl must be a positive integer, got {}",
-                ch.cl
             )));
         }
         let keys = pk::unpack(&ch.pk)?;
@@ -192,11 +72,13 @@ impl Merger {
                 ch.cid, ch.table, ch.cl
             )));
         }
-        if col.is_some() && ch.col_version < 1 {
-            return Err(Error::Change(format!(
-                "col_version must be a positive integer, got {}",
-                ch.col_version
-            )));
+        if let Err((field, value)) = merge::check_clocks(ch.cl, col.map(|_| ch.col_version)) {
+            return Err(Error::Clock {
+                table: ch.table,
+                cid: ch.cid,
+                field,
+                value,
+            });
         }
 
         // Local state.
@@ -255,60 +137,39 @@ impl Merger {
             }
         };
 
-        let step = merge::row_step(local.cl, ch.cl);
-        let mut plan = Plan::default();
-        match (step, col) {
-            (RowStep::Stale, _) => return Ok(0),
-            (RowStep::Delete, _) => {
-                plan.base = BaseWrite::Delete;
-                plan.life = Some(Some((site_ord, origin)));
-            }
-            (RowStep::NewLife, _) => {
-                plan.base = BaseWrite::Replace;
-                // The row's own clock is credited only by the change that set it; a column
-                // change that reveals a new life leaves the credit open until it arrives.
-                plan.life = Some(if col.is_none() {
-                    Some((site_ord, origin))
-                } else {
-                    None
-                });
-                plan.column_clock = col.is_some();
-            }
-            (RowStep::SameLife, None) => {
-                let local_site = local.sentinel_site.and_then(|o| self.site_bytes(conn, o));
-                if !merge::sentinel_credits(local_site.as_deref(), &ch.site_id) {
-                    return Ok(0);
-                }
-                plan.sentinel = true;
-            }
-            (RowStep::SameLife, Some(_)) => {
-                if ch.cl % 2 == 0 {
-                    return Ok(0);
-                }
-                let local_site = local.col_site.and_then(|o| self.site_bytes(conn, o));
-                let l = ColumnClock {
+        let plan = {
+            let row_site = match (col, local.sentinel_site) {
+                (None, Some(o)) => self.site_bytes(conn, o),
+                _ => None,
+            };
+            let col_site = local.col_site.and_then(|o| self.site_bytes(conn, o));
+            let local_row = merge::LocalRow {
+                cl: local.cl,
+                row_site: row_site.as_deref(),
+                column: ColumnClock {
                     col_version: local.col_version,
                     value: &local.value,
-                    site: local_site.as_deref(),
-                };
-                let i = ColumnClock {
+                    site: col_site.as_deref(),
+                },
+            };
+            let incoming = merge::IncomingChange {
+                cl: ch.cl,
+                site: &ch.site_id,
+                column: col.map(|_| ColumnClock {
                     col_version: ch.col_version,
                     value: &ch.val,
                     site: Some(&ch.site_id),
-                };
-                plan.column_clock = true;
-                match merge::column_step(&l, &i) {
-                    ColumnStep::Keep => return Ok(0),
-                    ColumnStep::Take => plan.base = BaseWrite::Update,
-                    ColumnStep::TakeEqualValue if equal_values => plan.base = BaseWrite::Update,
-                    ColumnStep::TakeEqualValue => {}
-                }
-            }
+                }),
+            };
+            merge::plan(&local_row, &incoming, equal_values)
+        };
+        if plan == Plan::Skip {
+            return Ok(0);
         }
 
         // Write: one new local change number for this change.
         let new_dbv = db_version + 1;
-        let touches_base = plan.base != BaseWrite::None;
+        let touches_base = plan.impacts(true);
         let set_flag = touches_base && !merging;
         {
             let s = stmt(&mut self.state_write, conn, || {
@@ -322,7 +183,7 @@ impl Merger {
         // SQLite cannot open a savepoint while the INSERT runs, so atomicity comes from the
         // order: each change makes at most one base-table statement (atomic by itself),
         // before any clock write; if it fails, the counter and flag are put back.
-        if let Err(e) = self.write_base(conn, &ch, &keys, col, &plan) {
+        if let Err(e) = self.write_base(conn, &ch, &keys, col, plan) {
             let s = stmt(&mut self.state_write, conn, String::new)?;
             s.execute(&[
                 Value::Integer(db_version),
@@ -331,69 +192,20 @@ impl Merger {
             return Err(e);
         }
         // A delete of a row this replica never had changes no base row.
-        let base_changed = plan.base != BaseWrite::Delete || conn.changes() > 0;
-        let result = self.write_clock(conn, &ch, &keys, col, &plan, site_ord, origin, new_dbv);
+        let base_changed = plan != Plan::Delete || conn.changes() > 0;
+        let result = self.write_clock(conn, &ch, &keys, col, plan, site_ord, origin, new_dbv);
         if set_flag {
             let s = stmt(&mut self.flag_clear, conn, || {
                 "UPDATE patina_state SET merging = 0 WHERE id = 0".into()
             })?;
             s.execute(&[])?;
         }
-        self.state = result.as_ref().ok().map(|_| CachedState {
-            total_changes: conn.total_changes(),
-            db_version: new_dbv,
-            merging,
-            equal_values,
-        });
+        match &result {
+            Ok(()) => self.remember_state(conn, new_dbv, merging, equal_values),
+            Err(_) => self.forget_state(),
+        }
         result?;
-        Ok(i64::from(touches_base && base_changed))
-    }
-
-    /// `(db_version, merging, merge_equal_values)`, from the cache while nothing else wrote.
-    pub(crate) fn state_now(&mut self, conn: Conn) -> Result<(i64, bool, bool)> {
-        if let Some(c) = self.state {
-            if c.total_changes == conn.total_changes() {
-                return Ok((c.db_version, c.merging, c.equal_values));
-            }
-        }
-        let s = stmt(&mut self.state_read, conn, || {
-            "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0".into()
-        })?;
-        s.reset();
-        if !s.step()? {
-            s.reset();
-            return Err(Error::State("patina_state has no row".into()));
-        }
-        let r = (s.column_i64(0), s.column_i64(1) != 0, s.column_i64(2) != 0);
-        s.reset();
-        self.remember_state(conn, r.0, r.1, r.2);
-        Ok(r)
-    }
-
-    pub(crate) fn remember_state(
-        &mut self,
-        conn: Conn,
-        db_version: i64,
-        merging: bool,
-        equal_values: bool,
-    ) {
-        self.state = Some(CachedState {
-            total_changes: conn.total_changes(),
-            db_version,
-            merging,
-            equal_values,
-        });
-    }
-
-    pub(crate) fn forget_state(&mut self) {
-        self.state = None;
-    }
-
-    pub(crate) fn site_bytes(&mut self, conn: Conn, ord: i64) -> Option<Vec<u8>> {
-        if self.sites.id(ord).is_none() {
-            let _ = self.sites.reload(conn);
-        }
-        self.sites.id(ord).map(<[u8]>::to_vec)
+        Ok(i64::from(plan.impacts(base_changed)))
     }
 
     /// The one base-table statement of a change, if any.
@@ -403,14 +215,15 @@ impl Merger {
         ch: &Incoming,
         keys: &[Value],
         col: Option<usize>,
-        plan: &Plan,
+        plan: Plan,
     ) -> Result<()> {
         let (info, st) = self.table(conn, &ch.table)?;
         let npk = keys.len();
         let mut params = keys.to_vec();
-        match (plan.base, col) {
-            (BaseWrite::None, _) => Ok(()),
-            (BaseWrite::Delete, _) => {
+        match (plan, col) {
+            (Plan::Skip | Plan::CreditRow | Plan::SetColumn { write_base: false }, _)
+            | (Plan::SetColumn { .. }, None) => Ok(()),
+            (Plan::Delete, _) => {
                 let s = stmt(&mut st.delete_base, conn, || {
                     format!(
                         "DELETE FROM {} WHERE {}",
@@ -420,7 +233,7 @@ impl Merger {
                 })?;
                 s.execute(keys)
             }
-            (BaseWrite::Replace, None) => {
+            (Plan::NewLife, None) => {
                 let s = stmt(&mut st.insert_base, conn, || {
                     let params: Vec<String> = (1..=npk).map(|i| format!("?{i}")).collect();
                     format!(
@@ -432,7 +245,7 @@ impl Merger {
                 })?;
                 s.execute(keys)
             }
-            (BaseWrite::Replace, Some(i)) => {
+            (Plan::NewLife, Some(i)) => {
                 let s = keyed(&mut st.replace_with_column, i, conn, || {
                     let params: Vec<String> = (1..=npk + 1).map(|i| format!("?{i}")).collect();
                     format!(
@@ -446,7 +259,7 @@ impl Merger {
                 params.push(ch.val.clone());
                 s.execute(&params)
             }
-            (BaseWrite::Update, Some(i)) => {
+            (Plan::SetColumn { write_base: true }, Some(i)) => {
                 let s = keyed(&mut st.update_base, i, conn, || {
                     format!(
                         "UPDATE {} SET {} = ?{} WHERE {}",
@@ -459,7 +272,6 @@ impl Merger {
                 params.push(ch.val.clone());
                 s.execute(&params)
             }
-            (BaseWrite::Update, None) => Ok(()),
         }
     }
 
@@ -470,15 +282,32 @@ impl Merger {
         ch: &Incoming,
         keys: &[Value],
         col: Option<usize>,
-        plan: &Plan,
+        plan: Plan,
         site: i64,
         origin: i64,
         dbv: i64,
     ) -> Result<()> {
         let (info, st) = self.table(conn, &ch.table)?;
         let npk = keys.len();
-        if let Some(life) = plan.life {
-            let s = stmt(&mut st.new_life, conn, || new_life_sql(info))?;
+        // A new life or delete sets `cl` and restarts the columns; the row's own clock is
+        // credited only by the change that set it (see `merge::Plan::NewLife`).
+        let life = match (plan, col) {
+            (Plan::Delete, _) | (Plan::NewLife, None) => Some(Some((site, origin))),
+            (Plan::NewLife, Some(_)) => Some(None),
+            _ => None,
+        };
+        // A new life's column change rides in the same upsert.
+        let with_column = match (life, col) {
+            (Some(None), Some(i)) => Some(i),
+            _ => None,
+        };
+        if let Some(life) = life {
+            let s = match with_column {
+                Some(i) => keyed(&mut st.new_life_with, i, conn, || {
+                    new_life_sql(info, Some(i))
+                })?,
+                None => stmt(&mut st.new_life, conn, || new_life_sql(info, None))?,
+            };
             let (s_site, s_ov, s_dbv) = match life {
                 Some((site, ov)) => (
                     Value::Integer(site),
@@ -495,9 +324,17 @@ impl Merger {
                 s_site,
                 s_ov,
             ]);
+            if with_column.is_some() {
+                params.extend([
+                    Value::Integer(ch.col_version),
+                    Value::Integer(dbv),
+                    Value::Integer(site),
+                    Value::Integer(origin),
+                ]);
+            }
             s.execute(&params)?;
         }
-        if plan.sentinel {
+        if plan == Plan::CreditRow {
             let s = stmt(&mut st.set_sentinel, conn, || {
                 format!(
                     "UPDATE {} SET {S_DBV} = ?{a}, {DBV} = ?{a}, {S_SITE} = ?{b}, {S_OV} = ?{c} WHERE {w}",
@@ -516,7 +353,7 @@ impl Merger {
             ]);
             s.execute(&params)?;
         }
-        if let (Some(i), true) = (col, plan.column_clock) {
+        if let (Some(i), Plan::SetColumn { .. }) = (col, plan) {
             let s = keyed(&mut st.set_column, i, conn, || {
                 let [v, d, si, ov] = col_clock(&info.columns[i].name).map(|x| quote(&x));
                 format!(
@@ -563,39 +400,6 @@ impl LocalRow {
     }
 }
 
-#[derive(Clone, Copy)]
-struct CachedState {
-    total_changes: i64,
-    db_version: i64,
-    merging: bool,
-    equal_values: bool,
-}
-
-/// The base-table statement of a change.
-#[derive(Clone, Copy, Default, PartialEq, Eq)]
-enum BaseWrite {
-    #[default]
-    None,
-    Delete,
-    /// A new life: the row restarts from its defaults (plus the incoming column, if any).
-    Replace,
-    /// The column's new value.
-    Update,
-}
-
-/// What one change writes.
-#[derive(Default)]
-struct Plan {
-    base: BaseWrite,
-    /// Set the row's life: `Some(Some((site, origin)))` credits it, `Some(None)` leaves
-    /// the credit open; column clocks restart either way.
-    life: Option<Option<(i64, i64)>>,
-    /// Credit the row's own clock to the incoming site (same life).
-    sentinel: bool,
-    /// Write the column's clock.
-    column_clock: bool,
-}
-
 /// The local clock of a key (no row when unknown) and, for a column, its clock and the
 /// base table's current value.
 fn read_sql(t: &TableInfo, col: Option<usize>) -> String {
@@ -620,9 +424,18 @@ fn read_sql(t: &TableInfo, col: Option<usize>) -> String {
 }
 
 /// Upserts the row's clock for a new life (or delete): sets cl and the row clock, and
-/// restarts every column clock.
-fn new_life_sql(t: &TableInfo) -> String {
+/// restarts every column clock but `col`, which takes the incoming change's clock (so a
+/// change that starts a new life costs one clock statement, not two).
+fn new_life_sql(t: &TableInfo, col: Option<usize>) -> String {
     let npk = t.pk.len();
+    let mut names = vec![
+        crate::triggers::pk_list(t, ""),
+        CL.into(),
+        DBV.into(),
+        S_DBV.into(),
+        S_SITE.into(),
+        S_OV.into(),
+    ];
     let mut sets = vec![
         format!("{CL} = excluded.{CL}"),
         format!("{DBV} = excluded.{DBV}"),
@@ -630,20 +443,28 @@ fn new_life_sql(t: &TableInfo) -> String {
         format!("{S_SITE} = excluded.{S_SITE}"),
         format!("{S_OV} = excluded.{S_OV}"),
     ];
-    for c in &t.columns {
+    for (i, c) in t.columns.iter().enumerate() {
         let [v, d, s, ov] = col_clock(&c.name).map(|x| quote(&x));
-        sets.extend([
-            format!("{v} = 0"),
-            format!("{d} = NULL"),
-            format!("{s} = NULL"),
-            format!("{ov} = NULL"),
-        ]);
+        if Some(i) == col {
+            for x in [v, d, s, ov] {
+                sets.push(format!("{x} = excluded.{x}"));
+                names.push(x);
+            }
+        } else {
+            sets.extend([
+                format!("{v} = 0"),
+                format!("{d} = NULL"),
+                format!("{s} = NULL"),
+                format!("{ov} = NULL"),
+            ]);
+        }
     }
-    let params: Vec<String> = (1..=npk + 5).map(|i| format!("?{i}")).collect();
+    let n = npk + 5 + if col.is_some() { 4 } else { 0 };
+    let params: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
     format!(
-        "INSERT INTO {clock} ({pk}, {CL}, {DBV}, {S_DBV}, {S_SITE}, {S_OV}) VALUES ({params}) \
-         ON CONFLICT ({pk}) DO UPDATE SET {sets}",
+        "INSERT INTO {clock} ({names}) VALUES ({params}) ON CONFLICT ({pk}) DO UPDATE SET {sets}",
         clock = quote(&clock_table(&t.name)),
+        names = names.join(", "),
         pk = crate::triggers::pk_list(t, ""),
         params = params.join(", "),
         sets = sets.join(", "),

@@ -4,6 +4,7 @@
 //! Every entry point runs in a savepoint: on error nothing it did remains.
 
 use crate::error::{Error, Result};
+use crate::merge::MAX_CLOCK;
 use crate::schema::{self, clock_table, inspect, literal, quote, TableInfo, MARK};
 use crate::sqlite::{Conn, Value};
 use crate::state;
@@ -63,7 +64,7 @@ pub fn commit_alter(conn: Conn, table: &str) -> Result<()> {
 }
 
 /// Regenerates the triggers of a replicated table (after a site id change).
-pub fn install_triggers(conn: Conn, table: &str) -> Result<()> {
+fn install_triggers(conn: Conn, table: &str) -> Result<()> {
     let info = inspect(conn, table)?;
     install_triggers_for(conn, &info)
 }
@@ -158,23 +159,29 @@ fn migrate_clock(conn: Conn, info: &TableInfo) -> Result<()> {
 fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
     let site = state::local_site(conn)?;
     let n = info.columns.len() as i64;
-    let per_row = n + 1;
+    // As the insert trigger numbers a first life: the columns carry the row; only a
+    // key-only table records the row's own clock.
+    let per_row = n.max(1);
     let clock = quote(&clock_table(&info.name));
     let table = quote(&info.name);
     let key_match = |a: &str, b: &str| triggers::pk_match(info, a, b);
     let names = triggers::clock_columns(info);
+    let own = if n == 0 {
+        ["s.db_version + b.r".to_string(), site.to_string()]
+    } else {
+        ["NULL".to_string(), "NULL".to_string()]
+    };
     let mut values = vec![
         triggers::pk_list(info, "b."),
         "1".into(),
         format!("s.db_version + b.r * {per_row}"),
-        format!("s.db_version + (b.r - 1) * {per_row} + 1"),
-        site.to_string(),
-        "NULL".into(),
     ];
+    values.extend(own);
+    values.push("NULL".into());
     for i in 0..info.columns.len() {
         values.extend([
             "1".into(),
-            format!("s.db_version + (b.r - 1) * {per_row} + {}", i + 2),
+            format!("s.db_version + (b.r - 1) * {per_row} + {}", i + 1),
             site.to_string(),
             "NULL".into(),
         ]);
@@ -195,12 +202,13 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
             added * per_row
         ))?;
     }
-    // Rows the clock thinks alive but the table no longer has: record their delete.
+    // Rows the clock thinks alive but the table no longer has: record their delete (a row
+    // at the causal length limit stays as it is, as its delete trigger would refuse).
     conn.exec(&format!(
         "UPDATE {clock} SET {CL} = {CL} + 1, {DBV} = s.db_version + d.r, {S_DBV} = s.db_version + d.r, \
          {S_SITE} = {site}, {S_OV} = NULL \
          FROM (SELECT {kpk}, row_number() OVER (ORDER BY {kpk}) AS r FROM {clock} AS k \
-               WHERE k.{CL} % 2 = 1 AND NOT EXISTS (SELECT 1 FROM {table} AS b WHERE {m})) AS d, patina_state AS s \
+               WHERE k.{CL} % 2 = 1 AND k.{CL} < {MAX_CLOCK} AND NOT EXISTS (SELECT 1 FROM {table} AS b WHERE {m})) AS d, patina_state AS s \
          WHERE s.id = 0 AND {dm}",
         kpk = triggers::pk_list(info, "k."),
         m = key_match("b", "k"),
@@ -212,5 +220,46 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
             "UPDATE patina_state SET db_version = db_version + {deleted} WHERE id = 0"
         ))?;
     }
+    // Living rows that nothing in the feed carries any more: no column clock in this life
+    // and the row's own clock open (a `DROP COLUMN` took the columns that carried them).
+    // They get their own clock now, or a fresh replica would never learn of them.
+    let no_column: String = info
+        .columns
+        .iter()
+        .map(|c| format!(" AND k.{} = 0", quote(&triggers::col_clock(&c.name)[0])))
+        .collect();
+    conn.exec(&format!(
+        "UPDATE {clock} SET {DBV} = s.db_version + d.r, {S_DBV} = s.db_version + d.r, \
+         {S_SITE} = {site}, {S_OV} = NULL \
+         FROM (SELECT {kpk}, row_number() OVER (ORDER BY {kpk}) AS r FROM {clock} AS k \
+               WHERE k.{CL} % 2 = 1 AND k.{S_SITE} IS NULL{no_column}) AS d, patina_state AS s \
+         WHERE s.id = 0 AND {dm}",
+        kpk = triggers::pk_list(info, "k."),
+        dm = key_match(&clock, "d"),
+    ))?;
+    let carried = conn.query_i64("SELECT changes()")?.unwrap_or(0);
+    if carried > 0 {
+        conn.exec(&format!(
+            "UPDATE patina_state SET db_version = db_version + {carried} WHERE id = 0"
+        ))?;
+    }
     Ok(())
+}
+
+/// Gives the database a fresh random site id. Past local changes keep their credit to the
+/// old id (they point at its ordinal); new ones use the new ordinal, baked into the
+/// triggers, which are regenerated.
+pub fn new_site_id(conn: Conn) -> Result<Vec<u8>> {
+    state::ensure(conn)?;
+    state::savepoint(conn, "patina_new_site", || {
+        let site: [u8; 16] = rand::random();
+        let ord = state::site_ordinal_insert(conn, &site)?;
+        let mut s =
+            conn.prepare("UPDATE patina_state SET site_id = ?1, local_site = ?2 WHERE id = 0")?;
+        s.execute(&[Value::Blob(site.to_vec()), Value::Integer(ord)])?;
+        for table in schema::replicated_tables(conn)? {
+            install_triggers(conn, &table)?;
+        }
+        Ok(site.to_vec())
+    })
 }

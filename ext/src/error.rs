@@ -30,6 +30,16 @@ pub enum Error {
     /// A change written to `crsql_changes` is malformed or targets something unknown.
     #[error("crsql_changes: {0}")]
     Change(String),
+    /// A change's `cl` or `col_version` is outside `1..=2^62` (see `merge::MAX_CLOCK`);
+    /// the change is refused whole and nothing is written.
+    #[error("crsql_changes: {field} of table '{table}', column '{cid}' is {value}, outside 1..={max}: \
+             a larger clock could overflow when written locally (see merge::MAX_CLOCK)", max = crate::merge::MAX_CLOCK)]
+    Clock {
+        table: String,
+        cid: String,
+        field: crate::merge::ClockField,
+        value: i64,
+    },
     /// A packed primary key blob could not be decoded.
     #[error("malformed packed primary key: {0}")]
     Pk(String),

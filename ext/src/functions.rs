@@ -13,14 +13,29 @@ use crate::{crr, pk, state, Shared};
 /// The shape of every function in the registration list.
 pub type Func = fn(*mut sqlite3_context, &[*mut sqlite3_value], &Arc<Shared>) -> SlResult<()>;
 
+// The functions below have the safe signature sqlite-loadable's registration requires;
+// they are private to the crate and only ever called by SQLite through that registration,
+// with the context and arguments of the call now running. The helpers here rely on that.
+
+/// The connection of the running call.
 fn conn(ctx: *mut sqlite3_context) -> Conn {
-    Conn(sqlite_loadable::api::context_db_handle(ctx))
+    // SAFETY: ctx is the running call's context (see above); its connection is open.
+    unsafe { Conn::from_raw(sqlite_loadable::api::context_db_handle(ctx)) }
+}
+
+/// Copies the running call's arguments.
+fn values(args: &[*mut sqlite3_value]) -> Vec<Value> {
+    // SAFETY: args are the running call's arguments (see above).
+    args.iter()
+        .map(|a| unsafe { Value::from_raw(*a) })
+        .collect()
 }
 
 fn finish(ctx: *mut sqlite3_context, r: Result<Value>) -> SlResult<()> {
     match r {
         Ok(v) => {
-            sq::result_value(ctx, &v);
+            // SAFETY: ctx is the running call's context (see above).
+            unsafe { sq::result_value(ctx, &v) };
             Ok(())
         }
         Err(e) => Err(sqlite_loadable::Error::new_message(e.to_string())),
@@ -30,7 +45,7 @@ fn finish(ctx: *mut sqlite3_context, r: Result<Value>) -> SlResult<()> {
 /// The table-name argument of `function`: TEXT, non-empty; with two arguments the first is
 /// the schema, which must be `main`.
 fn table_arg(function: &'static str, args: &[*mut sqlite3_value]) -> Result<String> {
-    let values: Vec<Value> = args.iter().map(|a| Value::from_raw(*a)).collect();
+    let values: Vec<Value> = values(args);
     let (pos, v) = match values.as_slice() {
         [t] => (1, t),
         [schema, t] => {
@@ -175,8 +190,8 @@ pub fn rows_impacted(
 
 const MERGE_EQUAL_VALUES: &[u8] = b"merge-equal-values";
 
-fn config_name(function: &'static str, v: *mut sqlite3_value) -> Result<()> {
-    match Value::from_raw(v) {
+fn config_name(function: &'static str, v: Value) -> Result<()> {
+    match v {
         Value::Text(t) if t == MERGE_EQUAL_VALUES => Ok(()),
         other => Err(Error::Argument {
             function,
@@ -199,8 +214,15 @@ pub fn config_set(
     _: &Arc<Shared>,
 ) -> SlResult<()> {
     let r = (|| {
-        config_name("crsql_config_set", args[0])?;
-        let on = match Value::from_raw(args[1]) {
+        let args = values(args);
+        let [name, value] = <[Value; 2]>::try_from(args).map_err(|_| Error::Argument {
+            function: "crsql_config_set",
+            position: 1,
+            name: "name",
+            problem: "and a value are required".into(),
+        })?;
+        config_name("crsql_config_set", name)?;
+        let on = match value {
             Value::Integer(i @ (0 | 1)) => i,
             other => {
                 return Err(Error::Argument {
@@ -225,7 +247,8 @@ pub fn config_get(
     args: &[*mut sqlite3_value],
     _: &Arc<Shared>,
 ) -> SlResult<()> {
-    let r = config_name("crsql_config_get", args[0]).and_then(|_| {
+    let name = values(args).into_iter().next().unwrap_or(Value::Null);
+    let r = config_name("crsql_config_get", name).and_then(|_| {
         let c = conn(ctx);
         if !state::initialized(c)? {
             return Ok(Value::Integer(0));
@@ -243,7 +266,7 @@ pub fn pack_columns(
     args: &[*mut sqlite3_value],
     _: &Arc<Shared>,
 ) -> SlResult<()> {
-    let values: Vec<Value> = args.iter().map(|a| Value::from_raw(*a)).collect();
+    let values: Vec<Value> = values(args);
     if values.is_empty() {
         return finish(
             ctx,
@@ -282,5 +305,5 @@ pub fn new_site_id(
     _: &[*mut sqlite3_value],
     _: &Arc<Shared>,
 ) -> SlResult<()> {
-    finish(ctx, state::new_site_id(conn(ctx)).map(Value::Blob))
+    finish(ctx, crr::new_site_id(conn(ctx)).map(Value::Blob))
 }

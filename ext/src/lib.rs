@@ -12,23 +12,25 @@
 //! - `crr`           — `crsql_as_crr`, `crsql_as_table`, begin/commit alter, backfill.
 //! - `changes`       — the `crsql_changes` virtual table (glue).
 //! - `changes_read`  — the change feed.
-//! - `changes_write` — merging remote changes.
+//! - `merger`        — per-connection merge state both merge paths share (caches, queue).
+//! - `changes_write` — merging remote changes one at a time (the entry point of a merge).
 //! - `changes_batch` — the batched merge path: queued changes applied grouped by row.
 //! - `functions`     — the scalar SQL functions.
 
-pub mod changes;
-pub mod changes_batch;
-pub mod changes_read;
-pub mod changes_write;
-pub mod crr;
-pub mod error;
-pub mod functions;
-pub mod merge;
-pub mod pk;
-pub mod schema;
-pub mod sqlite;
-pub mod state;
-pub mod triggers;
+mod changes;
+mod changes_batch;
+mod changes_read;
+mod changes_write;
+mod crr;
+mod error;
+mod functions;
+mod merge;
+mod merger;
+mod pk;
+mod schema;
+mod sqlite;
+mod state;
+mod triggers;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -42,16 +44,16 @@ use sqlite_loadable::{define_scalar_function_with_aux, FunctionFlags};
 /// connection's callbacks one at a time, so a `RefCell` is enough; a re-entrant use (a
 /// trigger merging from inside a merge) gets an error, not a panic.
 #[derive(Default)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// Base rows written by merges since the current transaction's first merge.
-    pub rows_impacted: AtomicI64,
+    pub(crate) rows_impacted: AtomicI64,
     /// The merger: statement caches and the batched path's queue.
-    pub merger: RefCell<changes_write::Merger>,
+    pub(crate) merger: RefCell<merger::Merger>,
 }
 
 impl Shared {
     /// Applies the batched path's queue (see `changes_batch`).
-    pub fn flush(&self, conn: sqlite::Conn) -> error::Result<()> {
+    pub(crate) fn flush(&self, conn: sqlite::Conn) -> error::Result<()> {
         let mut m = self
             .merger
             .try_borrow_mut()
@@ -83,7 +85,9 @@ pub unsafe extern "C" fn sqlite3_patina_init(
         faux_sqlite_extension_init2(api);
         sqlite::set_api(api);
     }
-    match register(db) {
+    // SAFETY: db is the connection SQLite is loading us into, and the table is stored.
+    let conn = unsafe { sqlite::Conn::from_raw(db) };
+    match register(db, conn) {
         Ok(()) => sqlite::SQLITE_OK as c_uint,
         Err(e) => {
             if !err.is_null() {
@@ -95,7 +99,7 @@ pub unsafe extern "C" fn sqlite3_patina_init(
     }
 }
 
-fn register(db: *mut sqlite3) -> error::Result<()> {
+fn register(db: *mut sqlite3, conn: sqlite::Conn) -> error::Result<()> {
     use functions as f;
     // Not Sync (RefCell inside): SQLite runs one connection's callbacks one at a time, and
     // the atomic count stays right when an app moves the connection between threads.
@@ -143,13 +147,16 @@ fn register(db: *mut sqlite3) -> error::Result<()> {
             .map_err(|e| error::Error::State(format!("registering {name}(): {e:?}")))?;
     }
     let aux = Arc::into_raw(shared) as *mut c_void;
-    let rc = sqlite::create_module(
-        db,
-        c"crsql_changes",
-        &changes::MODULE,
-        aux,
-        Some(drop_shared),
-    );
+    // SAFETY: aux is a strong count SQLite owns from here and releases with drop_shared.
+    let rc = unsafe {
+        sqlite::create_module(
+            conn,
+            c"crsql_changes",
+            &changes::MODULE,
+            aux,
+            Some(drop_shared),
+        )
+    };
     if rc != sqlite::SQLITE_OK {
         return Err(error::Error::State(format!(
             "registering crsql_changes failed (code {rc})"
@@ -157,6 +164,6 @@ fn register(db: *mut sqlite3) -> error::Result<()> {
     }
     // First load into a writable database: create patina's state and a site id. A
     // read-only or busy database is fine; crsql_as_crr retries later.
-    let _ = state::ensure(sqlite::Conn(db));
+    let _ = state::ensure(conn);
     Ok(())
 }

@@ -67,12 +67,6 @@ pub fn compare_values(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-/// True when two values are the same value of the same storage class (so `1` and `1.0`
-/// differ, as they do in the order above).
-pub fn same_value(a: &Value, b: &Value) -> bool {
-    compare_values(a, b) == Ordering::Equal
-}
-
 /// What the incoming change's causal length does to the row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowStep {
@@ -140,6 +134,132 @@ pub fn sentinel_credits(local_site: Option<&[u8]>, incoming_site: &[u8]) -> bool
     Some(incoming_site) > local_site
 }
 
+/// The largest `cl` or `col_version` a merge accepts: 2^62.
+///
+/// Local writes add 1 to a column's version and at most 2 to a row's `cl`, in plain-SQL
+/// triggers where an overflowing `+ 1` silently turns the clock into a REAL (9.22e18)
+/// that no longer compares or ships as an integer, and two replicas then stay apart for
+/// good. Refusing larger clocks at the door leaves 2^62 local edits of one row before any
+/// arithmetic could reach `i64::MAX`, so no trigger or merge ever overflows. Every replica
+/// refuses the same changes, so refusing one never makes replicas disagree.
+pub const MAX_CLOCK: i64 = 1 << 62;
+
+/// Which clock of a change is out of range, for the error message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockField {
+    Cl,
+    ColVersion,
+}
+
+impl std::fmt::Display for ClockField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClockField::Cl => "cl",
+            ClockField::ColVersion => "col_version",
+        })
+    }
+}
+
+/// Checks a change's clocks against `1..=MAX_CLOCK` (`col_version` only for a column
+/// change: a row's own clock carries none). Returns the offending field and value.
+pub fn check_clocks(cl: i64, col_version: Option<i64>) -> Result<(), (ClockField, i64)> {
+    if !(1..=MAX_CLOCK).contains(&cl) {
+        return Err((ClockField::Cl, cl));
+    }
+    match col_version {
+        Some(v) if !(1..=MAX_CLOCK).contains(&v) => Err((ClockField::ColVersion, v)),
+        _ => Ok(()),
+    }
+}
+
+/// The local state of the row a change targets, as far as the plan needs it.
+#[derive(Clone, Debug)]
+pub struct LocalRow<'a> {
+    /// Causal length; 0 when the row is unknown here.
+    pub cl: i64,
+    /// The site credited with the row's own clock in this life (`None`: credit open).
+    pub row_site: Option<&'a [u8]>,
+    /// The target column's clock; ignored for a change to the row's own clock.
+    pub column: ColumnClock<'a>,
+}
+
+/// One incoming change, as far as the plan needs it.
+#[derive(Clone, Debug)]
+pub struct IncomingChange<'a> {
+    pub cl: i64,
+    pub site: &'a [u8],
+    /// `None` for the row's own clock (cid '-1'); the column's clock otherwise.
+    pub column: Option<ColumnClock<'a>>,
+}
+
+/// What one change does to a row: the one decision both merge paths (one statement per
+/// change in `changes_write`, grouped by row in `changes_batch`) carry out, so they
+/// cannot drift apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing changes (an older life, a losing column, an uncredited row clock).
+    Skip,
+    /// A later, deleted life: delete the base row, set `cl`, credit the row's clock to
+    /// the incoming site, restart every column clock.
+    Delete,
+    /// A later, living life: the base row restarts from its DEFAULTs, every column clock
+    /// restarts; a row-clock change credits the row's clock, a column change sets its
+    /// column (value and clock) and leaves the row's credit open until its own change
+    /// arrives.
+    NewLife,
+    /// Same life: credit the row's own clock to the incoming site.
+    CreditRow,
+    /// Same life: the column's clock becomes the incoming one; the base column is
+    /// rewritten when `write_base`.
+    SetColumn { write_base: bool },
+}
+
+impl Plan {
+    /// Whether carrying out the plan writes the base row — what `crsql_rows_impacted()`
+    /// counts, per change. A delete counts only when there was a row to delete.
+    pub fn impacts(self, base_present: bool) -> bool {
+        match self {
+            Plan::Delete => base_present,
+            Plan::NewLife => true,
+            Plan::SetColumn { write_base } => write_base,
+            Plan::Skip | Plan::CreditRow => false,
+        }
+    }
+}
+
+/// Decides what `incoming` does to `local`. `equal_values` is the `merge-equal-values`
+/// setting: whether a winning change that carries the local value rewrites the row.
+///
+/// A column never written in this life (version 0) holds its DEFAULT, not a value any
+/// site wrote, so any change to it wins and is written, as cr-sqlite does for a column
+/// with no clock.
+pub fn plan(local: &LocalRow<'_>, incoming: &IncomingChange<'_>, equal_values: bool) -> Plan {
+    match (row_step(local.cl, incoming.cl), &incoming.column) {
+        (RowStep::Stale, _) => Plan::Skip,
+        (RowStep::Delete, _) => Plan::Delete,
+        (RowStep::NewLife, _) => Plan::NewLife,
+        (RowStep::SameLife, None) => {
+            if sentinel_credits(local.row_site, incoming.site) {
+                Plan::CreditRow
+            } else {
+                Plan::Skip
+            }
+        }
+        // A deleted life has no column values (such changes are refused before this).
+        (RowStep::SameLife, Some(_)) if incoming.cl % 2 == 0 => Plan::Skip,
+        (RowStep::SameLife, Some(_)) if local.column.col_version == 0 => {
+            Plan::SetColumn { write_base: true }
+        }
+        (RowStep::SameLife, Some(inc)) => match column_step(&local.column, inc) {
+            ColumnStep::Keep => Plan::Skip,
+            ColumnStep::Take => Plan::SetColumn { write_base: true },
+            ColumnStep::TakeEqualValue => Plan::SetColumn {
+                write_base: equal_values,
+            },
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,7 +282,7 @@ mod tests {
             Ordering::Less
         );
         assert_eq!(compare_values(&Integer(-3), &Real(-2.5)), Ordering::Less);
-        assert!(!same_value(&Integer(1), &Real(1.0)));
+        assert_ne!(compare_values(&Integer(1), &Real(1.0)), Ordering::Equal);
     }
 
     #[test]

@@ -5,10 +5,10 @@
 //! load time; we keep that pointer here and expose only what patina needs, as safe
 //! methods. Everything else in the crate stays free of `unsafe` except the vtab glue.
 //!
-//! The value, context and statement pointers these helpers take are the ones SQLite hands
-//! a callback, valid for its duration; taking them in safe functions is what this module
-//! is for, so the lint asking for `unsafe fn` is silenced here and only here.
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
+//! Raw pointers cannot be forged into safe calls: a [`Conn`] is built only through the
+//! `unsafe` [`Conn::from_raw`], and every function that takes a value or context pointer
+//! SQLite handed a callback is `unsafe` with a `# Safety` section saying what the caller
+//! vouches for. Statements ([`Stmt`]) are made only by a `Conn`, so they are safe to use.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
@@ -32,9 +32,18 @@ pub unsafe fn set_api(api: *mut sqlite3_api_routines) {
     }
 }
 
+/// The routine table. Every path here starts from a [`Conn`] or a pointer SQLite passed a
+/// callback, which exist only after the entry point stored the table; a null table is a
+/// bug (or a host calling in without loading), answered with a panic that names it, never
+/// a null dereference.
 fn api() -> &'static sqlite3_api_routines {
-    // SAFETY: set once by the entry point before any function or vtab can run.
-    unsafe { &*API.load(Ordering::Acquire) }
+    let p = API.load(Ordering::Acquire);
+    assert!(
+        !p.is_null(),
+        "patina: SQLite's routine table is not set (sqlite3_patina_init has not run)"
+    );
+    // SAFETY: non-null, so it is the table SQLite gave the entry point, valid for the process.
+    unsafe { &*p }
 }
 
 /// Calls one routine of the table. The routines are `Option` only because bindgen makes
@@ -52,7 +61,6 @@ pub const SQLITE_OK: c_int = 0;
 pub const SQLITE_ERROR: c_int = 1;
 pub const SQLITE_ROW: c_int = 100;
 pub const SQLITE_DONE: c_int = 101;
-pub const SQLITE_CONSTRAINT: c_int = 19;
 const SQLITE_INTEGER: c_int = 1;
 const SQLITE_FLOAT: c_int = 2;
 const SQLITE_TEXT: c_int = 3;
@@ -76,7 +84,11 @@ pub enum Value {
 
 impl Value {
     /// Copies a value SQLite passed in (function argument, vtab column).
-    pub fn from_raw(v: *mut sqlite3_value) -> Value {
+    ///
+    /// # Safety
+    /// `v` must be a value SQLite passed the callback now running (an argument of a
+    /// function or of `xUpdate`/`xFilter`), still valid.
+    pub unsafe fn from_raw(v: *mut sqlite3_value) -> Value {
         // SAFETY: `v` is a live value for the duration of the call that received it.
         unsafe {
             match call!(value_type(v)) {
@@ -125,7 +137,10 @@ unsafe fn bytes(p: *const u8, n: c_int) -> Vec<u8> {
 }
 
 /// Sets a function's or vtab column's result.
-pub fn result_value(ctx: *mut sqlite3_context, v: &Value) {
+///
+/// # Safety
+/// `ctx` must be the context SQLite passed the function or `xColumn` call now running.
+pub unsafe fn result_value(ctx: *mut sqlite3_context, v: &Value) {
     // SAFETY: ctx is the live context of the current call; buffers are copied (TRANSIENT).
     unsafe {
         match v {
@@ -148,12 +163,6 @@ pub fn result_value(ctx: *mut sqlite3_context, v: &Value) {
     }
 }
 
-/// Reports an error from a function or vtab column.
-pub fn result_error(ctx: *mut sqlite3_context, msg: &str) {
-    // SAFETY: the message is copied by SQLite before returning.
-    unsafe { call!(result_error(ctx, msg.as_ptr().cast(), msg.len() as c_int)) }
-}
-
 /// An `sqlite3_mprintf`-allocated copy of `msg`, for `zErrMsg` fields SQLite frees itself.
 pub fn sqlite_string(msg: &str) -> *mut c_char {
     let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
@@ -162,18 +171,32 @@ pub fn sqlite_string(msg: &str) -> *mut c_char {
 }
 
 /// Frees memory SQLite allocated (e.g. a `zErrMsg` we replace).
-pub fn sqlite_free(p: *mut c_void) {
+///
+/// # Safety
+/// `p` must be null or come from SQLite's allocator and not have been freed.
+pub unsafe fn sqlite_free(p: *mut c_void) {
     if !p.is_null() {
         // SAFETY: p came from SQLite's allocator.
         unsafe { call!(free(p)) }
     }
 }
 
-/// A database connection handle borrowed from SQLite (we never close it).
+/// A database connection handle borrowed from SQLite (we never close it). Built only
+/// by [`Conn::from_raw`], so safe code cannot make one from an arbitrary pointer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conn(pub *mut sqlite3);
+pub struct Conn(*mut sqlite3);
 
 impl Conn {
+    /// Wraps a connection handle.
+    ///
+    /// # Safety
+    /// `db` must be an open connection SQLite gave patina (the entry point's, a function
+    /// context's, a vtab's), which stays open while the `Conn` and statements made from it
+    /// are used. The entry point must have run (it stores the routine table).
+    pub unsafe fn from_raw(db: *mut sqlite3) -> Conn {
+        Conn(db)
+    }
+
     pub fn errmsg(&self) -> String {
         // SAFETY: errmsg returns a NUL-terminated string owned by the connection.
         unsafe {
@@ -258,12 +281,6 @@ impl Conn {
         // SAFETY: valid connection.
         i64::from(unsafe { call!(changes(self.0)) })
     }
-
-    /// True when the connection is outside an explicit transaction.
-    pub fn autocommit(&self) -> bool {
-        // SAFETY: valid connection.
-        unsafe { call!(get_autocommit(self.0)) != 0 }
-    }
 }
 
 fn first_line(sql: &str) -> String {
@@ -324,12 +341,6 @@ impl Stmt {
                 )),
             }
         };
-        self.check(rc)
-    }
-
-    pub fn bind_i64(&mut self, index: usize, v: i64) -> Result<()> {
-        // SAFETY: live statement.
-        let rc = unsafe { call!(bind_int64(self.raw, index as c_int, v)) };
         self.check(rc)
     }
 
@@ -443,21 +454,35 @@ impl Drop for Stmt {
 }
 
 /// Declares a vtab's schema from inside xConnect.
-pub fn declare_vtab(db: *mut sqlite3, sql: &CStr) -> c_int {
+///
+/// # Safety
+/// `db` must be the connection SQLite passed the `xConnect` call now running.
+pub unsafe fn declare_vtab(db: *mut sqlite3, sql: &CStr) -> c_int {
     // SAFETY: called from xConnect with the connection SQLite passed.
     unsafe { call!(declare_vtab(db, sql.as_ptr())) }
 }
 
 /// Registers a raw module (the vtab glue in `changes.rs` builds the struct).
-pub fn create_module(
-    db: *mut sqlite3,
+///
+/// # Safety
+/// `aux` must be valid for the module's callbacks until SQLite calls `destroy` on it.
+pub unsafe fn create_module(
+    conn: Conn,
     name: &CStr,
     module: &'static sqlite_loadable::ext::sqlite3_module,
     aux: *mut c_void,
     destroy: Option<unsafe extern "C" fn(*mut c_void)>,
 ) -> c_int {
     // SAFETY: the module is 'static; aux ownership passes to SQLite with `destroy`.
-    unsafe { call!(create_module_v2(db, name.as_ptr(), module, aux, destroy)) }
+    unsafe {
+        call!(create_module_v2(
+            conn.0,
+            name.as_ptr(),
+            module,
+            aux,
+            destroy
+        ))
+    }
 }
 
 /// `sqlite3_table_column_metadata`: the collation of a column (None when default BINARY).

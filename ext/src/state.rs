@@ -87,7 +87,7 @@ pub fn db_version(conn: Conn) -> Result<i64> {
     }
 }
 
-fn site_ordinal_insert(conn: Conn, site: &[u8]) -> Result<i64> {
+pub(crate) fn site_ordinal_insert(conn: Conn, site: &[u8]) -> Result<i64> {
     let mut s = conn.prepare(
         "INSERT INTO patina_sites (site_id) VALUES (?1) ON CONFLICT (site_id) DO NOTHING",
     )?;
@@ -142,22 +142,4 @@ impl Sites {
         self.by_id.clear();
         self.by_ord.clear();
     }
-}
-
-/// Gives the database a fresh random site id. Past local changes keep their credit to the
-/// old id (they point at its ordinal); new ones use the new ordinal, baked into the
-/// triggers, which are regenerated.
-pub fn new_site_id(conn: Conn) -> Result<Vec<u8>> {
-    ensure(conn)?;
-    savepoint(conn, "patina_new_site", || {
-        let site: [u8; 16] = rand::random();
-        let ord = site_ordinal_insert(conn, &site)?;
-        let mut s =
-            conn.prepare("UPDATE patina_state SET site_id = ?1, local_site = ?2 WHERE id = 0")?;
-        s.execute(&[Value::Blob(site.to_vec()), Value::Integer(ord)])?;
-        for table in crate::schema::replicated_tables(conn)? {
-            crate::crr::install_triggers(conn, &table)?;
-        }
-        Ok(site.to_vec())
-    })
 }

@@ -9,5 +9,5 @@ UPDATE machines SET status = 'healthy' WHERE id = 'machine-123';
 SELECT "table", hex(pk) AS pk, cid, val, col_version, db_version, cl FROM crsql_changes;
 SELECT crsql_db_version() AS db_version, length(crsql_site_id()) AS site_id_bytes;
 DELETE FROM machines WHERE id = 'machine-123';
-SELECT cid, col_version, cl FROM crsql_changes WHERE db_version > 4;
+SELECT cid, col_version, cl FROM crsql_changes WHERE db_version > 3;
 SELECT hex(crsql_pack_columns('machine-123')) AS packed;

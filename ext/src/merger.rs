@@ -1,0 +1,212 @@
+//! The per-connection merge state both merge paths share: statement caches per table,
+//! the cached `patina_state` row, the site-id map and the batched path's queue.
+//!
+//! `changes_write` (one change at a time; the entry point) and `changes_batch` (the queue,
+//! applied grouped by row) both build on this module and decide every change with
+//! `merge::plan`; neither imports the other's internals except the entry point handing a
+//! full queue to `changes_batch`.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::schema::{quote, TableInfo};
+use crate::sqlite::{Conn, Stmt, Value};
+use crate::state::Sites;
+
+/// Changes queued before the queue is applied on its own.
+pub(crate) const QUEUE_LIMIT: usize = 4096;
+
+/// A validated change waiting in the batched path's queue.
+pub(crate) struct Queued {
+    pub(crate) table: String,
+    pub(crate) pk: Vec<u8>,
+    pub(crate) keys: Vec<Value>,
+    /// None: the row's own clock (cid '-1').
+    pub(crate) col: Option<usize>,
+    pub(crate) val: Value,
+    pub(crate) col_version: i64,
+    pub(crate) cl: i64,
+    pub(crate) site: Vec<u8>,
+    pub(crate) site_ord: i64,
+    pub(crate) origin: i64,
+}
+
+/// The statements of the grouped path for one table.
+#[derive(Default)]
+pub(crate) struct BatchStmts {
+    pub(crate) read: Option<Stmt>,
+    pub(crate) upsert_clock: Option<Stmt>,
+    pub(crate) delete: Option<Stmt>,
+    /// By (replace?, columns written).
+    pub(crate) writes: HashMap<(bool, Vec<bool>), Stmt>,
+}
+
+/// Prepared statements of one table, by purpose.
+pub(crate) struct TableStmts {
+    /// Per column (index n = the sentinel): the local clock + value + base presence of one key.
+    pub(crate) read: HashMap<usize, Stmt>,
+    pub(crate) set_column: HashMap<usize, Stmt>,
+    pub(crate) update_base: HashMap<usize, Stmt>,
+    pub(crate) replace_with_column: HashMap<usize, Stmt>,
+    pub(crate) set_sentinel: Option<Stmt>,
+    pub(crate) new_life: Option<Stmt>,
+    /// By column: a new life started by that column's change.
+    pub(crate) new_life_with: HashMap<usize, Stmt>,
+    pub(crate) insert_base: Option<Stmt>,
+    pub(crate) delete_base: Option<Stmt>,
+    /// The grouped (batched) path's statements.
+    pub(crate) batch: BatchStmts,
+}
+
+/// Per-connection merge state, kept for one transaction.
+#[derive(Default)]
+pub(crate) struct Merger {
+    pub(crate) tables: HashMap<String, (TableInfo, TableStmts)>,
+    pub(crate) state_read: Option<Stmt>,
+    pub(crate) state_write: Option<Stmt>,
+    pub(crate) flag_clear: Option<Stmt>,
+    /// `patina_state` as of our last read or write, valid while the connection's
+    /// `total_changes` has not moved since (nothing else wrote in between).
+    pub(crate) state: Option<CachedState>,
+    pub(crate) sites: Sites,
+    /// The batched path's queue and the savepoints' positions in it (`changes_batch`).
+    pub(crate) queue: Vec<Queued>,
+    pub(crate) marks: Vec<(i32, usize)>,
+    pub(crate) counter_write: Option<Stmt>,
+}
+
+pub(crate) fn stmt(
+    slot: &mut Option<Stmt>,
+    conn: Conn,
+    sql: impl FnOnce() -> String,
+) -> Result<&mut Stmt> {
+    if slot.is_none() {
+        *slot = Some(conn.prepare(&sql())?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| Error::State("statement cache".into()))
+}
+
+pub(crate) fn keyed(
+    map: &mut HashMap<usize, Stmt>,
+    k: usize,
+    conn: Conn,
+    sql: impl FnOnce() -> String,
+) -> Result<&mut Stmt> {
+    if let std::collections::hash_map::Entry::Vacant(e) = map.entry(k) {
+        e.insert(conn.prepare(&sql())?);
+    }
+    map.get_mut(&k)
+        .ok_or_else(|| Error::State("statement cache".into()))
+}
+
+pub(crate) fn key_where(t: &TableInfo, first_param: usize) -> String {
+    t.pk.iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ?{}", quote(&c.name), first_param + i))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+impl Merger {
+    /// Ends a transaction: drops the queue (a commit flushed it already) and every cached
+    /// statement.
+    pub(crate) fn end_transaction(&mut self) {
+        self.queue.clear();
+        self.marks.clear();
+        self.clear();
+    }
+
+    /// Drops every cached statement (after an error, a schema change); the queue stays.
+    pub(crate) fn clear(&mut self) {
+        self.tables.clear();
+        self.state_read = None;
+        self.state_write = None;
+        self.flag_clear = None;
+        self.counter_write = None;
+        self.state = None;
+        self.sites.forget();
+    }
+
+    pub(crate) fn table(&mut self, conn: Conn, name: &str) -> Result<&mut (TableInfo, TableStmts)> {
+        if !self.tables.contains_key(name) {
+            if !crate::schema::is_replicated(conn, name)? {
+                return Err(Error::Change(format!(
+                    "unknown table '{name}': it is not a replicated table in this database"
+                )));
+            }
+            let info = crate::schema::inspect(conn, name)?;
+            let stmts = TableStmts {
+                read: HashMap::new(),
+                set_column: HashMap::new(),
+                update_base: HashMap::new(),
+                replace_with_column: HashMap::new(),
+                set_sentinel: None,
+                new_life: None,
+                new_life_with: HashMap::new(),
+                insert_base: None,
+                delete_base: None,
+                batch: BatchStmts::default(),
+            };
+            self.tables.insert(name.to_string(), (info, stmts));
+        }
+        self.tables
+            .get_mut(name)
+            .ok_or_else(|| Error::State("table cache".into()))
+    }
+
+    /// `(db_version, merging, merge_equal_values)`, from the cache while nothing else wrote.
+    pub(crate) fn state_now(&mut self, conn: Conn) -> Result<(i64, bool, bool)> {
+        if let Some(c) = self.state {
+            if c.total_changes == conn.total_changes() {
+                return Ok((c.db_version, c.merging, c.equal_values));
+            }
+        }
+        let s = stmt(&mut self.state_read, conn, || {
+            "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0".into()
+        })?;
+        s.reset();
+        if !s.step()? {
+            s.reset();
+            return Err(Error::State("patina_state has no row".into()));
+        }
+        let r = (s.column_i64(0), s.column_i64(1) != 0, s.column_i64(2) != 0);
+        s.reset();
+        self.remember_state(conn, r.0, r.1, r.2);
+        Ok(r)
+    }
+
+    pub(crate) fn remember_state(
+        &mut self,
+        conn: Conn,
+        db_version: i64,
+        merging: bool,
+        equal_values: bool,
+    ) {
+        self.state = Some(CachedState {
+            total_changes: conn.total_changes(),
+            db_version,
+            merging,
+            equal_values,
+        });
+    }
+
+    pub(crate) fn forget_state(&mut self) {
+        self.state = None;
+    }
+
+    pub(crate) fn site_bytes(&mut self, conn: Conn, ord: i64) -> Option<Vec<u8>> {
+        if self.sites.id(ord).is_none() {
+            let _ = self.sites.reload(conn);
+        }
+        self.sites.id(ord).map(<[u8]>::to_vec)
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct CachedState {
+    total_changes: i64,
+    db_version: i64,
+    merging: bool,
+    equal_values: bool,
+}
