@@ -38,7 +38,7 @@ use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use sqlite_loadable::ext::{faux_sqlite_extension_init2, sqlite3, sqlite3_api_routines};
-use sqlite_loadable::{define_scalar_function_with_aux, FunctionFlags};
+use sqlite_loadable::FunctionFlags;
 
 /// State one connection's functions and `crsql_changes` share. SQLite runs one
 /// connection's callbacks one at a time, so a `RefCell` is enough; a re-entrant use (a
@@ -65,6 +65,22 @@ impl Shared {
     }
 }
 
+/// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz builds with `--cfg fuzzing`);
+/// absent from every normal build, so the crate's API stays its SQL surface.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    /// The packed-key decoder on arbitrary bytes: it must refuse or unpack, and what it
+    /// unpacks must pack to bytes that unpack and pack again to the same bytes.
+    pub fn pk_round_trip(bytes: &[u8]) {
+        if let Ok(values) = crate::pk::unpack(bytes) {
+            let packed = crate::pk::pack(&values).expect("unpacked values pack again");
+            let again = crate::pk::unpack(&packed).expect("packed bytes unpack");
+            assert_eq!(again.len(), values.len());
+            assert_eq!(crate::pk::pack(&again).expect("stable"), packed);
+        }
+    }
+}
+
 unsafe extern "C" fn drop_shared(p: *mut c_void) {
     // SAFETY: p came from Arc::into_raw in `register`.
     drop(unsafe { Arc::from_raw(p as *const Shared) });
@@ -87,7 +103,7 @@ pub unsafe extern "C" fn sqlite3_patina_init(
     }
     // SAFETY: db is the connection SQLite is loading us into, and the table is stored.
     let conn = unsafe { sqlite::Conn::from_raw(db) };
-    match register(db, conn) {
+    match register(conn) {
         Ok(()) => sqlite::SQLITE_OK as c_uint,
         Err(e) => {
             if !err.is_null() {
@@ -99,7 +115,7 @@ pub unsafe extern "C" fn sqlite3_patina_init(
     }
 }
 
-fn register(db: *mut sqlite3, conn: sqlite::Conn) -> error::Result<()> {
+fn register(conn: sqlite::Conn) -> error::Result<()> {
     use functions as f;
     // Not Sync (RefCell inside): SQLite runs one connection's callbacks one at a time, and
     // the atomic count stays right when an app moves the connection between threads.
@@ -143,8 +159,7 @@ fn register(db: *mut sqlite3, conn: sqlite::Conn) -> error::Result<()> {
         ("patina_new_site_id", 0, direct, f::new_site_id),
     ];
     for (name, n, flags, func) in list {
-        define_scalar_function_with_aux(db, name, *n, *func, *flags, shared.clone())
-            .map_err(|e| error::Error::State(format!("registering {name}(): {e:?}")))?;
+        sqlite::create_function(conn, name, *n, flags.bits(), *func, shared.clone())?;
     }
     let aux = Arc::into_raw(shared) as *mut c_void;
     // SAFETY: aux is a strong count SQLite owns from here and releases with drop_shared.
