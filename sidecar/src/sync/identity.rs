@@ -53,34 +53,13 @@ pub fn check_claim(bindings: &HashMap<SiteId, String>, site: &SiteId, identity: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::{Chunk, Effect, Msg, Sync, SyncConfig};
+    use crate::sync::test_support::{addr, drain, ident, machine};
+    use crate::sync::{Chunk, Effect, Msg};
     use std::time::Duration;
 
-    fn addr(p: u16) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], p))
-    }
 
-    fn ident(p: u16) -> String {
-        format!("address {}", addr(p))
-    }
 
-    fn machine(site: u8) -> Sync {
-        use rand::SeedableRng;
-        Sync::new(
-            [site; 16],
-            SyncConfig::default(),
-            HashMap::new(),
-            rand::rngs::StdRng::seed_from_u64(1),
-            Duration::ZERO,
-        )
-    }
 
-    /// Effects other than `Bind`.
-    fn drain(s: &mut Sync) -> Vec<Effect> {
-        std::iter::from_fn(|| s.poll_effect())
-            .filter(|e| !matches!(e, Effect::Bind { .. }))
-            .collect()
-    }
 
     #[test]
     fn a_site_is_bound_to_the_first_identity_for_good() {

@@ -546,32 +546,11 @@ fn jittered(rng: &mut StdRng, config: &SyncConfig) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
+    use crate::sync::test_support::{addr, drain, ident, machine};
 
-    fn addr(p: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], p))
-    }
 
-    fn ident(p: u16) -> String {
-        format!("address {}", addr(p))
-    }
 
-    fn machine(site: u8) -> Sync {
-        Sync::new(
-            [site; 16],
-            SyncConfig::default(),
-            HashMap::new(),
-            StdRng::seed_from_u64(1),
-            Duration::ZERO,
-        )
-    }
 
-    /// Effects other than `Bind` (tested on their own).
-    fn drain(s: &mut Sync) -> Vec<Effect> {
-        std::iter::from_fn(|| s.poll_effect())
-            .filter(|e| !matches!(e, Effect::Bind { .. }))
-            .collect()
-    }
 
     #[test]
     fn a_notify_past_our_cursor_starts_a_pull() {

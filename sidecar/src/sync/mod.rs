@@ -31,6 +31,8 @@ pub mod msg;
 mod ranges;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod test_support;
 
 pub use identity::{check_claim, Claim};
 pub use machine::{ApplyJob, Effect, Sync, SyncConfig, SyncStats};

@@ -196,37 +196,15 @@ pub fn merge_skipped<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::test_support::{addr, drain, ident, machine};
     use crate::sync::msg::{chunk_unit, Change, Value};
-    use crate::sync::{Effect, Msg, Sync, SyncConfig};
+    use crate::sync::Msg;
     use proptest::prelude::*;
-    use std::collections::HashMap;
     use std::time::Duration;
 
-    fn addr(p: u16) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], p))
-    }
 
-    fn ident(p: u16) -> String {
-        format!("address {}", addr(p))
-    }
 
-    fn machine(site: u8) -> Sync {
-        use rand::SeedableRng;
-        Sync::new(
-            [site; 16],
-            SyncConfig::default(),
-            HashMap::new(),
-            rand::rngs::StdRng::seed_from_u64(1),
-            Duration::ZERO,
-        )
-    }
 
-    /// Effects other than `Bind`.
-    fn drain(s: &mut Sync) -> Vec<Effect> {
-        std::iter::from_fn(|| s.poll_effect())
-            .filter(|e| !matches!(e, Effect::Bind { .. }))
-            .collect()
-    }
 
     #[test]
     fn ranges_that_break_the_rule_are_refused_before_anything_is_applied() {
