@@ -409,7 +409,7 @@ fn health_members_metrics_status() {
     let n = node(&dir);
     let a = send("GET", &n.url("/v1/health"), &[], None);
     assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.json()["ok"], true);
+    assert_eq!(a.json()["response"]["ok"], true);
     let a = send("GET", &n.url("/v1/health?min_members=3"), &[], None);
     assert_eq!(a.status, 503);
     assert!(a.json()["error"]
@@ -430,10 +430,8 @@ fn health_members_metrics_status() {
     // Corrosion's parameter names and summary.
     let a = send("GET", &n.url("/v1/health?gaps=0&queue_size=10"), &[], None);
     assert_eq!(a.status, 503);
-    assert_eq!(
-        a.json()["response"],
-        json!({"gaps": 0, "members": 2, "queue_size": 50})
-    );
+    // Corrosion's HealthResponse: one key, `error` when unhealthy.
+    assert_eq!(a.json().as_object().map(|o| o.len()), Some(1), "{}", a.body);
     assert!(a.json()["error"].as_str().unwrap().contains("max_queue=10"));
     assert_eq!(
         send("GET", &n.url("/v1/health?max_queue=abc"), &[], None).status,
