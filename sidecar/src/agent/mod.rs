@@ -88,9 +88,10 @@ pub async fn run(
     let level = config.db.synchronous;
     let mut setup = db::open(&path, &ext, level)?;
     bookkeeping::ensure(&setup).map_err(sql_err)?;
-    let tables = schema::apply(&mut setup, &config.db.schema_paths).map_err(|source| {
+    let schema_paths = crate::http::migrations::schema_paths(&config.db.schema_paths, &path);
+    let tables = schema::apply(&mut setup, &schema_paths).map_err(|source| {
         AgentError::Schema {
-            paths: schema::describe(&config.db.schema_paths),
+            paths: schema::describe(&schema_paths),
             source,
         }
     })?;
@@ -185,7 +186,8 @@ pub async fn run(
     let reload: Arc<dyn Fn() -> Result<Vec<String>, String> + Send + std::marker::Sync> =
         Arc::new(move || {
             let mut conn = db::open(&reload_db, &reload_ext, level).map_err(|e| e.to_string())?;
-            schema::apply(&mut conn, &reload_paths).map_err(|e| e.to_string())
+            let paths = crate::http::migrations::schema_paths(&reload_paths, &reload_db);
+            schema::apply(&mut conn, &paths).map_err(|e| e.to_string())
         });
     let shared = Arc::new(NodeShared {
         db_path: path.clone(),

@@ -12,6 +12,8 @@
 //! - `queries`       — `POST /v1/queries` (NDJSON).
 //! - `subscriptions` — `POST /v1/subscriptions`, `GET /v1/subscriptions/{id}` (NDJSON).
 //! - `sub_engine`    — re-evaluates subscriptions and keeps their persisted change logs.
+//! - `updates`       — `POST /v1/updates/{table}` (NDJSON of changed primary keys).
+//! - `migrations`    — `POST /v1/migrations`: schema statements, persisted beside the db.
 //! - `health`        — `GET /v1/health`, `GET /v1/members`, `GET /metrics`.
 //! - `stats`         — the API's own counters (requests by route and status, group commit).
 //! - `admin`         — `GET /v1/status`, `POST /v1/backup`, `POST /v1/reload`.
@@ -30,6 +32,8 @@ pub mod stats;
 pub mod sub_engine;
 pub mod subscriptions;
 pub mod transactions;
+pub mod updates;
+pub mod migrations;
 
 use std::future::Future;
 
@@ -170,6 +174,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/subscriptions/{id}",
             get(subscriptions::get_subscription),
         )
+        .route("/v1/updates/{table}", post(updates::post_updates))
+        .route("/v1/migrations", post(migrations::post_migrations))
         .route("/v1/health", get(health::get_health))
         .route("/v1/members", get(health::get_members))
         .route("/metrics", get(health::get_metrics))
