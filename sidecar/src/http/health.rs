@@ -58,9 +58,7 @@ pub async fn get_health(
             .ok()
             .filter(|c| c.is_client_error() || c.is_server_error())
             .ok_or_else(|| {
-                HttpError::BadRequest(format!(
-                    "failure_status={code} is not a 4xx or 5xx status"
-                ))
+                HttpError::BadRequest(format!("failure_status={code} is not a 4xx or 5xx status"))
             })?,
     };
     let m = &st.shared.metrics;

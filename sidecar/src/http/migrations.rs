@@ -102,7 +102,10 @@ enum MigrationError {
 }
 
 /// Validates, stages, applies and persists one migration; returns the replicated tables.
-fn migrate(shared: &crate::node::NodeShared, statements: &[String]) -> Result<Vec<String>, MigrationError> {
+fn migrate(
+    shared: &crate::node::NodeShared,
+    statements: &[String],
+) -> Result<Vec<String>, MigrationError> {
     let files = declare(statements).map_err(MigrationError::Refused)?;
     let dir = migrations_dir(&shared.db_path);
     let staged = sibling(&dir, "new");
@@ -171,7 +174,9 @@ fn declare(statements: &[String]) -> Result<Vec<(String, String)>, String> {
             .map_err(|e| format!("statement {} ({sql:?}): {e}", i + 1))?;
     }
     if scratch.total_changes() > 0 {
-        return Err("migrations take CREATE TABLE and CREATE INDEX only; a statement wrote rows".into());
+        return Err(
+            "migrations take CREATE TABLE and CREATE INDEX only; a statement wrote rows".into(),
+        );
     }
     let mut stmt = scratch
         .prepare(

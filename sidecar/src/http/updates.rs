@@ -117,7 +117,9 @@ fn read_page(
              WHERE db_version > ?1 ORDER BY db_version LIMIT ?2",
         )
         .map_err(sql_err)?;
-    let mut rows = stmt.query(rusqlite::params![after, PAGE]).map_err(sql_err)?;
+    let mut rows = stmt
+        .query(rusqlite::params![after, PAGE])
+        .map_err(sql_err)?;
     let mut last = after;
     // (packed key, deleted?) in order of first sight; the last change of a key wins.
     let mut seen: Vec<(Vec<u8>, bool)> = Vec::new();
@@ -175,7 +177,8 @@ fn unpack(blob: &[u8]) -> Result<Vec<Json>, String> {
                 value_to_json(ValueRef::Real(f64::from_be_bytes(a)))
             }
             t @ (3 | 4) if width <= 4 => {
-                let len = usize::try_from(be(&take(width, &mut rest)?)).map_err(|_| bad("length"))?;
+                let len =
+                    usize::try_from(be(&take(width, &mut rest)?)).map_err(|_| bad("length"))?;
                 let b = take(len, &mut rest)?;
                 if t == 3 {
                     value_to_json(ValueRef::Text(&b))
