@@ -457,7 +457,7 @@ fn health_members_metrics_status() {
     let s = send("GET", &n.url("/v1/status"), &[], None).json();
     assert_eq!(s["site_id"].as_str().unwrap().len(), 32);
     assert!(s["db_version"].is_i64());
-    assert_eq!(s["members"], 1);
+    assert_eq!(s["members"], 2, "the fixture's member and the node itself");
     let r = send("POST", &n.url("/v1/reload"), &[], None);
     assert_eq!(r.json()["tables"], json!(["machines"]));
 }

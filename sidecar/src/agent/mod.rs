@@ -47,6 +47,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Claim(#[from] crate::claim::ClaimError),
     #[error("cannot resolve gossip.bootstrap entry {entry:?}: {reason}")]
     Bootstrap { entry: String, reason: String },
     #[error("cannot bind the HTTP API on {addr}: {source}")]
@@ -79,7 +81,16 @@ pub async fn run(
             config.gossip.addr
         );
     }
+    // The API port first, then the claim, then the database: a busy port or a database
+    // held by another process fails the start before any file is created or opened.
+    let listener = tokio::net::TcpListener::bind(config.api.addr)
+        .await
+        .map_err(|source| AgentError::ApiBind {
+            addr: config.api.addr,
+            source,
+        })?;
     let path = config.db.path.clone();
+    let _claim = crate::claim::Claim::acquire(&path, "patina agent")?;
     let sql_err = |source| AgentError::Sqlite {
         path: path.clone(),
         source,
@@ -199,15 +210,10 @@ pub async fn run(
         metrics: metrics.clone(),
         synchronous: level,
         schema_paths: config.db.schema_paths.clone(),
+        gossip_addr: Some(transport.local_addr()),
         reload,
     });
 
-    let listener = tokio::net::TcpListener::bind(config.api.addr)
-        .await
-        .map_err(|source| AgentError::ApiBind {
-            addr: config.api.addr,
-            source,
-        })?;
     let api_addr = listener.local_addr().unwrap_or(config.api.addr);
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_stop = {

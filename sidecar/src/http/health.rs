@@ -125,9 +125,22 @@ pub fn alive_with_self(all: &[MemberInfo]) -> usize {
     all.iter().filter(|x| x.state == "alive").count() + 1
 }
 
-/// `GET /v1/members`: `{"members": [{"site_id", "addr", "state", "rtt_ms"}]}`.
+/// `GET /v1/members`: `{"members": [{"site_id", "addr", "state", "rtt_ms"}]}`, this node
+/// first (`"self": true`, always alive): a healthy single node is a cluster of one, as
+/// `/v1/health` and `/v1/status` count it.
 pub async fn get_members(State(st): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "members": members(&st) }))
+    let me = json!({
+        "site_id": st.shared.site_id_hex,
+        "addr": st.shared.gossip_addr.map(|a| a.to_string()),
+        "state": "alive",
+        "rtt_ms": null,
+        "self": true,
+    });
+    let mut all = vec![me];
+    for m in members(&st) {
+        all.push(serde_json::to_value(m).unwrap_or(serde_json::Value::Null));
+    }
+    Json(json!({ "members": all }))
 }
 
 /// `GET /metrics`: Prometheus text exposition.

@@ -198,8 +198,36 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_token,
         ))
+        .layer(axum::middleware::map_response(json_newline))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Ends every `application/json` answer with a newline, as NDJSON lines and curl users
+/// expect (a shell prompt otherwise lands on the answer's last line). JSON answers are
+/// small and already whole in memory; streamed answers (NDJSON, backups) are untouched.
+async fn json_newline(resp: axum::response::Response) -> axum::response::Response {
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let mut bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b.to_vec(),
+        Err(e) => {
+            tracing::warn!("cannot buffer a JSON answer: {e}");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "").into_response();
+        }
+    };
+    if bytes.last() != Some(&b'\n') {
+        bytes.push(b'\n');
+    }
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// The request body, or 413 past `api.max_body`.
