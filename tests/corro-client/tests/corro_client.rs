@@ -465,3 +465,28 @@ async fn pooled_client_fails_over_between_nodes() {
     let found = answered.expect("the pool reached the surviving node");
     assert_eq!(found, vec![("p-1".to_string(), "from a".to_string())]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrosion_client_writes_through_the_api_and_reads_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(dir.path(), "a", None);
+    let client = corro_client::CorrosionClient::new(node.api, dir.path().join("a.db"))
+        .expect("CorrosionClient");
+    client
+        .execute(
+            &[stmt(
+                "INSERT INTO machines (id, status) VALUES ('f-1', 'file')",
+            )],
+            None,
+        )
+        .await
+        .expect("execute through the API");
+    // Its pool reads the node's database file directly (WAL), as Corrosion's apps do.
+    let conn = client.pool().get().await.expect("pooled connection");
+    let status: String = conn
+        .query_row("SELECT status FROM machines WHERE id = 'f-1'", [], |r| {
+            r.get(0)
+        })
+        .expect("read the file");
+    assert_eq!(status, "file");
+}
