@@ -2,10 +2,12 @@
 //! one port, the database claim (a second agent and `restore` refused while a node runs),
 //! backup/restore keeping or renewing identity on purpose, the node counting itself, and
 //! the small things — errors said once, no file created before a busy port fails the
-//! start, JSON ending in a newline, `tls` help and advice, broadcast counted only to peers.
+//! start, JSON ending in a newline, `tls` help and advice, broadcast counted only to peers;
+//! and Corrosion's `skip_rows` and `/v1/migrations` kept across a restart.
 
 mod common;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -338,5 +340,87 @@ fn tls_ca_help_and_missing_ca_advice() {
         stderr(&o).contains("patina tls ca generate"),
         "{}",
         stderr(&o)
+    );
+}
+
+/// Reads lines (trailing whitespace cut) until `stop` says so or the stream ends.
+fn read_lines_until(
+    out: &mut impl std::io::BufRead,
+    mut stop: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match out.read_line(&mut line) {
+            Ok(0) | Err(_) => return lines,
+            Ok(_) => {
+                let l = line.trim_end().to_owned();
+                let done = stop(&l);
+                lines.push(l);
+                if done {
+                    return lines;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn skip_rows_streams_only_changes_and_migrations_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("n.db");
+    let a = Agent::start(dir.path(), &db);
+    let sql =
+        |a: &Agent, q: &str| curl(a, &["/sql", "-H", "Content-Type: application/sql", "-d", q]);
+    assert_eq!(sql(&a, "INSERT INTO machines VALUES ('old', 'x')").0, "200");
+    // skip_rows=true: no columns, rows or eoq; the first line is the change. A raw
+    // HTTP/1.1 request: curl holds the response headers back until body data arrives.
+    let mut conn = std::net::TcpStream::connect(a.api).expect("connect");
+    let body = r#""SELECT id, status FROM machines""#;
+    write!(
+        conn,
+        "POST /v1/subscriptions?skip_rows=true HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    conn.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut out = std::io::BufReader::new(conn);
+    // The headers (ending in a blank line) mean the stream is set up.
+    let headers = read_lines_until(&mut out, |l| l.is_empty());
+    assert!(headers[0].contains("200"), "{headers:?}");
+    assert_eq!(sql(&a, "INSERT INTO machines VALUES ('new', 'y')").0, "200");
+    // Chunked framing: size lines and blank lines between the NDJSON lines.
+    let body = read_lines_until(&mut out, |l| l.starts_with("{\"change\""));
+    let json: Vec<&String> = body.iter().filter(|l| l.starts_with('{')).collect();
+    drop(out);
+    assert_eq!(
+        json,
+        vec![r#"{"change":["insert",2,["new","y"],1]}"#],
+        "skip_rows sent more than the change"
+    );
+    // A migration is applied at once and again after a restart (kept in n.db.schema.d).
+    let (code, body, _) = curl(
+        &a,
+        &[
+            "/v1/migrations",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"["CREATE TABLE extra (id INTEGER PRIMARY KEY NOT NULL, v TEXT)"]"#,
+        ],
+    );
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(sql(&a, "INSERT INTO extra VALUES (1, 'kept')").0, "200");
+    a.stop();
+    let a = Agent::start(dir.path(), &db);
+    let (code, body, _) = sql(&a, "SELECT v FROM extra");
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("kept"), "{body}");
+    let (_, status, _) = curl(&a, &["/v1/reload", "-X", "POST"]);
+    assert!(
+        status.contains("extra"),
+        "reload keeps the migrated table: {status}"
     );
 }
