@@ -134,7 +134,14 @@ fn migrate(
         let mut conn = crate::db::open(&shared.db_path, &shared.extension_path, shared.synchronous)
             .map_err(|e| MigrationError::Node(HttpError::Internal(format!("migration: {e}"))))?;
         let tables = schema::apply(&mut conn, &paths).map_err(|e| {
-            MigrationError::Refused(format!("migration refused, nothing changed: {e}"))
+            // Name the folder the files will live in, not the staging copy.
+            let msg = e
+                .to_string()
+                .replace(&staged.display().to_string(), &dir.display().to_string());
+            MigrationError::Refused(format!(
+                "migration refused, nothing changed: {msg} (schema files: {})",
+                schema::describe(&shared.schema_paths)
+            ))
         })?;
         drop(conn);
         // Swap: the staged folder becomes the folder. A crash between the two renames
