@@ -321,6 +321,25 @@ fn busy_port_fails_before_any_file_and_says_its_cause_once() {
         .map(|e| e.map(|e| e.file_name()))
         .collect();
     assert!(left.is_empty(), "files created: {left:?}");
+    // The same for a busy gossip (UDP) port.
+    let busy_udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    let o = run(patina()
+        .args(["agent", "--db-path"])
+        .arg(&db)
+        .arg("--db-extension-path")
+        .arg(extension())
+        .args(["--api-addr", &free_tcp().to_string()])
+        .args([
+            "--gossip-addr",
+            &busy_udp.local_addr().expect("addr").to_string(),
+        ]));
+    assert!(!o.status.success());
+    assert!(!db.exists(), "the database was created: {}", stderr(&o));
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.map(|e| e.file_name()))
+        .collect();
+    assert!(left.is_empty(), "files created: {left:?}");
 }
 
 #[test]

@@ -81,14 +81,33 @@ pub async fn run(
             config.gossip.addr
         );
     }
-    // The API port first, then the claim, then the database: a busy port or a database
-    // held by another process fails the start before any file is created or opened.
+    // The ports (and TLS files, and bootstrap names) first, then the claim, then the
+    // database: a busy port, a bad TLS file or a database held by another process fails
+    // the start before any file is created or opened.
     let listener = tokio::net::TcpListener::bind(config.api.addr)
         .await
         .map_err(|source| AgentError::ApiBind {
             addr: config.api.addr,
             source,
         })?;
+    let max_frame = DEFAULT_MAX_FRAME;
+    let tls = &config.gossip.tls;
+    let tls = match (&tls.ca_file, &tls.cert_file, &tls.key_file) {
+        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+            ca_file: ca.clone(),
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        }),
+        _ => None,
+    };
+    let (transport, incoming) = Transport::bind(NetConfig {
+        bind: config.gossip.addr,
+        cluster_id: config.gossip.cluster_id,
+        tls,
+        max_frame_bytes: max_frame,
+    })
+    .await?;
+    let bootstrap = resolve_bootstrap(&config.gossip.bootstrap).await?;
     let path = config.db.path.clone();
     let _claim = crate::claim::Claim::acquire(&path, "patina agent")?;
     let sql_err = |source| AgentError::Sqlite {
@@ -152,24 +171,6 @@ pub async fn run(
     })?;
     let reader = Arc::new(Mutex::new(db::open(&path, &ext, level)?));
 
-    let max_frame = DEFAULT_MAX_FRAME;
-    let tls = &config.gossip.tls;
-    let tls = match (&tls.ca_file, &tls.cert_file, &tls.key_file) {
-        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
-            ca_file: ca.clone(),
-            cert_file: cert.clone(),
-            key_file: key.clone(),
-        }),
-        _ => None,
-    };
-    let (transport, incoming) = Transport::bind(NetConfig {
-        bind: config.gossip.addr,
-        cluster_id: config.gossip.cluster_id,
-        tls,
-        max_frame_bytes: max_frame,
-    })
-    .await?;
-    let bootstrap = resolve_bootstrap(&config.gossip.bootstrap).await?;
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
