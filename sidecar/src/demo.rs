@@ -232,12 +232,13 @@ fn wait_ready(cluster: &mut Cluster, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Other members in a `/v1/members` answer (an array, or `{"members": [...]}`).
+/// Other members in a `/v1/members` answer (an array, or `{"members": [...]}`); the
+/// node's own entry (`"self": true`) is not counted.
 fn member_count(v: &serde_json::Value) -> Option<usize> {
     let arr = v
         .as_array()
         .or_else(|| v.get("members").and_then(|m| m.as_array()))?;
-    Some(arr.len())
+    Some(arr.iter().filter(|m| m["self"] != true).count())
 }
 
 /// Polls a node's database file (read-only, no extension needed) until the row is there.

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - `config`     — TOML config + flags, defaults of DESIGN §2 (core).
+//! - `claim`      — a process's exclusive `flock` claim on its database (`<db>.lock`).
 //! - `node`       — [`node::NodeShared`], the seam between the core and the HTTP API.
 //! - `db`         — connections with the extension loaded, tailing the feed, applying units, bookkeeping (core).
 //! - `sync`       — the anti-entropy / broadcast state machine, no I/O (core).
@@ -14,6 +15,7 @@
 //! - `http`       — the HTTP API, one file per route family (api).
 //! - `cli`        — clap definitions and one file per client subcommand (api + core).
 pub mod agent;
+pub mod claim;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -25,7 +25,10 @@ pub struct NodeShared {
     /// Poke after the API commits a write so the tailer ships it at once instead of
     /// waiting for the `data_version` poll.
     pub local_write: Arc<Notify>,
-    /// Current membership as seen by SWIM.
+    /// This node's gossip (QUIC) address, for listing itself among the members; `None`
+    /// where no transport runs (API-only test nodes).
+    pub gossip_addr: Option<std::net::SocketAddr>,
+    /// Current membership as seen by SWIM (this node not included).
     pub members: Arc<RwLock<Vec<MemberInfo>>>,
     /// Counters rendered by `GET /metrics`.
     pub metrics: Arc<Metrics>,

@@ -126,6 +126,7 @@ impl Node {
             metrics: metrics.clone(),
             synchronous: Synchronous::Normal,
             schema_paths: Vec::new(),
+            gossip_addr: "127.0.0.1:8787".parse().ok(),
             reload: Arc::new(move || {
                 let c = patina_sidecar::db::open(&reload_db, &reload_ext, Synchronous::Normal)
                     .map_err(|e| e.to_string())?;

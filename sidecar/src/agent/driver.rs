@@ -59,8 +59,13 @@ impl Driver {
                     None => break,
                 },
                 Some(unit) = self.units.recv() => {
+                    // Counted as pushed only when some peer is alive to push to.
                     let n = unit.changes.len() as u64;
-                    self.shared.metrics.changes_broadcast.fetch_add(n, Ordering::Relaxed);
+                    let members = self.shared.members.read();
+                    let peers = members.map(|m| m.iter().any(|x| x.state == "alive"));
+                    if peers.unwrap_or(false) {
+                        self.shared.metrics.changes_broadcast.fetch_add(n, Ordering::Relaxed);
+                    }
                     let now = self.now();
                     if unit.large {
                         self.sync.handle_local_large_unit(unit.from, unit.to, now);

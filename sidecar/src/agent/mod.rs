@@ -47,6 +47,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Claim(#[from] crate::claim::ClaimError),
     #[error("cannot resolve gossip.bootstrap entry {entry:?}: {reason}")]
     Bootstrap { entry: String, reason: String },
     #[error("cannot bind the HTTP API on {addr}: {source}")]
@@ -79,7 +81,35 @@ pub async fn run(
             config.gossip.addr
         );
     }
+    // The ports (and TLS files, and bootstrap names) first, then the claim, then the
+    // database: a busy port, a bad TLS file or a database held by another process fails
+    // the start before any file is created or opened.
+    let listener = tokio::net::TcpListener::bind(config.api.addr)
+        .await
+        .map_err(|source| AgentError::ApiBind {
+            addr: config.api.addr,
+            source,
+        })?;
+    let max_frame = DEFAULT_MAX_FRAME;
+    let tls = &config.gossip.tls;
+    let tls = match (&tls.ca_file, &tls.cert_file, &tls.key_file) {
+        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+            ca_file: ca.clone(),
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        }),
+        _ => None,
+    };
+    let (transport, incoming) = Transport::bind(NetConfig {
+        bind: config.gossip.addr,
+        cluster_id: config.gossip.cluster_id,
+        tls,
+        max_frame_bytes: max_frame,
+    })
+    .await?;
+    let bootstrap = resolve_bootstrap(&config.gossip.bootstrap).await?;
     let path = config.db.path.clone();
+    let _claim = crate::claim::Claim::acquire(&path, "patina agent")?;
     let sql_err = |source| AgentError::Sqlite {
         path: path.clone(),
         source,
@@ -88,11 +118,10 @@ pub async fn run(
     let level = config.db.synchronous;
     let mut setup = db::open(&path, &ext, level)?;
     bookkeeping::ensure(&setup).map_err(sql_err)?;
-    let tables = schema::apply(&mut setup, &config.db.schema_paths).map_err(|source| {
-        AgentError::Schema {
-            paths: schema::describe(&config.db.schema_paths),
-            source,
-        }
+    let schema_paths = crate::http::migrations::schema_paths(&config.db.schema_paths, &path);
+    let tables = schema::apply(&mut setup, &schema_paths).map_err(|source| AgentError::Schema {
+        paths: schema::describe(&schema_paths),
+        source,
     })?;
     let site = feed::site_id(&setup).map_err(sql_err)?;
     let cursors = bookkeeping::load_cursors(&setup).map_err(sql_err)?;
@@ -141,24 +170,6 @@ pub async fn run(
     })?;
     let reader = Arc::new(Mutex::new(db::open(&path, &ext, level)?));
 
-    let max_frame = DEFAULT_MAX_FRAME;
-    let tls = &config.gossip.tls;
-    let tls = match (&tls.ca_file, &tls.cert_file, &tls.key_file) {
-        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
-            ca_file: ca.clone(),
-            cert_file: cert.clone(),
-            key_file: key.clone(),
-        }),
-        _ => None,
-    };
-    let (transport, incoming) = Transport::bind(NetConfig {
-        bind: config.gossip.addr,
-        cluster_id: config.gossip.cluster_id,
-        tls,
-        max_frame_bytes: max_frame,
-    })
-    .await?;
-    let bootstrap = resolve_bootstrap(&config.gossip.bootstrap).await?;
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -186,7 +197,8 @@ pub async fn run(
     let reload: Arc<dyn Fn() -> Result<Vec<String>, String> + Send + std::marker::Sync> =
         Arc::new(move || {
             let mut conn = db::open(&reload_db, &reload_ext, level).map_err(|e| e.to_string())?;
-            schema::apply(&mut conn, &reload_paths).map_err(|e| e.to_string())
+            let paths = crate::http::migrations::schema_paths(&reload_paths, &reload_db);
+            schema::apply(&mut conn, &paths).map_err(|e| e.to_string())
         });
     let shared = Arc::new(NodeShared {
         db_path: path.clone(),
@@ -198,15 +210,10 @@ pub async fn run(
         metrics: metrics.clone(),
         synchronous: level,
         schema_paths: config.db.schema_paths.clone(),
+        gossip_addr: Some(transport.local_addr()),
         reload,
     });
 
-    let listener = tokio::net::TcpListener::bind(config.api.addr)
-        .await
-        .map_err(|source| AgentError::ApiBind {
-            addr: config.api.addr,
-            source,
-        })?;
     let api_addr = listener.local_addr().unwrap_or(config.api.addr);
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_stop = {

@@ -1,5 +1,7 @@
-//! `patina backup PATH`: a consistent snapshot of a node's database without its identity
-//! (`POST /v1/backup`), written to `PATH` only once complete.
+//! `patina backup PATH [--keep-site-id]`: a consistent snapshot of a node's database
+//! (`POST /v1/backup`), written to `PATH` only once complete. By default the copy gets a
+//! fresh site id (a seed for a new node); `--keep-site-id` keeps the node's own (to bring
+//! that node back after losing its disk).
 
 use std::io::Write;
 
@@ -11,7 +13,13 @@ use super::BackupArgs;
 /// Runs `patina backup`.
 pub fn run(args: BackupArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.client);
-    let r = client.send("POST", "/v1/backup", None)?;
+    let path = if args.keep_site_id {
+        "/v1/backup?keep_site_id=true"
+    } else {
+        "/v1/backup"
+    };
+    let r = client.send("POST", path, None)?;
+    let site = r.header("patina-site-id").map(str::to_owned);
     let expected: Option<u64> = r.header("Content-Length").and_then(|v| v.parse().ok());
     let tmp = args.path.with_extension("partial");
     let mut file =
@@ -40,6 +48,16 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
     };
     std::fs::rename(&tmp, &args.path)
         .with_context(|| format!("cannot move the backup into {}", args.path.display()))?;
-    println!("wrote {n} bytes to {}", args.path.display());
+    match (site, args.keep_site_id) {
+        (Some(site), true) => println!(
+            "wrote {n} bytes to {}, keeping the node's site id {site}",
+            args.path.display()
+        ),
+        (Some(site), false) => println!(
+            "wrote {n} bytes to {} with fresh site id {site}",
+            args.path.display()
+        ),
+        (None, _) => println!("wrote {n} bytes to {}", args.path.display()),
+    }
     Ok(())
 }

@@ -19,7 +19,14 @@ pub fn run(args: MembersArgs) -> anyhow::Result<()> {
                 .map(|m| {
                     columns
                         .iter()
-                        .map(|c| cell(m.get(c).unwrap_or(&Value::Null)))
+                        .map(|c| {
+                            let v = cell(m.get(c).unwrap_or(&Value::Null));
+                            if c == "state" && m["self"] == Value::Bool(true) {
+                                format!("{v} (this node)")
+                            } else {
+                                v
+                            }
+                        })
                         .collect()
                 })
                 .collect()

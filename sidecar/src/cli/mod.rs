@@ -212,6 +212,11 @@ pub struct BackupArgs {
     pub client: ClientArgs,
     /// Where to write the snapshot.
     pub path: PathBuf,
+    /// Keep the node's site id in the copy, to bring this very node back after losing
+    /// its disk (then restore with --keep-site-id). Default: a fresh id, so the copy can
+    /// seed a new node.
+    #[arg(long)]
+    pub keep_site_id: bool,
 }
 
 /// `patina restore PATH` (the node must be stopped).
@@ -227,7 +232,9 @@ pub struct RestoreArgs {
     /// libpatina.so (default: beside this executable).
     #[arg(long)]
     pub db_extension_path: Option<PathBuf>,
-    /// Keep the backup's site id instead of giving the node a fresh one.
+    /// Keep the site id the backup holds instead of giving the node a fresh one. Only
+    /// meaningful for a backup taken with `patina backup --keep-site-id`, restored onto
+    /// the node it came from while no other copy of that node runs.
     #[arg(long)]
     pub keep_site_id: bool,
 }
@@ -252,7 +259,7 @@ pub enum TlsKind {
     /// The cluster CA: `ca.pem` + `ca.key`.
     Ca {
         #[command(subcommand)]
-        action: TlsGenerate,
+        action: TlsCaGenerate,
     },
     /// A node certificate signed by the CA: `server.pem` + `server.key`.
     Server {
@@ -273,7 +280,29 @@ pub enum TlsGenerate {
     Generate(TlsGenerateArgs),
 }
 
-/// Options of `patina tls * generate`.
+/// `patina tls ca generate` and its options: a CA is self-signed, so the CA-file and
+/// `--san` options of node certificates do not apply and are not offered.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TlsCaGenerate {
+    /// Write the PEM files.
+    Generate(TlsCaGenerateArgs),
+}
+
+/// Options of `patina tls ca generate`.
+#[derive(Debug, Clone, Args)]
+pub struct TlsCaGenerateArgs {
+    /// Directory to write into.
+    #[arg(long, default_value = ".")]
+    pub out_dir: PathBuf,
+    /// File name stem of the output (default: ca).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Options of `patina tls server|client generate`.
 #[derive(Debug, Clone, Args)]
 pub struct TlsGenerateArgs {
     /// Directory to write into.

@@ -1,10 +1,13 @@
 //! `patina restore PATH`: replaces a STOPPED node's database with a backup, offline.
 //!
-//! Refuses while a node answers on `--api` or while any process holds a write lock on the
-//! database. The backup is copied beside the database, given a fresh site id there (unless
-//! `--keep-site-id`: only for bringing back the very node the backup came from), and then
-//! renamed over the database, so a failure leaves the old file untouched. Stale `-wal` and
-//! `-shm` files of the old database are removed: they belong to the file being replaced.
+//! Refuses while any process holds the database's claim (`<db>.lock`, which a node holds
+//! for its whole life; see `claim`), while a node answers on `--api`, or while any process
+//! holds a write lock on the database; the restore holds the claim itself throughout, so
+//! no node can start on the file half-way. The backup is copied beside the database, given
+//! a fresh site id there (unless `--keep-site-id`: only for bringing back the very node a
+//! `patina backup --keep-site-id` came from), and then renamed over the database, so a
+//! failure leaves the old file untouched. Stale `-wal` and `-shm` files of the old database
+//! are removed: they belong to the file being replaced.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -17,25 +20,28 @@ use crate::config::Synchronous;
 
 /// Runs `patina restore`.
 pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    let _claim = crate::claim::Claim::acquire(&args.db_path, "patina restore")?;
     refuse_if_node_answers(&args.client.api)?;
     refuse_if_locked(&args.db_path)?;
     check_backup(&args.path)?;
     let tmp = PathBuf::from(format!("{}.restore-tmp", args.db_path.display()));
     std::fs::copy(&args.path, &tmp)
         .with_context(|| format!("cannot copy {} to {}", args.path.display(), tmp.display()))?;
-    let result = (|| -> anyhow::Result<Option<String>> {
-        let site = if args.keep_site_id {
-            None
+    let result = (|| -> anyhow::Result<String> {
+        let ext = crate::db::extension_path(args.db_extension_path.as_deref())?;
+        let conn = crate::db::open(&tmp, &ext, Synchronous::Normal)?;
+        let sql = if args.keep_site_id {
+            "SELECT crsql_site_id()"
         } else {
-            let ext = crate::db::extension_path(args.db_extension_path.as_deref())?;
-            let conn = crate::db::open(&tmp, &ext, Synchronous::Normal)?;
-            let site: Vec<u8> = conn
-                .query_row("SELECT patina_new_site_id()", [], |r| r.get(0))
-                .with_context(|| format!("cannot give {} a fresh site id", tmp.display()))?;
-            conn.pragma_update(None, "journal_mode", "DELETE")
-                .with_context(|| format!("cannot checkpoint {}", tmp.display()))?;
-            Some(hex::encode(site))
+            "SELECT patina_new_site_id()"
         };
+        let site: Vec<u8> = conn
+            .query_row(sql, [], |r| r.get(0))
+            .with_context(|| format!("cannot read or renew the site id of {}", tmp.display()))?;
+        conn.pragma_update(None, "journal_mode", "DELETE")
+            .with_context(|| format!("cannot checkpoint {}", tmp.display()))?;
+        drop(conn);
+        let site = hex::encode(site);
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("cannot sync {}", tmp.display()))?;
@@ -58,18 +64,17 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", tmp.display()));
     }
-    match result? {
-        Some(site) => println!(
-            "restored {} into {} with fresh site id {site}",
-            args.path.display(),
-            args.db_path.display()
-        ),
-        None => println!(
-            "restored {} into {} keeping the backup's site id",
-            args.path.display(),
-            args.db_path.display()
-        ),
-    }
+    let site = result?;
+    let how = if args.keep_site_id {
+        "keeping the backup's site id"
+    } else {
+        "with fresh site id"
+    };
+    println!(
+        "restored {} into {} {how} {site}",
+        args.path.display(),
+        args.db_path.display()
+    );
     Ok(())
 }
 

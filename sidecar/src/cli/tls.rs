@@ -19,7 +19,7 @@ use rcgen::{
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::{TlsArgs, TlsGenerate, TlsGenerateArgs, TlsKind};
+use super::{TlsArgs, TlsCaGenerate, TlsGenerate, TlsGenerateArgs, TlsKind};
 
 /// Which certificate a `generate` makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +58,14 @@ pub enum TlsGenError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// The CA certificate or key does not exist; nothing was written.
+    #[error(
+        "CA file {} not found: create the cluster CA first with `patina tls ca generate \
+         --out-dir DIR`, then pass --ca-cert DIR/ca.pem --ca-key DIR/ca.key (or run this \
+         in DIR)",
+        .0.display()
+    )]
+    NoCa(PathBuf),
     /// The CA certificate or key cannot be used to sign; nothing was written.
     #[error("CA file {}: {reason}", path.display())]
     Ca { path: PathBuf, reason: String },
@@ -67,10 +75,26 @@ pub enum TlsGenError {
 
 /// Runs `patina tls`.
 pub fn run(args: TlsArgs) -> anyhow::Result<()> {
-    let (kind, TlsGenerate::Generate(g)) = match args.kind {
-        TlsKind::Ca { action } => (CertKind::Ca, action),
-        TlsKind::Server { action } => (CertKind::Server, action),
-        TlsKind::Client { action } => (CertKind::Client, action),
+    let (kind, g) = match args.kind {
+        TlsKind::Ca {
+            action: TlsCaGenerate::Generate(c),
+        } => (
+            CertKind::Ca,
+            TlsGenerateArgs {
+                out_dir: c.out_dir,
+                ca_cert: PathBuf::new(),
+                ca_key: PathBuf::new(),
+                sans: Vec::new(),
+                name: c.name,
+                force: c.force,
+            },
+        ),
+        TlsKind::Server {
+            action: TlsGenerate::Generate(g),
+        } => (CertKind::Server, g),
+        TlsKind::Client {
+            action: TlsGenerate::Generate(g),
+        } => (CertKind::Client, g),
     };
     let written = generate(kind, &g)?;
     println!("wrote {} (certificate)", written.cert.display());
@@ -165,6 +189,11 @@ fn load_issuer(
         path: path.to_path_buf(),
         reason,
     };
+    for f in [ca_key, ca_cert] {
+        if !f.exists() {
+            return Err(TlsGenError::NoCa(f.to_path_buf()));
+        }
+    }
     let key_pem = fs::read_to_string(ca_key).map_err(|error| TlsGenError::Io {
         path: ca_key.to_path_buf(),
         error,
@@ -338,5 +367,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = generate(CertKind::Server, &args(dir.path(), None)).unwrap_err();
         assert!(err.to_string().contains("ca.key"), "{err}");
+        assert!(err.to_string().contains("patina tls ca generate"), "{err}");
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -27,13 +27,14 @@ const CHUNK: usize = 256 * 1024;
 pub async fn get_status(State(st): State<AppState>) -> Json<serde_json::Value> {
     let m = &st.shared.metrics;
     let all = members(&st);
-    let alive = all.iter().filter(|x| x.state == "alive").count();
+    // This node counts, as in /v1/health and /v1/members.
+    let alive = super::health::alive_with_self(&all);
     Json(json!({
         "site_id": st.shared.site_id_hex,
         "actor_id": actor_id(&st.shared.site_id_hex),
         "db_version": *st.shared.db_version.borrow(),
         "db_path": st.shared.db_path.display().to_string(),
-        "members": all.len(),
+        "members": all.len() + 1,
         "members_alive": alive,
         "apply_queue_depth": m.apply_queue_depth.load(Ordering::Relaxed),
         "broadcast_queue_depth": m.broadcast_queue_depth.load(Ordering::Relaxed),
@@ -56,13 +57,28 @@ pub async fn post_reload(State(st): State<AppState>) -> Result<Json<serde_json::
     Ok(Json(json!({ "tables": tables })))
 }
 
-/// `POST /v1/backup`: a consistent snapshot (`VACUUM INTO` on a connection of the node's
-/// own, outside the authorizer), given a fresh site id so the copy carries no node identity,
-/// streamed back as `application/vnd.sqlite3`.
-pub async fn post_backup(State(st): State<AppState>) -> Result<Response, HttpError> {
+/// `?keep_site_id=true`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct BackupParams {
+    /// Keep the node's site id in the copy (to bring this very node back after losing its
+    /// disk); by default the copy gets a fresh one, so it can seed a new node.
+    #[serde(default)]
+    pub keep_site_id: bool,
+}
+
+/// `POST /v1/backup[?keep_site_id=true]`: a consistent snapshot (`VACUUM INTO` on a
+/// connection of the node's own, outside the authorizer), streamed back as
+/// `application/vnd.sqlite3`. By default the copy gets a fresh site id so it carries no
+/// node identity; the header `patina-site-id` says which id the copy holds.
+pub async fn post_backup(
+    State(st): State<AppState>,
+    query: Result<Query<BackupParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    let Query(p) = query.map_err(|e| HttpError::BadRequest(format!("bad query string: {e}")))?;
     let db = st.shared.db_path.clone();
     let ext = st.shared.extension_path.clone();
-    let (file, len) = tokio::task::spawn_blocking(move || snapshot_file(&db, &ext))
+    let keep = p.keep_site_id;
+    let (file, len, site) = tokio::task::spawn_blocking(move || snapshot_file(&db, &ext, keep))
         .await
         .map_err(|e| HttpError::Internal(format!("backup task failed: {e}")))??;
     let (tx, rx) = mpsc::channel::<Bytes>(4);
@@ -93,12 +109,20 @@ pub async fn post_backup(State(st): State<AppState>) -> Result<Response, HttpErr
         HeaderValue::from_static("application/vnd.sqlite3"),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(&site) {
+        h.insert(header::HeaderName::from_static("patina-site-id"), v);
+    }
     Ok(resp)
 }
 
-/// Writes the snapshot beside the database, strips its identity, opens it and unlinks it
-/// (the open file stays readable), so no copy is left behind whatever the client does.
-fn snapshot_file(db: &Path, ext: &Path) -> Result<(std::fs::File, u64), HttpError> {
+/// Writes the snapshot beside the database, renews its identity unless `keep`, opens it
+/// and unlinks it (the open file stays readable), so no copy is left behind whatever the
+/// client does. Returns the file, its length and the copy's site id (hex).
+fn snapshot_file(
+    db: &Path,
+    ext: &Path,
+    keep: bool,
+) -> Result<(std::fs::File, u64, String), HttpError> {
     let tmp = temp_path(db);
     let result = (|| {
         let conn = rusqlite::Connection::open(db).map_err(|e| {
@@ -111,10 +135,14 @@ fn snapshot_file(db: &Path, ext: &Path) -> Result<(std::fs::File, u64), HttpErro
         drop(conn);
         let copy = crate::db::open(&tmp, ext, Synchronous::Normal)
             .map_err(|e| HttpError::Internal(format!("backup: {e}")))?;
-        copy.query_row("SELECT patina_new_site_id()", [], |_| Ok(()))
-            .map_err(|e| {
-                HttpError::Internal(format!("backup: cannot give the copy a fresh site id: {e}"))
-            })?;
+        let site: Vec<u8> = if keep {
+            copy.query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+        } else {
+            copy.query_row("SELECT patina_new_site_id()", [], |r| r.get(0))
+        }
+        .map_err(|e| {
+            HttpError::Internal(format!("backup: cannot read or renew the site id: {e}"))
+        })?;
         copy.pragma_update(None, "journal_mode", "DELETE")
             .map_err(|e| HttpError::Internal(format!("backup: {e}")))?;
         drop(copy);
@@ -125,7 +153,7 @@ fn snapshot_file(db: &Path, ext: &Path) -> Result<(std::fs::File, u64), HttpErro
             .metadata()
             .map_err(|e| HttpError::Internal(format!("backup: {e}")))?
             .len();
-        Ok((file, len))
+        Ok((file, len, hex::encode(site)))
     })();
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", tmp.display()));

@@ -14,7 +14,8 @@ use serde_json::json;
 use super::{AppState, HttpError};
 use crate::node::{MemberInfo, FAILING_FOR};
 
-/// Thresholds of `GET /v1/health`; each one given makes the check stricter.
+/// Thresholds of `GET /v1/health`; each one given makes the check stricter. The names
+/// are Corrosion's `HealthQuery` plus patina's `min_members`.
 #[derive(Debug, Default, Deserialize)]
 pub struct HealthParams {
     /// Unhealthy when the apply plus broadcast queues hold more than this.
@@ -26,6 +27,11 @@ pub struct HealthParams {
     /// Corrosion's "missing version ranges" threshold. patina pulls each peer's feed by a
     /// gap-free cursor, so it has no gaps to count: the answer is always 0.
     pub gaps: Option<u64>,
+    /// Corrosion's commit-lag threshold. patina does not sample a lag quantile, so it
+    /// reports 0 and this threshold never fails; per-origin staleness is in `/metrics`.
+    pub p99_lag: Option<f64>,
+    /// The status sent when unhealthy (Corrosion's parameter); 503 by default.
+    pub failure_status: Option<u16>,
 }
 
 /// The members as the core last published them.
@@ -37,13 +43,24 @@ pub fn members(st: &AppState) -> Vec<MemberInfo> {
         .unwrap_or_default()
 }
 
-/// `GET /v1/health`: 200 `{"ok": true, ...}`, or 503 `{"error"}` naming what is wrong.
+/// `GET /v1/health`: 200 `{"response": {...}}`, or 503 `{"error": "..."}` naming what is
+/// wrong. Both decode as Corrosion's `corro_api_types::HealthResponse` (an externally
+/// tagged enum: exactly one key); patina's own figures ride inside `response`.
 pub async fn get_health(
     State(st): State<AppState>,
     params: Result<Query<HealthParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, HttpError> {
     let Query(p) =
         params.map_err(|e| HttpError::BadRequest(format!("bad health thresholds: {e}")))?;
+    let failure = match p.failure_status {
+        None => StatusCode::SERVICE_UNAVAILABLE,
+        Some(code) => StatusCode::from_u16(code)
+            .ok()
+            .filter(|c| c.is_client_error() || c.is_server_error())
+            .ok_or_else(|| {
+                HttpError::BadRequest(format!("failure_status={code} is not a 4xx or 5xx status"))
+            })?,
+    };
     let m = &st.shared.metrics;
     let apply = m.apply_queue_depth.load(Ordering::Relaxed);
     let broadcast = m.broadcast_queue_depth.load(Ordering::Relaxed);
@@ -78,24 +95,26 @@ pub async fn get_health(
             ));
         }
     }
-    // Corrosion's summary, so its health probes can read the answer.
-    let response = json!({ "gaps": 0, "members": alive, "queue_size": queue });
     if !problems.is_empty() {
-        let error = format!("unhealthy: {}", problems.join("; "));
+        let error = format!(
+            "unhealthy: {} (members alive {alive}, queue_size {queue}, gaps 0)",
+            problems.join("; ")
+        );
         tracing::debug!(%error, "health check failed");
-        return Ok((
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "error": error, "response": response })),
-        )
-            .into_response());
+        return Ok((failure, Json(json!({ "error": error }))).into_response());
     }
     Ok(Json(json!({
-        "ok": true,
-        "db_version": version,
-        "members_alive": alive,
-        "apply_queue_depth": apply,
-        "broadcast_queue_depth": broadcast,
-        "response": response,
+        "response": {
+            "gaps": 0,
+            "members": alive,
+            "p99_lag": 0.0,
+            "queue_size": queue,
+            "ok": true,
+            "db_version": version,
+            "members_alive": alive,
+            "apply_queue_depth": apply,
+            "broadcast_queue_depth": broadcast,
+        }
     }))
     .into_response())
 }
@@ -106,9 +125,22 @@ pub fn alive_with_self(all: &[MemberInfo]) -> usize {
     all.iter().filter(|x| x.state == "alive").count() + 1
 }
 
-/// `GET /v1/members`: `{"members": [{"site_id", "addr", "state", "rtt_ms"}]}`.
+/// `GET /v1/members`: `{"members": [{"site_id", "addr", "state", "rtt_ms"}]}`, this node
+/// first (`"self": true`, always alive): a healthy single node is a cluster of one, as
+/// `/v1/health` and `/v1/status` count it.
 pub async fn get_members(State(st): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "members": members(&st) }))
+    let me = json!({
+        "site_id": st.shared.site_id_hex,
+        "addr": st.shared.gossip_addr.map(|a| a.to_string()),
+        "state": "alive",
+        "rtt_ms": null,
+        "self": true,
+    });
+    let mut all = vec![me];
+    for m in members(&st) {
+        all.push(serde_json::to_value(m).unwrap_or(serde_json::Value::Null));
+    }
+    Json(json!({ "members": all }))
 }
 
 /// `GET /metrics`: Prometheus text exposition.

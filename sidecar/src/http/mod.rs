@@ -15,6 +15,8 @@
 //! - `subscriptions` — `POST /v1/subscriptions`, `GET /v1/subscriptions/{id}` (NDJSON).
 //! - `sub_engine`    — re-evaluates subscriptions and keeps their persisted change logs.
 //! - `sub_rows`      — a subscription's rows: evaluation, diff, row keys.
+//! - `updates`       — `POST /v1/updates/{table}` (NDJSON of changed primary keys).
+//! - `migrations`    — `POST /v1/migrations`: schema statements, persisted beside the db.
 //! - `health`        — `GET /v1/health`, `GET /v1/members`, `GET /metrics`.
 //! - `stats`         — the API's own counters (requests by route and status, group commit).
 //! - `admin`         — `GET /v1/status`, `POST /v1/backup`, `POST /v1/reload`.
@@ -27,6 +29,7 @@ pub mod exec;
 pub mod health;
 pub mod json_values;
 pub mod limits;
+pub mod migrations;
 pub mod pool;
 pub mod queries;
 mod readers;
@@ -36,6 +39,7 @@ pub mod sub_engine;
 mod sub_rows;
 pub mod subscriptions;
 pub mod transactions;
+pub mod updates;
 
 use std::future::Future;
 
@@ -177,6 +181,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/subscriptions/{id}",
             get(subscriptions::get_subscription),
         )
+        .route("/v1/updates/{table}", post(updates::post_updates))
+        .route("/v1/migrations", post(migrations::post_migrations))
         .route("/v1/health", get(health::get_health))
         .route("/v1/members", get(health::get_members))
         .route("/metrics", get(health::get_metrics))
@@ -199,8 +205,36 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_token,
         ))
+        .layer(axum::middleware::map_response(json_newline))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Ends every `application/json` answer with a newline, as NDJSON lines and curl users
+/// expect (a shell prompt otherwise lands on the answer's last line). JSON answers are
+/// small and already whole in memory; streamed answers (NDJSON, backups) are untouched.
+async fn json_newline(resp: axum::response::Response) -> axum::response::Response {
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let mut bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b.to_vec(),
+        Err(e) => {
+            tracing::warn!("cannot buffer a JSON answer: {e}");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "").into_response();
+        }
+    };
+    if bytes.last() != Some(&b'\n') {
+        bytes.push(b'\n');
+    }
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// The request body, or 413 past `api.max_body`.

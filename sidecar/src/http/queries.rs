@@ -147,6 +147,18 @@ pub fn ndjson_response(rx: LineReceiver, guard: Option<CancelOnDrop>) -> Respons
     resp
 }
 
+/// An NDJSON streaming response over plain lines, for streams that hold no reader slot
+/// and no answer budget (`/v1/updates`); dropping the body ends the sender's loop.
+pub fn ndjson_lines_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
+    let stream = ReceiverStream::new(rx).map(Ok::<Bytes, Infallible>);
+    let mut resp = Body::from_stream(stream).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
 /// One NDJSON line.
 pub fn line(v: &Json) -> Bytes {
     let mut s = v.to_string();

@@ -11,6 +11,11 @@
 //! it cannot answer unchanged (TEXT that is not UTF-8, a row past `api.max_result_bytes`)
 //! — is refused with 400 when created or resumed, and its live streams get one
 //! `{"error"}` event naming the reason and end. Nothing is ever answered altered.
+//!
+//! `skip_rows=true` without `from` sends no `columns`, rows or `eoq`: only the changes
+//! after the subscription's current last change id, as Corrosion's `catch_up_sub` does
+//! (its client passes `skip_rows` on every call). `from` is accepted on `POST` too,
+//! because the client sends it there when it resumes by statement.
 
 use std::time::Instant;
 
@@ -29,43 +34,52 @@ use super::{AppState, HttpError};
 /// Changes read from the log per round trip of a stream.
 const PAGE: i64 = 1000;
 
-/// `?from=N`.
-#[derive(Debug, Deserialize)]
-pub struct FromParam {
+/// `?from=N&skip_rows=bool`.
+#[derive(Debug, Default, Deserialize)]
+pub struct SubParams {
+    /// Resume after this change id.
     pub from: Option<i64>,
+    /// Without `from`: send only changes, no initial result.
+    #[serde(default)]
+    pub skip_rows: bool,
 }
 
 /// `POST /v1/subscriptions`.
 pub async fn post_subscription(
     State(st): State<AppState>,
+    query: Result<Query<SubParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
+    let Query(q) = query.map_err(|e| HttpError::BadRequest(format!("bad query string: {e}")))?;
     let spec = parse_statement(&st, &headers, body)?;
     let handle = st.subs.create(spec).await?;
-    open_stream(st, handle, None).await
+    open_stream(st, handle, q).await
 }
 
 /// `GET /v1/subscriptions/{id}?from=N`.
 pub async fn get_subscription(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<FromParam>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<SubParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, HttpError> {
     let Query(q) = query.map_err(|e| HttpError::BadRequest(format!("bad query string: {e}")))?;
     let handle = st
         .subs
         .get(&id)
         .ok_or_else(|| HttpError::NotFound(format!("no subscription {id}")))?;
-    open_stream(st, handle, q.from).await
+    open_stream(st, handle, q).await
 }
 
-/// Builds the stream: either the full current result or the changes after `from`.
+/// Builds the stream: the full current result, only later changes (`skip_rows`), or the
+/// changes after `from`. `from=0` is every change since the subscription began (the
+/// client resumes with it after an `eoq` at change 0).
 async fn open_stream(
     st: AppState,
     handle: std::sync::Arc<SubHandle>,
-    from: Option<i64>,
+    params: SubParams,
 ) -> Result<Response, HttpError> {
+    let from = params.from;
     let start = Instant::now();
     let id = handle.id.clone();
     // Registered before catching up, so no change between the two goes unevaluated.
@@ -73,6 +87,7 @@ async fn open_stream(
     st.subs.catch_up(&id).await?;
     let mut initial = Vec::new();
     let cursor = match from {
+        None if params.skip_rows => *handle.last_change.borrow(),
         None => {
             let sid = id.clone();
             let (rows, last) = st.pool.read(move |api| snapshot(api, &sid)).await?;

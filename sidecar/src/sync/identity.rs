@@ -57,10 +57,6 @@ mod tests {
     use crate::sync::{Chunk, Effect, Msg};
     use std::time::Duration;
 
-
-
-
-
     #[test]
     fn a_site_is_bound_to_the_first_identity_for_good() {
         let mut s = machine(1);

@@ -548,10 +548,6 @@ mod tests {
     use super::*;
     use crate::sync::test_support::{addr, drain, ident, machine};
 
-
-
-
-
     #[test]
     fn a_notify_past_our_cursor_starts_a_pull() {
         let mut s = machine(1);

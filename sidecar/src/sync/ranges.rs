@@ -196,15 +196,11 @@ pub fn merge_skipped<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::test_support::{addr, drain, ident, machine};
     use crate::sync::msg::{chunk_unit, Change, Value};
+    use crate::sync::test_support::{addr, drain, ident, machine};
     use crate::sync::Msg;
     use proptest::prelude::*;
     use std::time::Duration;
-
-
-
-
 
     #[test]
     fn ranges_that_break_the_rule_are_refused_before_anything_is_applied() {
