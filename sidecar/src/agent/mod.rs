@@ -65,6 +65,23 @@ pub enum AgentError {
     },
 }
 
+/// How often a node that found its disk full at start tries again.
+const DISK_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `e` (or any error beneath it) is SQLite's "database or disk is full".
+fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = err.downcast_ref::<rusqlite::Error>() {
+            if f.code == rusqlite::ErrorCode::DiskFull {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Runs a node until `shutdown` resolves, then stops accepting API requests, lets the
 /// apply thread finish its current batch, leaves the cluster and closes the transport.
 pub async fn run(
@@ -116,13 +133,40 @@ pub async fn run(
     };
     let ext = db::extension_path(config.db.extension_path.as_deref())?;
     let level = config.db.synchronous;
-    let mut setup = db::open(&path, &ext, level)?;
-    bookkeeping::ensure(&setup).map_err(sql_err)?;
     let schema_paths = crate::http::migrations::schema_paths(&config.db.schema_paths, &path);
-    let tables = schema::apply(&mut setup, &schema_paths).map_err(|source| AgentError::Schema {
-        paths: schema::describe(&schema_paths),
-        source,
-    })?;
+    let mut shutdown = Box::pin(shutdown);
+    // A full disk at start is waited out rather than exiting: a supervisor would restart
+    // the node into the same failure again and again, while a node that waits starts by
+    // itself once space is freed (and still stops at once on SIGTERM).
+    let (setup, tables) = loop {
+        let attempt = (|| {
+            let mut setup = db::open(&path, &ext, level)?;
+            bookkeeping::ensure(&setup).map_err(sql_err)?;
+            let tables =
+                schema::apply(&mut setup, &schema_paths).map_err(|source| AgentError::Schema {
+                    paths: schema::describe(&schema_paths),
+                    source,
+                })?;
+            Ok::<_, AgentError>((setup, tables))
+        })();
+        match attempt {
+            Ok(ready) => break ready,
+            Err(e) if is_disk_full(&e) => {
+                tracing::error!(
+                    db = %path.display(),
+                    "cannot start: the disk holding {} is full ({e}); retrying every {} s \
+                     until space is freed",
+                    path.display(),
+                    DISK_FULL_RETRY.as_secs()
+                );
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(DISK_FULL_RETRY) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let site = feed::site_id(&setup).map_err(sql_err)?;
     let cursors = bookkeeping::load_cursors(&setup).map_err(sql_err)?;
     let bindings = bookkeeping::load_bindings(&setup).map_err(sql_err)?;
@@ -268,7 +312,7 @@ pub async fn run(
     );
 
     tokio::select! {
-        _ = shutdown => tracing::info!("shutting down"),
+        _ = &mut shutdown => tracing::info!("shutting down"),
         r = &mut Box::pin(wait_api(api)) => {
             // The API stopped on its own: an error; take the node down with it.
             stop_threads.store(true, Ordering::SeqCst);
@@ -316,4 +360,32 @@ async fn resolve_bootstrap(entries: &[String]) -> Result<Vec<SocketAddr>, AgentE
         out.extend(addrs.take(1));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod disk_full_tests {
+    use super::*;
+
+    fn sqlite(code: std::os::raw::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn a_full_disk_is_recognised_beneath_the_start_errors() {
+        let full = AgentError::Schema {
+            paths: "schema.sql".into(),
+            source: schema::SchemaError::Sqlite(sqlite(rusqlite::ffi::SQLITE_FULL)),
+        };
+        assert!(is_disk_full(&full));
+        let full = AgentError::Sqlite {
+            path: "x.db".into(),
+            source: sqlite(rusqlite::ffi::SQLITE_FULL),
+        };
+        assert!(is_disk_full(&full));
+        let other = AgentError::Sqlite {
+            path: "x.db".into(),
+            source: sqlite(rusqlite::ffi::SQLITE_CORRUPT),
+        };
+        assert!(!is_disk_full(&other));
+    }
 }
