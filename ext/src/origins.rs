@@ -71,7 +71,10 @@ impl RangeStmts {
             s.reset();
             touching.reverse();
             let (delete, write) = merge_plan(&touching, (a, b));
-            for start in delete {
+            // The range that keeps its start is rewritten in place by the upsert below
+            // (the common case: the next version of an origin extends its last range).
+            let kept = write.map(|(x, _)| x);
+            for start in delete.into_iter().filter(|s| Some(*s) != kept) {
                 let d = cached(
                     &mut self.delete,
                     conn,
@@ -83,7 +86,8 @@ impl RangeStmts {
                 let i = cached(
                     &mut self.insert,
                     conn,
-                    "INSERT INTO patina_origin_ranges (site_id, start, \"end\") VALUES (?1, ?2, ?3)",
+                    "INSERT INTO patina_origin_ranges (site_id, start, \"end\") VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (site_id, start) DO UPDATE SET \"end\" = excluded.\"end\"",
                 )?;
                 i.execute(&[site_v.clone(), Value::Integer(x), Value::Integer(y)])?;
             }
