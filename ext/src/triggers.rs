@@ -159,6 +159,12 @@ fn next_cl(t: &TableInfo, step: &str) -> String {
 /// or a key-only table records the row's own clock (the `cid = '-1'` change) with
 /// that number. Reserving the number either way keeps the trigger free of a lookup of the
 /// clock row, which measured 1.5-2x the whole insert cost.
+///
+/// The origin numbering reserves nothing: it advances by `n` (1 for a key-only table), and
+/// a resurrection's row clock carries the same origin number as its first column change
+/// (an origin version names the changes that carry it, like cr-sqlite's `db_version`
+/// names a transaction's). So an origin's inserts leave no hole that a peer receiving
+/// all of its changes would see as a gap; only superseded changes do.
 fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
     let n = t.columns.len();
     let clock = quote(&clock_table(&t.name));
@@ -183,13 +189,13 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
         format!("{DBV} = excluded.{DBV}"),
         format!("{S_DBV} = excluded.{DBV} - {n}"),
         format!("{S_SITE} = {site}"),
-        // The reserved first number of the k, in both counters (the columns' origin
-        // numbers are excluded's, the first of them one past the row clock's).
+        // A resurrection's row clock shares the first column's origin number (see the
+        // function's doc), so the origin counter needs no lookup to know the case.
         if n == 0 {
             format!("{S_OV} = excluded.{S_OV}")
         } else {
             format!(
-                "{S_OV} = excluded.{} - 1",
+                "{S_OV} = excluded.{}",
                 quote(&col_clock(&t.columns[0].name)[3])
             )
         },
@@ -210,11 +216,12 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
         ]);
     }
     format!(
-        "UPDATE patina_state SET db_version = db_version + {k}, origin_version = origin_version + {k} \
+        "UPDATE patina_state SET db_version = db_version + {k}, origin_version = origin_version + {ko} \
          WHERE id = 0 AND merging = 0;\n\
          INSERT INTO {clock} ({names}) SELECT {values} FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
          ON CONFLICT ({pk}) DO UPDATE SET {sets};\n",
         k = n + 1,
+        ko = n.max(1),
         names = names.join(", "),
         values = values.join(", "),
         pk = pk_list(t, ""),

@@ -68,10 +68,11 @@ fn local_origin_versions_are_gap_free_across_merges() {
     for c in [&a, &control] {
         c.execute("INSERT INTO t VALUES (1, 0, 0)", []).unwrap();
     }
-    // Insert of a row with two columns: 3 numbers (the row clock's, reserved, then a, b).
-    assert_eq!(counters(&a), (3, 3));
-    let first = ov_of(&a, 1, "a");
-    assert_eq!(first, 2);
+    // Insert of a row with two columns: 3 change numbers (the row clock's, reserved, then
+    // a, b) but 2 origin numbers (a first life sends no row clock).
+    assert_eq!(counters(&a), (3, 2));
+    assert_eq!(ov_of(&a, 1, "a"), 1);
+    assert_eq!(ov_of(&a, 1, "b"), 2);
     let mut seen = 0;
     for i in 1..=10i64 {
         // B writes a row of its own; A merges it (both paths in turn), then writes locally.
@@ -88,10 +89,10 @@ fn local_origin_versions_are_gap_free_across_merges() {
             c.execute("UPDATE t SET a = ?1 WHERE id = 1", [i]).unwrap();
         }
         // Consecutive origin numbers, whatever merges took of db_version in between.
-        assert_eq!(ov_of(&a, 1, "a"), 3 + i, "update {i}");
+        assert_eq!(ov_of(&a, 1, "a"), 2 + i, "update {i}");
     }
     let (dbv, ov) = counters(&a);
-    assert_eq!(ov, 13);
+    assert_eq!(ov, 12);
     assert!(dbv > ov + 10, "merges took db_version numbers: {dbv}");
     assert_eq!(counters(&control).1, ov);
     // The local changes in the feed carry the same origin numbers as the control's.
@@ -106,15 +107,23 @@ fn local_origin_versions_are_gap_free_across_merges() {
         v
     };
     assert_eq!(mine(&a), mine(&control));
-    // Every path that numbers a local write advances both counters: delete, resurrection,
-    // key change, and rows adopted by crsql_as_crr.
+    // Every path that numbers a local write advances the origin counter: delete (1),
+    // resurrection (2: its row clock shares the first column's number), key change
+    // (delete 1 + first life 2), and rows adopted by crsql_as_crr.
     let before = counters(&a);
-    a.execute_batch(
-        "DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (1, 5, 5); UPDATE t SET id = 2 WHERE id = 1;",
-    )
-    .unwrap();
+    a.execute_batch("DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (1, 5, 5);")
+        .unwrap();
+    let resurrected = counters(&a);
+    assert_eq!(resurrected.1 - before.1, 3);
+    assert_eq!(ov_of(&a, 1, "-1"), before.1 + 2);
+    assert_eq!(ov_of(&a, 1, "a"), before.1 + 2);
+    assert_eq!(ov_of(&a, 1, "b"), before.1 + 3);
+    a.execute_batch("UPDATE t SET id = 2 WHERE id = 1;")
+        .unwrap();
     let after = counters(&a);
-    assert_eq!(after.0 - before.0, after.1 - before.1);
+    assert_eq!(after.0 - resurrected.0, 4);
+    assert_eq!(after.1 - resurrected.1, 3);
+    assert_eq!(ov_of(&a, 1, "-1"), resurrected.1 + 1);
     assert_eq!(ov_of(&a, 2, "b"), after.1);
     a.execute_batch("CREATE TABLE u(id INTEGER PRIMARY KEY NOT NULL, x); INSERT INTO u VALUES (1, 1), (2, 2); SELECT crsql_as_crr('u');")
         .unwrap();
@@ -178,7 +187,7 @@ fn both_paths_record_the_same_ranges_superseded_included() {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    assert!(held.iter().any(|h| h.0 == s1 && h.1 == 2));
+    assert!(held.iter().any(|h| h.0 == s1 && h.1 == 1));
     for (site, v, _) in &held {
         let m: String = per
             .query_row(
@@ -189,14 +198,14 @@ fn both_paths_record_the_same_ranges_superseded_included() {
             .unwrap();
         assert_eq!(m, "[]", "version {v} of a source is held");
     }
-    // Coalesced. s1 numbered 1..=9: row clocks 1 and 4 (reserved), the columns 2, 3, 5, 6,
-    // a = 10 as 7 (superseded at the source, never sent), a = 11 as 8, the delete 9; the
-    // input holds 8, 3, 9 and the old 2, 3, 5, 6. s2 numbered 1..=4 and sent 2 and 4.
+    // Coalesced. s1 numbered 1..=7: the columns 1, 2, 3, 4, a = 10 as 5 (superseded at the
+    // source, never sent), a = 11 as 6, the delete 7; the input holds 6, 2, 7 and the old
+    // 1, 2, 3, 4. s2 numbered 1..=3 (b = 4 as 3 superseded its 2) and sent 1 and 3.
     let expect = |s: &[u8], r: &[(i64, i64)]| -> Vec<(Vec<u8>, i64, i64)> {
         r.iter().map(|(a, b)| (s.to_vec(), *a, *b)).collect()
     };
-    let mut want = expect(&s1, &[(2, 3), (5, 6), (8, 9)]);
-    want.extend(expect(&s2, &[(2, 2), (4, 4)]));
+    let mut want = expect(&s1, &[(1, 4), (6, 7)]);
+    want.extend(expect(&s2, &[(1, 1), (3, 3)]));
     want.sort();
     assert_eq!(ranges, want);
     // Merging everything again changes nothing.
@@ -276,7 +285,7 @@ fn a_new_site_id_keeps_the_old_numbering_held() {
         .unwrap();
     let old = site(&a);
     a.execute_batch("SELECT patina_new_site_id()").unwrap();
-    assert_eq!(origin_ranges(&a), vec![(old, 1, 4)]);
+    assert_eq!(origin_ranges(&a), vec![(old, 1, 3)]);
     assert_eq!(counters(&a).1, 0);
     a.execute("UPDATE t SET b = 3 WHERE id = 1", []).unwrap();
     assert_eq!(ov_of(&a, 1, "b"), 1);
@@ -352,16 +361,16 @@ fn a_database_of_the_previous_release_is_migrated_on_load() {
             assert_eq!(m, "[]");
         }
     }
-    // The superseded old copy (s1's version 2) left no trace: it is a gap now.
+    // The superseded old copy (s1's version 1) left no trace: it is a gap now.
     let s1 = input[0].6.clone();
     let m: String = c
         .query_row(
-            "SELECT patina_origin_missing(?1, 2, 2)",
+            "SELECT patina_origin_missing(?1, 1, 1)",
             rusqlite::params![s1],
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(m, "[[2,2]]");
+    assert_eq!(m, "[[1,1]]");
     drop(c);
     // Triggers were regenerated: an app that loads nothing now advances the counter.
     let plain = open_plain(&path);
