@@ -182,11 +182,23 @@ impl Merger {
         // Held origin versions, coalesced per flush: a few range writes per origin, not a
         // statement per change. Superseded changes count (they were seen).
         let mut held: HashMap<i64, (Vec<u8>, RangeSet)> = HashMap::new();
+        // Runs of one origin are common: a unit is one origin's feed read.
+        let mut run: Option<(i64, RangeSet)> = None;
         for q in &queue {
-            held.entry(q.site_ord)
-                .or_insert_with(|| (q.site.clone(), RangeSet::new()))
-                .1
-                .insert_one(q.origin);
+            match &mut run {
+                Some((ord, set)) if *ord == q.site_ord => set.insert_one(q.origin),
+                _ => {
+                    if let Some((ord, set)) = run.take() {
+                        held.entry(ord).or_default().1.union(&set);
+                    }
+                    held.entry(q.site_ord)
+                        .or_insert_with(|| (q.site.clone(), RangeSet::new()));
+                    run = Some((q.site_ord, RangeSet::from_range(q.origin, q.origin)));
+                }
+            }
+        }
+        if let Some((ord, set)) = run {
+            held.entry(ord).or_default().1.union(&set);
         }
         // Group by row, keeping arrival order inside each group.
         let mut order: Vec<(String, Vec<u8>)> = Vec::new();

@@ -65,6 +65,13 @@ impl RangeSet {
         if end < start {
             return;
         }
+        // Fast path: versions of an origin mostly arrive in order, extending the last range.
+        if let Some((_, last_end)) = self.ranges.iter_mut().next_back() {
+            if *last_end < start && start <= last_end.saturating_add(1) {
+                *last_end = end;
+                return;
+            }
+        }
         let (mut lo, mut hi) = (start, end);
         // Ranges are disjoint and sorted, so the candidates are the ones starting at or
         // before `end + 1`, walked down until one ends before `start - 1`.
@@ -83,6 +90,13 @@ impl RangeSet {
             hi = hi.max(b);
         }
         self.ranges.insert(lo, hi);
+    }
+
+    /// Adds every range of `other`.
+    pub fn union(&mut self, other: &RangeSet) {
+        for (a, b) in other.iter() {
+            self.insert(a, b);
+        }
     }
 
     /// True when `v` is in the set.
