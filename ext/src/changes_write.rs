@@ -221,6 +221,8 @@ impl Merger {
             Err(_) => self.forget_state(),
         }
         result?;
+        // After the write, never before: a failure here leaves a change applied but not
+        // recorded (asked for again, harmlessly), never a version recorded but not held.
         self.record_held(conn, &ch.site_id, origin)?;
         Ok(i64::from(plan.impacts(base_changed)))
     }
