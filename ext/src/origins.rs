@@ -101,10 +101,14 @@ pub(crate) fn record(conn: Conn, site: &[u8], versions: &RangeSet) -> Result<()>
     RangeStmts::default().record(conn, site, versions)
 }
 
-/// Every origin's held versions: the stored ranges plus this site's `1..=origin_version`.
-fn held_all(conn: Conn) -> Result<(Vec<u8>, BTreeMap<Vec<u8>, RangeSet>)> {
+/// Held versions by origin site id.
+type HeldBySite = BTreeMap<Vec<u8>, RangeSet>;
+
+/// This site's id and every origin's held versions: the stored ranges plus this site's
+/// `1..=origin_version`.
+fn held_all(conn: Conn) -> Result<(Vec<u8>, HeldBySite)> {
     let local = crate::state::site_id(conn)?;
-    let mut all: BTreeMap<Vec<u8>, RangeSet> = BTreeMap::new();
+    let mut all = HeldBySite::new();
     let mut s = conn.prepare("SELECT site_id, start, \"end\" FROM patina_origin_ranges")?;
     for (site, a, b) in s.query_map(&[], |r| (r.column(0), r.column_i64(1), r.column_i64(2)))? {
         if let Value::Blob(site) = site {
@@ -209,7 +213,7 @@ pub(crate) fn migrate(conn: Conn, state_sql: &str) -> Result<()> {
         crate::crr::install_triggers(conn, &table)?;
     }
     let local = crate::state::site_id(conn)?;
-    let mut by_site: BTreeMap<Vec<u8>, RangeSet> = BTreeMap::new();
+    let mut by_site = HeldBySite::new();
     let mut s = conn.prepare("SELECT site_id, origin_version FROM crsql_changes")?;
     for (site, ov) in s.query_map(&[], |r| (r.column(0), r.column(1)))? {
         if let (Value::Blob(site), Value::Integer(ov)) = (site, ov) {
