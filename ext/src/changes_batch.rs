@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, Plan};
 use crate::merger::{key_where, stmt, Merger, Queued};
+use crate::ranges::RangeSet;
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
 use crate::triggers::{
@@ -178,6 +179,27 @@ impl Merger {
 
     fn apply_queue(&mut self, conn: Conn, queue: Vec<Queued>) -> Result<i64> {
         let (mut counter, merging, equal_values) = self.state_now(conn)?;
+        // Held origin versions, coalesced per flush: a few range writes per origin, not a
+        // statement per change. Superseded changes count (they were seen).
+        let mut held: HashMap<i64, (Vec<u8>, RangeSet)> = HashMap::new();
+        // Runs of one origin are common: a unit is one origin's feed read.
+        let mut run: Option<(i64, RangeSet)> = None;
+        for q in &queue {
+            match &mut run {
+                Some((ord, set)) if *ord == q.site_ord => set.insert_one(q.origin),
+                _ => {
+                    if let Some((ord, set)) = run.take() {
+                        held.entry(ord).or_default().1.union(&set);
+                    }
+                    held.entry(q.site_ord)
+                        .or_insert_with(|| (q.site.clone(), RangeSet::new()));
+                    run = Some((q.site_ord, RangeSet::from_range(q.origin, q.origin)));
+                }
+            }
+        }
+        if let Some((ord, set)) = run {
+            held.entry(ord).or_default().1.union(&set);
+        }
         // Group by row, keeping arrival order inside each group.
         let mut order: Vec<(String, Vec<u8>)> = Vec::new();
         let mut groups: HashMap<(String, Vec<u8>), Vec<Queued>> = HashMap::new();
@@ -209,6 +231,9 @@ impl Merger {
             "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
         })?;
         s.execute(&[Value::Integer(counter), Value::Integer(i64::from(merging))])?;
+        for (site, versions) in held.values() {
+            self.ranges.record(conn, site, versions)?;
+        }
         self.remember_state(conn, counter, merging, equal_values);
         Ok(impacted)
     }

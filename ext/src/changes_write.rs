@@ -27,6 +27,20 @@ pub struct Incoming {
 }
 
 impl Merger {
+    /// Records one held origin version (the per-change path: a statement or two per change;
+    /// the batched path coalesces per flush instead). The state cache is refreshed after,
+    /// since these writes move `total_changes`.
+    fn record_held(&mut self, conn: Conn, site: &[u8], origin: i64) -> Result<()> {
+        let before = conn.total_changes();
+        self.ranges.record(
+            conn,
+            site,
+            &crate::ranges::RangeSet::from_range(origin, origin),
+        )?;
+        self.state_still_valid(conn, before);
+        Ok(())
+    }
+
     /// Validates and merges one change (or queues it on the batched path). Returns the base
     /// rows written (several when a full queue was applied).
     pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<i64> {
@@ -164,6 +178,8 @@ impl Merger {
             merge::plan(&local_row, &incoming, equal_values)
         };
         if plan == Plan::Skip {
+            // Superseded, but seen: its origin version is held all the same.
+            self.record_held(conn, &ch.site_id, origin)?;
             return Ok(0);
         }
 
@@ -205,6 +221,9 @@ impl Merger {
             Err(_) => self.forget_state(),
         }
         result?;
+        // After the write, never before: a failure here leaves a change applied but not
+        // recorded (asked for again, harmlessly), never a version recorded but not held.
+        self.record_held(conn, &ch.site_id, origin)?;
         Ok(i64::from(plan.impacts(base_changed)))
     }
 

@@ -63,8 +63,8 @@ pub fn commit_alter(conn: Conn, table: &str) -> Result<()> {
     })
 }
 
-/// Regenerates the triggers of a replicated table (after a site id change).
-fn install_triggers(conn: Conn, table: &str) -> Result<()> {
+/// Regenerates the triggers of a replicated table (after a site id change, a migration).
+pub(crate) fn install_triggers(conn: Conn, table: &str) -> Result<()> {
     let info = inspect(conn, table)?;
     install_triggers_for(conn, &info)
 }
@@ -177,13 +177,17 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
         format!("s.db_version + b.r * {per_row}"),
     ];
     values.extend(own);
-    values.push("NULL".into());
+    values.push(if n == 0 {
+        "s.origin_version + b.r".into()
+    } else {
+        "NULL".into()
+    });
     for i in 0..info.columns.len() {
         values.extend([
             "1".into(),
             format!("s.db_version + (b.r - 1) * {per_row} + {}", i + 1),
             site.to_string(),
-            "NULL".into(),
+            format!("s.origin_version + (b.r - 1) * {per_row} + {}", i + 1),
         ]);
     }
     conn.exec(&format!(
@@ -198,15 +202,15 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
     let added = conn.query_i64("SELECT changes()")?.unwrap_or(0);
     if added > 0 {
         conn.exec(&format!(
-            "UPDATE patina_state SET db_version = db_version + {} WHERE id = 0",
-            added * per_row
+            "UPDATE patina_state SET db_version = db_version + {k}, origin_version = origin_version + {k} WHERE id = 0",
+            k = added * per_row
         ))?;
     }
     // Rows the clock thinks alive but the table no longer has: record their delete (a row
     // at the causal length limit stays as it is, as its delete trigger would refuse).
     conn.exec(&format!(
         "UPDATE {clock} SET {CL} = {CL} + 1, {DBV} = s.db_version + d.r, {S_DBV} = s.db_version + d.r, \
-         {S_SITE} = {site}, {S_OV} = NULL \
+         {S_SITE} = {site}, {S_OV} = s.origin_version + d.r \
          FROM (SELECT {kpk}, row_number() OVER (ORDER BY {kpk}) AS r FROM {clock} AS k \
                WHERE k.{CL} % 2 = 1 AND k.{CL} < {MAX_CLOCK} AND NOT EXISTS (SELECT 1 FROM {table} AS b WHERE {m})) AS d, patina_state AS s \
          WHERE s.id = 0 AND {dm}",
@@ -217,7 +221,7 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
     let deleted = conn.query_i64("SELECT changes()")?.unwrap_or(0);
     if deleted > 0 {
         conn.exec(&format!(
-            "UPDATE patina_state SET db_version = db_version + {deleted} WHERE id = 0"
+            "UPDATE patina_state SET db_version = db_version + {deleted}, origin_version = origin_version + {deleted} WHERE id = 0"
         ))?;
     }
     // Living rows that nothing in the feed carries any more: no column clock in this life
@@ -230,7 +234,7 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
         .collect();
     conn.exec(&format!(
         "UPDATE {clock} SET {DBV} = s.db_version + d.r, {S_DBV} = s.db_version + d.r, \
-         {S_SITE} = {site}, {S_OV} = NULL \
+         {S_SITE} = {site}, {S_OV} = s.origin_version + d.r \
          FROM (SELECT {kpk}, row_number() OVER (ORDER BY {kpk}) AS r FROM {clock} AS k \
                WHERE k.{CL} % 2 = 1 AND k.{S_SITE} IS NULL{no_column}) AS d, patina_state AS s \
          WHERE s.id = 0 AND {dm}",
@@ -240,7 +244,7 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
     let carried = conn.query_i64("SELECT changes()")?.unwrap_or(0);
     if carried > 0 {
         conn.exec(&format!(
-            "UPDATE patina_state SET db_version = db_version + {carried} WHERE id = 0"
+            "UPDATE patina_state SET db_version = db_version + {carried}, origin_version = origin_version + {carried} WHERE id = 0"
         ))?;
     }
     Ok(())
@@ -252,11 +256,19 @@ fn reconcile(conn: Conn, info: &TableInfo) -> Result<()> {
 pub fn new_site_id(conn: Conn) -> Result<Vec<u8>> {
     state::ensure(conn)?;
     state::savepoint(conn, "patina_new_site", || {
+        // The old id becomes an origin like any other: what it numbered stays held, and the
+        // new id starts its own numbering at 1.
+        let old = state::site_id(conn)?;
+        let head = state::origin_version(conn)?;
         let site: [u8; 16] = rand::random();
         let ord = state::site_ordinal_insert(conn, &site)?;
-        let mut s =
-            conn.prepare("UPDATE patina_state SET site_id = ?1, local_site = ?2 WHERE id = 0")?;
+        let mut s = conn.prepare(
+            "UPDATE patina_state SET site_id = ?1, local_site = ?2, origin_version = 0 WHERE id = 0",
+        )?;
         s.execute(&[Value::Blob(site.to_vec()), Value::Integer(ord)])?;
+        drop(s);
+        // Recorded once the old id is no longer this site's (its own are never stored).
+        crate::origins::record(conn, &old, &crate::ranges::RangeSet::from_range(1, head))?;
         for table in schema::replicated_tables(conn)? {
             install_triggers(conn, &table)?;
         }

@@ -8,7 +8,7 @@ use sqlite_loadable::Result as SlResult;
 
 use crate::error::{Error, Result};
 use crate::sqlite::{self as sq, Conn, Value};
-use crate::{crr, pk, state, Shared};
+use crate::{crr, origins, pk, state, Shared};
 
 /// The shape of every function in the registration list.
 pub type Func = fn(*mut sqlite3_context, &[*mut sqlite3_value], &Arc<Shared>) -> SlResult<()>;
@@ -306,4 +306,57 @@ pub fn new_site_id(
     _: &Arc<Shared>,
 ) -> SlResult<()> {
     finish(ctx, crr::new_site_id(conn(ctx)).map(Value::Blob))
+}
+
+pub fn origin_summary(
+    ctx: *mut sqlite3_context,
+    _: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    finish(
+        ctx,
+        origins::summary(conn(ctx)).map(|s| Value::Text(s.into_bytes())),
+    )
+}
+
+/// The arguments of `patina_origin_missing(site_id, a, b)`: a 16-byte blob and two integers.
+fn missing_args(args: &[*mut sqlite3_value]) -> Result<(Vec<u8>, i64, i64)> {
+    const F: &str = "patina_origin_missing";
+    let v = values(args);
+    let site = match v.first() {
+        Some(Value::Blob(b)) if b.len() == 16 => b.clone(),
+        other => {
+            return Err(Error::Argument {
+                function: F,
+                position: 1,
+                name: "site_id",
+                problem: format!(
+                    "must be a 16-byte blob, got {}",
+                    other.map_or_else(|| "nothing".to_string(), describe)
+                ),
+            })
+        }
+    };
+    let int = |pos: usize, name: &'static str| match v.get(pos - 1) {
+        Some(Value::Integer(i)) => Ok(*i),
+        other => Err(Error::Argument {
+            function: F,
+            position: pos,
+            name,
+            problem: format!(
+                "must be an integer version, got {}",
+                other.map_or_else(|| "nothing".to_string(), describe)
+            ),
+        }),
+    };
+    Ok((site, int(2, "from")?, int(3, "to")?))
+}
+
+pub fn origin_missing(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    _: &Arc<Shared>,
+) -> SlResult<()> {
+    let r = missing_args(args).and_then(|(site, a, b)| origins::missing(conn(ctx), &site, a, b));
+    finish(ctx, r.map(|s| Value::Text(s.into_bytes())))
 }

@@ -8,7 +8,9 @@
 //! - `merge`         — the merge rules as pure functions (no SQLite).
 //! - `schema`        — reading a table's shape and the rules for replicating it.
 //! - `triggers`      — SQL generation: clock tables and the plain-SQL capture triggers.
-//! - `state`         — `patina_state` (counter, merge flag, site id) and `patina_sites`.
+//! - `state`         — `patina_state` (counters, merge flag, site id) and `patina_sites`.
+//! - `ranges`        — sets of versions as coalesced ranges (pure).
+//! - `origins`       — per-origin held ranges in SQL, their helpers, the migration to them.
 //! - `crr`           — `crsql_as_crr`, `crsql_as_table`, begin/commit alter, backfill.
 //! - `changes`       — the `crsql_changes` virtual table (glue).
 //! - `changes_read`  — the change feed.
@@ -26,7 +28,9 @@ mod error;
 mod functions;
 mod merge;
 mod merger;
+mod origins;
 mod pk;
+mod ranges;
 mod schema;
 mod sqlite;
 mod state;
@@ -157,6 +161,10 @@ fn register(conn: sqlite::Conn) -> error::Result<()> {
         ("patina_flush", 0, plain, f::flush),
         // patina_new_site_id() -> the new 16-byte site id (restore, cloned files)
         ("patina_new_site_id", 0, direct, f::new_site_id),
+        // patina_origin_summary() -> JSON: per origin site, head, versions held, gaps
+        ("patina_origin_summary", 0, plain, f::origin_summary),
+        // patina_origin_missing(site_id, a, b) -> JSON ranges of a..=b of that origin not held
+        ("patina_origin_missing", 3, plain, f::origin_missing),
     ];
     for (name, n, flags, func) in list {
         sqlite::create_function(conn, name, *n, flags.bits(), *func, shared.clone())?;

@@ -73,6 +73,8 @@ pub(crate) struct Merger {
     pub(crate) queue: Vec<Queued>,
     pub(crate) marks: Vec<(i32, usize)>,
     pub(crate) counter_write: Option<Stmt>,
+    /// Statements writing `patina_origin_ranges` (both paths).
+    pub(crate) ranges: crate::origins::RangeStmts,
 }
 
 pub(crate) fn stmt(
@@ -124,6 +126,7 @@ impl Merger {
         self.state_write = None;
         self.flag_clear = None;
         self.counter_write = None;
+        self.ranges = crate::origins::RangeStmts::default();
         self.state = None;
         self.sites.forget();
     }
@@ -189,6 +192,16 @@ impl Merger {
             merging,
             equal_values,
         });
+    }
+
+    /// Keeps the cached state across writes that do not touch `patina_state` (range
+    /// bookkeeping): valid now if it was valid when `total_changes` was `before`.
+    pub(crate) fn state_still_valid(&mut self, conn: Conn, before: i64) {
+        if let Some(c) = &mut self.state {
+            if c.total_changes == before {
+                c.total_changes = conn.total_changes();
+            }
+        }
     }
 
     pub(crate) fn forget_state(&mut self) {

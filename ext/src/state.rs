@@ -1,5 +1,5 @@
-//! `patina_state` and `patina_sites`: the change counter, the merge flag, this database's
-//! site id, and the ordinals that stand for site ids inside clock rows.
+//! `patina_state` and `patina_sites`: the change counter, this site's origin counter, the
+//! merge flag, this database's site id, and the ordinals that stand for site ids inside clock rows.
 
 use std::collections::HashMap;
 
@@ -12,6 +12,11 @@ const STATE_SQL: &str = include_str!("../../sql/ext/state.sql");
 /// savepoint: either all of it exists afterwards or none of it.
 pub fn ensure(conn: Conn) -> Result<()> {
     if initialized(conn)? {
+        if crate::origins::needs_migration(conn)? {
+            savepoint(conn, "patina_migrate", || {
+                crate::origins::migrate(conn, STATE_SQL)
+            })?;
+        }
         return Ok(());
     }
     savepoint(conn, "patina_init", || {
@@ -85,6 +90,12 @@ pub fn db_version(conn: Conn) -> Result<i64> {
         Err(_) if !initialized(conn)? => Ok(0),
         Err(e) => Err(e),
     }
+}
+
+/// The last number of this site's own numbering (`1..=` it are the versions it wrote).
+pub fn origin_version(conn: Conn) -> Result<i64> {
+    conn.query_i64("SELECT origin_version FROM patina_state WHERE id = 0")?
+        .ok_or_else(not_initialized)
 }
 
 pub(crate) fn site_ordinal_insert(conn: Conn, site: &[u8]) -> Result<i64> {

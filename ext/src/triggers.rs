@@ -4,14 +4,17 @@
 //! The triggers call no extension function, so a connection that never loaded patina
 //! still records its writes. They take change numbers from the one-row `patina_state`
 //! counter inside the writing transaction (gap-free, commit-ordered), and do nothing while
-//! `patina_state.merging` is set by a merge in the same transaction.
+//! `patina_state.merging` is set by a merge in the same transaction. The same UPDATE
+//! advances `patina_state.origin_version` by the same amount: this site's own numbering,
+//! which merges never consume, so an origin's versions have no holes made by merges.
 //!
 //! Clock layout, one row per base row: the key columns (same names, types, collations),
 //! then `__patina_cl` (causal length), `__patina_dbv` (newest change number in the row,
 //! indexed: the feed's range scan), the row's own clock (`__patina_s_*`: the change that
 //! set `cl`), and per replicated column `<col>__patina_{v,dbv,site,ov}`: its version in this
 //! life, change number, credited site (ordinal in `patina_sites`) and origin's number
-//! (NULL when this site is the origin: then it equals the change number).
+//! (NULL only in clocks written before the origin counter existed: then it equals the
+//! change number, which is what those changes were numbered by their origin).
 
 use crate::merge::MAX_CLOCK;
 use crate::schema::{clock_table, literal, quote, Column, TableInfo, MARK};
@@ -156,12 +159,22 @@ fn next_cl(t: &TableInfo, step: &str) -> String {
 /// or a key-only table records the row's own clock (the `cid = '-1'` change) with
 /// that number. Reserving the number either way keeps the trigger free of a lookup of the
 /// clock row, which measured 1.5-2x the whole insert cost.
+///
+/// The origin numbering reserves nothing: it advances by `n` (1 for a key-only table), and
+/// a resurrection's row clock carries the same origin number as its first column change
+/// (an origin version names the changes that carry it, like cr-sqlite's `db_version`
+/// names a transaction's). So an origin's inserts leave no hole that a peer receiving
+/// all of its changes would see as a gap; only superseded changes do.
 fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
     let n = t.columns.len();
     let clock = quote(&clock_table(&t.name));
     let names = clock_columns(t);
     let own_clock: [String; 3] = if n == 0 {
-        ["s.db_version".into(), site.to_string(), "NULL".into()]
+        [
+            "s.db_version".into(),
+            site.to_string(),
+            "s.origin_version".into(),
+        ]
     } else {
         ["NULL".into(), "NULL".into(), "NULL".into()]
     };
@@ -176,7 +189,16 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
         format!("{DBV} = excluded.{DBV}"),
         format!("{S_DBV} = excluded.{DBV} - {n}"),
         format!("{S_SITE} = {site}"),
-        format!("{S_OV} = NULL"),
+        // A resurrection's row clock shares the first column's origin number (see the
+        // function's doc), so the origin counter needs no lookup to know the case.
+        if n == 0 {
+            format!("{S_OV} = excluded.{S_OV}")
+        } else {
+            format!(
+                "{S_OV} = excluded.{}",
+                quote(&col_clock(&t.columns[0].name)[3])
+            )
+        },
     ];
     for (i, c) in t.columns.iter().enumerate() {
         let [v, dbv, s, ov] = col_clock(&c.name).map(|x| quote(&x));
@@ -184,20 +206,22 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
             "1".into(),
             format!("s.db_version - {}", n - 1 - i),
             site.to_string(),
-            "NULL".into(),
+            format!("s.origin_version - {}", n - 1 - i),
         ]);
         sets.extend([
             format!("{v} = 1"),
             format!("{dbv} = excluded.{dbv}"),
             format!("{s} = {site}"),
-            format!("{ov} = NULL"),
+            format!("{ov} = excluded.{ov}"),
         ]);
     }
     format!(
-        "UPDATE patina_state SET db_version = db_version + {k} WHERE id = 0 AND merging = 0;\n\
+        "UPDATE patina_state SET db_version = db_version + {k}, origin_version = origin_version + {ko} \
+         WHERE id = 0 AND merging = 0;\n\
          INSERT INTO {clock} ({names}) SELECT {values} FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
          ON CONFLICT ({pk}) DO UPDATE SET {sets};\n",
         k = n + 1,
+        ko = n.max(1),
         names = names.join(", "),
         values = values.join(", "),
         pk = pk_list(t, ""),
@@ -210,11 +234,12 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
 fn delete_body(t: &TableInfo, src: &str, site: i64) -> String {
     let clock = quote(&clock_table(&t.name));
     format!(
-        "UPDATE patina_state SET db_version = db_version + 1 WHERE id = 0 AND merging = 0;\n\
+        "UPDATE patina_state SET db_version = db_version + 1, origin_version = origin_version + 1 \
+         WHERE id = 0 AND merging = 0;\n\
          INSERT INTO {clock} ({pk}, {CL}, {DBV}, {S_DBV}, {S_SITE}, {S_OV}) \
-         SELECT {src_pk}, 2, s.db_version, s.db_version, {site}, NULL FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
+         SELECT {src_pk}, 2, s.db_version, s.db_version, {site}, s.origin_version FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
          ON CONFLICT ({pk}) DO UPDATE SET {CL} = {next}, {DBV} = excluded.{DBV}, {S_DBV} = excluded.{S_DBV}, \
-         {S_SITE} = {site}, {S_OV} = NULL WHERE {CL} % 2 = 1;\n",
+         {S_SITE} = {site}, {S_OV} = excluded.{S_OV} WHERE {CL} % 2 = 1;\n",
         pk = pk_list(t, ""),
         src_pk = pk_list(t, &format!("{src}.")),
         next = next_cl(t, "1"),
@@ -241,9 +266,10 @@ fn update_column_trigger(t: &TableInfo, i: usize, site: i64) -> String {
     format!(
         "CREATE TRIGGER {name} AFTER UPDATE OF {col} ON {table} \
          WHEN {same} AND {changed} AND (SELECT merging FROM patina_state WHERE id = 0) = 0 BEGIN\n\
-         UPDATE patina_state SET db_version = db_version + 1 WHERE id = 0;\n\
-         UPDATE {clock} SET {v} = min({v} + 1, {MAX_CLOCK}), {dbv} = (SELECT db_version FROM patina_state WHERE id = 0), \
-         {s} = {site}, {ov} = NULL, {DBV} = (SELECT db_version FROM patina_state WHERE id = 0) \
+         UPDATE patina_state SET db_version = db_version + 1, origin_version = origin_version + 1 WHERE id = 0;\n\
+         UPDATE {clock} SET {v} = min({v} + 1, {MAX_CLOCK}), \
+         ({dbv}, {ov}, {DBV}) = (SELECT db_version, origin_version, db_version FROM patina_state WHERE id = 0), \
+         {s} = {site} \
          WHERE {matches} AND {CL} % 2 = 1;\n\
          END;\n",
         col = quote(&c.name),

@@ -180,6 +180,7 @@ fn run(
     prop_assert_eq!(impacted_a, impacted_b, "crsql_rows_impacted()");
     prop_assert_eq!(dump(&a, "t", "id"), dump(&b, "t", "id"));
     prop_assert_eq!(clocks(&a), clocks(&b));
+    prop_assert_eq!(origin_ranges(&a), origin_ranges(&b), "held origin ranges");
     prop_assert_eq!(converging_state(&a), converging_state(&b));
     prop_assert_eq!(dump(&a, "mirror", "id"), dump(&b, "mirror", "id"));
     prop_assert_eq!(

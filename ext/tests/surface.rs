@@ -32,6 +32,8 @@ fn registers_exactly_these_functions_and_modules() {
         ("crsql_site_id", 0),
         ("patina_flush", 0),
         ("patina_new_site_id", 0),
+        ("patina_origin_missing", 3),
+        ("patina_origin_summary", 0),
         ("patina_version", 0),
     ]
     .iter()

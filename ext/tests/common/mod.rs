@@ -161,3 +161,14 @@ pub fn one<T: rusqlite::types::FromSql>(c: &Connection, sql: &str) -> T {
     c.query_row(sql, [], |r| r.get(0))
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
+
+/// `patina_origin_ranges`, ordered: what a database records it holds of other origins.
+pub fn origin_ranges(c: &Connection) -> Vec<(Vec<u8>, i64, i64)> {
+    let mut s = c
+        .prepare("SELECT site_id, start, \"end\" FROM patina_origin_ranges ORDER BY site_id, start")
+        .expect("ranges");
+    let rows = s
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("ranges rows");
+    rows.map(|r| r.expect("row")).collect()
+}
