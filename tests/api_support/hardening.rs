@@ -345,7 +345,10 @@ fn runaway_queries_stop_at_the_limit_and_overload_is_a_fast_503() {
             }
             Some((503, body)) => {
                 assert!(body.contains("overloaded"), "{body}");
-                assert!(took < Duration::from_secs(2), "an overload 503 took {took:?}");
+                assert!(
+                    took < Duration::from_secs(2),
+                    "an overload 503 took {took:?}"
+                );
                 turned_away += 1;
             }
             other => panic!("a runaway query ended with {other:?} after {took:?}"),
