@@ -95,7 +95,7 @@ fn stored_cursor(node: &Node, site: &[u8]) -> i64 {
 #[test]
 fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
     use patina_sidecar::net::{Channel, NetConfig, Transport, DEFAULT_MAX_FRAME};
-    use patina_sidecar::sync::{Chunk, Msg};
+    use patina_sidecar::sync::{Chunk, Msg, OriginUnit};
 
     let mut nodes = cluster(2);
     write_burst(&nodes[0], 100, 5, "a");
@@ -132,7 +132,9 @@ fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
         })
         .await
         .expect("impostor transport");
-        let empty = |unit_from, unit_to, from, to| Msg::Push {
+        // An unasked-for catch-up answer covering the victim's whole feed, one that
+        // breaks the range rule, and a broadcast unit claiming the victim's versions.
+        let empty = |unit_from, unit_to, from, to| Msg::Changes {
             site,
             chunk: Chunk {
                 unit_from,
@@ -140,10 +142,25 @@ fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
                 from,
                 to,
                 changes: vec![],
-                skipped: None,
+                held: None,
             },
         };
-        for msg in [empty(0, 1 << 62, 0, 1 << 62), empty(1 << 62, 0, 1 << 62, 0)] {
+        let unit = Msg::Unit {
+            site,
+            unit: OriginUnit {
+                origin: site,
+                from: 0,
+                to: 1 << 62,
+                committed_ms: 0,
+                changes: vec![],
+            },
+            relay: true,
+        };
+        for msg in [
+            empty(0, 1 << 62, 0, 1 << 62),
+            empty(1 << 62, 0, 1 << 62, 0),
+            unit,
+        ] {
             impostor
                 .send(target, Channel::Sync, msg.encode())
                 .await
@@ -164,6 +181,18 @@ fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
         stored_cursor(&nodes[1], &site_a),
         before,
         "the impostor moved the cursor"
+    );
+    let claimed: i64 = nodes[1]
+        .conn()
+        .query_row(
+            "SELECT coalesce(max(\"end\"), 0) FROM patina_origin_held WHERE site_id = ?1",
+            [&site_a],
+            |r| r.get(0),
+        )
+        .expect("held of node1");
+    assert!(
+        claimed < 1 << 40,
+        "the impostor's unit was recorded as held: {claimed}"
     );
     // The real node comes back and its new writes still arrive.
     nodes[0].start();
@@ -202,7 +231,7 @@ fn never_completed_units_do_not_pile_up_in_the_inbox() {
         .expect("peer transport");
         for k in 0..50i64 {
             let (unit_from, unit_to) = (k * 10, k * 10 + 10);
-            let msg = Msg::Push {
+            let msg = Msg::Changes {
                 site,
                 chunk: Chunk {
                     unit_from,
@@ -221,7 +250,7 @@ fn never_completed_units_do_not_pile_up_in_the_inbox() {
                         seq: 0,
                         origin_version: Some(unit_from + 1),
                     }],
-                    skipped: None,
+                    held: None,
                 },
             };
             peer.send(target, Channel::Sync, msg.encode())

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub apply_latency_us_total: AtomicU64,
     pub apply_batches: AtomicU64,
     pub frames_rejected: AtomicU64,
+    /// Changes and bytes of sync messages received off the wire, before any duplicate is
+    /// dropped: the redundancy figures of BENCHMARKS.md divide these by what was needed.
+    pub sync_changes_received: AtomicU64,
+    pub sync_bytes_received: AtomicU64,
     /// Background loops that keep failing make `/v1/health` answer 503.
     pub loops: Loops,
 }

@@ -1,4 +1,4 @@
-//! The sync driver: the one task that owns the [`Sync`] state machine and performs its
+//! The sync driver: the one task that owns the [`Replicator`] state machine and performs its
 //! effects against the transport, the feed reader and the apply thread.
 //!
 //! Everything that reaches the state machine passes through this loop — peer messages,
@@ -15,22 +15,24 @@ use crossbeam_channel::TrySendError;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
-use crate::db::apply::Applied;
 use crate::db::bookkeeping;
 use crate::db::feed::{self, ChunkLimits};
 use crate::db::tail::Unit;
 use crate::membership::Membership;
 use crate::net::{Channel, Incoming, Transport};
 use crate::node::NodeShared;
-use crate::sync::{ApplyJob, Effect, Msg, Sync};
+use crate::sync::{Applied, ApplyJob, Effect, Msg, OriginUnit, Replicator};
 
 /// Outgoing messages queued per peer; a slow peer loses pushes (anti-entropy recovers
 /// them), never blocks the others.
-const PEER_QUEUE: usize = 64;
+const PEER_QUEUE: usize = 256;
+
+/// How often what the database holds is re-read (see `Replicator::reload_held`).
+const HELD_REFRESH: Duration = Duration::from_secs(10);
 
 /// Everything the driver works with.
 pub struct Driver {
-    pub sync: Sync,
+    pub sync: Replicator,
     pub transport: Transport,
     pub membership: Membership,
     pub incoming: mpsc::Receiver<Incoming>,
@@ -50,6 +52,9 @@ impl Driver {
         let mut peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
         let mut membership_tick = tokio::time::interval(Duration::from_millis(250));
         membership_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Merges by other connections (an app's own sync code) change what is held too.
+        let mut held_refresh = tokio::time::interval(HELD_REFRESH);
+        held_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = tokio::time::Instant::from_std(self.epoch + self.sync.next_timeout());
             tokio::select! {
@@ -58,22 +63,9 @@ impl Driver {
                     Some(inc) => self.on_incoming(inc),
                     None => break,
                 },
-                Some(unit) = self.units.recv() => {
-                    // Counted as pushed only when some peer is alive to push to.
-                    let n = unit.changes.len() as u64;
-                    let members = self.shared.members.read();
-                    let peers = members.map(|m| m.iter().any(|x| x.state == "alive"));
-                    if peers.unwrap_or(false) {
-                        self.shared.metrics.changes_broadcast.fetch_add(n, Ordering::Relaxed);
-                    }
-                    let now = self.now();
-                    if unit.large {
-                        self.sync.handle_local_large_unit(unit.from, unit.to, now);
-                    } else {
-                        self.sync.handle_local_unit(unit.from, unit.to, unit.changes, now);
-                    }
-                }
-                Some(a) = self.applied.recv() => self.sync.handle_applied(a.peer_site, a.cursor),
+                Some(unit) = self.units.recv() => self.on_local_unit(unit),
+                Some(a) = self.applied.recv() => self.sync.handle_applied(a),
+                _ = held_refresh.tick() => self.reload_held(),
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
                     self.sync.handle_timer(now);
@@ -86,6 +78,63 @@ impl Driver {
 
     fn now(&self) -> Duration {
         self.epoch.elapsed()
+    }
+
+    /// A unit read by the tailer: this node's own writes in it are broadcast (what it
+    /// merged travels from its origins, not from here).
+    fn on_local_unit(&mut self, unit: Unit) {
+        let now = self.now();
+        if unit.own_to <= unit.own_from {
+            return;
+        }
+        let site = self.sync.site();
+        if unit.large {
+            self.sync
+                .handle_local_large_unit(unit.own_from, unit.own_to, now);
+            return;
+        }
+        let changes: Vec<_> = unit
+            .changes
+            .into_iter()
+            .filter(|c| c.site_id.as_slice() == site.as_slice())
+            .collect();
+        // Counted as broadcast only when some peer is alive to send to.
+        let members = self.shared.members.read();
+        let me = &self.shared.site_id_hex;
+        let peers = members.map(|m| m.iter().any(|x| x.state == "alive" && &x.site_id != me));
+        if peers.unwrap_or(false) {
+            self.shared
+                .metrics
+                .changes_broadcast
+                .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        }
+        if self.sync.is_large(changes.len()) {
+            self.sync
+                .handle_local_large_unit(unit.own_from, unit.own_to, now);
+            return;
+        }
+        self.sync.handle_local_unit(
+            OriginUnit {
+                origin: site,
+                from: unit.own_from,
+                to: unit.own_to,
+                committed_ms: unit.read_ms,
+                changes,
+            },
+            now,
+        );
+    }
+
+    fn reload_held(&mut self) {
+        // Never wait for the reader here (it may be serving a long pull): skip a round.
+        let held = match self.reader.try_lock() {
+            Ok(conn) => bookkeeping::load_held(&conn),
+            Err(_) => return,
+        };
+        match held {
+            Ok(h) => self.sync.reload_held(h),
+            Err(e) => tracing::warn!("cannot read what this node holds per origin: {e}"),
+        }
     }
 
     fn on_incoming(&mut self, inc: Incoming) {
@@ -103,6 +152,15 @@ impl Driver {
                 drop(permit);
                 match decoded {
                     Ok(msg) => {
+                        // Counted off the wire, before any duplicate is dropped.
+                        let metrics = &self.shared.metrics;
+                        metrics
+                            .sync_changes_received
+                            .fetch_add(msg.change_count() as u64, Ordering::Relaxed);
+                        metrics
+                            .sync_bytes_received
+                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+
                         tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
                         let now = self.now();
                         self.sync.handle_message(from, &peer.to_string(), msg, now);

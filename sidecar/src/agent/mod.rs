@@ -23,7 +23,7 @@ use crate::db::{self, apply, bookkeeping, feed, schema, tail, DbError};
 use crate::membership::{MemberId, Membership};
 use crate::net::{NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME};
 use crate::node::{Metrics, NodeShared};
-use crate::sync::{Sync, SyncConfig};
+use crate::sync::{Replicator, SyncConfig};
 
 /// Remote chunks waiting for the apply thread. Full means the network side stops reading.
 const APPLY_QUEUE: usize = 16;
@@ -169,6 +169,7 @@ pub async fn run(
     };
     let site = feed::site_id(&setup).map_err(sql_err)?;
     let cursors = bookkeeping::load_cursors(&setup).map_err(sql_err)?;
+    let held = bookkeeping::load_held(&setup).map_err(sql_err)?;
     let bindings = bookkeeping::load_bindings(&setup).map_err(sql_err)?;
     let version = feed::db_version(&setup).map_err(sql_err)?;
     drop(setup);
@@ -203,6 +204,7 @@ pub async fn run(
     let (applied_tx, applied_rx) = mpsc::unbounded_channel();
     let apply_thread = apply::spawn(
         db::open(&path, &ext, level)?,
+        site,
         apply_rx,
         applied_tx,
         metrics.clone(),
@@ -238,12 +240,11 @@ pub async fn run(
     }
     let reload_paths = config.db.schema_paths.clone();
     let (reload_db, reload_ext) = (path.clone(), ext.clone());
-    let reload: Arc<dyn Fn() -> Result<Vec<String>, String> + Send + std::marker::Sync> =
-        Arc::new(move || {
-            let mut conn = db::open(&reload_db, &reload_ext, level).map_err(|e| e.to_string())?;
-            let paths = crate::http::migrations::schema_paths(&reload_paths, &reload_db);
-            schema::apply(&mut conn, &paths).map_err(|e| e.to_string())
-        });
+    let reload: Arc<dyn Fn() -> Result<Vec<String>, String> + Send + Sync> = Arc::new(move || {
+        let mut conn = db::open(&reload_db, &reload_ext, level).map_err(|e| e.to_string())?;
+        let paths = crate::http::migrations::schema_paths(&reload_paths, &reload_db);
+        schema::apply(&mut conn, &paths).map_err(|e| e.to_string())
+    });
     let shared = Arc::new(NodeShared {
         db_path: path.clone(),
         extension_path: ext.clone(),
@@ -282,10 +283,11 @@ pub async fn run(
         max_changes: sync_config.max_chunk_changes,
         max_bytes: sync_config.max_chunk_bytes,
     };
-    let mut sync = Sync::new(
+    let mut sync = Replicator::new(
         site,
         sync_config,
         cursors,
+        held,
         StdRng::from_entropy(),
         Duration::ZERO,
     );

@@ -21,19 +21,15 @@ use tokio::sync::mpsc;
 use super::bookkeeping;
 use super::inbox::{self, InboxError, InboxLimits};
 use crate::node::Metrics;
-use crate::sync::{merge_skipped, validate_chunk, ApplyJob, Change, RangeError, SiteId, Value};
+use crate::sync::{
+    held_after_unit, validate_chunk, validate_unit, Applied, ApplyJob, Change, OriginRanges,
+    RangeError, SiteId, Value, Work,
+};
 
 /// Most jobs in one transaction.
 const MAX_BATCH_JOBS: usize = 256;
 /// Most changes in one transaction (a larger single unit is still applied whole).
 const MAX_BATCH_CHANGES: usize = 50_000;
-
-/// Reported after a commit: the stored cursor of a peer site.
-#[derive(Debug, Clone, Copy)]
-pub struct Applied {
-    pub peer_site: SiteId,
-    pub cursor: i64,
-}
 
 const INSERT_SQL: &str = "INSERT INTO crsql_changes \
     (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq, origin_version) \
@@ -54,6 +50,7 @@ enum JobError {
 /// Starts the apply thread on `conn` (its own connection, extension loaded).
 pub fn spawn(
     mut conn: Connection,
+    local: SiteId,
     rx: Receiver<ApplyJob>,
     done: mpsc::UnboundedSender<Applied>,
     metrics: Arc<Metrics>,
@@ -75,11 +72,11 @@ pub fn spawn(
                     Err(RecvTimeoutError::Disconnected) => break,
                 };
                 let mut batch = vec![first];
-                let mut changes = batch[0].chunk.changes.len();
+                let mut changes = job_changes(&batch[0]);
                 while batch.len() < MAX_BATCH_JOBS && changes < MAX_BATCH_CHANGES {
                     match rx.try_recv() {
                         Ok(j) => {
-                            changes += j.chunk.changes.len();
+                            changes += job_changes(&j);
                             batch.push(j);
                         }
                         Err(_) => break,
@@ -93,7 +90,7 @@ pub fn spawn(
                 // A failed transaction (busy past the timeout, disk full) is retried with
                 // the same jobs: they were accepted, so they are not dropped.
                 let applied = loop {
-                    match apply_batch(&mut conn, &batch, &metrics) {
+                    match apply_batch(&mut conn, &local, &batch, &metrics) {
                         Ok((a, refused)) => {
                             if refused == 0 {
                                 metrics.loops.apply.succeeded();
@@ -127,49 +124,65 @@ pub fn spawn(
                 metrics
                     .apply_latency_us_total
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                for a in applied {
-                    let _ = done.send(a);
-                }
+                let _ = done.send(applied);
             }
         })
 }
 
-/// Applies a batch in one transaction; returns the cursor of every peer site touched and
+fn job_changes(j: &ApplyJob) -> usize {
+    match &j.work {
+        Work::Unit(u) => u.changes.len(),
+        Work::Chunk(c) => c.changes.len(),
+    }
+}
+
+/// What one job did, inside the batch.
+#[derive(Default)]
+struct JobOutcome {
+    merged: u64,
+    /// The stored cursor, for a catch-up unit that completed.
+    cursor: Option<i64>,
+    /// Origins whose held versions this job may have changed.
+    touched: Vec<SiteId>,
+}
+
+/// Applies a batch in one transaction; returns what the sync machine must learn (the
+/// cursors moved, what is now held of every origin touched, the unit ranges released) and
 /// how many jobs were refused (rolled back whole, counted as apply failures).
 fn apply_batch(
     conn: &mut Connection,
+    local: &SiteId,
     batch: &[ApplyJob],
     metrics: &Metrics,
-) -> rusqlite::Result<(Vec<Applied>, usize)> {
+) -> rusqlite::Result<(Applied, usize)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute("UPDATE patina_state SET merging = 1", [])?;
-    let mut out = Vec::new();
+    let mut out = Applied::default();
+    let mut touched: Vec<SiteId> = Vec::new();
     let mut applied_changes = 0u64;
     let mut refused = 0usize;
     for job in batch {
+        if let Work::Unit(u) = &job.work {
+            out.released.insert(u.origin, u.from + 1, u.to);
+        }
         tx.execute_batch("SAVEPOINT patina_job")?;
-        match apply_job(&tx, job) {
-            Ok((n, cursor)) => {
+        match apply_job(&tx, local, job) {
+            Ok(o) => {
                 tx.execute_batch("RELEASE patina_job")?;
-                applied_changes += n;
-                if let Some(cursor) = cursor {
-                    out.push(Applied {
-                        peer_site: job.peer_site,
-                        cursor,
-                    });
+                applied_changes += o.merged;
+                if let Some(cursor) = o.cursor {
+                    out.cursors.push((job.peer_site, cursor));
                 }
+                touched.extend(o.touched);
             }
             Err(e) => {
                 tx.execute_batch("ROLLBACK TO patina_job; RELEASE patina_job")?;
                 metrics.frames_rejected.fetch_add(1, Ordering::Relaxed);
                 refused += 1;
                 let msg = format!(
-                    "refusing changes ({}, {}] of unit ({}, {}] from peer {} (site id {}): {e}; \
-                     nothing of it was applied (reload the schema if a table is missing)",
-                    job.chunk.from,
-                    job.chunk.to,
-                    job.chunk.unit_from,
-                    job.chunk.unit_to,
+                    "refusing {} from peer {} (site id {}): {e}; nothing of it was \
+                     applied (reload the schema if a table is missing)",
+                    describe(&job.work),
                     job.from,
                     hex::encode(job.peer_site),
                 );
@@ -177,6 +190,12 @@ fn apply_batch(
                 metrics.loops.apply.failed(msg);
             }
         }
+    }
+    touched.sort_unstable();
+    touched.dedup();
+    for origin in touched.into_iter().filter(|o| o != local) {
+        out.held
+            .push((origin, super::bookkeeping::held_of(&tx, &origin)?));
     }
     tx.execute("UPDATE patina_state SET merging = 0", [])?;
     tx.commit()?;
@@ -189,44 +208,100 @@ fn apply_batch(
     Ok((out, refused))
 }
 
-/// One job: merge a whole unit (buffering a partial one), then move the cursor.
-/// Returns the number of changes merged and the stored cursor (None while buffering).
-fn apply_job(conn: &Connection, job: &ApplyJob) -> Result<(u64, Option<i64>), JobError> {
-    let c = &job.chunk;
+fn describe(w: &Work) -> String {
+    match w {
+        Work::Unit(u) => format!(
+            "changes of unit ({}, {}] of origin {}",
+            u.from,
+            u.to,
+            hex::encode(u.origin)
+        ),
+        Work::Chunk(c) => format!(
+            "changes ({}, {}] of unit ({}, {}]",
+            c.from, c.to, c.unit_from, c.unit_to
+        ),
+    }
+}
+
+/// One job: merge a whole unit (buffering a partial catch-up unit), record what is now
+/// held, move the cursor.
+fn apply_job(conn: &Connection, local: &SiteId, job: &ApplyJob) -> Result<JobOutcome, JobError> {
+    let mut stmt = conn.prepare_cached(INSERT_SQL)?;
+    let mut out = JobOutcome::default();
+    let c = match &job.work {
+        Work::Unit(u) => {
+            validate_unit(u)?;
+            for change in &u.changes {
+                insert(&mut stmt, change)?;
+                out.merged += 1;
+            }
+            conn.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
+            bookkeeping::record_held(conn, &held_after_unit(u, local))?;
+            out.touched.push(u.origin);
+            return Ok(out);
+        }
+        Work::Chunk(c) => c,
+    };
     validate_chunk(c)?;
     let cursor = bookkeeping::cursor(conn, &job.peer_site)?;
     if c.unit_to <= cursor {
         // Already covered: everything up to the cursor is applied.
-        return Ok((0, Some(cursor)));
+        out.cursor = Some(cursor);
+        return Ok(out);
     }
-    let mut stmt = conn.prepare_cached(INSERT_SQL)?;
-    let mut n = 0u64;
-    let skipped = if c.is_whole_unit() {
+    let held: Option<Vec<OriginRanges>> = if c.is_whole_unit() {
         for change in &c.changes {
             insert(&mut stmt, change)?;
-            n += 1;
+            out.merged += 1;
+            note_origin(&mut out.touched, change);
         }
-        merge_skipped([&c.skipped])
+        c.held.clone()
     } else {
         if !inbox::put(conn, &job.peer_site, c, unix_now(), &InboxLimits::default())? {
-            return Ok((0, None));
+            return Ok(out);
         }
-        let mut lists = Vec::new();
+        let mut first_held = None;
+        let mut merged = 0u64;
+        let mut touched = Vec::new();
         inbox::drain::<JobError>(conn, &job.peer_site, c.unit_from, c.unit_to, |ch| {
             for change in &ch.changes {
                 insert(&mut stmt, change)?;
-                n += 1;
+                merged += 1;
+                note_origin(&mut touched, change);
             }
-            lists.push(ch.skipped);
+            if ch.from == ch.unit_from {
+                first_held = ch.held;
+            }
             Ok(())
         })?;
-        merge_skipped(lists.iter())
+        out.merged += merged;
+        out.touched.extend(touched);
+        first_held
     };
     // The batched merge path queues changes and applies them grouped by row; apply them
     // now, inside this job's savepoint, so a refusal fails this job alone.
     conn.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
-    let cursor = bookkeeping::mark_applied(conn, &job.peer_site, c.unit_from, c.unit_to, &skipped)?;
-    Ok((n, Some(cursor)))
+    if let Some(list) = &held {
+        out.touched.extend(list.iter().map(|o| o.site));
+    }
+    let cursor = bookkeeping::mark_applied(
+        conn,
+        &job.peer_site,
+        local,
+        c.unit_from,
+        c.unit_to,
+        held.as_deref(),
+    )?;
+    out.cursor = Some(cursor);
+    Ok(out)
+}
+
+fn note_origin(touched: &mut Vec<SiteId>, c: &Change) {
+    if let Ok(s) = SiteId::try_from(c.site_id.as_slice()) {
+        if touched.last() != Some(&s) {
+            touched.push(s);
+        }
+    }
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it): inbox ages.
@@ -295,17 +370,17 @@ fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Res
 mod tests {
     use super::*;
     use crate::config::Synchronous;
-    use crate::sync::Chunk;
+    use crate::sync::OriginUnit;
 
     fn job(table: &str, v: i64) -> ApplyJob {
         ApplyJob {
             from: "127.0.0.1:9".parse().expect("addr"),
             peer_site: [2; 16],
-            chunk: Chunk {
-                unit_from: v - 1,
-                unit_to: v,
+            work: Work::Unit(OriginUnit {
+                origin: [2; 16],
                 from: v - 1,
                 to: v,
+                committed_ms: 0,
                 changes: vec![Change {
                     table: table.into(),
                     pk: vec![1, 0x09, v as u8],
@@ -318,8 +393,7 @@ mod tests {
                     seq: 0,
                     origin_version: Some(v),
                 }],
-                skipped: None,
-            },
+            }),
         }
     }
 
@@ -347,7 +421,8 @@ mod tests {
         let (done_tx, mut done) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = spawn(conn, rx, done_tx, metrics.clone(), stop.clone()).expect("spawn");
+        let thread =
+            spawn(conn, [1; 16], rx, done_tx, metrics.clone(), stop.clone()).expect("spawn");
         tx.send(job("missing_table", 1)).expect("send");
         let deadline = Instant::now() + Duration::from_secs(20);
         while metrics.loops.apply.failures.load(Ordering::Relaxed) == 0 {
@@ -357,8 +432,15 @@ mod tests {
         let err = metrics.loops.apply.stuck(Instant::now(), Duration::ZERO);
         assert!(err.is_some_and(|e| e.last_error.contains("refusing changes")));
         tx.send(job("t", 1)).expect("send");
+        // The refused batch reported its unit released; the next one applied it.
+        let refused = done.blocking_recv().expect("reported");
+        assert!(refused.released.covers(&[2; 16], 1, 1) && refused.held.is_empty());
         let applied = done.blocking_recv().expect("applied");
-        assert_eq!(applied.cursor, 1);
+        assert!(applied.released.covers(&[2; 16], 1, 1));
+        assert_eq!(
+            applied.held,
+            vec![([2; 16], crate::sync::RangeSet::from_ranges([(1, 1)]))]
+        );
         assert!(metrics
             .loops
             .apply

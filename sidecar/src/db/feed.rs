@@ -7,7 +7,7 @@
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, Row};
 
-use crate::sync::{known_covers, Change, Chunk, SiteId, Skipped, Value};
+use crate::sync::{known_covers, Change, Chunk, Held, SiteId, Value};
 
 /// The feed query; `?3` excludes the changes credited to one site (the requester's own).
 const FEED_SQL: &str =
@@ -74,13 +74,13 @@ fn row_to_change(r: &Row<'_>) -> rusqlite::Result<Change> {
 /// its own version, so a window never holds more rows than that), so a chunk costs the
 /// same however large the unit is — whatever the virtual table materialises per query.
 /// Windows whose rows were all left out (`exclude`, `known`) are skipped over, up to
-/// 16 windows per chunk.
+/// 16 windows per chunk, each twice as wide as the one before (at most 16 times).
 pub fn read_range(
     conn: &Connection,
     after: i64,
     upto: i64,
     exclude: Option<&SiteId>,
-    known: &[Skipped],
+    known: &Held,
     limits: Option<ChunkLimits>,
 ) -> rusqlite::Result<(Vec<Change>, i64)> {
     let mut stmt = conn.prepare_cached(FEED_SQL)?;
@@ -97,10 +97,15 @@ pub fn read_range(
         }
         return Ok((out, upto));
     };
-    let window = l.max_changes.max(1) as i64;
+    // A window that yields nothing doubles the next one (up to 16 times `max_changes`,
+    // which bounds what one query materialises): a requester whose cursor is far behind
+    // but who holds nearly everything crosses the gap in a few round trips.
+    let mut window = l.max_changes.max(1) as i64;
+    let widest = window.saturating_mul(16);
     let mut lo = after;
     for _ in 0..16 {
         let hi = upto.min(lo.saturating_add(window));
+        window = window.saturating_mul(2).min(widest);
         let mut rows = stmt.query(params![lo, hi, exclude])?;
         while let Some(r) = rows.next()? {
             let c = row_to_change(r)?;
@@ -122,39 +127,55 @@ pub fn read_range(
     Ok((out, lo))
 }
 
-/// One read of the local feed after `after` in one read transaction: `(to, changes)`;
-/// `None` for the changes when more than `large_after` versions are new (not read: the
-/// unit travels by pulls, chunk by chunk).
+/// This site's own numbering: it holds versions `1..=origin_version()` of itself.
+pub fn origin_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT origin_version FROM patina_state WHERE id = 0",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// One read of the local feed after `after` in one read transaction: `(to, own head,
+/// changes)`, where the own head is `origin_version()` at the same snapshot; `None` for
+/// the changes when more than `large_after` versions are new (not read: the unit travels
+/// by pulls, chunk by chunk).
 pub fn read_unit(
     conn: &mut Connection,
     after: i64,
     large_after: i64,
-) -> rusqlite::Result<(i64, Option<Vec<Change>>)> {
+) -> rusqlite::Result<(i64, i64, Option<Vec<Change>>)> {
     let tx = conn.transaction()?;
     let to = db_version(&tx)?;
+    let own = origin_version(&tx)?;
     let changes = if to - after > large_after {
         None
     } else if to > after {
-        Some(read_range(&tx, after, to, None, &[], None)?.0)
+        Some(read_range(&tx, after, to, None, &Held::default(), None)?.0)
     } else {
         Some(Vec::new())
     };
     tx.commit()?;
-    Ok((to, changes))
+    Ok((to, own, changes))
 }
 
 /// Answers a pull: the first chunk of `(after, ..]` — of the fixed `unit` on a
 /// continuation, else of a new unit ending at the current version — without changes
-/// credited to `exclude` and without those the requester `known`s.
+/// credited to `exclude` and without those the requester `known`s. The first chunk of a
+/// new unit carries what this database held at the same snapshot.
 pub fn serve_pull(
     conn: &mut Connection,
     after: i64,
     unit: Option<(i64, i64)>,
     exclude: &SiteId,
-    known: &[Skipped],
+    known: &Held,
     limits: ChunkLimits,
 ) -> rusqlite::Result<Chunk> {
     let tx = conn.transaction()?;
+    let held = match unit {
+        Some(_) => None,
+        None => Some(super::bookkeeping::load_held(&tx)?.to_wire(usize::MAX)),
+    };
     let (unit_from, unit_to) = match unit {
         Some(u) => u,
         None => {
@@ -180,7 +201,7 @@ pub fn serve_pull(
         from: after,
         to,
         changes,
-        skipped: None,
+        held,
     })
 }
 
@@ -212,11 +233,12 @@ mod tests {
             conn.execute("INSERT INTO t VALUES (?1, 'x')", [i])
                 .expect("insert");
         }
-        let (to, all) = read_unit(&mut conn, 0, 1_000).expect("read");
+        let (to, own, all) = read_unit(&mut conn, 0, 1_000).expect("read");
         let all = all.expect("small unit is read");
+        assert_eq!(own, 10, "one origin version per inserted column");
         assert!(all.len() >= 10);
         assert!(
-            read_unit(&mut conn, 0, 3).expect("read").1.is_none(),
+            read_unit(&mut conn, 0, 3).expect("read").2.is_none(),
             "large unit not read"
         );
         let limits = ChunkLimits {
@@ -227,8 +249,15 @@ mod tests {
         let mut after = 0;
         let mut got = Vec::new();
         while after < to {
-            let chunk =
-                serve_pull(&mut conn, after, Some((0, to)), &other, &[], limits).expect("serve");
+            let chunk = serve_pull(
+                &mut conn,
+                after,
+                Some((0, to)),
+                &other,
+                &Held::default(),
+                limits,
+            )
+            .expect("serve");
             assert_eq!(chunk.from, after);
             assert!(chunk.changes.len() <= 3);
             after = chunk.to;
@@ -237,7 +266,8 @@ mod tests {
         assert_eq!(got, all);
         // The requester knows this site's changes up to version 5: those are left out.
         let site = site_id(&conn).expect("site");
-        let known = [Skipped { site, upto: 5 }];
+        let mut known = Held::default();
+        known.insert(site, 1, 5);
         let chunk = serve_pull(
             &mut conn,
             0,
@@ -252,5 +282,10 @@ mod tests {
         .expect("serve");
         assert!(chunk.changes.iter().all(|c| c.origin_version > Some(5)));
         assert_eq!(chunk.to, to);
+        let held = Held::from_wire(chunk.held.as_deref().unwrap_or_default());
+        assert!(
+            held.covers(&site, 1, 10),
+            "the first chunk says what the server holds"
+        );
     }
 }

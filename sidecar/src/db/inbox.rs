@@ -321,7 +321,7 @@ mod tests {
                 seq: 0,
                 origin_version: Some(to),
             }],
-            skipped: None,
+            held: None,
         }
     }
 

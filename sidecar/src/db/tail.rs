@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
-use super::feed::{db_version, read_unit};
+use super::feed::{db_version, origin_version, read_unit};
 use crate::node::Metrics;
 use crate::sync::Change;
 
@@ -28,6 +28,12 @@ use crate::sync::Change;
 pub struct Unit {
     pub from: i64,
     pub to: i64,
+    /// This site's own versions the unit covers: `(own_from, own_to]` of its numbering.
+    pub own_from: i64,
+    pub own_to: i64,
+    /// When the tailer read it (ms since the Unix epoch): the unit's commit time as far
+    /// as peers can tell.
+    pub read_ms: u64,
     pub changes: Vec<Change>,
     pub large: bool,
 }
@@ -61,8 +67,8 @@ pub fn spawn(
         .spawn(move || {
             // Retried rather than given up: a tailer that stops is a node that silently
             // stops replicating.
-            let mut last = loop {
-                match db_version(&conn) {
+            let (mut last, mut last_own) = loop {
+                match db_version(&conn).and_then(|v| Ok((v, origin_version(&conn)?))) {
                     Ok(v) => break v,
                     Err(e) => fail(format!("tailer cannot read crsql_db_version(): {e}")),
                 }
@@ -109,7 +115,7 @@ pub fn spawn(
                     }
                 }
                 match read_unit(&mut conn, last, large_after) {
-                    Ok((to, changes)) => {
+                    Ok((to, own, changes)) => {
                         metrics.loops.tailer.succeeded();
                         if to <= last {
                             continue;
@@ -124,10 +130,14 @@ pub fn spawn(
                         let unit = Unit {
                             from: last,
                             to,
+                            own_from: last_own,
+                            own_to: own.max(last_own),
+                            read_ms: unix_ms(),
                             large: changes.is_none(),
                             changes: changes.unwrap_or_default(),
                         };
                         last = to;
+                        last_own = own.max(last_own);
                         // Blocks while the network side is behind: backpressure, and the
                         // next read simply covers more versions.
                         if out.blocking_send(unit).is_err() {
@@ -143,6 +153,13 @@ pub fn spawn(
                 }
             }
         })
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {

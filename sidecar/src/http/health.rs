@@ -179,6 +179,18 @@ pub async fn get_metrics(State(st): State<AppState>) -> Response {
         load(&m.sync_rounds).to_string(),
     );
     metric(
+        "patina_sync_changes_received_total",
+        "counter",
+        "Changes received in sync messages off the wire, duplicates included.",
+        load(&m.sync_changes_received).to_string(),
+    );
+    metric(
+        "patina_sync_bytes_received_total",
+        "counter",
+        "Bytes of sync messages received off the wire, duplicates included.",
+        load(&m.sync_bytes_received).to_string(),
+    );
+    metric(
         "patina_frames_rejected_total",
         "counter",
         "Frames refused (corrupt, oversized, wrong cluster).",

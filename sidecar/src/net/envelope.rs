@@ -14,11 +14,14 @@ use super::Channel;
 /// [`MIN_PROTOCOL_VERSION`] or further ahead is refused, with both versions logged.
 ///
 /// Version 2 carries TEXT values as CBOR byte strings (they need not be UTF-8), which a
-/// version-1 node cannot decode, so version 1 is refused rather than misread.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// version-1 node cannot decode, so version 1 is refused rather than misread. Version 3
+/// is per-origin sync (broadcast trees of origin units, summaries, catch-up pulls that
+/// leave out what the requester holds); its messages share nothing with version 2's
+/// cursor-relay protocol, so version 2 is refused the same way.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest version this build interoperates with (see [`PROTOCOL_VERSION`]).
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes of the stream length prefix.
 pub const PREFIX_LEN: usize = 4;
@@ -248,17 +251,24 @@ mod tests {
                 theirs: PROTOCOL_VERSION + 2
             })
         );
-        // Version 1 sent TEXT as CBOR text strings: refused, and the reason says so.
-        let old = encode_with_version(1, 0, Channel::Sync, b"x", false);
-        let err = decode(&old, 0).unwrap_err();
-        assert_eq!(err, FrameError::UnknownVersion { theirs: 1 });
-        let msg = err.to_string();
-        assert!(msg.contains("version 1 is not supported") && msg.contains("speaks version 2"));
+        // Versions 1 (TEXT as CBOR text) and 2 (cursor relays): refused, with both
+        // versions in the reason.
+        for v in [1, 2] {
+            let old = encode_with_version(v, 0, Channel::Sync, b"x", false);
+            let err = decode(&old, 0).unwrap_err();
+            assert_eq!(err, FrameError::UnknownVersion { theirs: v });
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("version {v} is not supported"))
+                    && msg.contains("speaks version 3"),
+                "{msg}"
+            );
+        }
     }
 
     #[test]
     fn newer_peer_with_extra_field_is_understood() {
-        // A version-2 peer appending a field we do not know: skipped, not refused.
+        // A peer of the next version appending a field we do not know: skipped, not refused.
         let mut e = minicbor::Encoder::new(Vec::new());
         e.array(6).unwrap();
         e.u16(PROTOCOL_VERSION + 1)

@@ -1,16 +1,39 @@
-//! The sync state machine: broadcast of local units and anti-entropy pulls, without I/O.
+//! The sync state machine: tree broadcast of origin units, summary-driven repair and
+//! catch-up pulls, without I/O.
 //!
-//! The caller feeds it messages, local feed units, apply confirmations and the clock;
-//! it answers with [`Effect`]s the caller performs (send a message, read the feed to serve
-//! a pull, apply a chunk). Time is a `Duration` since an epoch of the caller's choosing
-//! and randomness is an injected, seeded RNG, so `sim.rs` replays any run from its seed.
+//! The caller feeds it messages, local units, apply confirmations and the clock; it
+//! answers with [`Effect`]s the caller performs (send a message, read the feed to serve a
+//! pull, apply a unit or chunk). Time is a `Duration` since an epoch of the caller's
+//! choosing and randomness is an injected, seeded RNG, so `sim.rs` replays any run from
+//! its seed.
 //!
-//! What it knows: the alive peers and their site ids (from membership), the committed
-//! cursor per peer site (reported back by the apply side after each commit — the database
-//! is the source of truth, this is a cache), the pulls in flight, and which peer identity
-//! each site id is bound to (`identity.rs`: refuses a second node carrying a copied
-//! database, or a peer taking over the id of a node that is down). Every range a peer
-//! sends is validated (`ranges.rs`) before anything is applied.
+//! # How a change travels
+//! 1. **Broadcast tree.** An origin sends each new unit of its own writes to its children
+//!    in a `fanout`-ary tree over the alive members (sorted by site id, rotated so the
+//!    origin is the root; every node computes the same tree from its own view). Each
+//!    receiver that did not hold the unit forwards it to its own children before applying
+//!    it, so a unit reaches every node once, in `log_fanout(n)` hops. Nothing a node
+//!    merged is re-broadcast: only origins and tree relays send units.
+//! 2. **Repair.** Every `round_interval` a node sends a random peer a summary of what it
+//!    holds (per origin: ranges; being-applied included). The peer answers with the
+//!    whole units it keeps in memory ([`RecentUnits`]) that the summary lacks — only units
+//!    it has had for `repair_grace` (younger ones are probably still travelling) — and
+//!    replies with its own summary so the exchange repairs both sides. A unit that
+//!    arrives past a gap asks its sender at once (`urgent`, no grace).
+//! 3. **Catch-up.** A peer that holds versions it no longer keeps in memory says
+//!    `Behind`; the node then pulls that peer's feed after its cursor, leaving out every
+//!    change whose origin version it holds (`known`), at most `max_pulls` at a time. The
+//!    first chunk carries what the server held when it fixed the unit; once the unit is
+//!    applied the node holds all of that (superseded versions count: they are *cleared*).
+//!    Units too large to broadcast are announced (`Notify`) down the same tree and
+//!    fetched this way, hop by hop.
+//!
+//! What it knows: the alive peers and their site ids (membership), what this node holds
+//! per origin (the database's `patina_origin_held`, refreshed by every apply
+//! confirmation) and what is being applied, the committed catch-up cursor per peer, the
+//! newest version known to exist per origin, the pulls in flight, and which peer identity
+//! each site id is bound to (`identity.rs`). Every range a peer sends is validated
+//! (`ranges.rs`) before anything is applied.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -20,48 +43,88 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+use super::held::{Held, RangeSet};
 use super::identity::{check_claim, Claim};
-use super::msg::{chunk_unit, Change, Chunk, Msg, SiteId, Skipped};
-use super::ranges::{validate_chunk, validate_pull, RangeError};
+use super::msg::{Chunk, Msg, OriginUnit, SiteId};
+use super::ranges::RangeError;
+use super::ranges::{validate_chunk, validate_origin_ranges, validate_pull, validate_unit};
+use super::recent::RecentUnits;
 
 /// Tunables; the defaults are the node's.
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
-    /// Peers each new local unit is pushed to (all when fewer are alive).
+    /// Children per node in an origin's broadcast tree.
     pub fanout: usize,
-    /// Mean time between anti-entropy pulls.
-    pub pull_interval: Duration,
-    /// Pulls happen at `pull_interval ± pull_jitter`, so nodes do not pull in lockstep.
-    pub pull_jitter: Duration,
-    /// A pull without an answer (or without an apply confirmation) for this long is dropped.
+    /// Mean time between summary exchanges (anti-entropy rounds).
+    pub round_interval: Duration,
+    /// Rounds happen at `round_interval ± round_jitter`, so nodes do not act in lockstep.
+    pub round_jitter: Duration,
+    /// A repair sends only units held at least this long (younger ones are probably still
+    /// on their way down the tree).
+    pub repair_grace: Duration,
+    /// A catch-up pull without an answer (or without an apply confirmation) for this long
+    /// is dropped; so is a unit handed to apply and never confirmed.
     pub pull_timeout: Duration,
-    /// Largest chunk, in changes.
+    /// Catch-up pulls in flight at once.
+    pub max_pulls: usize,
+    /// Largest chunk, in changes; a local unit with more is announced, not broadcast.
     pub max_chunk_changes: usize,
     /// Largest chunk, in approximate bytes (kept under the transport's frame limit).
     pub max_chunk_bytes: usize,
+    /// Most bytes of units sent in answer to one summary.
+    pub max_repair_bytes: usize,
+    /// Memory for recent units, and how long they are kept.
+    pub recent_bytes: usize,
+    pub recent_age: Duration,
+    /// Ranges per origin in a summary (the newest kept; older ones are only claimed less).
+    pub summary_ranges: usize,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            fanout: 3,
-            pull_interval: Duration::from_millis(1000),
-            pull_jitter: Duration::from_millis(300),
+            fanout: 6,
+            round_interval: Duration::from_millis(1000),
+            round_jitter: Duration::from_millis(300),
+            repair_grace: Duration::from_millis(1000),
             pull_timeout: Duration::from_secs(10),
+            max_pulls: 1,
             max_chunk_changes: 5_000,
             max_chunk_bytes: 4 * 1024 * 1024,
+            max_repair_bytes: 8 * 1024 * 1024,
+            recent_bytes: 64 * 1024 * 1024,
+            recent_age: Duration::from_secs(120),
+            summary_ranges: 64,
         }
     }
 }
 
-/// A chunk to apply, with where it came from. The apply side advances the cursor of
-/// `peer_site` to `chunk.unit_to` when the whole unit is applied and `unit_from <= cursor`
-/// (see [`advance_cursor`]), in the same transaction as the changes.
+/// What the apply side is handed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Work {
+    /// A broadcast or repaired unit of an origin: merge it and record `(from, to]` held.
+    Unit(OriginUnit),
+    /// A chunk of a catch-up pull of `peer_site`'s feed (buffered until its unit is whole).
+    Chunk(Chunk),
+}
+
+/// Work for the apply side, with where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApplyJob {
     pub from: SocketAddr,
     pub peer_site: SiteId,
-    pub chunk: Chunk,
+    pub work: Work,
+}
+
+/// The apply side's report after a commit.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Applied {
+    /// Peers whose feed a catch-up unit of the batch came from, with the stored cursor.
+    pub cursors: Vec<(SiteId, i64)>,
+    /// What the database now holds of every origin the batch touched.
+    pub held: Vec<(SiteId, RangeSet)>,
+    /// Unit ranges of the batch, applied or refused: no longer being applied.
+    pub released: Held,
 }
 
 /// What the caller must do.
@@ -70,16 +133,16 @@ pub enum Effect {
     /// Send `msg` to `to` on the sync channel (best effort).
     Send { to: SocketAddr, msg: Msg },
     /// Read this node's feed `(after, ..]` (or the fixed `unit` range of a continuation),
-    /// without changes credited to `exclude`, and send it back as `Msg::Changes`.
+    /// without changes credited to `exclude` or held by the requester (`known`), and send
+    /// it back as `Msg::Changes` (the first chunk of a unit with this node's held set).
     Serve {
         to: SocketAddr,
         after: i64,
         unit: Option<(i64, i64)>,
         exclude: SiteId,
-        /// The requester's cursors per origin: see `Msg::Pull::known`.
-        known: Vec<Skipped>,
+        known: Held,
     },
-    /// Hand a chunk to the apply side (which buffers partial units durably).
+    /// Hand work to the apply side.
     Apply(ApplyJob),
     /// Store, once and for good, that `site` is bound to the peer `identity`
     /// (`patina_site_bindings`; `INSERT OR IGNORE`). Already in force in memory.
@@ -105,50 +168,79 @@ struct PullState {
 #[derive(Clone, Debug, Default)]
 pub struct SyncStats {
     pub pulls_sent: u64,
-    pub pushes_sent: u64,
-    pub changes_pushed: u64,
+    pub units_sent: u64,
+    pub changes_sent: u64,
+    pub summaries_sent: u64,
+    pub repairs_sent: u64,
+    pub duplicates: u64,
     pub refused: u64,
 }
 
 /// The state machine. One per node.
-pub struct Sync {
+pub struct Replicator {
     site: SiteId,
     config: SyncConfig,
     rng: StdRng,
     peers: BTreeMap<SocketAddr, SiteId>,
+    /// Alive sites (and this one), sorted: the order broadcast trees are built over.
+    order: Vec<SiteId>,
+    addr_of: HashMap<SiteId, SocketAddr>,
     cursors: HashMap<SiteId, i64>,
+    held: Held,
+    /// Units handed to apply and not yet confirmed, with when they were handed over.
+    pending: Held,
+    pending_since: VecDeque<(Duration, Held)>,
+    /// The newest version known to exist, per origin (from units, summaries, notices).
+    heads: HashMap<SiteId, i64>,
+    recent: RecentUnits,
     pulls: HashMap<SocketAddr, PullState>,
+    /// Large units announced to us: forwarded down the tree once held.
+    notified: HashMap<SiteId, i64>,
+    /// Origins whose gap we asked a sender about lately (rate limit).
+    asked: HashMap<SiteId, Duration>,
     /// Site id → the peer identity it is bound to (loaded from the database at start).
     bindings: HashMap<SiteId, String>,
     /// Address → the identity last seen on a message from it.
     seen: HashMap<SocketAddr, String>,
     last_warned: HashMap<SocketAddr, Duration>,
-    next_pull: Duration,
+    next_round: Duration,
     effects: VecDeque<Effect>,
     stats: SyncStats,
 }
 
-impl Sync {
-    /// A machine for site `site`, with the cursors committed in the database.
+impl Replicator {
+    /// A machine for site `site`, with the catch-up cursors and held versions committed
+    /// in the database.
     pub fn new(
         site: SiteId,
         config: SyncConfig,
         cursors: HashMap<SiteId, i64>,
+        held: Held,
         mut rng: StdRng,
         now: Duration,
-    ) -> Sync {
+    ) -> Replicator {
         let first = jittered(&mut rng, &config);
-        Sync {
+        let recent = RecentUnits::new(config.recent_bytes, config.recent_age);
+        Replicator {
             site,
             config,
             rng,
             peers: BTreeMap::new(),
+            order: vec![site],
+            addr_of: HashMap::new(),
             cursors,
+            held,
+            pending: Held::default(),
+            pending_since: VecDeque::new(),
+            heads: HashMap::new(),
+            recent,
             pulls: HashMap::new(),
+            notified: HashMap::new(),
+            asked: HashMap::new(),
             bindings: HashMap::new(),
             seen: HashMap::new(),
             last_warned: HashMap::new(),
-            next_pull: now + first,
+            next_round: now + first,
             effects: VecDeque::new(),
             stats: SyncStats::default(),
         }
@@ -169,9 +261,35 @@ impl Sync {
         self.site
     }
 
-    /// The committed cursor for a peer site (0 when never synced).
+    /// The committed catch-up cursor for a peer site (0 when never pulled).
     pub fn cursor(&self, site: &SiteId) -> i64 {
         self.cursors.get(site).copied().unwrap_or(0)
+    }
+
+    /// What this node holds (committed), per origin.
+    pub fn held(&self) -> &Held {
+        &self.held
+    }
+
+    /// The newest version known to exist of each origin.
+    pub fn heads(&self) -> &HashMap<SiteId, i64> {
+        &self.heads
+    }
+
+    /// Catch-up pulls in flight.
+    pub fn pulls_in_flight(&self) -> usize {
+        self.pulls.len()
+    }
+
+    /// Approximate bytes of sync state (held sets, cache, maps): the simulation reports it.
+    pub fn state_bytes(&self) -> usize {
+        self.held.approx_bytes()
+            + self.pending.approx_bytes()
+            + self.recent.bytes()
+            + self.heads.len() * 32
+            + self.cursors.len() * 32
+            + self.order.len() * 16
+            + self.addr_of.len() * 48
     }
 
     /// Counters so far.
@@ -189,9 +307,9 @@ impl Sync {
         self.pulls
             .values()
             .map(|p| p.deadline)
-            .chain(std::iter::once(self.next_pull))
+            .chain(std::iter::once(self.next_round))
             .min()
-            .unwrap_or(self.next_pull)
+            .unwrap_or(self.next_round)
     }
 
     /// Replaces the set of alive peers (membership's view). Members carrying this node's
@@ -215,30 +333,91 @@ impl Sync {
         self.seen.retain(|addr, _| next.contains_key(addr));
         self.last_warned
             .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(10));
+        self.addr_of = next.iter().map(|(a, s)| (*s, *a)).collect();
+        let mut order: Vec<SiteId> = self.addr_of.keys().copied().collect();
+        order.push(self.site);
+        order.sort_unstable();
+        order.dedup();
+        self.order = order;
         self.peers = next;
     }
 
-    /// Processes the clock: starts an anti-entropy pull when due, expires stale pulls.
-    pub fn handle_timer(&mut self, now: Duration) {
-        self.pulls.retain(|_, p| p.deadline > now);
-        if now < self.next_pull {
-            return;
-        }
-        self.next_pull = now + jittered(&mut self.rng, &self.config);
-        let candidates: Vec<(SocketAddr, SiteId)> = self
-            .peers
-            .iter()
-            .filter(|(addr, site)| !self.pulls.contains_key(*addr) && self.holds_claim(addr, site))
-            .map(|(a, s)| (*a, *s))
-            .collect();
-        let Some(&(to, site)) = candidates.choose(&mut self.rng) else {
-            return;
-        };
-        self.start_pull(to, site, now);
+    /// This node's children in `origin`'s broadcast tree, as addresses.
+    fn children(&self, origin: &SiteId) -> Vec<SocketAddr> {
+        tree_children(&self.order, origin, &self.site, self.config.fanout)
+            .into_iter()
+            .filter_map(|s| self.addr_of.get(&s).copied())
+            .filter(|a| self.peers.get(a).is_some_and(|s| self.holds_claim(a, s)))
+            .collect()
     }
 
-    /// Sends a pull of `to`'s feed after our cursor for `site`.
+    /// Processes the clock: a summary exchange when due, expiry of stale pulls, pending
+    /// units and cached units.
+    pub fn handle_timer(&mut self, now: Duration) {
+        self.pulls.retain(|_, p| p.deadline > now);
+        while let Some((t, _)) = self.pending_since.front() {
+            if now.saturating_sub(*t) < self.config.pull_timeout {
+                break;
+            }
+            if let Some((_, h)) = self.pending_since.pop_front() {
+                self.pending.remove(&h);
+            }
+        }
+        self.recent.evict(now);
+        self.asked
+            .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(1));
+        if now < self.next_round {
+            return;
+        }
+        self.next_round = now + jittered(&mut self.rng, &self.config);
+        let candidates: Vec<SocketAddr> = self
+            .peers
+            .iter()
+            .filter(|(addr, site)| self.holds_claim(addr, site))
+            .map(|(a, _)| *a)
+            .collect();
+        // While a catch-up pull runs, a summary would only ask peers to send again what
+        // the pull is bringing.
+        if !self.pulls.is_empty() {
+            return;
+        }
+        let Some(&to) = candidates.choose(&mut self.rng) else {
+            return;
+        };
+        self.send_summary(to, true, false, None);
+    }
+
+    /// What this node holds or is applying: what a summary and `known` say.
+    fn holding(&self) -> Held {
+        let mut h = self.held.clone();
+        h.union_with(&self.pending);
+        h
+    }
+
+    fn send_summary(&mut self, to: SocketAddr, reply: bool, urgent: bool, only: Option<SiteId>) {
+        let holding = self.holding();
+        let mut held = holding.to_wire(self.config.summary_ranges);
+        if let Some(o) = only {
+            held.retain(|r| r.site == o);
+        }
+        self.stats.summaries_sent += 1;
+        self.effects.push_back(Effect::Send {
+            to,
+            msg: Msg::Summary {
+                site: self.site,
+                held,
+                reply,
+                urgent,
+            },
+        });
+    }
+
+    /// Starts a catch-up pull of `to`'s feed after our cursor for `site`, unless one is
+    /// in flight to it or `max_pulls` are.
     fn start_pull(&mut self, to: SocketAddr, site: SiteId, now: Duration) {
+        if self.pulls.contains_key(&to) || self.pulls.len() >= self.config.max_pulls {
+            return;
+        }
         let after = self.cursor(&site);
         self.pulls.insert(
             to,
@@ -249,111 +428,79 @@ impl Sync {
             },
         );
         self.stats.pulls_sent += 1;
+        let known = self.holding().to_wire(usize::MAX);
         self.effects.push_back(Effect::Send {
             to,
             msg: Msg::Pull {
                 site: self.site,
                 after,
                 unit: None,
-                known: Some(self.known_except(&site)),
+                known,
             },
         });
     }
 
-    /// A unit of this node's feed too large for one chunk (`to - from` versions, one change
-    /// each): tell every alive peer, who pull it chunk by chunk. Nothing large is held in
-    /// memory or queued for a slow peer.
-    pub fn handle_local_large_unit(&mut self, _from: i64, to: i64, _now: Duration) {
-        let targets: Vec<SocketAddr> = self
-            .peers
-            .iter()
-            .filter(|(addr, site)| self.holds_claim(addr, site))
-            .map(|(a, _)| *a)
-            .collect();
-        for addr in targets {
+    /// Whether a local unit with `changes` changes is broadcast (small) or announced.
+    pub fn is_large(&self, changes: usize) -> bool {
+        changes > self.config.max_chunk_changes
+    }
+
+    /// A new unit of this node's own writes, versions `(unit.from, unit.to]`: held from
+    /// now on, kept for repairs, and sent to this node's children in its own tree.
+    pub fn handle_local_unit(&mut self, unit: OriginUnit, now: Duration) {
+        if unit.to <= unit.from {
+            return;
+        }
+        self.held.insert(self.site, unit.from + 1, unit.to);
+        self.note_head(self.site, unit.to);
+        self.recent.insert(&unit, now);
+        self.broadcast(unit, true);
+    }
+
+    /// A unit of this node's own writes too large to broadcast (versions up to `to`):
+    /// held, and announced down the tree; children pull it.
+    pub fn handle_local_large_unit(&mut self, from: i64, to: i64, _now: Duration) {
+        if to <= from {
+            return;
+        }
+        self.held.insert(self.site, from + 1, to);
+        self.note_head(self.site, to);
+        self.notify_children(self.site, to);
+    }
+
+    fn notify_children(&mut self, origin: SiteId, head: i64) {
+        for to in self.children(&origin) {
             self.effects.push_back(Effect::Send {
-                to: addr,
+                to,
                 msg: Msg::Notify {
                     site: self.site,
-                    upto: to,
+                    origin,
+                    head,
                 },
             });
         }
     }
 
-    /// Whether a local unit spanning `from..to` is pushed (small) or announced (large).
-    pub fn is_large(&self, from: i64, to: i64) -> bool {
-        to.saturating_sub(from) > self.config.max_chunk_changes as i64
+    /// Sends `unit` to this node's children in its origin's tree.
+    fn broadcast(&mut self, unit: OriginUnit, relay: bool) {
+        let children = self.children(&unit.origin);
+        for to in children {
+            self.stats.units_sent += 1;
+            self.stats.changes_sent += unit.changes.len() as u64;
+            self.effects.push_back(Effect::Send {
+                to,
+                msg: Msg::Unit {
+                    site: self.site,
+                    unit: unit.clone(),
+                    relay,
+                },
+            });
+        }
     }
 
-    /// A new unit of this node's own feed (one read transaction): push it to `fanout`
-    /// random alive peers, each without the changes it originated itself.
-    pub fn handle_local_unit(&mut self, from: i64, to: i64, changes: Vec<Change>, _now: Duration) {
-        let targets: Vec<(SocketAddr, SiteId)> = self
-            .peers
-            .iter()
-            .filter(|(addr, site)| self.holds_claim(addr, site))
-            .map(|(a, s)| (*a, *s))
-            .collect();
-        let chosen: Vec<(SocketAddr, SiteId)> = targets
-            .choose_multiple(&mut self.rng, self.config.fanout)
-            .copied()
-            .collect();
-        // In a cluster no larger than the fanout every origin pushes to every peer itself,
-        // so relaying an alive origin's changes only duplicates them (anti-entropy still
-        // covers a lost push): they are left out and summarised in `skipped`, which keeps
-        // the receiver's cursor honest. Larger clusters relay everything: that is gossip.
-        let direct = targets.len() <= self.config.fanout;
-        let alive_sites: Vec<SiteId> = targets.iter().map(|(_, s)| *s).collect();
-        for (addr, site) in chosen {
-            let mut own = Vec::new();
-            let mut skipped: Vec<Skipped> = Vec::new();
-            for c in &changes {
-                if c.site_id.as_slice() == site.as_slice() {
-                    continue; // the target originated it: it holds it or newer
-                }
-                let relay_only = direct
-                    && c.site_id.as_slice() != self.site.as_slice()
-                    && alive_sites
-                        .iter()
-                        .any(|s| s.as_slice() == c.site_id.as_slice());
-                match (
-                    relay_only,
-                    c.origin_version,
-                    SiteId::try_from(c.site_id.as_slice()),
-                ) {
-                    (true, Some(ov), Ok(origin)) => {
-                        match skipped.iter_mut().find(|s| s.site == origin) {
-                            Some(s) => s.upto = s.upto.max(ov),
-                            None => skipped.push(Skipped {
-                                site: origin,
-                                upto: ov,
-                            }),
-                        }
-                    }
-                    _ => own.push(c.clone()),
-                }
-            }
-            let skipped = (!skipped.is_empty()).then_some(skipped);
-            self.stats.changes_pushed += own.len() as u64;
-            for chunk in chunk_unit(
-                from,
-                to,
-                own,
-                skipped,
-                self.config.max_chunk_changes,
-                self.config.max_chunk_bytes,
-            ) {
-                self.stats.pushes_sent += 1;
-                self.effects.push_back(Effect::Send {
-                    to: addr,
-                    msg: Msg::Push {
-                        site: self.site,
-                        chunk,
-                    },
-                });
-            }
-        }
+    fn note_head(&mut self, origin: SiteId, v: i64) {
+        let h = self.heads.entry(origin).or_insert(0);
+        *h = (*h).max(v);
     }
 
     /// A message from peer `from`, which presented `identity` (its certificate's
@@ -422,13 +569,14 @@ impl Sync {
             return;
         }
         match msg {
-            Msg::Push { chunk, .. } => {
-                self.effects.push_back(Effect::Apply(ApplyJob {
-                    from,
-                    peer_site: site,
-                    chunk,
-                }));
-            }
+            Msg::Unit { unit, relay, .. } => self.on_unit(from, site, unit, relay, now),
+            Msg::Summary {
+                held,
+                reply,
+                urgent,
+                ..
+            } => self.on_summary(from, &Held::from_wire(&held), reply, urgent, now),
+            Msg::Behind { .. } => self.start_pull(from, site, now),
             Msg::Pull {
                 after, unit, known, ..
             } => {
@@ -437,11 +585,14 @@ impl Sync {
                     after,
                     unit,
                     exclude: site,
-                    known: known.unwrap_or_default(),
+                    known: Held::from_wire(&known),
                 });
             }
-            Msg::Notify { upto, .. } => {
-                if upto > self.cursor(&site) && !self.pulls.contains_key(&from) {
+            Msg::Notify { origin, head, .. } => {
+                self.note_head(origin, head);
+                if origin != self.site && !self.holding().covers(&origin, 1, head) {
+                    let n = self.notified.entry(origin).or_insert(0);
+                    *n = (*n).max(head);
                     self.start_pull(from, site, now);
                 }
             }
@@ -452,8 +603,9 @@ impl Sync {
                 self.effects.push_back(Effect::Apply(ApplyJob {
                     from,
                     peer_site: site,
-                    chunk,
+                    work: Work::Chunk(chunk),
                 }));
+                let known = self.holding().to_wire(usize::MAX);
                 let Some(pull) = self.pulls.get_mut(&from) else {
                     return; // a late answer: applied (harmless), not continued
                 };
@@ -465,7 +617,7 @@ impl Sync {
                             site: self.site,
                             after: next_after,
                             unit: Some(unit),
-                            known: Some(self.known_except(&site)),
+                            known,
                         },
                     });
                 } else {
@@ -475,21 +627,155 @@ impl Sync {
         }
     }
 
-    /// The apply side committed: `cursor` is now the stored cursor for `peer_site`.
-    pub fn handle_applied(&mut self, peer_site: SiteId, cursor: i64) {
-        let c = self.cursors.entry(peer_site).or_insert(0);
-        *c = (*c).max(cursor);
-        self.pulls
-            .retain(|_, p| !(p.site == peer_site && matches!(p.phase, Phase::Applying)));
+    /// A broadcast or repaired unit. New to us: forwarded down the tree (broadcast
+    /// only), kept for repairs, handed to apply. A gap below it is asked about at once.
+    fn on_unit(
+        &mut self,
+        from: SocketAddr,
+        site: SiteId,
+        unit: OriginUnit,
+        relay: bool,
+        now: Duration,
+    ) {
+        if unit.origin == self.site {
+            return; // our own writes, back from a repair: we hold them
+        }
+        self.note_head(unit.origin, unit.to);
+        let holding = self.holding();
+        if holding.covers(&unit.origin, unit.from + 1, unit.to) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        let gap = unit.from > 0
+            && !holding.contains(&unit.origin, unit.from)
+            && !self.asked.contains_key(&unit.origin);
+        if relay {
+            self.broadcast(unit.clone(), true);
+        }
+        self.recent.insert(&unit, now);
+        let mut h = Held::default();
+        h.insert(unit.origin, unit.from + 1, unit.to);
+        self.pending.union_with(&h);
+        self.pending_since.push_back((now, h));
+        if gap {
+            self.asked.insert(unit.origin, now);
+            self.send_summary(from, false, true, Some(unit.origin));
+        }
+        self.effects.push_back(Effect::Apply(ApplyJob {
+            from,
+            peer_site: site,
+            work: Work::Unit(unit),
+        }));
     }
 
-    /// Our cursors, as `known` for a pull from `peer` (its own feed position is `after`).
-    fn known_except(&self, peer: &SiteId) -> Vec<Skipped> {
-        self.cursors
+    /// A peer's summary: send it the whole units we keep that it lacks, `Behind` when we
+    /// hold more than we keep, and our own summary when asked to.
+    fn on_summary(
+        &mut self,
+        from: SocketAddr,
+        theirs: &Held,
+        reply: bool,
+        urgent: bool,
+        now: Duration,
+    ) {
+        for (origin, r) in theirs.iter() {
+            self.note_head(*origin, r.head());
+        }
+        let mut lacks = self.held.minus(theirs);
+        if urgent {
+            // An urgent summary names only the origin whose gap it asks about.
+            lacks = Held::from_wire(
+                &lacks
+                    .to_wire(usize::MAX)
+                    .into_iter()
+                    .filter(|o| !theirs.of(&o.site).is_empty())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let newest = if urgent {
+            now
+        } else {
+            now.saturating_sub(self.config.repair_grace)
+        };
+        let mut budget = self.config.max_repair_bytes;
+        let mut behind = false;
+        let mut units: Vec<OriginUnit> = Vec::new();
+        for (origin, missing) in lacks.iter() {
+            if theirs.of(origin).is_empty() && *origin != self.site && !urgent {
+                // They know nothing of this origin: a joiner, or an origin that only
+                // reached us by a catch-up. Cheaper as one feed pull than unit by unit.
+                behind = true;
+                continue;
+            }
+            let (found, covered, young) = self.recent.covering(origin, missing, newest);
+            for u in found {
+                let size = u.approx_size();
+                if size > budget {
+                    behind = true;
+                    break;
+                }
+                budget -= size;
+                units.push(u.clone());
+            }
+            let mut accounted = covered;
+            accounted.union_with(&young);
+            if !missing.minus(&accounted).is_empty() {
+                behind = true;
+            }
+        }
+        for unit in units {
+            self.stats.repairs_sent += 1;
+            self.stats.changes_sent += unit.changes.len() as u64;
+            self.effects.push_back(Effect::Send {
+                to: from,
+                msg: Msg::Unit {
+                    site: self.site,
+                    unit,
+                    relay: false,
+                },
+            });
+        }
+        if behind {
+            self.effects.push_back(Effect::Send {
+                to: from,
+                msg: Msg::Behind { site: self.site },
+            });
+        }
+        if reply && self.pulls.is_empty() {
+            self.send_summary(from, false, false, None);
+        }
+    }
+
+    /// The apply side committed a batch.
+    pub fn handle_applied(&mut self, applied: Applied) {
+        self.pending.remove(&applied.released);
+        for (origin, ranges) in applied.held {
+            if origin != self.site {
+                self.held.set(origin, ranges);
+            }
+        }
+        for (peer_site, cursor) in applied.cursors {
+            let c = self.cursors.entry(peer_site).or_insert(0);
+            *c = (*c).max(cursor);
+            self.pulls
+                .retain(|_, p| !(p.site == peer_site && matches!(p.phase, Phase::Applying)));
+        }
+        let ready: Vec<(SiteId, i64)> = self
+            .notified
             .iter()
-            .filter(|(s, c)| *s != peer && **c > 0)
-            .map(|(s, c)| Skipped { site: *s, upto: *c })
-            .collect()
+            .filter(|(o, head)| self.held.covers(o, 1, **head))
+            .map(|(o, h)| (*o, *h))
+            .collect();
+        for (origin, head) in ready {
+            self.notified.remove(&origin);
+            self.notify_children(origin, head);
+        }
+    }
+
+    /// Replaces what this node holds, read from the database (merges by other
+    /// connections, e.g. an app's own sync code, show up here).
+    pub fn reload_held(&mut self, held: Held) {
+        self.held = held;
     }
 
     /// False when `addr` was last seen presenting an identity other than the one `site`
@@ -527,96 +813,331 @@ impl Sync {
     }
 }
 
-/// The ranges a message carries, checked by the rule of `ranges.rs`.
+/// The ranges a message carries, checked by the rules of `ranges.rs`.
 fn validate_msg(msg: &Msg) -> Result<(), RangeError> {
     match msg {
-        Msg::Push { chunk, .. } | Msg::Changes { chunk, .. } => validate_chunk(chunk),
-        Msg::Pull { after, unit, .. } => validate_pull(*after, *unit),
-        Msg::Notify { .. } => Ok(()),
+        Msg::Unit { unit, .. } => validate_unit(unit),
+        Msg::Changes { chunk, .. } => {
+            validate_chunk(chunk)?;
+            chunk.held.as_deref().map_or(Ok(()), validate_origin_ranges)
+        }
+        Msg::Summary { held, .. } => validate_origin_ranges(held),
+        Msg::Pull {
+            after, unit, known, ..
+        } => {
+            validate_pull(*after, *unit)?;
+            validate_origin_ranges(known)
+        }
+        Msg::Notify { head, .. } => {
+            if (0..=super::ranges::MAX_VERSION).contains(head) {
+                Ok(())
+            } else {
+                Err(RangeError::BadOriginUnit { from: 0, to: *head })
+            }
+        }
+        Msg::Behind { .. } => Ok(()),
     }
 }
 
+/// The children of `me` in `origin`'s broadcast tree over `order` (sorted site ids, all
+/// alive members and this node): the list rotated so `origin` comes first, node `i` has
+/// children `fanout·i + 1 ..= fanout·i + fanout`. An origin missing from `order` (not
+/// alive in this node's view) is placed as if it were there.
+pub fn tree_children(order: &[SiteId], origin: &SiteId, me: &SiteId, fanout: usize) -> Vec<SiteId> {
+    let fanout = fanout.max(1);
+    let owned;
+    let order = if order.binary_search(origin).is_ok() {
+        order
+    } else {
+        let mut o = order.to_vec();
+        let at = o.partition_point(|s| s < origin);
+        o.insert(at, *origin);
+        owned = o;
+        &owned
+    };
+    let n = order.len();
+    let (Ok(root), Ok(mine)) = (order.binary_search(origin), order.binary_search(me)) else {
+        return Vec::new();
+    };
+    let i = (mine + n - root) % n;
+    let first = fanout.saturating_mul(i).saturating_add(1);
+    (first..first.saturating_add(fanout).min(n))
+        .map(|j| order[(root + j) % n])
+        .collect()
+}
+
 fn jittered(rng: &mut StdRng, config: &SyncConfig) -> Duration {
-    let base = config.pull_interval.as_millis() as i64;
-    let j = config.pull_jitter.as_millis() as i64;
+    let base = config.round_interval.as_millis() as i64;
+    let j = config.round_jitter.as_millis() as i64;
     let off = if j > 0 { rng.gen_range(-j..=j) } else { 0 };
     Duration::from_millis((base + off).max(1) as u64)
+}
+
+/// Every site reaches every other exactly once through the trees (unit-tested here, and
+/// relied on by the bandwidth figures).
+#[cfg(test)]
+pub(crate) fn tree_reaches_all_once(order: &[SiteId], origin: &SiteId, fanout: usize) -> bool {
+    let mut got: std::collections::HashSet<SiteId> = std::collections::HashSet::new();
+    let mut frontier = vec![*origin];
+    got.insert(*origin);
+    while let Some(s) = frontier.pop() {
+        for c in tree_children(order, origin, &s, fanout) {
+            if !got.insert(c) {
+                return false;
+            }
+            frontier.push(c);
+        }
+    }
+    got.len() == order.len()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::msg::{Change, Value};
     use crate::sync::test_support::{addr, drain, ident, machine};
 
-    #[test]
-    fn a_notify_past_our_cursor_starts_a_pull() {
-        let mut s = machine(1);
-        s.set_peers([(addr(2), [2; 16])], Duration::ZERO);
-        let notify = |upto| Msg::Notify {
-            site: [2; 16],
-            upto,
-        };
-        s.handle_message(addr(2), &ident(2), notify(0), Duration::ZERO);
-        assert!(drain(&mut s).is_empty(), "nothing new: no pull");
-        s.handle_message(addr(2), &ident(2), notify(9000), Duration::ZERO);
-        let eff = drain(&mut s);
-        assert!(matches!(
-            &eff[..],
-            [Effect::Send {
-                msg: Msg::Pull { after: 0, .. },
-                ..
-            }]
-        ));
-        s.handle_message(addr(2), &ident(2), notify(9500), Duration::ZERO);
-        assert!(drain(&mut s).is_empty(), "one pull in flight per peer");
+    fn site(i: u16) -> SiteId {
+        let mut s = [0u8; 16];
+        s[..2].copy_from_slice(&i.to_be_bytes());
+        s
+    }
+
+    fn change(origin: SiteId, v: i64) -> Change {
+        Change {
+            table: "t".into(),
+            pk: vec![1, 9, v as u8],
+            cid: "a".into(),
+            val: Value::Integer(v),
+            col_version: 1,
+            db_version: v,
+            site_id: origin.to_vec(),
+            cl: 1,
+            seq: 0,
+            origin_version: Some(v),
+        }
+    }
+
+    fn unit(origin: SiteId, from: i64, to: i64) -> OriginUnit {
+        OriginUnit {
+            origin,
+            from,
+            to,
+            committed_ms: 0,
+            changes: ((from + 1)..=to).map(|v| change(origin, v)).collect(),
+        }
     }
 
     #[test]
-    fn own_site_is_refused() {
+    fn every_tree_reaches_every_node_exactly_once() {
+        for n in [1u16, 2, 3, 7, 8, 40, 100, 801] {
+            let order: Vec<SiteId> = (0..n).map(site).collect();
+            for fanout in [1, 3, 6] {
+                for origin in [0, n / 2, n - 1] {
+                    assert!(
+                        tree_reaches_all_once(&order, &site(origin), fanout),
+                        "n={n} fanout={fanout} origin={origin}"
+                    );
+                }
+            }
+        }
+        // An origin this node thinks is down still roots a tree over the rest.
+        let order: Vec<SiteId> = (1..10).map(site).collect();
+        let kids = tree_children(&order, &site(0), &site(0), 3);
+        assert_eq!(kids, vec![site(1), site(2), site(3)]);
+    }
+
+    #[test]
+    fn a_local_unit_goes_to_the_tree_and_a_relay_forwards_what_is_new() {
         let mut s = machine(1);
+        let peers: Vec<(SocketAddr, SiteId)> = (2..=9).map(|i| (addr(i as u16), [i; 16])).collect();
+        s.set_peers(peers.clone(), Duration::ZERO);
+        s.handle_local_unit(unit([1; 16], 0, 2), Duration::ZERO);
+        let sent: Vec<SocketAddr> = drain(&mut s)
+            .into_iter()
+            .map(|e| match e {
+                Effect::Send {
+                    to,
+                    msg: Msg::Unit { relay: true, .. },
+                } => to,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(sent.len(), 6, "fanout 6 children of the root");
+        // Node 1 relays a unit of origin 5: applied, and forwarded to its own children.
+        let u = unit([5; 16], 0, 3);
         s.handle_message(
-            addr(2),
-            &ident(2),
-            Msg::Pull {
-                site: [1; 16],
-                after: 0,
-                unit: None,
-                known: None,
+            addr(5),
+            &ident(5),
+            Msg::Unit {
+                site: [5; 16],
+                unit: u.clone(),
+                relay: true,
+            },
+            Duration::ZERO,
+        );
+        let eff = drain(&mut s);
+        let applies = eff.iter().filter(|e| matches!(e, Effect::Apply(_))).count();
+        let order: Vec<SiteId> = (1..=9).map(|i| [i; 16]).collect();
+        let kids = tree_children(&order, &[5; 16], &[1; 16], 6);
+        let relays = eff.len() - applies;
+        assert_eq!((applies, relays), (1, kids.len()));
+        // The same unit again (another path, a repair): nothing.
+        s.handle_message(
+            addr(6),
+            &ident(6),
+            Msg::Unit {
+                site: [6; 16],
+                unit: u,
+                relay: true,
             },
             Duration::ZERO,
         );
         assert!(drain(&mut s).is_empty());
-        assert_eq!(s.stats().refused, 1);
-        s.set_peers([(addr(2), [1; 16])], Duration::ZERO);
-        s.handle_timer(Duration::from_secs(5));
-        assert!(
-            drain(&mut s).is_empty(),
-            "no pull to a peer with our own id"
-        );
+        assert_eq!(s.stats().duplicates, 1);
     }
 
     #[test]
-    fn a_second_address_claiming_a_held_site_is_refused() {
-        let mut s = machine(1);
-        s.set_peers([(addr(2), [2; 16]), (addr(3), [2; 16])], Duration::ZERO);
-        let pull = |site| Msg::Pull {
-            site,
-            after: 0,
-            unit: None,
-            known: None,
-        };
-        s.handle_message(addr(2), &ident(2), pull([2; 16]), Duration::from_secs(1));
-        assert_eq!(drain(&mut s).len(), 1);
-        s.handle_message(addr(3), &ident(3), pull([2; 16]), Duration::from_secs(1));
-        assert!(drain(&mut s).is_empty());
-        assert_eq!(s.stats().refused, 1);
+    fn a_gap_is_asked_about_at_once_and_repaired_from_memory() {
+        let mut a = machine(1);
+        let mut b = machine(2);
+        a.set_peers([(addr(2), [2; 16])], Duration::ZERO);
+        b.set_peers([(addr(1), [1; 16])], Duration::ZERO);
+        let t = Duration::from_secs(5);
+        // B holds origin 7's units (0,2] and (2,4] (applied), A receives only (2,4].
+        for u in [unit([7; 16], 0, 2), unit([7; 16], 2, 4)] {
+            b.handle_message(
+                addr(7),
+                &ident(7),
+                Msg::Unit {
+                    site: [7; 16],
+                    unit: u,
+                    relay: false,
+                },
+                t,
+            );
+        }
+        drain(&mut b);
+        b.handle_applied(Applied {
+            cursors: vec![],
+            held: vec![([7; 16], RangeSet::from_ranges([(1, 4)]))],
+            released: Held::default(),
+        });
+        a.handle_message(
+            addr(2),
+            &ident(2),
+            Msg::Unit {
+                site: [2; 16],
+                unit: unit([7; 16], 2, 4),
+                relay: false,
+            },
+            t,
+        );
+        let ask = drain(&mut a)
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::Send {
+                    msg: msg @ Msg::Summary { urgent: true, .. },
+                    ..
+                } => Some(msg),
+                _ => None,
+            })
+            .expect("an urgent summary to the sender");
+        b.handle_message(addr(1), &ident(1), ask, t);
+        let eff = drain(&mut b);
+        let repaired: Vec<(i64, i64)> = eff
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    msg:
+                        Msg::Unit {
+                            unit, relay: false, ..
+                        },
+                    ..
+                } => Some((unit.from, unit.to)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(repaired, vec![(0, 2)], "exactly the missing unit");
+        assert!(!eff.iter().any(|e| matches!(
+            e,
+            Effect::Send {
+                msg: Msg::Behind { .. },
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_summary_lacking_what_is_no_longer_in_memory_gets_behind_then_a_pull() {
+        let mut b = machine(2);
+        b.set_peers([(addr(1), [1; 16])], Duration::ZERO);
+        b.handle_applied(Applied {
+            cursors: vec![],
+            held: vec![([7; 16], RangeSet::from_ranges([(1, 40)]))],
+            released: Held::default(),
+        });
+        let mut theirs = Held::default();
+        theirs.insert([7; 16], 1, 10);
+        b.handle_message(
+            addr(1),
+            &ident(1),
+            Msg::Summary {
+                site: [1; 16],
+                held: theirs.to_wire(64),
+                reply: true,
+                urgent: false,
+            },
+            Duration::from_secs(9),
+        );
+        let eff = drain(&mut b);
+        assert!(matches!(
+            &eff[..],
+            [
+                Effect::Send {
+                    msg: Msg::Behind { .. },
+                    ..
+                },
+                Effect::Send {
+                    msg: Msg::Summary { reply: false, .. },
+                    ..
+                }
+            ]
+        ));
+        let mut a = machine(1);
+        a.set_peers(
+            [(addr(2), [2; 16]), (addr(3), [3; 16]), (addr(4), [4; 16])],
+            Duration::ZERO,
+        );
+        for p in [2u8, 3, 4] {
+            a.handle_message(
+                addr(p as u16),
+                &ident(p as u16),
+                Msg::Behind { site: [p; 16] },
+                Duration::ZERO,
+            );
+        }
+        let pulls = drain(&mut a)
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Send {
+                        msg: Msg::Pull { .. },
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(pulls, 1, "at most max_pulls (1) catch-ups in flight");
     }
 
     #[test]
     fn pull_continues_until_the_unit_is_whole_then_waits_for_the_commit() {
         let mut s = machine(1);
         s.set_peers([(addr(2), [2; 16])], Duration::ZERO);
-        s.handle_timer(Duration::from_secs(5));
+        let behind = Msg::Behind { site: [2; 16] };
+        s.handle_message(addr(2), &ident(2), behind.clone(), Duration::from_secs(5));
         let eff = drain(&mut s);
         assert!(matches!(
             &eff[..],
@@ -635,7 +1156,7 @@ mod tests {
             from,
             to,
             changes: vec![],
-            skipped: None,
+            held: None,
         };
         s.handle_message(
             addr(2),
@@ -669,10 +1190,13 @@ mod tests {
         );
         assert_eq!(drain(&mut s).len(), 1);
         // Still applying: no new pull to the same peer.
-        s.handle_timer(Duration::from_secs(7));
+        s.handle_message(addr(2), &ident(2), behind.clone(), Duration::from_secs(6));
         assert!(drain(&mut s).is_empty());
-        s.handle_applied([2; 16], 9);
-        s.handle_timer(Duration::from_secs(9));
+        s.handle_applied(Applied {
+            cursors: vec![([2; 16], 9)],
+            ..Applied::default()
+        });
+        s.handle_message(addr(2), &ident(2), behind, Duration::from_secs(7));
         let eff = drain(&mut s);
         assert!(matches!(
             &eff[..],
@@ -684,33 +1208,77 @@ mod tests {
     }
 
     #[test]
-    fn push_skips_changes_the_target_originated() {
+    fn a_large_unit_is_announced_pulled_and_announced_onwards() {
         let mut s = machine(1);
-        s.set_peers([(addr(2), [2; 16])], Duration::ZERO);
-        let mk = |site: u8, v| Change {
-            table: "t".into(),
-            pk: vec![],
-            cid: "a".into(),
-            val: super::super::msg::Value::Null,
-            col_version: 1,
-            db_version: v,
-            site_id: vec![site; 16],
-            cl: 1,
-            seq: 0,
-            origin_version: None,
+        s.set_peers([(addr(2), [2; 16]), (addr(3), [3; 16])], Duration::ZERO);
+        let notify = Msg::Notify {
+            site: [2; 16],
+            origin: [2; 16],
+            head: 9000,
         };
-        s.handle_local_unit(0, 2, vec![mk(1, 1), mk(2, 2)], Duration::ZERO);
-        let eff = drain(&mut s);
-        match &eff[..] {
+        s.handle_message(addr(2), &ident(2), notify, Duration::ZERO);
+        assert!(matches!(
+            &drain(&mut s)[..],
             [Effect::Send {
-                msg: Msg::Push { chunk, .. },
+                msg: Msg::Pull { .. },
                 ..
-            }] => {
-                assert_eq!((chunk.from, chunk.to), (0, 2));
-                assert_eq!(chunk.changes.len(), 1);
-                assert_eq!(chunk.changes[0].site_id, vec![1; 16]);
-            }
-            other => panic!("unexpected effects {other:?}"),
-        }
+            }]
+        ));
+        s.handle_applied(Applied {
+            cursors: vec![([2; 16], 9100)],
+            held: vec![([2; 16], RangeSet::from_ranges([(1, 9000)]))],
+            released: Held::default(),
+        });
+        let order = vec![[1; 16], [2; 16], [3; 16]];
+        let expect = tree_children(&order, &[2; 16], &[1; 16], 6).len();
+        let onwards = drain(&mut s)
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Send {
+                        msg: Msg::Notify { head: 9000, .. },
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(onwards, expect);
+    }
+
+    #[test]
+    fn own_site_is_refused() {
+        let mut s = machine(1);
+        s.handle_message(
+            addr(2),
+            &ident(2),
+            Msg::Behind { site: [1; 16] },
+            Duration::ZERO,
+        );
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.stats().refused, 1);
+        s.set_peers([(addr(2), [1; 16])], Duration::ZERO);
+        s.handle_timer(Duration::from_secs(5));
+        assert!(
+            drain(&mut s).is_empty(),
+            "no summary to a peer with our own id"
+        );
+    }
+
+    #[test]
+    fn a_second_address_claiming_a_held_site_is_refused() {
+        let mut s = machine(1);
+        s.set_peers([(addr(2), [2; 16]), (addr(3), [2; 16])], Duration::ZERO);
+        let pull = |site| Msg::Pull {
+            site,
+            after: 0,
+            unit: None,
+            known: vec![],
+        };
+        s.handle_message(addr(2), &ident(2), pull([2; 16]), Duration::from_secs(1));
+        assert_eq!(drain(&mut s).len(), 1);
+        s.handle_message(addr(3), &ident(3), pull([2; 16]), Duration::from_secs(1));
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.stats().refused, 1);
     }
 }

@@ -1,41 +1,49 @@
-//! Broadcast and anti-entropy as a state machine without I/O (DESIGN §2 "Network").
+//! Replication between nodes as a state machine without I/O (DESIGN §2 "Network").
 //!
-//! Every node's feed (`crsql_changes` by local `db_version`) is gap-free and carries what
-//! the node merged from others, so pulling one peer's feed after a per-peer cursor is
-//! complete, and pushing each new local unit to a few peers is a bounded rebroadcast (a
-//! duplicate merge creates no new version, so it stops).
-//!
-//! Bandwidth, measured (per-peer cursors, 3 nodes on loopback, `tests/replication.rs`
-//! `three_nodes_with_concurrent_writers_converge`): 1.01–1.25 changes received per change
-//! needed (5,680 needed). That takes three refinements of the plain cursor scheme, which
-//! measured 3.33×: (1) in a cluster no larger than the fanout a relay leaves out the
-//! changes of alive origins (they push to everyone themselves) and summarises them per
-//! origin (`Chunk::skipped`); the receiver moves its cursor past such a unit only when its
-//! own cursors for those origins already cover them, so a lost push is never papered over
-//! (`sim::relayed_changes_survive_their_origin`); (2) a pull carries the requester's
-//! cursors (`Pull::known`) and the server leaves out what they cover; (3) units arriving
-//! past a gap are remembered (`patina_sync_ranges`) so the cursor jumps once the gap
-//! fills. What remains redundant is a late joiner's catch-up: its first pull of each peer
-//! re-sends what it already took from another (per-origin ranges would avoid that).
+//! Every origin numbers its own writes gap-free (`origin_version`), and every node knows,
+//! per origin, which of those versions it holds (`patina_origin_ranges`, written inside
+//! every merge). Sync is built on that: an origin's new units travel down a broadcast
+//! tree (each node receives each unit once), summaries of what each node holds are
+//! exchanged with a random peer every round and answered with exactly the whole units
+//! the other lacks, and a node that lacks more than its peers keep in memory pulls one
+//! peer's feed, leaving out every change it holds. See `machine` for the details and the
+//! figures in BENCHMARKS.md ("Sync at scale").
 //!
 //! # Layout
-//! - `msg`     — the CBOR payload: `Push`, `Pull`, `Changes`, chunks of a unit.
-//! - `machine` — [`Sync`]: messages, local units, apply confirmations and time in; effects out.
-//! - `ranges`  — the cursor rule and the one rule every range from a peer must meet, pure.
+//! - `msg`      — the CBOR payload: units, summaries, pulls, chunks.
+//! - `held`     — per-origin version sets (what a node holds), pure.
+//! - `machine`  — [`Replicator`]: messages, local units, apply confirmations and time in;
+//!   effects out.
+//! - `recent`   — the units kept in memory to answer repairs.
+//! - `receive`  — the apply side's decisions (whole units, held ranges, cursors), pure:
+//!   the node's apply thread and the simulation both call it.
+//! - `ranges`   — the cursor rule and the rules every range from a peer must meet, pure.
 //! - `identity` — which peer identity may speak for a site id (bound once, durably).
-//! - `sim`     — (tests) a deterministic simulation of many nodes with drops and partitions.
+//! - `sim`      — (tests) a deterministic simulation of many nodes: loss, partitions,
+//!   crashes, joins, regions.
 
+mod held;
 mod identity;
 pub mod machine;
 pub mod msg;
 mod ranges;
+mod receive;
+mod recent;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod test_support;
 
+pub use held::{Held, RangeSet};
 pub use identity::{check_claim, Claim};
-pub use machine::{ApplyJob, Effect, Sync, SyncConfig, SyncStats};
-pub use msg::{chunk_unit, known_covers, Change, Chunk, Msg, SiteId, Skipped, Value};
-pub use ranges::{advance_cursor, advance_with_ranges, merge_skipped, skipped_covered, MAX_RANGES};
-pub use ranges::{validate_chunk, validate_pull, RangeError};
+pub use machine::{
+    tree_children, Applied, ApplyJob, Effect, Replicator, SyncConfig, SyncStats, Work,
+};
+pub use msg::{
+    chunk_unit, known_covers, Change, Chunk, Msg, OriginRanges, OriginUnit, SiteId, Value,
+};
+pub use ranges::{advance_cursor, advance_with_ranges, MAX_RANGES};
+pub use ranges::{
+    validate_chunk, validate_origin_ranges, validate_pull, validate_unit, RangeError,
+};
+pub use receive::{held_after_catch_up, held_after_unit, unit_complete};

@@ -7,6 +7,8 @@
 
 use minicbor::{Decode, Encode};
 
+use super::held::Held;
+
 /// A node's 16-byte site id (`crsql_site_id()`).
 pub type SiteId = [u8; 16];
 
@@ -74,7 +76,44 @@ impl Change {
     }
 }
 
-/// A slice `(from, to]` of the sender's feed, part of the unit `(unit_from, unit_to]`.
+/// Versions of one origin, as inclusive ranges: one entry of a summary or of `known`.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct OriginRanges {
+    #[cbor(n(0), with = "minicbor::bytes")]
+    pub site: SiteId,
+    #[n(1)]
+    pub ranges: Vec<(i64, i64)>,
+}
+
+/// One unit of an origin's own writes: its versions `(from, to]` (whole transactions,
+/// one read of the origin's feed) and the changes among them still current at the
+/// origin when it was read. Versions of the range without a change were superseded
+/// before they were sent: a receiver that applies the unit holds the whole range.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct OriginUnit {
+    #[cbor(n(0), with = "minicbor::bytes")]
+    pub origin: SiteId,
+    #[n(1)]
+    pub from: i64,
+    #[n(2)]
+    pub to: i64,
+    /// The origin's wall clock when it read the unit (ms since the Unix epoch): the
+    /// commit→applied latency histogram. Clocks of different machines differ.
+    #[n(3)]
+    pub committed_ms: u64,
+    #[n(4)]
+    pub changes: Vec<Change>,
+}
+
+impl OriginUnit {
+    /// Rough wire size.
+    pub fn approx_size(&self) -> usize {
+        self.changes.iter().map(Change::approx_size).sum::<usize>() + 48
+    }
+}
+
+/// A slice `(from, to]` of the sender's feed, part of the unit `(unit_from, unit_to]`:
+/// the answer to a catch-up pull.
 ///
 /// A unit is one feed read (one read transaction, so whole transactions only). A small
 /// unit travels as a single chunk (`from == unit_from && to == unit_to`); a large one in
@@ -92,21 +131,11 @@ pub struct Chunk {
     pub to: i64,
     #[n(4)]
     pub changes: Vec<Change>,
-    /// Changes of `(from, to]` the sender left out because their origin pushes them
-    /// itself: per origin site, the highest `origin_version` left out. The receiver may
-    /// move its cursor for the sender past this chunk only if its cursor for each such
-    /// origin already covers that version (then it holds those changes or newer ones).
+    /// On the first chunk of a unit: every origin version the sender held when it fixed
+    /// the unit. Once the receiver has applied the whole unit on top of everything before
+    /// it in the sender's feed, it holds (or holds newer than) all of these.
     #[n(5)]
-    pub skipped: Option<Vec<Skipped>>,
-}
-
-/// See [`Chunk::skipped`].
-#[derive(Clone, Debug, PartialEq, Encode, Decode)]
-pub struct Skipped {
-    #[cbor(n(0), with = "minicbor::bytes")]
-    pub site: SiteId,
-    #[n(1)]
-    pub upto: i64,
+    pub held: Option<Vec<OriginRanges>>,
 }
 
 impl Chunk {
@@ -124,20 +153,43 @@ impl Chunk {
 /// receiver can refuse a peer that claims its own id (a copied database file).
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
 pub enum Msg {
-    /// Broadcast: a chunk of the sender's feed, pushed as soon as its tailer read it.
+    /// Broadcast of an origin's unit. `relay` is set on the broadcast tree (the receiver
+    /// forwards it to its own children in the origin's tree); a repair is not relayed.
     #[n(0)]
-    Push {
+    Unit {
         #[cbor(n(0), with = "minicbor::bytes")]
         site: SiteId,
         #[n(1)]
-        chunk: Chunk,
+        unit: OriginUnit,
+        #[n(2)]
+        relay: bool,
     },
-    /// Anti-entropy: "send me your feed after `after`". `unit` is set on a continuation:
-    /// the unit being fetched, so the responder reads the same fixed range. `known` is the
-    /// requester's cursor per origin site: changes of that origin with an
-    /// `origin_version` at or below it are left out (the requester holds them or newer),
-    /// which spares re-sending what the requester already got from the origin itself.
+    /// Anti-entropy: what the sender holds (held and being applied), per origin. The
+    /// receiver sends back the units it holds in memory that the sender lacks, `Behind`
+    /// when it holds more than it can send from memory, and its own summary when `reply`.
+    /// `urgent` asks for no grace period, about the origins it names only (the sender saw
+    /// a gap in a broadcast of one origin).
     #[n(1)]
+    Summary {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        held: Vec<OriginRanges>,
+        #[n(2)]
+        reply: bool,
+        #[n(3)]
+        urgent: bool,
+    },
+    /// "I hold versions you lack that I no longer keep in memory: pull my feed."
+    #[n(2)]
+    Behind {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+    },
+    /// Catch-up: "send me your feed after `after`". `unit` is set on a continuation: the
+    /// unit being fetched, so the responder reads the same fixed range. Changes whose
+    /// origin version `known` holds are left out.
+    #[n(3)]
     Pull {
         #[cbor(n(0), with = "minicbor::bytes")]
         site: SiteId,
@@ -146,24 +198,26 @@ pub enum Msg {
         #[n(2)]
         unit: Option<(i64, i64)>,
         #[n(3)]
-        known: Option<Vec<Skipped>>,
+        known: Vec<OriginRanges>,
     },
     /// The answer to a `Pull`: one chunk; `chunk.more()` asks for a continuation.
-    #[n(2)]
+    #[n(4)]
     Changes {
         #[cbor(n(0), with = "minicbor::bytes")]
         site: SiteId,
         #[n(1)]
         chunk: Chunk,
     },
-    /// "My feed grew to `upto`": sent instead of a push for a unit too large for one
-    /// chunk. The receiver pulls it, one chunk per request: flow-controlled, memory bounded.
-    #[n(3)]
+    /// "Origin `origin` wrote a unit up to `head` too large to broadcast; I hold it":
+    /// the receiver pulls the sender's feed, then tells its own children in the tree.
+    #[n(5)]
     Notify {
         #[cbor(n(0), with = "minicbor::bytes")]
         site: SiteId,
-        #[n(1)]
-        upto: i64,
+        #[cbor(n(1), with = "minicbor::bytes")]
+        origin: SiteId,
+        #[n(2)]
+        head: i64,
     },
 }
 
@@ -171,10 +225,21 @@ impl Msg {
     /// The sender's site id.
     pub fn site(&self) -> &SiteId {
         match self {
-            Msg::Push { site, .. }
+            Msg::Unit { site, .. }
+            | Msg::Summary { site, .. }
+            | Msg::Behind { site }
             | Msg::Pull { site, .. }
             | Msg::Changes { site, .. }
             | Msg::Notify { site, .. } => site,
+        }
+    }
+
+    /// Changes this message carries (what `patina_sync_changes_received_total` counts).
+    pub fn change_count(&self) -> usize {
+        match self {
+            Msg::Unit { unit, .. } => unit.changes.len(),
+            Msg::Changes { chunk, .. } => chunk.changes.len(),
+            _ => 0,
         }
     }
 
@@ -190,14 +255,12 @@ impl Msg {
     }
 }
 
-/// Whether the requester of a pull already holds `c` (or newer) by its `known` cursors.
-pub fn known_covers(known: &[Skipped], c: &Change) -> bool {
-    let Some(ov) = c.origin_version else {
+/// Whether the requester of a pull already holds `c` (by its origin version).
+pub fn known_covers(known: &Held, c: &Change) -> bool {
+    let (Some(ov), Ok(site)) = (c.origin_version, SiteId::try_from(c.site_id.as_slice())) else {
         return false;
     };
-    known
-        .iter()
-        .any(|k| k.site.as_slice() == c.site_id.as_slice() && ov <= k.upto)
+    known.contains(&site, ov)
 }
 
 /// Splits one feed read into chunks of at most `max_changes` changes and about
@@ -207,7 +270,7 @@ pub fn chunk_unit(
     unit_from: i64,
     unit_to: i64,
     changes: Vec<Change>,
-    skipped: Option<Vec<Skipped>>,
+    held: Option<Vec<OriginRanges>>,
     max_changes: usize,
     max_bytes: usize,
 ) -> Vec<Chunk> {
@@ -225,7 +288,11 @@ pub fn chunk_unit(
                 from,
                 to,
                 changes: std::mem::take(&mut current),
-                skipped: skipped.clone(),
+                held: if chunks.is_empty() {
+                    held.clone()
+                } else {
+                    None
+                },
             });
             from = to;
             bytes = 0;
@@ -239,7 +306,7 @@ pub fn chunk_unit(
         from,
         to: unit_to,
         changes: current,
-        skipped,
+        held: if chunks.is_empty() { held } else { None },
     });
     chunks
 }
@@ -265,35 +332,50 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
+        let known = vec![OriginRanges {
+            site: [6; 16],
+            ranges: vec![(1, 3), (7, 9)],
+        }];
         let msgs = vec![
-            Msg::Push {
+            Msg::Unit {
                 site: [3; 16],
+                unit: OriginUnit {
+                    origin: [7; 16],
+                    from: 0,
+                    to: 2,
+                    committed_ms: 1_700_000_000_000,
+                    changes: vec![change(1), change(2)],
+                },
+                relay: true,
+            },
+            Msg::Summary {
+                site: [3; 16],
+                held: known.clone(),
+                reply: true,
+                urgent: false,
+            },
+            Msg::Behind { site: [3; 16] },
+            Msg::Pull {
+                site: [4; 16],
+                after: 17,
+                unit: Some((17, 99)),
+                known: known.clone(),
+            },
+            Msg::Changes {
+                site: [4; 16],
                 chunk: Chunk {
                     unit_from: 0,
                     unit_to: 2,
                     from: 0,
                     to: 2,
-                    changes: vec![change(1), change(2)],
-                    skipped: Some(vec![Skipped {
-                        site: [5; 16],
-                        upto: 9,
-                    }]),
+                    changes: vec![change(1)],
+                    held: Some(known),
                 },
             },
-            Msg::Pull {
+            Msg::Notify {
                 site: [4; 16],
-                after: 17,
-                unit: Some((17, 99)),
-                known: Some(vec![Skipped {
-                    site: [6; 16],
-                    upto: 3,
-                }]),
-            },
-            Msg::Pull {
-                site: [4; 16],
-                after: 0,
-                unit: None,
-                known: None,
+                origin: [5; 16],
+                head: 9,
             },
         ];
         for m in msgs {
@@ -322,7 +404,7 @@ mod tests {
             site: [1; 16],
             after: 5,
             unit: None,
-            known: None,
+            known: vec![],
         }
         .encode();
         assert!(Msg::decode(&full[..full.len() - 3]).is_err());

@@ -18,7 +18,7 @@
 //! A pull continuation names its unit: `(unit_from, unit_to)` must satisfy
 //! `0 <= unit_from <= after < unit_to` ([`validate_pull`]).
 
-use super::msg::{Chunk, SiteId, Skipped};
+use super::msg::{Chunk, OriginRanges, OriginUnit};
 
 /// Why a range was refused. Refusing changes nothing: the chunk is not buffered, not
 /// applied, and no cursor moves; the sender is logged and counted.
@@ -48,6 +48,24 @@ pub enum RangeError {
     /// A change whose version lies outside its chunk.
     #[error("change at version {version} lies outside its chunk ({from}, {to}]")]
     ChangeOutsideChunk { version: i64, from: i64, to: i64 },
+    /// A broadcast unit whose origin range is reversed, empty or out of bounds.
+    #[error("origin unit ({from}, {to}] is reversed, empty or out of bounds")]
+    BadOriginUnit { from: i64, to: i64 },
+    /// A change of a broadcast unit that is not its origin's, or numbered outside it.
+    #[error("a change (origin version {version}) is not the unit's origin's or lies outside ({from}, {to}]")]
+    ChangeOutsideUnit { version: i64, from: i64, to: i64 },
+    /// A per-origin list naming too many origins.
+    #[error("a per-origin list names {count} origins (at most {MAX_ORIGINS})")]
+    TooManyOrigins { count: usize },
+    /// A per-origin list naming one origin twice.
+    #[error("a per-origin list names origin {site} twice")]
+    OriginTwice { site: String },
+    /// Too many ranges for one origin.
+    #[error("{count} ranges for origin {site} (at most {MAX_ORIGIN_RANGES})")]
+    TooManyRanges { site: String, count: usize },
+    /// A range that is reversed, below 1 or beyond the clock bound.
+    #[error("range [{start}, {end}] of origin {site} is reversed or out of bounds")]
+    BadOriginRange { site: String, start: i64, end: i64 },
     /// A pull continuation whose `after` lies outside the unit it names.
     #[error("pull after {after} lies outside its unit ({unit_from}, {unit_to}]")]
     PullOutsideUnit {
@@ -171,26 +189,67 @@ pub fn advance_with_ranges(
     cur
 }
 
-/// Whether a unit whose sender left out `skipped` may move the cursor: only if, for each
-/// origin left out, our cursor for that origin covers the highest version left out.
-/// (Any read of the origin's feed covering version `v` held that change or a newer one
-/// for the same cell, so we hold it or newer.)
-pub fn skipped_covered(skipped: &[Skipped], cursor_of: impl Fn(&SiteId) -> i64) -> bool {
-    skipped.iter().all(|s| cursor_of(&s.site) >= s.upto)
-}
+/// Largest version accepted in a range (clocks are bounded at 2^62 by the extension).
+pub const MAX_VERSION: i64 = 1 << 62;
+/// Most origins one summary, `known` or `held` list may name.
+pub const MAX_ORIGINS: usize = 100_000;
+/// Most ranges per origin in one list.
+pub const MAX_ORIGIN_RANGES: usize = 4_096;
 
-/// Merges the `skipped` lists of a unit's chunks: the highest version per origin.
-pub fn merge_skipped<'a>(
-    lists: impl IntoIterator<Item = &'a Option<Vec<Skipped>>>,
-) -> Vec<Skipped> {
-    let mut out: Vec<Skipped> = Vec::new();
-    for s in lists.into_iter().flatten().flatten() {
-        match out.iter_mut().find(|o| o.site == s.site) {
-            Some(o) => o.upto = o.upto.max(s.upto),
-            None => out.push(s.clone()),
+/// Checks a per-origin range list (summary, `known`, `held`): bounded in size, each
+/// range `1 <= a <= b <= MAX_VERSION`, and no origin named twice.
+pub fn validate_origin_ranges(list: &[OriginRanges]) -> Result<(), RangeError> {
+    if list.len() > MAX_ORIGINS {
+        return Err(RangeError::TooManyOrigins { count: list.len() });
+    }
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    for o in list {
+        if !seen.insert(o.site) {
+            return Err(RangeError::OriginTwice {
+                site: hex::encode(o.site),
+            });
+        }
+        if o.ranges.len() > MAX_ORIGIN_RANGES {
+            return Err(RangeError::TooManyRanges {
+                site: hex::encode(o.site),
+                count: o.ranges.len(),
+            });
+        }
+        if let Some(&(a, b)) = o
+            .ranges
+            .iter()
+            .find(|&&(a, b)| !(1 <= a && a <= b && b <= MAX_VERSION))
+        {
+            return Err(RangeError::BadOriginRange {
+                site: hex::encode(o.site),
+                start: a,
+                end: b,
+            });
         }
     }
-    out
+    Ok(())
+}
+
+/// Checks a broadcast unit: `0 <= from < to <= MAX_VERSION`, and every change is the
+/// origin's own, numbered inside `(from, to]`.
+pub fn validate_unit(u: &OriginUnit) -> Result<(), RangeError> {
+    if !(0 <= u.from && u.from < u.to && u.to <= MAX_VERSION) {
+        return Err(RangeError::BadOriginUnit {
+            from: u.from,
+            to: u.to,
+        });
+    }
+    if let Some(bad) = u.changes.iter().find(|c| {
+        c.site_id.as_slice() != u.origin.as_slice()
+            || !c.origin_version.is_some_and(|v| u.from < v && v <= u.to)
+    }) {
+        return Err(RangeError::ChangeOutsideUnit {
+            version: bad.origin_version.unwrap_or(-1),
+            from: u.from,
+            to: u.to,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -215,7 +274,7 @@ mod tests {
             s.handle_message(
                 addr(2),
                 &ident(2),
-                Msg::Push {
+                Msg::Changes {
                     site: [2; 16],
                     chunk: Chunk {
                         unit_from: uf,
@@ -223,7 +282,7 @@ mod tests {
                         from: f,
                         to: t,
                         changes: vec![],
-                        skipped: None,
+                        held: None,
                     },
                 },
                 Duration::ZERO,
@@ -258,7 +317,7 @@ mod tests {
             from,
             to,
             changes: versions.iter().copied().map(change).collect(),
-            skipped: None,
+            held: None,
         }
     }
 
@@ -312,6 +371,40 @@ mod tests {
         assert!(r.is_empty());
         assert_eq!(advance_with_ranges(40, &mut r, 5, 35), 40);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn origin_lists_and_units_are_checked() {
+        let ok = OriginRanges {
+            site: [1; 16],
+            ranges: vec![(1, 5), (9, 9)],
+        };
+        assert_eq!(validate_origin_ranges(std::slice::from_ref(&ok)), Ok(()));
+        for ranges in [vec![(0, 3)], vec![(5, 4)], vec![(1, MAX_VERSION + 1)]] {
+            let bad = OriginRanges {
+                site: [1; 16],
+                ranges,
+            };
+            assert!(validate_origin_ranges(&[bad]).is_err());
+        }
+        assert!(validate_origin_ranges(&[ok.clone(), ok]).is_err());
+        let unit = |from, to, versions: &[i64]| OriginUnit {
+            origin: [7; 16],
+            from,
+            to,
+            committed_ms: 0,
+            changes: versions.iter().copied().map(change).collect(),
+        };
+        assert_eq!(validate_unit(&unit(0, 3, &[1, 3])), Ok(()));
+        assert!(validate_unit(&unit(3, 3, &[])).is_err());
+        assert!(validate_unit(&unit(-1, 3, &[])).is_err());
+        assert!(validate_unit(&unit(0, 3, &[4])).is_err());
+        let mut foreign = unit(0, 3, &[1]);
+        foreign.origin = [8; 16];
+        assert!(
+            validate_unit(&foreign).is_err(),
+            "a change of another origin"
+        );
     }
 
     proptest! {

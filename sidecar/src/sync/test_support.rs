@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 
-use super::{Effect, Sync, SyncConfig};
+use super::{Effect, Held, Replicator, SyncConfig};
 
 /// A loopback peer address on port `p`.
 pub fn addr(p: u16) -> SocketAddr {
@@ -20,18 +20,19 @@ pub fn ident(p: u16) -> String {
 }
 
 /// A machine with site id `[site; 16]`, default config and a fixed seed.
-pub fn machine(site: u8) -> Sync {
-    Sync::new(
+pub fn machine(site: u8) -> Replicator {
+    Replicator::new(
         [site; 16],
         SyncConfig::default(),
         HashMap::new(),
+        Held::default(),
         rand::rngs::StdRng::seed_from_u64(1),
         Duration::ZERO,
     )
 }
 
 /// Effects other than `Bind` (tested on their own).
-pub fn drain(s: &mut Sync) -> Vec<Effect> {
+pub fn drain(s: &mut Replicator) -> Vec<Effect> {
     std::iter::from_fn(|| s.poll_effect())
         .filter(|e| !matches!(e, Effect::Bind { .. }))
         .collect()
