@@ -186,7 +186,9 @@ impl Merger {
         // commit clears it, see `Merger::flush`). Another trigger's writes would move
         // `total_changes()` under ours, so such tables get a plain flag set and cleared.
         let new_dbv = db_version + 1;
-        let token = !self.table(conn, &ch.table)?.1.other_triggers;
+        // (A database whose triggers predate the mark gets the flag too.)
+        let token =
+            !self.table(conn, &ch.table)?.1.other_triggers && self.triggers_know_mark(conn)?;
         let before = conn.total_changes();
         {
             let s = stmt(&mut self.state_write, conn, || {

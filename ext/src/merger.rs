@@ -77,6 +77,10 @@ pub(crate) struct Merger {
     /// stale for every later statement, but cleared before commit so other connections
     /// only ever see 0.
     pub(crate) token_left: bool,
+    /// Whether this database's triggers know the mark (`patina_state.layout` ≥ 2; a
+    /// database the extension could not migrate at load keeps older triggers, which
+    /// would take any nonzero `merging` as a merge in progress). Read once per transaction.
+    pub(crate) triggers_know_mark: Option<bool>,
     /// `patina_state` as of our last read or write, valid while the connection's
     /// `total_changes` has not moved since (nothing else wrote in between).
     pub(crate) state: Option<CachedState>,
@@ -160,6 +164,7 @@ impl Merger {
         self.counter_write = None;
         self.ranges = crate::origins::RangeStmts::default();
         self.state = None;
+        self.triggers_know_mark = None;
         self.sites.forget();
     }
 
@@ -238,6 +243,19 @@ impl Merger {
                 c.total_changes = conn.total_changes();
             }
         }
+    }
+
+    /// See `triggers_know_mark`.
+    pub(crate) fn triggers_know_mark(&mut self, conn: Conn) -> Result<bool> {
+        if let Some(k) = self.triggers_know_mark {
+            return Ok(k);
+        }
+        let layout = conn
+            .query_i64("SELECT layout FROM patina_state WHERE id = 0")?
+            .unwrap_or(0);
+        let k = layout >= crate::state::LAYOUT;
+        self.triggers_know_mark = Some(k);
+        Ok(k)
     }
 
     pub(crate) fn forget_state(&mut self) {

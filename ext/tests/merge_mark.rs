@@ -119,3 +119,29 @@ fn triggers_of_an_older_layout_are_regenerated_on_load() {
     c.execute("INSERT INTO t VALUES (1, 1, 1)", []).unwrap();
     assert_eq!(local_changes(&c), 2);
 }
+
+#[test]
+fn triggers_that_predate_the_mark_see_a_plain_flag() {
+    // A database the extension could not migrate at load (read-only, busy) keeps triggers
+    // that take any nonzero `merging` as a merge in progress: merges there set and clear 1.
+    let x = memory();
+    x.execute_batch(DDL).unwrap();
+    x.execute_batch(
+        "CREATE TABLE seen(id);
+         DROP TRIGGER t__patina_ins;
+         CREATE TRIGGER t__patina_ins AFTER INSERT ON t
+           WHEN (SELECT merging FROM patina_state WHERE id = 0) = 0
+           BEGIN INSERT INTO seen VALUES (NEW.id); END;
+         UPDATE patina_state SET layout = 1;",
+    )
+    .unwrap();
+    let y = memory();
+    y.execute_batch(DDL).unwrap();
+    y.execute_batch("INSERT INTO t VALUES (1, 1, 1)").unwrap();
+    x.execute_batch("BEGIN").unwrap();
+    merge(&x, &changes_after(&y, 0));
+    x.execute_batch("INSERT INTO t VALUES (2, 2, 2); COMMIT;")
+        .unwrap();
+    // The merged row was not seen as an app write; the app's row after it was.
+    assert_eq!(one::<String>(&x, "SELECT group_concat(id) FROM seen"), "2");
+}
