@@ -190,17 +190,21 @@ impl Merger {
         let token =
             !self.table(conn, &ch.table)?.1.other_triggers && self.triggers_know_mark(conn)?;
         let before = conn.total_changes();
+        let schema_moved;
         {
             let s = stmt(&mut self.state_write, conn, || {
                 "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
             })?;
             let mark = if token { before + 3 } else { 1 };
             s.execute(&[Value::Integer(new_dbv), Value::Integer(mark)])?;
+            // The schema changed since this transaction's first merge (a trigger may have
+            // been added to the table after `other_triggers` was read): flag from now on.
+            schema_moved = s.reprepares() > 0;
         }
         self.token_left |= token;
         // The token works only if that write counted as exactly one change; otherwise
         // fall back to the flag.
-        let flagged = !token || conn.total_changes() != before + 1;
+        let flagged = !token || schema_moved || conn.total_changes() != before + 1;
         if flagged && token {
             let s = stmt(&mut self.flag_write, conn, || {
                 "UPDATE patina_state SET merging = ?1 WHERE id = 0".into()

@@ -145,3 +145,31 @@ fn triggers_that_predate_the_mark_see_a_plain_flag() {
     // The merged row was not seen as an app write; the app's row after it was.
     assert_eq!(one::<String>(&x, "SELECT group_concat(id) FROM seen"), "2");
 }
+
+#[test]
+fn a_trigger_added_between_merges_of_one_transaction_is_respected() {
+    let x = memory();
+    x.execute_batch(DDL).unwrap();
+    let y = memory();
+    y.execute_batch(DDL).unwrap();
+    y.execute_batch("INSERT INTO t VALUES (1, 1, 1); INSERT INTO t VALUES (2, 2, 2);")
+        .unwrap();
+    let feed = changes_after(&y, 0);
+    x.execute_batch("BEGIN").unwrap();
+    merge(&x, &feed[..1]);
+    // The app's trigger writes before patina's capture trigger runs (newest fires first).
+    x.execute_batch(
+        "CREATE TABLE log(id);
+         CREATE TRIGGER app_ins AFTER INSERT ON t BEGIN INSERT INTO log VALUES (NEW.id); END;
+         CREATE TRIGGER app_upd AFTER UPDATE ON t BEGIN INSERT INTO log VALUES (NEW.id); END;",
+    )
+    .unwrap();
+    merge(&x, &feed[1..]);
+    x.execute_batch("COMMIT").unwrap();
+    assert_eq!(local_changes(&x), 0, "no merged change captured as local");
+    assert_eq!(
+        one::<i64>(&x, "SELECT crsql_db_version()"),
+        feed.len() as i64
+    );
+    assert!(one::<i64>(&x, "SELECT count(*) FROM log") > 0);
+}
