@@ -142,39 +142,89 @@ fn write_sql(t: &TableInfo, replace: bool, mask: &[bool]) -> String {
 impl Merger {
     /// Records a savepoint's position in the queue (`xSavepoint`).
     pub fn savepoint(&mut self, n: i32) {
-        self.marks.retain(|(m, _)| *m < n);
-        self.marks.push((n, self.queue.len()));
+        self.marks.retain(|(m, _, _)| *m < n);
+        self.marks.push((n, self.queue.len(), self.held.len()));
     }
 
     /// Forgets savepoints `n` and above (`xRelease`); the queue stays.
     pub fn release(&mut self, n: i32) {
-        self.marks.retain(|(m, _)| *m < n);
+        self.marks.retain(|(m, _, _)| *m < n);
     }
 
     /// Drops what was queued after savepoint `n` (`xRollbackTo`).
     pub fn rollback_to(&mut self, n: i32) {
-        let keep = self
+        let (keep, keep_held) = self
             .marks
             .iter()
-            .find(|(m, _)| *m == n)
-            .map_or(0, |(_, len)| *len);
+            .find(|(m, _, _)| *m == n)
+            .map_or((0, 0), |(_, q, h)| (*q, *h));
         self.queue.truncate(keep);
-        self.marks.retain(|(m, _)| *m <= n);
+        self.held.truncate(keep_held);
+        self.marks.retain(|(m, _, _)| *m <= n);
         self.forget_state();
     }
 
-    /// Applies every queued change; returns the base rows written.
+    /// Applies every queued change, writes the per-change path's held versions and
+    /// clears its mark; returns the base rows written.
     pub fn flush(&mut self, conn: Conn) -> Result<i64> {
-        if self.queue.is_empty() {
-            return Ok(0);
+        let mut impacted = 0;
+        // Both the queue and the held versions end empty: no savepoint position survives.
+        if !self.queue.is_empty() || !self.held.is_empty() {
+            self.marks.clear();
         }
-        let queue = std::mem::take(&mut self.queue);
-        self.marks.clear();
-        let result = self.apply_queue(conn, queue);
-        if result.is_err() {
-            self.forget_state();
+        if !self.queue.is_empty() {
+            let queue = std::mem::take(&mut self.queue);
+            let result = self.apply_queue(conn, queue);
+            if result.is_err() {
+                self.forget_state();
+            }
+            impacted = result?;
         }
-        result
+        if !self.held.is_empty() {
+            let result = self.write_held(conn);
+            if result.is_err() {
+                self.forget_state();
+            }
+            result?;
+        }
+        if self.token_left {
+            let s = stmt(&mut self.mark_clear, conn, || {
+                "UPDATE patina_state SET merging = 0 WHERE id = 0 AND merging > 1".into()
+            })?;
+            s.execute(&[])?;
+            self.token_left = false;
+        }
+        Ok(impacted)
+    }
+
+    /// Writes the per-change path's held versions, a few statements per origin.
+    fn write_held(&mut self, conn: Conn) -> Result<()> {
+        let held = std::mem::take(&mut self.held);
+        let mut by_site: HashMap<i64, RangeSet> = HashMap::new();
+        let mut run: Option<(i64, RangeSet)> = None;
+        for (ord, v) in held {
+            match &mut run {
+                Some((o, set)) if *o == ord => set.insert_one(v),
+                _ => {
+                    if let Some((o, set)) = run.take() {
+                        by_site.entry(o).or_default().union(&set);
+                    }
+                    run = Some((ord, RangeSet::from_range(v, v)));
+                }
+            }
+        }
+        if let Some((o, set)) = run {
+            by_site.entry(o).or_default().union(&set);
+        }
+        let before = conn.total_changes();
+        for (ord, set) in &by_site {
+            let site = self.site_bytes(conn, *ord).ok_or_else(|| {
+                Error::State(format!("site ordinal {ord} is not in patina_sites"))
+            })?;
+            self.ranges.record(conn, &site, set)?;
+        }
+        self.state_still_valid(conn, before);
+        Ok(())
     }
 
     fn apply_queue(&mut self, conn: Conn, queue: Vec<Queued>) -> Result<i64> {

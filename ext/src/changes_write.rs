@@ -1,9 +1,11 @@
 //! Merging remote changes: `INSERT INTO crsql_changes (...) VALUES (...)`.
 //!
 //! Each change is validated first (table, column, pk blob, clocks), then decided by the
-//! pure rules in `merge.rs`, then written: the base row (with `patina_state.merging` set
-//! so the capture triggers stay quiet) and the clock row, which gets a fresh local change
-//! number. Statements are prepared once per transaction and finalized at its end.
+//! pure rules in `merge.rs`, then written: the base row (with a merge mark in
+//! `patina_state.merging` so the capture triggers stay quiet) and the clock row, which gets
+//! a fresh local change number. Its origin version is noted and written to
+//! `patina_origin_ranges` at the next flush. Statements are prepared once per transaction
+//! and finalized at its end.
 
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, Plan};
@@ -27,18 +29,11 @@ pub struct Incoming {
 }
 
 impl Merger {
-    /// Records one held origin version (the per-change path: a statement or two per change;
-    /// the batched path coalesces per flush instead). The state cache is refreshed after,
-    /// since these writes move `total_changes`.
-    fn record_held(&mut self, conn: Conn, site: &[u8], origin: i64) -> Result<()> {
-        let before = conn.total_changes();
-        self.ranges.record(
-            conn,
-            site,
-            &crate::ranges::RangeSet::from_range(origin, origin),
-        )?;
-        self.state_still_valid(conn, before);
-        Ok(())
+    /// Notes one held origin version (the per-change path). It is written to
+    /// `patina_origin_ranges` at the next flush, coalesced with the others (see
+    /// [`Merger::flush`]): inside the merge's transaction, at the latest in `xSync`.
+    fn record_held(&mut self, site_ord: i64, origin: i64) {
+        self.held.push((site_ord, origin));
     }
 
     /// Validates and merges one change (or queues it on the batched path). Returns the base
@@ -179,51 +174,69 @@ impl Merger {
         };
         if plan == Plan::Skip {
             // Superseded, but seen: its origin version is held all the same.
-            self.record_held(conn, &ch.site_id, origin)?;
+            self.record_held(site_ord, origin);
             return Ok(0);
         }
 
-        // Write: one new local change number for this change.
+        // Write: one new local change number for this change, and the merge mark that
+        // keeps the capture triggers quiet during this change's base write. Where only
+        // patina's triggers are on the table, the mark is a token equal to this
+        // connection's `total_changes() + 2` while the base write runs, which the next
+        // completed statement makes stale, so no clearing write is needed per change (the
+        // commit clears it, see `Merger::flush`). Another trigger's writes would move
+        // `total_changes()` under ours, so such tables get a plain flag set and cleared.
         let new_dbv = db_version + 1;
-        let touches_base = plan.impacts(true);
-        let set_flag = touches_base && !merging;
+        // (A database whose triggers predate the mark gets the flag too.)
+        let token =
+            !self.table(conn, &ch.table)?.1.other_triggers && self.triggers_know_mark(conn)?;
+        let before = conn.total_changes();
+        let schema_moved;
         {
             let s = stmt(&mut self.state_write, conn, || {
                 "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
             })?;
-            s.execute(&[
-                Value::Integer(new_dbv),
-                Value::Integer(i64::from(merging || set_flag)),
-            ])?;
+            let mark = if token { before + 3 } else { 1 };
+            s.execute(&[Value::Integer(new_dbv), Value::Integer(mark)])?;
+            // The schema changed since this transaction's first merge (a trigger may have
+            // been added to the table after `other_triggers` was read): flag from now on.
+            schema_moved = s.reprepares() > 0;
+        }
+        self.token_left |= token;
+        // The token works only if that write counted as exactly one change; otherwise
+        // fall back to the flag.
+        let flagged = !token || schema_moved || conn.total_changes() != before + 1;
+        if flagged && token {
+            let s = stmt(&mut self.flag_write, conn, || {
+                "UPDATE patina_state SET merging = ?1 WHERE id = 0".into()
+            })?;
+            s.execute(&[Value::Integer(1)])?;
         }
         // SQLite cannot open a savepoint while the INSERT runs, so atomicity comes from the
         // order: each change makes at most one base-table statement (atomic by itself),
-        // before any clock write; if it fails, the counter and flag are put back.
+        // before any clock write; if it fails, the counter and mark are put back.
         if let Err(e) = self.write_base(conn, &ch, &keys, col, plan) {
             let s = stmt(&mut self.state_write, conn, String::new)?;
-            s.execute(&[
-                Value::Integer(db_version),
-                Value::Integer(i64::from(merging)),
-            ])?;
+            s.execute(&[Value::Integer(db_version), Value::Integer(0)])?;
+            self.forget_state();
             return Err(e);
         }
         // A delete of a row this replica never had changes no base row.
         let base_changed = plan != Plan::Delete || conn.changes() > 0;
         let result = self.write_clock(conn, &ch, &keys, col, plan, site_ord, origin, new_dbv);
-        if set_flag {
-            let s = stmt(&mut self.flag_clear, conn, || {
-                "UPDATE patina_state SET merging = 0 WHERE id = 0".into()
+        if flagged {
+            let s = stmt(&mut self.flag_write, conn, || {
+                "UPDATE patina_state SET merging = ?1 WHERE id = 0".into()
             })?;
-            s.execute(&[])?;
+            s.execute(&[Value::Integer(0)])?;
         }
         match &result {
-            Ok(()) => self.remember_state(conn, new_dbv, merging, equal_values),
+            Ok(()) => self.remember_state(conn, new_dbv, false, equal_values),
             Err(_) => self.forget_state(),
         }
         result?;
         // After the write, never before: a failure here leaves a change applied but not
         // recorded (asked for again, harmlessly), never a version recorded but not held.
-        self.record_held(conn, &ch.site_id, origin)?;
+        self.record_held(site_ord, origin);
         Ok(i64::from(plan.impacts(base_changed)))
     }
 

@@ -311,11 +311,16 @@ pub fn new_site_id(
 pub fn origin_summary(
     ctx: *mut sqlite3_context,
     _: &[*mut sqlite3_value],
-    _: &Arc<Shared>,
+    shared: &Arc<Shared>,
 ) -> SlResult<()> {
+    // A flush first: versions merged one by one are written to the ranges table there.
+    let c = conn(ctx);
     finish(
         ctx,
-        origins::summary(conn(ctx)).map(|s| Value::Text(s.into_bytes())),
+        shared
+            .flush(c)
+            .and_then(|_| origins::summary(c))
+            .map(|s| Value::Text(s.into_bytes())),
     )
 }
 
@@ -355,8 +360,12 @@ fn missing_args(args: &[*mut sqlite3_value]) -> Result<(Vec<u8>, i64, i64)> {
 pub fn origin_missing(
     ctx: *mut sqlite3_context,
     args: &[*mut sqlite3_value],
-    _: &Arc<Shared>,
+    shared: &Arc<Shared>,
 ) -> SlResult<()> {
-    let r = missing_args(args).and_then(|(site, a, b)| origins::missing(conn(ctx), &site, a, b));
+    let c = conn(ctx);
+    let r = missing_args(args).and_then(|(site, a, b)| {
+        shared.flush(c)?;
+        origins::missing(c, &site, a, b)
+    });
     finish(ctx, r.map(|s| Value::Text(s.into_bytes())))
 }

@@ -56,6 +56,10 @@ pub(crate) struct TableStmts {
     pub(crate) delete_base: Option<Stmt>,
     /// The grouped (batched) path's statements.
     pub(crate) batch: BatchStmts,
+    /// Triggers other than patina's are on the table (or on it from the temp schema): a
+    /// one-by-one merge marks its base write with a flag, not a token (see
+    /// `changes_write`). Read once per transaction, with the rest of this cache.
+    pub(crate) other_triggers: bool,
 }
 
 /// Per-connection merge state, kept for one transaction.
@@ -64,14 +68,27 @@ pub(crate) struct Merger {
     pub(crate) tables: HashMap<String, (TableInfo, TableStmts)>,
     pub(crate) state_read: Option<Stmt>,
     pub(crate) state_write: Option<Stmt>,
-    pub(crate) flag_clear: Option<Stmt>,
+    pub(crate) flag_write: Option<Stmt>,
+    pub(crate) mark_clear: Option<Stmt>,
+    /// The per-change path's held origin versions, `(site ordinal, version)`, not yet
+    /// written to `patina_origin_ranges` (written, coalesced, at the next flush).
+    pub(crate) held: Vec<(i64, i64)>,
+    /// A per-change merge left its mark in `patina_state.merging` this transaction: it is
+    /// stale for every later statement, but cleared before commit so other connections
+    /// only ever see 0.
+    pub(crate) token_left: bool,
+    /// Whether this database's triggers know the mark (`patina_state.layout` ≥ 2; a
+    /// database the extension could not migrate at load keeps older triggers, which
+    /// would take any nonzero `merging` as a merge in progress). Read once per transaction.
+    pub(crate) triggers_know_mark: Option<bool>,
     /// `patina_state` as of our last read or write, valid while the connection's
     /// `total_changes` has not moved since (nothing else wrote in between).
     pub(crate) state: Option<CachedState>,
     pub(crate) sites: Sites,
-    /// The batched path's queue and the savepoints' positions in it (`changes_batch`).
+    /// The batched path's queue and the savepoints' positions in it and in `held`
+    /// (`changes_batch`).
     pub(crate) queue: Vec<Queued>,
-    pub(crate) marks: Vec<(i32, usize)>,
+    pub(crate) marks: Vec<(i32, usize, usize)>,
     pub(crate) counter_write: Option<Stmt>,
     /// Statements writing `patina_origin_ranges` (both paths).
     pub(crate) ranges: crate::origins::RangeStmts,
@@ -110,12 +127,30 @@ pub(crate) fn key_where(t: &TableInfo, first_param: usize) -> String {
         .join(" AND ")
 }
 
+/// True when a trigger not made by patina is on `table`, in the main or temp schema.
+fn other_triggers(conn: Conn, table: &str) -> Result<bool> {
+    let prefix = format!("{table}{}_", crate::schema::MARK);
+    Ok(conn
+        .query_value(
+            "SELECT 1 FROM (SELECT name, tbl_name FROM main.sqlite_schema WHERE type = 'trigger' \
+             UNION ALL SELECT name, tbl_name FROM temp.sqlite_schema WHERE type = 'trigger') \
+             WHERE tbl_name = ?1 AND substr(name, 1, length(?2)) <> ?2 LIMIT 1",
+            &[
+                Value::Text(table.as_bytes().to_vec()),
+                Value::Text(prefix.into_bytes()),
+            ],
+        )?
+        .is_some())
+}
+
 impl Merger {
     /// Ends a transaction: drops the queue (a commit flushed it already) and every cached
     /// statement.
     pub(crate) fn end_transaction(&mut self) {
         self.queue.clear();
         self.marks.clear();
+        self.held.clear();
+        self.token_left = false;
         self.clear();
     }
 
@@ -124,10 +159,12 @@ impl Merger {
         self.tables.clear();
         self.state_read = None;
         self.state_write = None;
-        self.flag_clear = None;
+        self.flag_write = None;
+        self.mark_clear = None;
         self.counter_write = None;
         self.ranges = crate::origins::RangeStmts::default();
         self.state = None;
+        self.triggers_know_mark = None;
         self.sites.forget();
     }
 
@@ -139,6 +176,7 @@ impl Merger {
                 )));
             }
             let info = crate::schema::inspect(conn, name)?;
+            let other_triggers = other_triggers(conn, name)?;
             let stmts = TableStmts {
                 read: HashMap::new(),
                 set_column: HashMap::new(),
@@ -150,6 +188,7 @@ impl Merger {
                 insert_base: None,
                 delete_base: None,
                 batch: BatchStmts::default(),
+                other_triggers,
             };
             self.tables.insert(name.to_string(), (info, stmts));
         }
@@ -158,7 +197,8 @@ impl Merger {
             .ok_or_else(|| Error::State("table cache".into()))
     }
 
-    /// `(db_version, merging, merge_equal_values)`, from the cache while nothing else wrote.
+    /// `(db_version, batched, merge_equal_values)`, from the cache while nothing else wrote;
+    /// `batched` is `merging = 1` (a per-change merge's stale mark is not).
     pub(crate) fn state_now(&mut self, conn: Conn) -> Result<(i64, bool, bool)> {
         if let Some(c) = self.state {
             if c.total_changes == conn.total_changes() {
@@ -166,7 +206,8 @@ impl Merger {
             }
         }
         let s = stmt(&mut self.state_read, conn, || {
-            "SELECT db_version, merging, merge_equal_values FROM patina_state WHERE id = 0".into()
+            "SELECT db_version, merging = 1, merge_equal_values FROM patina_state WHERE id = 0"
+                .into()
         })?;
         s.reset();
         if !s.step()? {
@@ -202,6 +243,19 @@ impl Merger {
                 c.total_changes = conn.total_changes();
             }
         }
+    }
+
+    /// See `triggers_know_mark`.
+    pub(crate) fn triggers_know_mark(&mut self, conn: Conn) -> Result<bool> {
+        if let Some(k) = self.triggers_know_mark {
+            return Ok(k);
+        }
+        let layout = conn
+            .query_i64("SELECT layout FROM patina_state WHERE id = 0")?
+            .unwrap_or(0);
+        let k = layout >= crate::state::LAYOUT;
+        self.triggers_know_mark = Some(k);
+        Ok(k)
     }
 
     pub(crate) fn forget_state(&mut self) {

@@ -414,6 +414,14 @@ impl Stmt {
         Ok(())
     }
 
+    /// How many times SQLite re-prepared this statement since it was made (a schema
+    /// change in between: a table, index or trigger created or dropped).
+    pub fn reprepares(&self) -> i32 {
+        const SQLITE_STMTSTATUS_REPREPARE: c_int = 5;
+        // SAFETY: live statement.
+        unsafe { call!(stmt_status(self.raw, SQLITE_STMTSTATUS_REPREPARE, 0)) }
+    }
+
     /// Binds, returns the first column of the first row, resets.
     pub fn query_value(&mut self, params: &[Value]) -> Result<Option<Value>> {
         self.reset();

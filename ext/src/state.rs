@@ -8,6 +8,11 @@ use crate::sqlite::{Conn, Value};
 
 const STATE_SQL: &str = include_str!("../../sql/ext/state.sql");
 
+/// `patina_state.layout` of databases this build writes. 2: the triggers recognise a
+/// one-by-one merge's mark (`triggers::capturing`); databases at 1 get their triggers
+/// regenerated when the extension loads.
+pub const LAYOUT: i64 = 2;
+
 /// Creates the state tables and a site id if this database has none yet. Runs in a
 /// savepoint: either all of it exists afterwards or none of it.
 pub fn ensure(conn: Conn) -> Result<()> {
@@ -15,6 +20,19 @@ pub fn ensure(conn: Conn) -> Result<()> {
         if crate::origins::needs_migration(conn)? {
             savepoint(conn, "patina_migrate", || {
                 crate::origins::migrate(conn, STATE_SQL)
+            })?;
+        }
+        let layout = conn
+            .query_i64("SELECT layout FROM patina_state WHERE id = 0")?
+            .unwrap_or(LAYOUT);
+        if layout < LAYOUT {
+            savepoint(conn, "patina_migrate", || {
+                for table in crate::schema::replicated_tables(conn)? {
+                    crate::crr::install_triggers(conn, &table)?;
+                }
+                conn.exec(&format!(
+                    "UPDATE patina_state SET layout = {LAYOUT} WHERE id = 0"
+                ))
             })?;
         }
         return Ok(());
@@ -28,9 +46,14 @@ pub fn ensure(conn: Conn) -> Result<()> {
         {
             let site: [u8; 16] = rand::random();
             let ord = site_ordinal_insert(conn, &site)?;
-            let mut s = conn
-                .prepare("INSERT INTO patina_state (id, site_id, local_site) VALUES (0, ?1, ?2)")?;
-            s.execute(&[Value::Blob(site.to_vec()), Value::Integer(ord)])?;
+            let mut s = conn.prepare(
+                "INSERT INTO patina_state (id, site_id, local_site, layout) VALUES (0, ?1, ?2, ?3)",
+            )?;
+            s.execute(&[
+                Value::Blob(site.to_vec()),
+                Value::Integer(ord),
+                Value::Integer(LAYOUT),
+            ])?;
         }
         Ok(())
     })

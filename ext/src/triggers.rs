@@ -4,7 +4,7 @@
 //! The triggers call no extension function, so a connection that never loaded patina
 //! still records its writes. They take change numbers from the one-row `patina_state`
 //! counter inside the writing transaction (gap-free, commit-ordered), and do nothing while
-//! `patina_state.merging` is set by a merge in the same transaction. The same UPDATE
+//! `patina_state.merging` marks a merge's own write (see `capturing`). The same UPDATE
 //! advances `patina_state.origin_version` by the same amount: this site's own numbering,
 //! which merges never consume, so an origin's versions have no holes made by merges.
 //!
@@ -149,6 +149,18 @@ fn next_cl(t: &TableInfo, step: &str) -> String {
     format!("CASE WHEN {CL} + {step} > {MAX_CLOCK} THEN RAISE(ABORT, {msg}) ELSE {CL} + {step} END")
 }
 
+/// True while writes are captured: no merge is writing. `merging` is 0 outside merges, 1
+/// for a whole batched merge, and during a one-by-one merge's base write a mark equal to
+/// the merging connection's `total_changes() + 2`: that connection's next completed
+/// statement makes the mark stale (so nothing has to clear it per change), and other
+/// connections never see it (it is cleared before commit). `total_changes()` is SQLite's
+/// own function, so the triggers still call nothing of the extension.
+fn capturing(alias: &str) -> String {
+    format!(
+        "({alias}merging = 0 OR ({alias}merging > 1 AND {alias}merging <> total_changes() + 2))"
+    )
+}
+
 /// Records an insert (or resurrection) of the row `src` (NEW): `n + 1` numbers, the
 /// row's own clock first, then each column's.
 ///
@@ -217,11 +229,13 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
     }
     format!(
         "UPDATE patina_state SET db_version = db_version + {k}, origin_version = origin_version + {ko} \
-         WHERE id = 0 AND merging = 0;\n\
-         INSERT INTO {clock} ({names}) SELECT {values} FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
+         WHERE id = 0 AND {capturing};\n\
+         INSERT INTO {clock} ({names}) SELECT {values} FROM patina_state AS s WHERE s.id = 0 AND {s_capturing}\n\
          ON CONFLICT ({pk}) DO UPDATE SET {sets};\n",
         k = n + 1,
         ko = n.max(1),
+        capturing = capturing(""),
+        s_capturing = capturing("s."),
         names = names.join(", "),
         values = values.join(", "),
         pk = pk_list(t, ""),
@@ -235,14 +249,16 @@ fn delete_body(t: &TableInfo, src: &str, site: i64) -> String {
     let clock = quote(&clock_table(&t.name));
     format!(
         "UPDATE patina_state SET db_version = db_version + 1, origin_version = origin_version + 1 \
-         WHERE id = 0 AND merging = 0;\n\
+         WHERE id = 0 AND {capturing};\n\
          INSERT INTO {clock} ({pk}, {CL}, {DBV}, {S_DBV}, {S_SITE}, {S_OV}) \
-         SELECT {src_pk}, 2, s.db_version, s.db_version, {site}, s.origin_version FROM patina_state AS s WHERE s.id = 0 AND s.merging = 0\n\
+         SELECT {src_pk}, 2, s.db_version, s.db_version, {site}, s.origin_version FROM patina_state AS s WHERE s.id = 0 AND {s_capturing}\n\
          ON CONFLICT ({pk}) DO UPDATE SET {CL} = {next}, {DBV} = excluded.{DBV}, {S_DBV} = excluded.{S_DBV}, \
          {S_SITE} = {site}, {S_OV} = excluded.{S_OV} WHERE {CL} % 2 = 1;\n",
         pk = pk_list(t, ""),
         src_pk = pk_list(t, &format!("{src}.")),
         next = next_cl(t, "1"),
+        capturing = capturing(""),
+        s_capturing = capturing("s."),
     )
 }
 
@@ -265,7 +281,7 @@ fn update_column_trigger(t: &TableInfo, i: usize, site: i64) -> String {
     let name = quote(&format!("{}{MARK}_upd_{i}", t.name));
     format!(
         "CREATE TRIGGER {name} AFTER UPDATE OF {col} ON {table} \
-         WHEN {same} AND {changed} AND (SELECT merging FROM patina_state WHERE id = 0) = 0 BEGIN\n\
+         WHEN {same} AND {changed} AND (SELECT {capturing} FROM patina_state WHERE id = 0) BEGIN\n\
          UPDATE patina_state SET db_version = db_version + 1, origin_version = origin_version + 1 WHERE id = 0;\n\
          UPDATE {clock} SET {v} = min({v} + 1, {MAX_CLOCK}), \
          ({dbv}, {ov}, {DBV}) = (SELECT db_version, origin_version, db_version FROM patina_state WHERE id = 0), \
@@ -276,6 +292,7 @@ fn update_column_trigger(t: &TableInfo, i: usize, site: i64) -> String {
         table = quote(&t.name),
         same = same_key(t),
         changed = changed(c),
+        capturing = capturing(""),
         matches = pk_match(t, &clock, "NEW"),
     )
 }

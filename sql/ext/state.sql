@@ -6,8 +6,12 @@
 -- origin_version: the last number of this site's own numbering (its origin versions).
 --   Advanced by the same trigger UPDATE as db_version, but only for local writes (merges
 --   never touch it), so this site's versions are gap-free: it holds 1..origin_version.
--- merging: set only inside a merge's own transaction (triggers skip while it is 1); never
---   committed as 1, so other connections only ever see 0.
+-- merging: set only inside a merge's own transaction, never committed other than 0: 1 for
+--   a whole batched merge (set by its caller); during a one-by-one merge's base write, a
+--   mark equal to that connection's total_changes() + 2, which its next statement makes
+--   stale. Triggers skip while it is 1 or a live mark (ext/src/triggers.rs, capturing).
+-- layout: the version of the triggers' and clocks' shape; older ones are regenerated
+--   when the extension loads (ext/src/state.rs, LAYOUT).
 -- site_id / local_site: this database's 16-byte site id and its ordinal in patina_sites;
 --   the triggers carry the ordinal as a literal, regenerated if the site id changes.
 CREATE TABLE IF NOT EXISTS patina_state (
