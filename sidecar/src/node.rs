@@ -65,6 +65,8 @@ pub struct Metrics {
     pub apply_latency_us_total: AtomicU64,
     pub apply_batches: AtomicU64,
     pub frames_rejected: AtomicU64,
+    /// QUIC connections to peers open right now (a gauge, sampled from the transport).
+    pub peer_connections: AtomicU64,
     /// Background loops that keep failing make `/v1/health` answer 503.
     pub loops: Loops,
 }

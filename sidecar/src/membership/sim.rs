@@ -12,7 +12,7 @@ use std::time::Duration;
 use foca::Timer;
 use rand::{Rng, SeedableRng};
 
-use super::swim::{config, Core, Effects, MemberId};
+use super::swim::{Core, Effects, MemberId};
 
 enum Event {
     Deliver {
@@ -70,12 +70,8 @@ impl Network {
                 incarnation: 1,
             };
             let bootstrap = if i == 0 { vec![] } else { vec![addr(0)] };
-            net.nodes.push(Core::new(
-                me,
-                bootstrap,
-                config(),
-                seed.wrapping_add(i as u64),
-            ));
+            net.nodes
+                .push(Core::new(me, bootstrap, seed.wrapping_add(i as u64)));
             net.by_addr.insert(addr(i), i);
             net.push(
                 Duration::from_millis(i as u64 * 7),
@@ -239,7 +235,7 @@ fn restarted_node_replaces_its_old_identity() {
                 Event::Timer { node: 2, .. } | Event::Bootstrap { node: 2 }
             )
         });
-        net.nodes[2] = Core::new(me.clone(), vec![addr(0)], config(), seed + 100);
+        net.nodes[2] = Core::new(me.clone(), vec![addr(0)], seed + 100);
         net.push(Duration::ZERO, Event::Bootstrap { node: 2 });
         net.run_for(Duration::from_secs(30));
         net.assert_views(seed, &[0, 1, 2], "after the restart");
