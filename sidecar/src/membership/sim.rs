@@ -248,3 +248,28 @@ fn restarted_node_replaces_its_old_identity() {
         }
     }
 }
+
+#[test]
+fn a_short_partition_declares_nobody_down() {
+    for seed in 0..10u64 {
+        let n = 6;
+        let mut net = Network::new(n, seed);
+        let all: Vec<usize> = (0..n).collect();
+        net.run_for(Duration::from_secs(15));
+        net.assert_views(seed, &all, "after join");
+        // Cut for less than a probe period plus the suspicion: others suspect the node,
+        // it refutes once healed, and their suspicion timers must then come to nothing.
+        net.cut[n - 1] = true;
+        net.run_for(Duration::from_secs(5));
+        net.cut[n - 1] = false;
+        net.run_for(Duration::from_secs(40));
+        net.assert_views(seed, &all, "after healing");
+        for (i, node) in net.nodes.iter().enumerate() {
+            assert_eq!(
+                node.identity().incarnation,
+                1,
+                "seed {seed}: node {i} was told it was down and rejoined"
+            );
+        }
+    }
+}

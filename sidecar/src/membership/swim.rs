@@ -11,8 +11,8 @@ use std::num::{NonZeroU8, NonZeroUsize};
 use std::time::Duration;
 
 use foca::{
-    Config, Foca, Identity, Member, NoCustomBroadcast, Notification, OwnedNotification,
-    PeriodicParams, PostcardCodec, Runtime, State, Timer,
+    Codec, Config, Foca, Header, Identity, Incarnation, Member, Message, NoCustomBroadcast,
+    Notification, OwnedNotification, PeriodicParams, PostcardCodec, Runtime, State, Timer,
 };
 use rand_foca::rngs::StdRng;
 use rand_foca::SeedableRng;
@@ -34,6 +34,8 @@ pub const PROBE_RTT: Duration = Duration::from_secs(1);
 /// some member probes it, one for the probe to fail, this, and a few gossip rounds.
 pub const SUSPECT_MIN: Duration = Duration::from_secs(6);
 pub const SUSPECT_MAX: Duration = Duration::from_secs(18);
+/// Suspects told directly of their suspicion per probe period, at most.
+const MAX_REMINDERS: usize = 64;
 /// Members asked to probe a silent member indirectly.
 const INDIRECT_PROBES: usize = 3;
 
@@ -100,6 +102,10 @@ pub struct Core {
     /// members, us included.
     config: Config,
     sized_for: usize,
+    /// Our foca incarnation (not public in foca), read from the packets we send.
+    incarnation: Incarnation,
+    /// A self-refutation is allowed once per probe period (see [`Core::handle_data`]).
+    may_refute: bool,
     bootstrap: Vec<SocketAddr>,
     /// Peers already reported for claiming our site id (log once per peer).
     duplicates_logged: HashSet<SocketAddr>,
@@ -167,6 +173,8 @@ impl Core {
             ),
             config: config_for(1),
             sized_for: 1,
+            incarnation: Incarnation::default(),
+            may_refute: true,
             bootstrap,
             duplicates_logged: HashSet::new(),
         }
@@ -180,21 +188,125 @@ impl Core {
     /// foca rejects, e.g., packets from members it declared down) and change nothing.
     pub fn handle_data(&mut self, from: SocketAddr, data: &[u8]) -> Effects {
         let mut fx = Effects::default();
+        let sender = Codec::<MemberId>::decode_header(&mut PostcardCodec, data)
+            .ok()
+            .map(|h| h.src);
+        let from_suspect = sender.is_some_and(|src| self.is_suspect(&src));
         if let Err(e) = self.foca.handle_data(data, &mut fx) {
             tracing::debug!(peer = %from, error = %e, "SWIM packet from peer {from} not handled");
         }
-        self.fit_config();
+        if from_suspect && self.may_refute {
+            // We hear from a member we suspect: there was a partition between us, so it
+            // likely suspects us too — but the updates saying so may have run out of
+            // transmissions while the partition lasted, and SWIM only lets the suspect
+            // itself refute. Refute pre-emptively (foca bumps our incarnation and
+            // gossips it): costs a few packets, saves being declared down after every
+            // partition that heals within the suspicion timeout.
+            self.may_refute = false;
+            let me = Member::new(
+                self.foca.identity().clone(),
+                self.incarnation,
+                State::Suspect,
+            );
+            if let Err(e) = self.foca.apply_many(std::iter::once(me), true, &mut fx) {
+                tracing::debug!(error = %e, "refuting a likely suspicion failed");
+            }
+            // And the other way round: tell the members we suspect, directly, so they can
+            // refute in time (the "buddy system" of Lifeguard, which foca lacks).
+            self.remind_suspects(&mut fx);
+        }
+        self.after(&mut fx);
         fx
     }
 
     /// A timer scheduled earlier has fired.
     pub fn handle_timer(&mut self, timer: Timer<MemberId>) -> Effects {
         let mut fx = Effects::default();
+        if let Timer::ChangeSuspectToDown {
+            member_id,
+            incarnation,
+            ..
+        } = &timer
+        {
+            if !self.still_suspect(member_id, *incarnation) {
+                // foca 2.0.0 sends TurnUndead ("you are down") to the member when this
+                // timer fires even if the member refuted the suspicion meanwhile (or
+                // rejoined under a new identity), without declaring it down itself: the
+                // live member then believes it was declared down and rejoins with a new
+                // identity — and the next stale timer does it again. Seen after an 8 s
+                // partition healed: 25 of 50 live nodes rejoined, 1,225 renames logged.
+                // The timer is void in that case, so it is dropped here.
+                return fx;
+            }
+        }
+        if matches!(timer, Timer::ProbeRandomMember(_)) {
+            self.may_refute = true;
+        }
         if let Err(e) = self.foca.handle_timer(timer, &mut fx) {
             tracing::debug!(error = %e, "SWIM timer not handled");
         }
-        self.fit_config();
+        self.after(&mut fx);
         fx
+    }
+
+    /// Bookkeeping after every call into foca: our incarnation as our packets carry it,
+    /// and the configuration for the live count.
+    fn after(&mut self, fx: &mut Effects) {
+        if let Some((_, data)) = fx.sends.last() {
+            if let Ok(h) = Codec::<MemberId>::decode_header(&mut PostcardCodec, data.as_slice()) {
+                if &h.src == self.foca.identity() {
+                    self.incarnation = h.src_incarnation;
+                }
+            }
+        }
+        self.fit_config();
+    }
+
+    /// Sends each member we suspect (at most [`MAX_REMINDERS`]) a gossip message holding
+    /// just that suspicion, encoded as foca encodes its own.
+    fn remind_suspects(&mut self, fx: &mut Effects) {
+        let me = self.foca.identity().clone();
+        let suspects: Vec<Member<MemberId>> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Suspect && m.id().addr != me.addr)
+            .take(MAX_REMINDERS)
+            .cloned()
+            .collect();
+        for suspect in suspects {
+            let header = Header {
+                src: me.clone(),
+                src_incarnation: self.incarnation,
+                dst: suspect.id().clone(),
+                message: Message::Gossip,
+            };
+            let mut buf = Vec::with_capacity(256);
+            let encoded = PostcardCodec
+                .encode_header(&header, &mut buf)
+                .and_then(|()| {
+                    buf.extend_from_slice(&1u16.to_be_bytes());
+                    PostcardCodec.encode_member(&suspect, &mut buf)
+                });
+            match encoded {
+                Ok(()) => fx.sends.push((suspect.id().addr, buf)),
+                Err(e) => tracing::debug!(error = %e, "cannot encode a suspicion reminder"),
+            }
+        }
+    }
+
+    /// Whether we hold `id` (this very identity) as suspect.
+    fn is_suspect(&self, id: &MemberId) -> bool {
+        self.foca
+            .iter_membership_state()
+            .any(|m| m.id() == id && m.state() == State::Suspect)
+    }
+
+    /// Whether `id` (this very identity, not a later life at its address) is still
+    /// suspect at foca incarnation `incarnation`, i.e. has not refuted the suspicion.
+    fn still_suspect(&self, id: &MemberId, incarnation: Incarnation) -> bool {
+        self.foca
+            .iter_membership_state()
+            .any(|m| m.id() == id && m.incarnation() == incarnation && m.state() == State::Suspect)
     }
 
     /// Live members, us included.
