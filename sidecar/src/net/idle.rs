@@ -126,8 +126,56 @@ fn reap_once(inner: &Inner, now: Instant) -> usize {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::net::{NetConfig, Transport, DEFAULT_MAX_FRAME};
+
+    fn cfg() -> NetConfig {
+        NetConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cluster_id: 1,
+            tls: None,
+            max_frame_bytes: DEFAULT_MAX_FRAME,
+        }
+    }
+
+    async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reaper_closes_only_idle_connections() {
+        let (a, _rx_a) = Transport::bind(cfg()).await.unwrap();
+        let (b, _rx_b) = Transport::bind(cfg()).await.unwrap();
+        a.send_datagram(b.local_addr(), vec![1]).await.unwrap();
+        wait_for("the connection on both ends", || {
+            a.peer_connections() == 1 && b.peer_connections() == 1
+        })
+        .await;
+        assert_eq!(reap_once(&a.inner, Instant::now()), 0, "just used");
+        assert_eq!(
+            reap_once(&a.inner, Instant::now() + SWIM_IDLE),
+            1,
+            "used by SWIM only, 20 s ago"
+        );
+        wait_for("both ends to see it closed", || {
+            a.peer_connections() == 0 && b.peer_connections() == 0
+        })
+        .await;
+        // The next send dials again.
+        a.send(b.local_addr(), Channel::Sync, vec![2])
+            .await
+            .unwrap();
+        wait_for("a new connection", || a.peer_connections() == 1).await;
+        let later = Instant::now() + SWIM_IDLE;
+        assert_eq!(reap_once(&a.inner, later), 0, "sync used it: kept 60 s");
+        assert_eq!(reap_once(&a.inner, later + DATA_IDLE), 1);
+    }
 
     #[test]
     fn idle_only_when_both_kinds_of_use_are_old() {
