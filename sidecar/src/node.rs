@@ -69,6 +69,8 @@ pub struct Metrics {
     /// dropped: the redundancy figures of BENCHMARKS.md divide these by what was needed.
     pub sync_changes_received: AtomicU64,
     pub sync_bytes_received: AtomicU64,
+    /// QUIC connections to peers open right now (a gauge, sampled from the transport).
+    pub peer_connections: AtomicU64,
     /// Background loops that keep failing make `/v1/health` answer 503.
     pub loops: Loops,
 }

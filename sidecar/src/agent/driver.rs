@@ -139,7 +139,8 @@ impl Driver {
 
     fn on_incoming(&mut self, inc: Incoming) {
         match inc {
-            Incoming::Datagram { from, payload } => self.membership.handle_datagram(from, payload),
+            // SWIM reaches membership straight from the transport (`Transport::route_swim`).
+            Incoming::Datagram { .. } => {}
             Incoming::Message {
                 from,
                 peer,
@@ -175,11 +176,9 @@ impl Driver {
                 }
             }
             Incoming::Message {
-                from,
                 channel: Channel::Swim,
-                payload,
                 ..
-            } => self.membership.handle_datagram(from, payload),
+            } => {}
             // Pulls travel as messages both ways; a request here is a peer of another
             // version: dropping `reply` resets its stream, which it reports.
             Incoming::Request { from, .. } => {

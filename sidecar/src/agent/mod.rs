@@ -225,7 +225,12 @@ pub async fn run(
         site_id: site,
         incarnation,
     };
-    let membership = Membership::start(transport.clone(), me, bootstrap);
+    let membership = Membership::start(transport.clone(), me, bootstrap).map_err(|source| {
+        AgentError::Thread {
+            what: "membership",
+            source,
+        }
+    })?;
 
     let local_write = Arc::new(Notify::new());
     {
@@ -261,6 +266,21 @@ pub async fn run(
 
     let api_addr = listener.local_addr().unwrap_or(config.api.addr);
     let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        // Samples the transport's connection count for `patina_peer_connections`.
+        let (transport, metrics, mut stop) = (transport.clone(), metrics.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => metrics
+                        .peer_connections
+                        .store(transport.peer_connections(), Ordering::Relaxed),
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
     let api_stop = {
         let mut rx = stop_rx.clone();
         async move {

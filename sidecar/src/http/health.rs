@@ -197,6 +197,12 @@ pub async fn get_metrics(State(st): State<AppState>) -> Response {
         load(&m.frames_rejected).to_string(),
     );
     metric(
+        "patina_peer_connections",
+        "gauge",
+        "QUIC connections to peers open now (idle ones are closed).",
+        load(&m.peer_connections).to_string(),
+    );
+    metric(
         "patina_apply_queue_depth",
         "gauge",
         "Units waiting to be applied.",

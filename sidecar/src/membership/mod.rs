@@ -2,12 +2,16 @@
 //!
 //! # Layout
 //! - `mod.rs`  — [`Membership`], the handle, and the driver task that owns the timers.
-//! - `swim.rs` — [`MemberId`] and the I/O-free core around foca (effects into Vecs).
+//! - `swim.rs` — [`MemberId`], the timings derived from the live count ([`config_for`]) and
+//!   the I/O-free core around foca (effects into Vecs).
 //! - `sim.rs`  — tests: many cores under virtual time (join, silent death, leave, partition).
 //!
-//! The agent forwards every `Incoming::Datagram` to [`Membership::handle_datagram`]; the
-//! driver answers through `Transport::send_datagram`. Sync reads [`Membership::alive_peers`]
-//! or [`Membership::watch`]; `GET /v1/members` reads [`Membership::members`].
+//! SWIM packets go from the transport straight to the driver ([`Transport::route_swim`]),
+//! never through the sync driver nor behind the apply queue, and the driver runs on a
+//! thread of its own, so neither sync work nor a busy runtime delays probes, acks or
+//! timers. It answers through `Transport::send_datagram`, each send in its own task (a
+//! peer being dialed delays nobody else). Sync reads [`Membership::alive_peers`] or
+//! [`Membership::watch`]; `GET /v1/members` reads [`Membership::members`].
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -19,14 +23,14 @@ use foca::{OwnedNotification, State, Timer};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::net::Transport;
+use crate::net::{SwimPacket, Transport};
 use crate::node::MemberInfo;
 
 #[cfg(test)]
 mod sim;
 mod swim;
 
-pub use self::swim::{config, Core, Effects, MemberId, MAX_PACKET};
+pub use self::swim::{config_for, Core, Effects, MemberId, MAX_PACKET};
 
 /// While no member is known, announce to the bootstrap list this often.
 const BOOTSTRAP_EVERY: Duration = Duration::from_secs(1);
@@ -37,7 +41,6 @@ const LEAVE_WAIT: Duration = Duration::from_millis(900);
 const INBOX_DEPTH: usize = 1024;
 
 enum Cmd {
-    Data(SocketAddr, Vec<u8>),
     Leave(oneshot::Sender<()>),
 }
 
@@ -51,14 +54,26 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Starts the foca driver task (needs a tokio runtime): it owns the timers and sends
-    /// through `transport.send_datagram`. `me.incarnation` should grow across restarts
-    /// (e.g. start time in ms) so a restarted node is a fresh identity.
-    pub fn start(transport: Transport, me: MemberId, bootstrap: Vec<SocketAddr>) -> Membership {
-        let (cmds, inbox) = mpsc::channel(INBOX_DEPTH);
+    /// Starts the foca driver on a thread of its own (a current-thread runtime) and routes
+    /// the transport's SWIM packets to it. It owns the timers and sends through
+    /// `transport.send_datagram`. `me.incarnation` should grow across restarts (e.g. start
+    /// time in ms) so a restarted node is a fresh identity. The thread ends once every
+    /// handle is dropped or after [`Membership::leave`].
+    pub fn start(
+        transport: Transport,
+        me: MemberId,
+        bootstrap: Vec<SocketAddr>,
+    ) -> Result<Membership, std::io::Error> {
+        let (cmds, inbox) = mpsc::channel(1);
+        let (packets_tx, packets) = mpsc::channel(INBOX_DEPTH);
+        if !transport.route_swim(packets_tx) {
+            return Err(std::io::Error::other(
+                "SWIM packets of this transport are routed to another membership already",
+            ));
+        }
         let (alive_tx, alive) = watch::channel(Vec::new());
         let members = Arc::new(RwLock::new(Vec::new()));
-        let core = Core::new(me, bootstrap, config(), rand::random());
+        let core = Core::new(me, bootstrap, rand::random());
         let driver = Driver {
             core,
             transport: transport.clone(),
@@ -67,20 +82,18 @@ impl Membership {
             alive: alive_tx,
             members: members.clone(),
         };
-        tokio::spawn(driver.run(inbox));
-        Membership {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("membership".to_string())
+            .spawn(move || runtime.block_on(driver.run(inbox, packets)))?;
+        Ok(Membership {
             cmds,
             alive,
             members,
             transport,
-        }
-    }
-
-    /// The agent forwards every `Incoming::Datagram` here. Never blocks.
-    pub fn handle_datagram(&self, from: SocketAddr, payload: Vec<u8>) {
-        if let Err(e) = self.cmds.try_send(Cmd::Data(from, payload)) {
-            tracing::debug!(peer = %from, "SWIM packet from peer {from} dropped: {e}");
-        }
+        })
     }
 
     /// Alive peers (not including self, nor peers claiming our site id), for sync fan-out
@@ -141,14 +154,22 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut inbox: mpsc::Receiver<Cmd>) {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Cmd>,
+        mut packets: mpsc::Receiver<SwimPacket>,
+    ) {
         let mut bootstrap = tokio::time::interval(BOOTSTRAP_EVERY);
         bootstrap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
             let fx = tokio::select! {
+                packet = packets.recv() => match packet {
+                    Some(SwimPacket { from, payload }) => self.core.handle_data(from, &payload),
+                    // The transport is gone.
+                    None => return,
+                },
                 cmd = inbox.recv() => match cmd {
-                    Some(Cmd::Data(from, data)) => self.core.handle_data(from, &data),
                     Some(Cmd::Leave(done)) => {
                         self.leave().await;
                         let _ = done.send(());

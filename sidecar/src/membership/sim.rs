@@ -12,7 +12,7 @@ use std::time::Duration;
 use foca::Timer;
 use rand::{Rng, SeedableRng};
 
-use super::swim::{config, Core, Effects, MemberId};
+use super::swim::{Core, Effects, MemberId};
 
 enum Event {
     Deliver {
@@ -70,12 +70,8 @@ impl Network {
                 incarnation: 1,
             };
             let bootstrap = if i == 0 { vec![] } else { vec![addr(0)] };
-            net.nodes.push(Core::new(
-                me,
-                bootstrap,
-                config(),
-                seed.wrapping_add(i as u64),
-            ));
+            net.nodes
+                .push(Core::new(me, bootstrap, seed.wrapping_add(i as u64)));
             net.by_addr.insert(addr(i), i);
             net.push(
                 Duration::from_millis(i as u64 * 7),
@@ -239,7 +235,7 @@ fn restarted_node_replaces_its_old_identity() {
                 Event::Timer { node: 2, .. } | Event::Bootstrap { node: 2 }
             )
         });
-        net.nodes[2] = Core::new(me.clone(), vec![addr(0)], config(), seed + 100);
+        net.nodes[2] = Core::new(me.clone(), vec![addr(0)], seed + 100);
         net.push(Duration::ZERO, Event::Bootstrap { node: 2 });
         net.run_for(Duration::from_secs(30));
         net.assert_views(seed, &[0, 1, 2], "after the restart");
@@ -248,6 +244,31 @@ fn restarted_node_replaces_its_old_identity() {
             assert!(
                 ids.contains(&me),
                 "seed {seed}: node {i} still has the old life: {ids:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_short_partition_declares_nobody_down() {
+    for seed in 0..10u64 {
+        let n = 6;
+        let mut net = Network::new(n, seed);
+        let all: Vec<usize> = (0..n).collect();
+        net.run_for(Duration::from_secs(15));
+        net.assert_views(seed, &all, "after join");
+        // Cut for less than a probe period plus the suspicion: others suspect the node,
+        // it refutes once healed, and their suspicion timers must then come to nothing.
+        net.cut[n - 1] = true;
+        net.run_for(Duration::from_secs(5));
+        net.cut[n - 1] = false;
+        net.run_for(Duration::from_secs(40));
+        net.assert_views(seed, &all, "after healing");
+        for (i, node) in net.nodes.iter().enumerate() {
+            assert_eq!(
+                node.identity().incarnation,
+                1,
+                "seed {seed}: node {i} was told it was down and rejoined"
             );
         }
     }

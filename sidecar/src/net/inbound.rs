@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::envelope::{self, FrameError, PREFIX_LEN};
 use super::limits::{self, Budgets, FramePermit, FRAME_DEADLINE};
-use super::{Incoming, Inner, PeerIdentity};
+use super::{Channel, Incoming, Inner, PeerIdentity, SwimPacket};
 
 /// Stream stop/reset codes, so the sender learns why.
 const CODE_REFUSED: u32 = 1;
@@ -196,6 +196,7 @@ fn identify(inner: &Inner, conn: &quinn::Connection) -> PeerIdentity {
 
 /// Serves one connection (accepted or dialed) until it closes: streams and datagrams.
 pub(super) async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection) {
+    let _open = OpenConnection::count(&inner);
     let from = conn.remote_address();
     let peer = identify(&inner, &conn);
     let budget = limits::connection_budget(inner.max_frame);
@@ -217,8 +218,7 @@ pub(super) async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection)
             },
             dg = conn.read_datagram() => match dg {
                 Ok(bytes) => match envelope::decode(&bytes, inner.cluster_id) {
-                    // Awaiting here is the backpressure: a full channel stops this loop.
-                    Ok(env) => deliver(&inner, Incoming::Datagram { from, payload: env.payload }).await,
+                    Ok(env) => deliver_swim(&inner, from, env.payload).await,
                     Err(e) => inner.reject(from, &format!("datagram: {e}")),
                 },
                 Err(e) => { closed(&inner, from, &conn, e).await; break; }
@@ -235,6 +235,48 @@ async fn closed(
 ) {
     tracing::debug!(peer = %from, error = %e, "connection with peer {from} closed");
     inner.forget(from, conn).await;
+}
+
+/// Counts a connection as open for as long as it is served.
+struct OpenConnection<'a>(&'a Inner);
+
+impl<'a> OpenConnection<'a> {
+    fn count(inner: &'a Inner) -> Self {
+        inner.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(inner)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A SWIM packet: to the membership channel when one is routed, without waiting (a full
+/// channel drops the packet: SWIM tolerates loss, and a reader stalled behind the
+/// membership task would stall every stream of the connection too); else, as before, to
+/// the [`Incoming`] channel, where awaiting is the backpressure.
+async fn deliver_swim(inner: &Inner, from: SocketAddr, payload: Vec<u8>) {
+    inner.usage.touch(from, Channel::Swim);
+    let Some(swim) = inner.swim.get() else {
+        return deliver(inner, Incoming::Datagram { from, payload }).await;
+    };
+    match swim.try_send(SwimPacket { from, payload }) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let n = inner.swim_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    peer = %from,
+                    "SWIM packet from peer {from} dropped: the membership task is behind \
+                     ({n} dropped so far)"
+                );
+            }
+        }
+        // The membership task stopped: the node is shutting down.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
 }
 
 async fn deliver(inner: &Inner, msg: Incoming) {
@@ -266,17 +308,11 @@ async fn serve_uni(inner: Arc<Inner>, src: Source, mut recv: quinn::RecvStream) 
         addr: from, peer, ..
     } = src;
     match env {
-        Ok((env, _permit)) if env.as_datagram => {
-            deliver(
-                &inner,
-                Incoming::Datagram {
-                    from,
-                    payload: env.payload,
-                },
-            )
-            .await
+        Ok((env, _permit)) if env.as_datagram || env.channel == Channel::Swim => {
+            deliver_swim(&inner, from, env.payload).await
         }
         Ok((env, permit)) => {
+            inner.usage.touch(from, env.channel);
             deliver(
                 &inner,
                 Incoming::Message {
@@ -329,6 +365,7 @@ async fn serve_bi(
     };
     let (tx, rx) = oneshot::channel();
     let channel = env.channel;
+    inner.usage.touch(from, channel);
     deliver(
         &inner,
         Incoming::Request {
@@ -351,6 +388,7 @@ async fn serve_bi(
         return;
     }
     let frame = envelope::encode_frame(inner.cluster_id, channel, &reply, false);
+    inner.usage.touch(from, channel);
     if super::write_frame(&mut send, &frame).await.is_err() {
         tracing::debug!(peer = %from, "writing the reply to peer {from} failed (it went away?)");
     }

@@ -6,21 +6,28 @@
 //! - `envelope.rs` — the CBOR envelope and stream framing, pure functions.
 //! - `tls.rs`      — rustls configuration (mutual TLS, or unauthenticated on loopback).
 //! - `limits.rs`   — what peers can make this node hold: windows, streams, byte budgets.
+//! - `idle.rs`     — when a cached connection counts as idle, and the reaper that closes it.
 //!
 //! Because one endpoint both dials and accepts, the remote address of every connection is
 //! the peer's listen address, so `from` in [`Incoming`] is where to answer. `net` never
 //! interprets payloads; it only checks the envelope (version, cluster id, size).
+//!
+//! SWIM traffic can be routed to its own bounded channel ([`Transport::route_swim`]): it
+//! then never waits behind sync messages in the [`Incoming`] channel, and when the
+//! membership task is behind, SWIM packets are dropped (SWIM tolerates loss) rather than
+//! stalling the connection's reader.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 pub mod envelope;
+mod idle;
 mod inbound;
 pub mod limits;
 pub(crate) mod tls;
@@ -119,6 +126,13 @@ pub enum Incoming {
     },
 }
 
+/// One SWIM packet for the membership task (see [`Transport::route_swim`]).
+#[derive(Debug)]
+pub struct SwimPacket {
+    pub from: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
 /// Transport failures. None of them leaves the transport unusable; a failed connection
 /// is dropped from the cache and the next call dials again.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +190,19 @@ pub(crate) struct Inner {
     /// Mutual TLS is on: peers are identified by certificate, not address.
     authenticated: bool,
     conns: Mutex<HashMap<SocketAddr, Slot>>,
+    /// The runtime the transport was bound in: connections dialed from another one (the
+    /// membership thread's) are still served here.
+    runtime: tokio::runtime::Handle,
+    /// When each peer's connection was last used, for the idle reaper (`idle.rs`).
+    usage: idle::Usage,
+    /// QUIC connections open right now, dialed or accepted, cached or not.
+    open_connections: AtomicU64,
     incoming: mpsc::Sender<Incoming>,
+    /// Where SWIM packets go once [`Transport::route_swim`] was called; until then they
+    /// arrive as [`Incoming::Datagram`].
+    swim: OnceLock<mpsc::Sender<SwimPacket>>,
+    /// SWIM packets dropped because the membership task was behind.
+    swim_dropped: AtomicU64,
     /// Node-wide budgets of frame bodies being read or waiting to be taken.
     budgets: limits::Budgets,
     /// Connections peers opened to us ([`limits::MAX_CONNECTIONS`]).
@@ -223,7 +249,12 @@ impl Transport {
             max_frame: cfg.max_frame_bytes,
             authenticated: cfg.tls.is_some(),
             conns: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
+            usage: idle::Usage::default(),
+            open_connections: AtomicU64::new(0),
             incoming: tx,
+            swim: OnceLock::new(),
+            swim_dropped: AtomicU64::new(0),
             budgets: limits::Budgets::new(cfg.max_frame_bytes),
             connections: Arc::new(tokio::sync::Semaphore::new(limits::MAX_CONNECTIONS)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(limits::MAX_HANDSHAKES)),
@@ -233,6 +264,7 @@ impl Transport {
             closed: AtomicBool::new(false),
         });
         tokio::spawn(inbound::accept_loop(inner.clone()));
+        tokio::spawn(idle::reap(Arc::downgrade(&inner)));
         if cfg.tls.is_none() {
             tracing::warn!(addr = %local_addr, "QUIC transport is UNAUTHENTICATED (no gossip.tls files)");
         }
@@ -258,6 +290,24 @@ impl Transport {
         self.inner.handshakes_rejected.load(Ordering::Relaxed)
     }
 
+    /// From now on, SWIM packets (datagrams, and SWIM frames that fell back to a stream)
+    /// go to `to` instead of the [`Incoming`] channel, without ever waiting: when `to` is
+    /// full the packet is dropped and counted. Only the first call takes effect; it
+    /// returns false for the others.
+    pub fn route_swim(&self, to: mpsc::Sender<SwimPacket>) -> bool {
+        self.inner.swim.set(to).is_ok()
+    }
+
+    /// SWIM packets dropped so far because the membership task was behind.
+    pub fn swim_dropped(&self) -> u64 {
+        self.inner.swim_dropped.load(Ordering::Relaxed)
+    }
+
+    /// QUIC connections open right now (dialed and accepted).
+    pub fn peer_connections(&self) -> u64 {
+        self.inner.open_connections.load(Ordering::Relaxed)
+    }
+
     /// Smoothed RTT of the cached connection to `addr`, if there is one.
     pub fn rtt(&self, addr: SocketAddr) -> Option<Duration> {
         let slot = self.inner.slot_if_any(addr)?;
@@ -277,8 +327,12 @@ impl Transport {
         payload: Vec<u8>,
     ) -> Result<(), NetError> {
         self.check_len(to, payload.len())?;
+        self.inner.usage.touch(to, channel);
         let frame = envelope::encode_frame(self.inner.cluster_id, channel, &payload, false);
-        self.send_frame(to, &frame).await
+        let sent = self.send_frame(to, &frame).await;
+        // A long send must not leave its connection looking idle.
+        self.inner.usage.touch(to, channel);
+        sent
     }
 
     /// Request/response on a bidirectional stream (anti-entropy pulls).
@@ -290,8 +344,12 @@ impl Transport {
         timeout: Duration,
     ) -> Result<Vec<u8>, NetError> {
         self.check_len(to, payload.len())?;
+        self.inner.usage.touch(to, channel);
         let frame = envelope::encode_frame(self.inner.cluster_id, channel, &payload, false);
-        match tokio::time::timeout(timeout, self.request_frame(to, &frame)).await {
+        let answer = tokio::time::timeout(timeout, self.request_frame(to, &frame)).await;
+        // A long request must not leave its connection looking idle.
+        self.inner.usage.touch(to, channel);
+        match answer {
             Ok(r) => r,
             Err(_) => Err(NetError::Timeout {
                 addr: to,
@@ -304,6 +362,7 @@ impl Transport {
     /// allows.
     pub async fn send_datagram(&self, to: SocketAddr, payload: Vec<u8>) -> Result<(), NetError> {
         self.check_len(to, payload.len())?;
+        self.inner.usage.touch(to, Channel::Swim);
         let dgram = envelope::encode(self.inner.cluster_id, Channel::Swim, &payload, false);
         for attempt in 0..2 {
             let conn = self.inner.connection(to).await?;
@@ -563,7 +622,10 @@ impl Inner {
                 })
             }
         };
-        tokio::spawn(inbound::serve_connection(self.clone(), conn.clone()));
+        // Opening counts as use, so the reaper leaves a fresh connection alone.
+        self.usage.touch(addr, Channel::Swim);
+        self.runtime
+            .spawn(inbound::serve_connection(self.clone(), conn.clone()));
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -571,6 +633,7 @@ impl Inner {
     /// Caches an accepted connection unless a live one to that peer exists (or is being
     /// dialed right now); both stay served either way.
     fn adopt(&self, conn: &quinn::Connection) {
+        self.usage.touch(conn.remote_address(), Channel::Swim);
         let slot = self.slot(conn.remote_address());
         if let Ok(mut guard) = slot.try_lock() {
             let live = guard.as_ref().is_some_and(|c| c.close_reason().is_none());
