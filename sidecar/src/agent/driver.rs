@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,7 +63,7 @@ impl Driver {
                     let members = self.shared.members.read();
                     let peers = members.map(|m| m.iter().any(|x| x.state == "alive"));
                     if peers.unwrap_or(false) {
-                        self.shared.metrics.changes_broadcast.fetch_add(n, Ordering::Relaxed);
+                        self.shared.metrics.changes_broadcast.inc_by(n);
                     }
                     let now = self.now();
                     if unit.large {
@@ -108,10 +107,7 @@ impl Driver {
                         self.sync.handle_message(from, &peer.to_string(), msg, now);
                     }
                     Err(e) => {
-                        self.shared
-                            .metrics
-                            .frames_rejected
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.shared.metrics.frames_rejected.inc();
                         tracing::warn!(peer = %from, "undecodable sync message from {from}: {e}");
                     }
                 }
@@ -230,14 +226,16 @@ impl Driver {
                     self.shared
                         .metrics
                         .apply_queue_depth
-                        .store(self.apply_tx.len() as u64, Ordering::Relaxed);
+                        .set(self.apply_tx.len() as i64);
                 }
             }
         }
-        self.shared
-            .metrics
-            .sync_rounds
-            .store(self.sync.stats().pulls_sent, Ordering::Relaxed);
+        // The sync core counts rounds; the counter follows it.
+        let rounds = &self.shared.metrics.sync_rounds;
+        let sent = self.sync.stats().pulls_sent;
+        if sent > rounds.get() {
+            rounds.inc_by(sent - rounds.get());
+        }
     }
 }
 

@@ -18,7 +18,8 @@
 //! - `updates`       — `POST /v1/updates/{table}` (NDJSON of changed primary keys).
 //! - `migrations`    — `POST /v1/migrations`: schema statements, persisted beside the db.
 //! - `health`        — `GET /v1/health`, `GET /v1/members`, `GET /metrics`.
-//! - `stats`         — the API's own counters (requests by route and status, group commit).
+//! - `stats`         — the API's own metrics (requests by route and status, group commit).
+//! - `latency`       — p50/p99 from the histograms, for `/v1/status` and `patina status`.
 //! - `admin`         — `GET /v1/status`, `POST /v1/backup`, `POST /v1/reload`.
 
 pub mod admin;
@@ -28,6 +29,7 @@ pub mod error;
 pub mod exec;
 pub mod health;
 pub mod json_values;
+pub mod latency;
 pub mod limits;
 pub mod migrations;
 pub mod pool;
@@ -44,7 +46,6 @@ pub mod updates;
 use std::future::Future;
 
 use axum::serve::ListenerExt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -130,10 +131,8 @@ async fn build_state(
     let stats = Arc::new(stats::ApiStats::default());
     let counters = stats.clone();
     let on_commit: pool::OnCommit = Arc::new(move |requests, changed| {
-        counters.write_groups.fetch_add(1, Ordering::Relaxed);
-        counters
-            .write_requests
-            .fetch_add(requests as u64, Ordering::Relaxed);
+        counters.write_groups.inc();
+        counters.write_requests.inc_by(requests as u64);
         if changed {
             notify.notify_one();
             engine.poke();
