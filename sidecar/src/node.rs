@@ -23,6 +23,9 @@ pub struct NodeShared {
     /// Latest local `crsql_db_version()` the core has observed (local commits, merges and
     /// writes by other processes alike). Subscriptions wait on this to re-evaluate.
     pub db_version: watch::Receiver<i64>,
+    /// The `(table, key)` pairs every read of the local feed touched (local commits by
+    /// any process and merged remote changes alike): subscriptions match on these.
+    pub touched: Arc<crate::db::touched::TouchedHub>,
     /// Poke after the API commits a write so the tailer ships it at once instead of
     /// waiting for the `data_version` poll.
     pub local_write: Arc<Notify>,

@@ -184,6 +184,7 @@ pub async fn run(
     let stop_threads = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::default());
     let (version_tx, version_rx) = watch::channel(version);
+    let touched = Arc::new(crate::db::touched::TouchedHub::default());
     let (wake_tx, wake_rx) = crossbeam_channel::bounded::<()>(1);
     let (unit_tx, unit_rx) = mpsc::channel(16);
     let tail_thread = tail::spawn(
@@ -194,6 +195,7 @@ pub async fn run(
         stop_threads.clone(),
         SyncConfig::default().max_chunk_changes as i64,
         metrics.clone(),
+        touched.clone(),
     )
     .map_err(|source| AgentError::Thread {
         what: "tail",
@@ -249,6 +251,7 @@ pub async fn run(
         extension_path: ext.clone(),
         site_id_hex: hex::encode(site),
         db_version: version_rx,
+        touched,
         local_write,
         members: Arc::new(RwLock::new(Vec::new())),
         metrics: metrics.clone(),

@@ -60,7 +60,7 @@ pub async fn post_reload(State(st): State<AppState>) -> Result<Json<serde_json::
         .await
         .map_err(|e| HttpError::Internal(format!("reload task failed: {e}")))?
         .map_err(|e| HttpError::BadRequest(format!("reload failed: {e}")))?;
-    st.subs.poke();
+    st.subs.refresh_all();
     Ok(Json(json!({ "tables": tables })))
 }
 
