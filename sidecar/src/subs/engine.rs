@@ -175,6 +175,9 @@ impl SubEngine {
     ) -> Result<Arc<SubEngine>, HttpError> {
         // Values are capped as on readers; the rows it stores are capped per row below.
         let api = open_api_conn(&shared, sync, false, limits.max_result_bytes)?;
+        // Keyed queries run from the statement cache every round: room for many distinct
+        // subscription statements (subscriptions differing only in parameters share one).
+        api.conn.set_prepared_statement_cache_capacity(512);
         let states = Core::open(&api)?;
         let touched = shared.touched.listen();
         let (tx, rx) = crossbeam_channel::unbounded();
