@@ -41,6 +41,10 @@ pub const IDLE_EXPIRY: Duration = Duration::from_secs(3600);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Pause before retrying a round that failed (a busy database).
 const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Under a steady stream of writes, rounds start at most this often: the keys touched
+/// meanwhile are matched together, one query per subscription of their table per round.
+/// A write after a quiet spell is matched at once.
+pub const ROUND_GAP: Duration = Duration::from_millis(10);
 
 /// What HTTP streams see of a subscription.
 pub struct SubHandle {
@@ -262,8 +266,17 @@ impl SubEngine {
         let mut noticed: Option<Instant> = None;
         let mut last_sweep = Instant::now();
         let mut retry = false;
+        let mut last_round: Option<Instant> = None;
         loop {
-            let wait = if retry { RETRY_AFTER } else { SWEEP_EVERY };
+            let since = last_round.map(|t| t.elapsed());
+            let gap_left = since.map_or(Duration::ZERO, |d| ROUND_GAP.saturating_sub(d));
+            let wait = if retry {
+                RETRY_AFTER
+            } else if !pending.is_empty() {
+                gap_left
+            } else {
+                SWEEP_EVERY
+            };
             let mut cmds = Vec::new();
             let mut gather = |t: Arc<Touched>, pending: &mut TouchedKeys| {
                 pending.merge(t.keys.clone());
@@ -303,7 +316,9 @@ impl SubEngine {
                     }
                 }
             }
-            if (!pending.is_empty() || retry) && !self.stopped.load(Ordering::SeqCst) {
+            let paced = last_round.is_some_and(|t| t.elapsed() < ROUND_GAP);
+            if (!pending.is_empty() || retry) && !paced && !self.stopped.load(Ordering::SeqCst) {
+                last_round = Some(Instant::now());
                 match core.round(&pending, noticed, |s| s.handle.is_listened()) {
                     Ok(()) => {
                         retry = false;

@@ -205,11 +205,9 @@ pub fn changes_after(
     after: i64,
     limit: i64,
 ) -> Result<(Vec<LoggedChange>, Option<i64>), SubError> {
-    let oldest: Option<i64> = conn.query_row(
-        "SELECT min(change_id) FROM patina_api_sub_changes WHERE sub_id = ?1",
-        [id],
-        |r| r.get(0),
-    )?;
+    let oldest: Option<i64> = conn
+        .prepare_cached("SELECT min(change_id) FROM patina_api_sub_changes WHERE sub_id = ?1")?
+        .query_row([id], |r| r.get(0))?;
     let mut stmt = conn.prepare_cached(
         "SELECT change_id, kind, rowid, vals FROM patina_api_sub_changes \
          WHERE sub_id = ?1 AND change_id > ?2 ORDER BY change_id LIMIT ?3",
