@@ -41,10 +41,12 @@ pub const IDLE_EXPIRY: Duration = Duration::from_secs(3600);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Pause before retrying a round that failed (a busy database).
 const RETRY_AFTER: Duration = Duration::from_millis(100);
-/// Under a steady stream of writes, rounds start at most this often: the keys touched
-/// meanwhile are matched together, one query per subscription of their table per round.
-/// A write after a quiet spell is matched at once.
-pub const ROUND_GAP: Duration = Duration::from_millis(10);
+/// Under a steady stream of writes, rounds start at most this often (keys touched
+/// meanwhile are matched together). Zero: a round as soon as keys arrive; keys touched
+/// while a round runs still go together into the next. 10 ms was measured
+/// (BENCHMARKS.md): rounds fell to a few per second under 1,000 app commits/s, so pacing
+/// stays off until that is understood.
+pub const ROUND_GAP: Duration = Duration::ZERO;
 
 /// What HTTP streams see of a subscription.
 pub struct SubHandle {
