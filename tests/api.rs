@@ -418,9 +418,7 @@ fn health_members_metrics_status() {
         .as_str()
         .unwrap()
         .contains("min_members=3"));
-    n.metrics
-        .apply_queue_depth
-        .store(50, std::sync::atomic::Ordering::SeqCst);
+    n.metrics.apply_queue_depth.set(50);
     assert_eq!(
         send("GET", &n.url("/v1/health?max_queue=10"), &[], None).status,
         503

@@ -26,4 +26,5 @@ pub mod memory;
 pub mod net;
 pub mod node;
 pub mod shutdown;
+pub mod subs;
 pub mod sync;

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tokio::sync::{watch, Notify};
 
 /// What a running node shares with its HTTP API.
@@ -22,6 +23,9 @@ pub struct NodeShared {
     /// Latest local `crsql_db_version()` the core has observed (local commits, merges and
     /// writes by other processes alike). Subscriptions wait on this to re-evaluate.
     pub db_version: watch::Receiver<i64>,
+    /// The `(table, key)` pairs every read of the local feed touched (local commits by
+    /// any process and merged remote changes alike): subscriptions match on these.
+    pub touched: Arc<crate::db::touched::TouchedHub>,
     /// Poke after the API commits a write so the tailer ships it at once instead of
     /// waiting for the `data_version` poll.
     pub local_write: Arc<Notify>,
@@ -53,26 +57,191 @@ pub struct MemberInfo {
     pub rtt_ms: Option<f64>,
 }
 
-/// Monotonic counters; the core increments, `GET /metrics` renders.
-#[derive(Default, Debug)]
+/// The node's metrics: the core records, `GET /metrics` renders (Prometheus text, through
+/// the `prometheus` crate's registry and encoder).
+///
+/// Counters and gauges keep the names `/metrics` has always had; the histograms are what
+/// operators graph (`docs/grafana/patina.json`). Values that only exist at scrape time
+/// (membership, loop health, db_version) are added by the HTTP layer when it renders.
 pub struct Metrics {
-    pub changes_applied: AtomicU64,
-    pub changes_broadcast: AtomicU64,
-    pub units_received: AtomicU64,
-    pub sync_rounds: AtomicU64,
-    pub apply_queue_depth: AtomicU64,
-    pub broadcast_queue_depth: AtomicU64,
-    pub apply_latency_us_total: AtomicU64,
-    pub apply_batches: AtomicU64,
-    pub frames_rejected: AtomicU64,
-    /// Changes and bytes of sync messages received off the wire, before any duplicate is
-    /// dropped: the redundancy figures of BENCHMARKS.md divide these by what was needed.
-    pub sync_changes_received: AtomicU64,
-    pub sync_bytes_received: AtomicU64,
-    /// QUIC connections to peers open right now (a gauge, sampled from the transport).
-    pub peer_connections: AtomicU64,
+    registry: Registry,
+    /// `patina_changes_applied_total`: remote changes merged into this node.
+    pub changes_applied: IntCounter,
+    /// `patina_changes_broadcast_total`: local changes pushed to peers.
+    pub changes_broadcast: IntCounter,
+    /// `patina_units_received_total`: change units received from peers.
+    pub units_received: IntCounter,
+    /// `patina_sync_rounds_total`: anti-entropy rounds run.
+    pub sync_rounds: IntCounter,
+    /// `patina_apply_queue_depth`: units waiting to be applied.
+    pub apply_queue_depth: IntGauge,
+    /// `patina_broadcast_queue_depth`: units waiting to be broadcast.
+    pub broadcast_queue_depth: IntGauge,
+    /// `patina_frames_rejected_total`: frames refused (corrupt, oversized, wrong cluster).
+    pub frames_rejected: IntCounter,
+    /// `patina_sync_changes_received_total` / `patina_sync_bytes_received_total`: changes
+    /// and bytes of sync messages received off the wire, before any duplicate is dropped
+    /// (the redundancy figures of BENCHMARKS.md divide these by what was needed).
+    pub sync_changes_received: IntCounter,
+    pub sync_bytes_received: IntCounter,
+    /// `patina_peer_connections`: QUIC connections to peers open now (idle ones close).
+    pub peer_connections: IntGauge,
+    /// `patina_apply_batch_seconds`: time to merge and commit one batch of remote units.
+    /// Its sum and count are also rendered as the older `patina_apply_latency_seconds`.
+    pub apply_batch: Histogram,
+    /// `patina_commit_to_applied_seconds`: origin commit (wall clock of the origin) to the
+    /// merge committing here (wall clock of this node). Clock skew between the two shifts
+    /// every sample by the skew; negative differences are recorded as 0.
+    pub commit_to_applied: Histogram,
+    /// `patina_sync_round_seconds`: one anti-entropy round, request to last reply.
+    pub sync_round: Histogram,
+    /// `patina_sync_round_bytes`: bytes received in one anti-entropy round.
+    pub sync_round_bytes: Histogram,
+    /// `patina_subscription_evaluations_total`: subscription queries run (a whole query
+    /// or a query restricted to changed keys), each counted once.
+    pub subscription_evaluations: IntCounter,
+    /// `patina_subscription_event_seconds`: a change noticed by the node (commit seen by the
+    /// tailer, the API writer or the merge) to its subscription event sent.
+    pub subscription_event: Histogram,
     /// Background loops that keep failing make `/v1/health` answer 503.
     pub loops: Loops,
+}
+
+/// Latency buckets (seconds) shared by the latency histograms: 0.5 ms to 30 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Byte buckets of `patina_sync_round_bytes`: 256 B to 64 MiB, ×4 each.
+const BYTE_BUCKETS: &[f64] = &[
+    256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric names are constant and valid");
+            register(&registry, Box::new(c.clone()));
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("metric names are constant and valid");
+            register(&registry, Box::new(g.clone()));
+            g
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .expect("metric names and buckets are constant and valid");
+            register(&registry, Box::new(h.clone()));
+            h
+        };
+        Metrics {
+            changes_applied: counter(
+                "patina_changes_applied_total",
+                "Remote changes merged into this node.",
+            ),
+            changes_broadcast: counter(
+                "patina_changes_broadcast_total",
+                "Local changes pushed to peers.",
+            ),
+            units_received: counter(
+                "patina_units_received_total",
+                "Change units received from peers.",
+            ),
+            sync_rounds: counter("patina_sync_rounds_total", "Anti-entropy rounds run."),
+            frames_rejected: counter(
+                "patina_frames_rejected_total",
+                "Frames refused (corrupt, oversized, wrong cluster).",
+            ),
+            sync_changes_received: counter(
+                "patina_sync_changes_received_total",
+                "Changes received in sync messages off the wire, duplicates included.",
+            ),
+            sync_bytes_received: counter(
+                "patina_sync_bytes_received_total",
+                "Bytes of sync messages received off the wire, duplicates included.",
+            ),
+            peer_connections: gauge(
+                "patina_peer_connections",
+                "QUIC connections to peers open now (idle ones are closed).",
+            ),
+            apply_queue_depth: gauge("patina_apply_queue_depth", "Units waiting to be applied."),
+            broadcast_queue_depth: gauge(
+                "patina_broadcast_queue_depth",
+                "Units waiting to be broadcast.",
+            ),
+            apply_batch: histogram(
+                "patina_apply_batch_seconds",
+                "Time to merge and commit one batch of remote changes.",
+                LATENCY_BUCKETS,
+            ),
+            commit_to_applied: histogram(
+                "patina_commit_to_applied_seconds",
+                "Origin commit to merged here, by the two nodes' wall clocks (skew shifts it).",
+                LATENCY_BUCKETS,
+            ),
+            sync_round: histogram(
+                "patina_sync_round_seconds",
+                "Duration of one anti-entropy round.",
+                LATENCY_BUCKETS,
+            ),
+            sync_round_bytes: histogram(
+                "patina_sync_round_bytes",
+                "Bytes received in one anti-entropy round.",
+                BYTE_BUCKETS,
+            ),
+            subscription_evaluations: counter(
+                "patina_subscription_evaluations_total",
+                "Subscription queries run (whole, or restricted to changed keys).",
+            ),
+            subscription_event: histogram(
+                "patina_subscription_event_seconds",
+                "Change noticed by the node to its subscription event sent.",
+                LATENCY_BUCKETS,
+            ),
+            loops: Loops::default(),
+            registry,
+        }
+    }
+}
+
+/// Registers one collector; the names are constant and distinct, so a refusal is a bug
+/// worth a log line, not a reason to stop the node.
+fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
+    if let Err(e) = registry.register(c) {
+        tracing::error!("cannot register a metric: {e}");
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Records one origin-commit → merged-here latency. Clocks of two machines: a sample
+    /// below zero (this node's clock behind the origin's) is recorded as 0.
+    pub fn observe_commit_to_applied(&self, seconds: f64) {
+        self.commit_to_applied.observe(seconds.max(0.0));
+    }
+
+    /// Records one anti-entropy round: its duration and the bytes it received.
+    pub fn observe_sync_round(&self, seconds: f64, bytes: u64) {
+        self.sync_round.observe(seconds.max(0.0));
+        self.sync_round_bytes.observe(bytes as f64);
+    }
+
+    /// Records one applied batch of remote changes.
+    pub fn observe_apply_batch(&self, elapsed: Duration) {
+        self.apply_batch.observe(elapsed.as_secs_f64());
+    }
+
+    /// Everything registered, for the `/metrics` encoder.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
 }
 
 /// How long a background loop must keep failing before `GET /v1/health` calls the node

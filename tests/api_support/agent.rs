@@ -406,3 +406,60 @@ fn subscription_on_b_follows_a_and_an_extensionless_writer_across_restarts() {
     b.stop();
     a.stop();
 }
+
+/// Every metric `docs/grafana/patina.json` queries is exported by a running node: the
+/// dashboard cannot silently graph nothing after a rename.
+#[test]
+fn every_metric_the_grafana_dashboard_queries_is_exported() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana/patina.json");
+    let text = std::fs::read_to_string(&path).expect("docs/grafana/patina.json");
+    let dash: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            exprs.push(t["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    for v in dash["templating"]["list"].as_array().expect("templating") {
+        if let Some(q) = v["query"]["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    let mut names: Vec<String> = Vec::new();
+    for e in &exprs {
+        let bytes = e.as_bytes();
+        let mut i = 0;
+        while let Some(at) = e[i..].find("patina_") {
+            let start = i + at;
+            let mut end = start;
+            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+                end += 1;
+            }
+            names.push(e[start..end].to_string());
+            i = end;
+        }
+    }
+    names.sort();
+    names.dedup();
+    assert!(
+        names.len() >= 15,
+        "the dashboard queries too little: {names:?}"
+    );
+    let mut a = Agent::new("a", &[]);
+    a.start();
+    // One answered request so the per-route families have a series.
+    assert_eq!(send("GET", &a.url("/v1/health"), &[], None).status, 200);
+    let m = send("GET", &a.url("/metrics"), &[], None);
+    assert_eq!(m.status, 200);
+    let exported = |n: &str| {
+        m.body.lines().any(|l| {
+            l.strip_prefix(n)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+    };
+    let missing: Vec<&String> = names.iter().filter(|n| !exported(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics the node does not export: {missing:?}"
+    );
+}

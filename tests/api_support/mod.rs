@@ -1,9 +1,9 @@
 //! Fixtures for the API tests: an in-process API server over a real database with the
 //! real extension loaded, and a small blocking HTTP client.
 //!
-//! The in-process node stands in for `patina agent` where only the API is under test: a
-//! poller thread plays the core's part of publishing `crsql_db_version()` on the
-//! `db_version` watch (so writes by other processes reach subscriptions, as in the agent).
+//! The in-process node stands in for `patina agent` where only the API is under test: the
+//! node's real tailer publishes `crsql_db_version()` and the keys each commit touched (so
+//! writes by other processes reach subscriptions, as in the agent); nothing replicates.
 
 #![allow(dead_code)]
 
@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use patina_sidecar::config::{ApiConfig, Synchronous};
+use patina_sidecar::db::touched::TouchedHub;
 use patina_sidecar::node::{MemberInfo, Metrics, NodeShared};
 use serde_json::Value;
 
@@ -94,26 +95,30 @@ impl Node {
             .unwrap();
         let (vtx, vrx) = tokio::sync::watch::channel(v0);
         let poller_stop = Arc::new(AtomicBool::new(false));
-        let ps = poller_stop.clone();
-        std::thread::spawn(move || {
-            while !ps.load(Ordering::SeqCst) {
-                if let Ok(v) = conn.query_row("SELECT crsql_db_version()", [], |r| r.get(0)) {
-                    vtx.send_if_modified(|cur| {
-                        let changed = *cur != v;
-                        *cur = v;
-                        changed
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
+        let metrics = Arc::new(Metrics::default());
+        // The node's real tailer: it publishes db_version and the keys every commit touched
+        // (what subscriptions match on); the units it reads for peers are dropped.
+        let touched = Arc::new(TouchedHub::default());
+        let (_wake_tx, wake_rx) = crossbeam_channel::bounded::<()>(1);
+        let (unit_tx, mut unit_rx) = tokio::sync::mpsc::channel(16);
+        std::thread::spawn(move || while unit_rx.blocking_recv().is_some() {});
+        patina_sidecar::db::tail::spawn(
+            conn,
+            wake_rx,
+            unit_tx,
+            vtx,
+            poller_stop.clone(),
+            10_000,
+            metrics.clone(),
+            touched.clone(),
+        )
+        .unwrap();
         let members = Arc::new(RwLock::new(vec![MemberInfo {
             site_id: hex::encode(&site),
             addr: "127.0.0.1:8787".into(),
             state: "alive".into(),
             rtt_ms: None,
         }]));
-        let metrics = Arc::new(Metrics::default());
         let reload_db = db.to_path_buf();
         let reload_ext = ext.clone();
         let shared = Arc::new(NodeShared {
@@ -121,6 +126,7 @@ impl Node {
             extension_path: ext,
             site_id_hex: hex::encode(&site),
             db_version: vrx,
+            touched,
             local_write: Arc::new(tokio::sync::Notify::new()),
             members: members.clone(),
             metrics: metrics.clone(),

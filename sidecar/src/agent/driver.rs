@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,7 +63,13 @@ impl Driver {
                     None => break,
                 },
                 Some(unit) = self.units.recv() => self.on_local_unit(unit),
-                Some(a) = self.applied.recv() => self.sync.handle_applied(a),
+                Some(a) = self.applied.recv() => {
+                    let now = self.now();
+                    self.sync.handle_applied(a, now);
+                    for (took, bytes) in self.sync.take_finished_pulls() {
+                        self.shared.metrics.observe_sync_round(took.as_secs_f64(), bytes as u64);
+                    }
+                }
                 _ = held_refresh.tick() => self.reload_held(),
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
@@ -106,7 +111,7 @@ impl Driver {
             self.shared
                 .metrics
                 .changes_broadcast
-                .fetch_add(changes.len() as u64, Ordering::Relaxed);
+                .inc_by(changes.len() as u64);
         }
         if self.sync.is_large(changes.len()) {
             self.sync
@@ -157,20 +162,15 @@ impl Driver {
                         let metrics = &self.shared.metrics;
                         metrics
                             .sync_changes_received
-                            .fetch_add(msg.change_count() as u64, Ordering::Relaxed);
-                        metrics
-                            .sync_bytes_received
-                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                            .inc_by(msg.change_count() as u64);
+                        metrics.sync_bytes_received.inc_by(payload.len() as u64);
 
                         tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
                         let now = self.now();
                         self.sync.handle_message(from, &peer.to_string(), msg, now);
                     }
                     Err(e) => {
-                        self.shared
-                            .metrics
-                            .frames_rejected
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.shared.metrics.frames_rejected.inc();
                         tracing::warn!(peer = %from, "undecodable sync message from {from}: {e}");
                     }
                 }
@@ -287,14 +287,16 @@ impl Driver {
                     self.shared
                         .metrics
                         .apply_queue_depth
-                        .store(self.apply_tx.len() as u64, Ordering::Relaxed);
+                        .set(self.apply_tx.len() as i64);
                 }
             }
         }
-        self.shared
-            .metrics
-            .sync_rounds
-            .store(self.sync.stats().pulls_sent, Ordering::Relaxed);
+        // The sync core counts rounds; the counter follows it.
+        let rounds = &self.shared.metrics.sync_rounds;
+        let sent = self.sync.stats().pulls_sent;
+        if sent > rounds.get() {
+            rounds.inc_by(sent - rounds.get());
+        }
     }
 }
 

@@ -185,6 +185,7 @@ pub async fn run(
     let stop_threads = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::default());
     let (version_tx, version_rx) = watch::channel(version);
+    let touched = Arc::new(crate::db::touched::TouchedHub::default());
     let (wake_tx, wake_rx) = crossbeam_channel::bounded::<()>(1);
     let (unit_tx, unit_rx) = mpsc::channel(16);
     let tail_thread = tail::spawn(
@@ -195,6 +196,7 @@ pub async fn run(
         stop_threads.clone(),
         SyncConfig::default().max_chunk_changes as i64,
         metrics.clone(),
+        touched.clone(),
     )
     .map_err(|source| AgentError::Thread {
         what: "tail",
@@ -255,6 +257,7 @@ pub async fn run(
         extension_path: ext.clone(),
         site_id_hex: hex::encode(site),
         db_version: version_rx,
+        touched,
         local_write,
         members: Arc::new(RwLock::new(Vec::new())),
         metrics: metrics.clone(),
@@ -275,7 +278,7 @@ pub async fn run(
                 tokio::select! {
                     _ = tick.tick() => metrics
                         .peer_connections
-                        .store(transport.peer_connections(), Ordering::Relaxed),
+                        .set(i64::try_from(transport.peer_connections()).unwrap_or(i64::MAX)),
                     _ = stop.changed() => return,
                 }
             }

@@ -82,9 +82,7 @@ pub fn spawn(
                         Err(_) => break,
                     }
                 }
-                metrics
-                    .apply_queue_depth
-                    .store(rx.len() as u64, Ordering::Relaxed);
+                metrics.apply_queue_depth.set(rx.len() as i64);
                 let started = Instant::now();
                 let mut backoff = Duration::from_millis(50);
                 // A failed transaction (busy past the timeout, disk full) is retried with
@@ -120,10 +118,7 @@ pub fn spawn(
                     us = started.elapsed().as_micros() as u64,
                     "apply: batch committed"
                 );
-                metrics.apply_batches.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .apply_latency_us_total
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                metrics.observe_apply_batch(started.elapsed());
                 let _ = done.send(applied);
             }
         })
@@ -177,7 +172,7 @@ fn apply_batch(
             }
             Err(e) => {
                 tx.execute_batch("ROLLBACK TO patina_job; RELEASE patina_job")?;
-                metrics.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                metrics.frames_rejected.inc();
                 refused += 1;
                 let msg = format!(
                     "refusing {} from peer {} (site id {}): {e}; nothing of it was \
@@ -199,12 +194,18 @@ fn apply_batch(
     }
     tx.execute("UPDATE patina_state SET merging = 0", [])?;
     tx.commit()?;
-    metrics
-        .units_received
-        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    metrics
-        .changes_applied
-        .fetch_add(applied_changes, Ordering::Relaxed);
+    // Origin commit (its wall clock, carried in the unit) to committed here.
+    let now_ms = crate::db::tail::unix_ms();
+    for job in batch {
+        if let Work::Unit(u) = &job.work {
+            if u.committed_ms > 0 {
+                let ms = now_ms as f64 - u.committed_ms as f64;
+                metrics.observe_commit_to_applied(ms / 1000.0);
+            }
+        }
+    }
+    metrics.units_received.inc_by(batch.len() as u64);
+    metrics.changes_applied.inc_by(applied_changes);
     Ok((out, refused))
 }
 

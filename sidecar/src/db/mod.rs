@@ -5,6 +5,7 @@
 //! - `conn`        — opening a connection: WAL, busy timeout, `libpatina.so` loaded (shared seam).
 //! - `feed`        — reading `crsql_changes` by `db_version` in one read transaction.
 //! - `tail`        — the tailer thread: notices local commits from any process, ships units.
+//! - `touched`     — the (table, key) pairs each feed read touched, fanned out to listeners.
 //! - `apply`       — the apply thread: the one writer of remote changes, batched, atomic.
 //! - `bookkeeping` — per-peer cursors, out-of-order ranges and site bindings, in the database.
 //! - `inbox`       — chunks of large units buffered until whole; bounded and expiring.
@@ -17,5 +18,6 @@ pub mod feed;
 pub mod inbox;
 pub mod schema;
 pub mod tail;
+pub mod touched;
 
 pub use conn::{extension_path, open, DbError};

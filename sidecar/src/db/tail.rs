@@ -7,17 +7,19 @@
 //! after the last shipped version in one read transaction and hands it on as one unit.
 //! It never writes to mark versions: there is nothing to "close". Its one write is rare:
 //! regenerating a table's triggers after an app altered the table without the extension.
+//! Every read's `(table, key)` pairs go to the subscription engine (`TouchedHub`) first.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
 use super::feed::{db_version, origin_version, read_unit};
+use super::touched::{Touched, TouchedHub, TouchedKeys};
 use crate::node::Metrics;
 use crate::sync::Change;
 
@@ -46,6 +48,8 @@ pub const POLL: Duration = Duration::from_millis(2);
 /// `version` up to date and stops when `stop` is set or `out` is closed. Every failed
 /// read is recorded in `metrics.loops.tailer` until a read succeeds, so `/v1/health` can
 /// tell a tailer that keeps failing.
+// Each argument is one wire of the node's plumbing, all given once at start.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     mut conn: Connection,
     wake: Receiver<()>,
@@ -54,6 +58,7 @@ pub fn spawn(
     stop: Arc<AtomicBool>,
     large_after: i64,
     metrics: Arc<Metrics>,
+    touched: Arc<TouchedHub>,
 ) -> std::io::Result<JoinHandle<()>> {
     let fail = {
         let metrics = metrics.clone();
@@ -114,6 +119,7 @@ pub fn spawn(
                         last_schema = schema_version(&conn).unwrap_or(sv);
                     }
                 }
+                let noticed = Instant::now();
                 match read_unit(&mut conn, last, large_after) {
                     Ok((to, own, changes)) => {
                         metrics.loops.tailer.succeeded();
@@ -127,6 +133,13 @@ pub fn spawn(
                             changes = changes.as_ref().map(Vec::len),
                             "tail: unit read"
                         );
+                        // Subscriptions hear of the keys before the network side
+                        // (which may block on backpressure) gets the unit.
+                        touched.publish(Touched {
+                            to,
+                            keys: touched_keys(changes.as_deref()),
+                            noticed,
+                        });
                         let unit = Unit {
                             from: last,
                             to,
@@ -162,10 +175,27 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The keys a read touched; all of them when the unit was too large to read.
+fn touched_keys(changes: Option<&[Change]>) -> TouchedKeys {
+    match changes {
+        None => TouchedKeys::All,
+        Some(cs) => {
+            let mut keys = TouchedKeys::none();
+            for c in cs {
+                keys.add(&c.table, &c.pk);
+            }
+            keys
+        }
+    }
+}
+
+// Both run every few milliseconds: from the statement cache, not parsed each time.
 fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA schema_version", [], |r| r.get(0))
+    conn.prepare_cached("PRAGMA schema_version")?
+        .query_row([], |r| r.get(0))
 }
 
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+    conn.prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))
 }

@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -36,14 +35,22 @@ pub async fn get_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "db_path": st.shared.db_path.display().to_string(),
         "members": all.len() + 1,
         "members_alive": alive,
-        "apply_queue_depth": m.apply_queue_depth.load(Ordering::Relaxed),
-        "broadcast_queue_depth": m.broadcast_queue_depth.load(Ordering::Relaxed),
-        "changes_applied": m.changes_applied.load(Ordering::Relaxed),
-        "changes_broadcast": m.changes_broadcast.load(Ordering::Relaxed),
+        "apply_queue_depth": m.apply_queue_depth.get(),
+        "broadcast_queue_depth": m.broadcast_queue_depth.get(),
+        "changes_applied": m.changes_applied.get(),
+        "changes_broadcast": m.changes_broadcast.get(),
         "subscriptions": st.subs.count(),
         "subscription_streams": st.subs.streams(),
+        "latency": latency(&st),
         "version": env!("CARGO_PKG_VERSION"),
     }))
+}
+
+/// p50/p99 of the node's and the API's histograms.
+fn latency(st: &AppState) -> serde_json::Value {
+    let mut families = st.shared.metrics.gather();
+    families.extend(st.stats.gather());
+    super::latency::summary(&families)
 }
 
 /// `POST /v1/reload`: re-applies the schema files; `{"tables": [...]}`.
@@ -53,7 +60,7 @@ pub async fn post_reload(State(st): State<AppState>) -> Result<Json<serde_json::
         .await
         .map_err(|e| HttpError::Internal(format!("reload task failed: {e}")))?
         .map_err(|e| HttpError::BadRequest(format!("reload failed: {e}")))?;
-    st.subs.poke();
+    st.subs.refresh_all();
     Ok(Json(json!({ "tables": tables })))
 }
 

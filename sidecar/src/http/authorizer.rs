@@ -24,6 +24,23 @@ pub struct AuthState {
     trusted: AtomicBool,
     /// Why the last refusal happened.
     denial: Mutex<Option<String>>,
+    /// While set, what statements being prepared read (see [`AuthState::recording`]).
+    record: Mutex<Option<ReadSet>>,
+}
+
+/// What SQLite reported, while preparing, that a statement reads: the subscription engine
+/// decides from it which writes concern a subscription and whether it can be matched
+/// incrementally.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReadSet {
+    /// Tables read (`SQLITE_READ`), lower-cased, without the schema name.
+    pub tables: std::collections::BTreeSet<String>,
+    /// `SELECT`s seen: more than one means a subquery, a compound or a CTE.
+    pub selects: usize,
+    /// Functions called, lower-cased.
+    pub functions: std::collections::BTreeSet<String>,
+    /// A recursive CTE.
+    pub recursive: bool,
 }
 
 impl AuthState {
@@ -33,6 +50,39 @@ impl AuthState {
         let out = f();
         self.trusted.store(false, Ordering::SeqCst);
         out
+    }
+
+    /// Runs `f` (which prepares statements) and returns what SQLite reported they read.
+    pub fn recording<T>(&self, f: impl FnOnce() -> T) -> (T, ReadSet) {
+        if let Ok(mut r) = self.record.lock() {
+            *r = Some(ReadSet::default());
+        }
+        let out = f();
+        let set = self
+            .record
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .unwrap_or_default();
+        (out, set)
+    }
+
+    fn note(&self, action: &AuthAction<'_>) {
+        let Ok(mut r) = self.record.lock() else {
+            return;
+        };
+        let Some(set) = r.as_mut() else { return };
+        match action {
+            AuthAction::Read { table_name, .. } => {
+                set.tables.insert(table_name.to_ascii_lowercase());
+            }
+            AuthAction::Select => set.selects += 1,
+            AuthAction::Recursive => set.recursive = true,
+            AuthAction::Function { function_name } => {
+                set.functions.insert(function_name.to_ascii_lowercase());
+            }
+            _ => {}
+        }
     }
 
     /// Takes the reason of the last refusal.
@@ -49,6 +99,7 @@ impl AuthState {
 
     /// The authorizer callback.
     pub fn authorize(&self, ctx: AuthContext<'_>) -> Authorization {
+        self.note(&ctx.action);
         if self.trusted.load(Ordering::SeqCst) {
             return Authorization::Allow;
         }

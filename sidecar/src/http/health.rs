@@ -1,13 +1,14 @@
 //! `GET /v1/health`, `GET /v1/members`, `GET /metrics`: what operators and load balancers
 //! look at.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, TextEncoder};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -62,8 +63,8 @@ pub async fn get_health(
             })?,
     };
     let m = &st.shared.metrics;
-    let apply = m.apply_queue_depth.load(Ordering::Relaxed);
-    let broadcast = m.broadcast_queue_depth.load(Ordering::Relaxed);
+    let apply = m.apply_queue_depth.get().max(0) as u64;
+    let broadcast = m.broadcast_queue_depth.get().max(0) as u64;
     let queue = apply + broadcast;
     let alive = alive_with_self(&members(&st));
     // The core's last observed version: health never waits for a reader connection, so
@@ -143,123 +144,150 @@ pub async fn get_members(State(st): State<AppState>) -> Json<serde_json::Value> 
     Json(json!({ "members": all }))
 }
 
-/// `GET /metrics`: Prometheus text exposition.
+/// `GET /metrics`: Prometheus text exposition (format 0.0.4) of the node's registry, the
+/// API's, and the values only known at scrape time (membership, loop health, versions).
 pub async fn get_metrics(State(st): State<AppState>) -> Response {
     let m = &st.shared.metrics;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    metric(
-        "patina_changes_applied_total",
-        "counter",
-        "Remote changes merged into this node.",
-        load(&m.changes_applied).to_string(),
-    );
-    metric(
-        "patina_changes_broadcast_total",
-        "counter",
-        "Local changes pushed to peers.",
-        load(&m.changes_broadcast).to_string(),
-    );
-    metric(
-        "patina_units_received_total",
-        "counter",
-        "Change units received from peers.",
-        load(&m.units_received).to_string(),
-    );
-    metric(
-        "patina_sync_rounds_total",
-        "counter",
-        "Anti-entropy rounds run.",
-        load(&m.sync_rounds).to_string(),
-    );
-    metric(
-        "patina_sync_changes_received_total",
-        "counter",
-        "Changes received in sync messages off the wire, duplicates included.",
-        load(&m.sync_changes_received).to_string(),
-    );
-    metric(
-        "patina_sync_bytes_received_total",
-        "counter",
-        "Bytes of sync messages received off the wire, duplicates included.",
-        load(&m.sync_bytes_received).to_string(),
-    );
-    metric(
-        "patina_frames_rejected_total",
-        "counter",
-        "Frames refused (corrupt, oversized, wrong cluster).",
-        load(&m.frames_rejected).to_string(),
-    );
-    metric(
-        "patina_peer_connections",
-        "gauge",
-        "QUIC connections to peers open now (idle ones are closed).",
-        load(&m.peer_connections).to_string(),
-    );
-    metric(
-        "patina_apply_queue_depth",
-        "gauge",
-        "Units waiting to be applied.",
-        load(&m.apply_queue_depth).to_string(),
-    );
-    metric(
-        "patina_broadcast_queue_depth",
-        "gauge",
-        "Units waiting to be broadcast.",
-        load(&m.broadcast_queue_depth).to_string(),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP patina_apply_latency_seconds Time to apply a batch of remote changes.\n\
-         # TYPE patina_apply_latency_seconds summary\n\
-         patina_apply_latency_seconds_sum {}\npatina_apply_latency_seconds_count {}",
-        load(&m.apply_latency_us_total) as f64 / 1e6,
-        load(&m.apply_batches)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP patina_loop_failures_total Failed attempts of a background loop (tailer, apply, pull_server); each keeps retrying.\n# TYPE patina_loop_failures_total counter"
-    );
-    for (name, state) in m.loops.each() {
-        let _ = writeln!(
-            out,
-            "patina_loop_failures_total{{loop=\"{name}\"}} {}",
-            load(&state.failures)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP patina_loop_failing Whether a background loop has been failing for at least {} s (1) or not (0).\n# TYPE patina_loop_failing gauge",
-        FAILING_FOR.as_secs()
-    );
+    let mut families = m.gather();
+    families.extend(st.stats.gather());
+    // The older name of the apply histogram, kept as the summary it always was.
+    families.push(family(
+        "patina_apply_latency_seconds",
+        "Time to apply a batch of remote changes (sum and count of patina_apply_batch_seconds).",
+        MetricType::SUMMARY,
+        vec![(
+            vec![],
+            Value::Summary(
+                m.apply_batch.get_sample_sum(),
+                m.apply_batch.get_sample_count(),
+            ),
+        )],
+    ));
+    families.push(family(
+        "patina_loop_failures_total",
+        "Failed attempts of a background loop (tailer, apply, pull_server); each keeps retrying.",
+        MetricType::COUNTER,
+        m.loops
+            .each()
+            .iter()
+            .map(|(name, state)| {
+                let n = state.failures.load(Ordering::Relaxed) as f64;
+                (vec![("loop", *name)], Value::Plain(n))
+            })
+            .collect(),
+    ));
     let now = std::time::Instant::now();
-    for (name, state) in m.loops.each() {
-        let failing = u8::from(state.stuck(now, FAILING_FOR).is_some());
-        let _ = writeln!(out, "patina_loop_failing{{loop=\"{name}\"}} {failing}");
-    }
+    families.push(family(
+        "patina_loop_failing",
+        &format!(
+            "Whether a background loop has been failing for at least {} s (1) or not (0).",
+            FAILING_FOR.as_secs()
+        ),
+        MetricType::GAUGE,
+        m.loops
+            .each()
+            .iter()
+            .map(|(name, state)| {
+                let failing = f64::from(u8::from(state.stuck(now, FAILING_FOR).is_some()));
+                (vec![("loop", *name)], Value::Plain(failing))
+            })
+            .collect(),
+    ));
     let all = members(&st);
-    let _ = writeln!(
-        out,
-        "# HELP patina_members Cluster members by SWIM state (this node not included).\n# TYPE patina_members gauge"
-    );
-    for state in ["alive", "suspect", "down"] {
-        let n = all.iter().filter(|x| x.state == state).count();
-        let _ = writeln!(out, "patina_members{{state=\"{state}\"}} {n}");
-    }
+    families.push(family(
+        "patina_members",
+        "Cluster members by SWIM state (this node not included).",
+        MetricType::GAUGE,
+        ["alive", "suspect", "down"]
+            .into_iter()
+            .map(|state| {
+                let n = all.iter().filter(|x| x.state == state).count() as f64;
+                (vec![("state", state)], Value::Plain(n))
+            })
+            .collect(),
+    ));
     let version = *st.shared.db_version.borrow();
-    let _ = writeln!(out, "# HELP patina_db_version Latest local crsql_db_version().\n# TYPE patina_db_version gauge\npatina_db_version {version}");
-    let _ = writeln!(out, "# HELP patina_api_subscriptions Live subscriptions.\n# TYPE patina_api_subscriptions gauge\npatina_api_subscriptions {}", st.subs.count());
-    st.stats.render(&mut out);
+    families.push(family(
+        "patina_db_version",
+        "Latest local crsql_db_version().",
+        MetricType::GAUGE,
+        vec![(vec![], Value::Plain(version as f64))],
+    ));
+    families.push(family(
+        "patina_api_subscriptions",
+        "Live subscriptions.",
+        MetricType::GAUGE,
+        vec![(vec![], Value::Plain(st.subs.count() as f64))],
+    ));
+    families.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+        tracing::error!("cannot encode /metrics: {e}");
+        return (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response();
+    }
     let mut resp = (StatusCode::OK, out).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
+}
+
+/// A sample's value in a scrape-time family.
+enum Value {
+    /// A counter's or gauge's value.
+    Plain(f64),
+    /// A summary without quantiles: (sum, count).
+    Summary(f64, u64),
+}
+
+/// One metric family built at scrape time from `(labels, value)` samples.
+fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: Vec<(Vec<(&str, &str)>, Value)>,
+) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_owned());
+    f.set_help(help.to_owned());
+    f.set_field_type(kind);
+    let metrics = samples
+        .into_iter()
+        .map(|(labels, value)| {
+            let mut metric = Metric::default();
+            metric.set_label(
+                labels
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let mut l = LabelPair::default();
+                        l.set_name(k.to_owned());
+                        l.set_value(v.to_owned());
+                        l
+                    })
+                    .collect(),
+            );
+            match value {
+                Value::Plain(v) if kind == MetricType::COUNTER => {
+                    let mut c = prometheus::proto::Counter::default();
+                    c.set_value(v);
+                    metric.set_counter(c);
+                }
+                Value::Plain(v) => {
+                    let mut g = prometheus::proto::Gauge::default();
+                    g.set_value(v);
+                    metric.set_gauge(g);
+                }
+                Value::Summary(sum, count) => {
+                    let mut s = prometheus::proto::Summary::default();
+                    s.set_sample_sum(sum);
+                    s.set_sample_count(count);
+                    metric.set_summary(s);
+                }
+            }
+            metric
+        })
+        .collect();
+    f.set_metric(metrics);
+    f
 }

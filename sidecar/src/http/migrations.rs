@@ -75,7 +75,7 @@ pub async fn post_migrations(
     match res {
         Ok(tables) => {
             tracing::info!(?tables, "schema migrated through /v1/migrations");
-            st.subs.poke();
+            st.subs.refresh_all();
             Ok(Json(json!({
                 "results": [], "time": time, "version": null, "actor_id": actor
             }))

@@ -12,13 +12,13 @@
 //! - `sql`           — `POST /sql`.
 //! - `transactions`  — `POST /v1/transactions`.
 //! - `queries`       — `POST /v1/queries` (NDJSON).
-//! - `subscriptions` — `POST /v1/subscriptions`, `GET /v1/subscriptions/{id}` (NDJSON).
-//! - `sub_engine`    — re-evaluates subscriptions and keeps their persisted change logs.
-//! - `sub_rows`      — a subscription's rows: evaluation, diff, row keys.
+//! - `subscriptions` — `POST /v1/subscriptions`, `GET /v1/subscriptions/{id}` (NDJSON); the
+//!   engine behind them is `crate::subs`.
 //! - `updates`       — `POST /v1/updates/{table}` (NDJSON of changed primary keys).
 //! - `migrations`    — `POST /v1/migrations`: schema statements, persisted beside the db.
 //! - `health`        — `GET /v1/health`, `GET /v1/members`, `GET /metrics`.
-//! - `stats`         — the API's own counters (requests by route and status, group commit).
+//! - `stats`         — the API's own metrics (requests by route and status, group commit).
+//! - `latency`       — p50/p99 from the histograms, for `/v1/status` and `patina status`.
 //! - `admin`         — `GET /v1/status`, `POST /v1/backup`, `POST /v1/reload`.
 
 pub mod admin;
@@ -28,6 +28,7 @@ pub mod error;
 pub mod exec;
 pub mod health;
 pub mod json_values;
+pub mod latency;
 pub mod limits;
 pub mod migrations;
 pub mod pool;
@@ -35,8 +36,6 @@ pub mod queries;
 mod readers;
 pub mod sql;
 pub mod stats;
-pub mod sub_engine;
-mod sub_rows;
 pub mod subscriptions;
 pub mod transactions;
 pub mod updates;
@@ -44,7 +43,6 @@ pub mod updates;
 use std::future::Future;
 
 use axum::serve::ListenerExt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -67,7 +65,7 @@ pub struct AppState {
     pub shared: Arc<NodeShared>,
     pub api: Arc<ApiConfig>,
     pub pool: Arc<pool::Pool>,
-    pub subs: Arc<sub_engine::SubEngine>,
+    pub subs: Arc<crate::subs::SubEngine>,
     pub stats: Arc<stats::ApiStats>,
     /// Turns true when the server shuts down, so endless streams end and draining finishes.
     pub stop: watch::Receiver<bool>,
@@ -122,43 +120,25 @@ async fn build_state(
     let sync = shared.synchronous;
     let limits = pool::Limits::from_config(&api);
     let sh = shared.clone();
-    let subs = tokio::task::spawn_blocking(move || sub_engine::SubEngine::start(sh, sync, limits))
+    let subs = tokio::task::spawn_blocking(move || crate::subs::SubEngine::start(sh, sync, limits))
         .await
         .map_err(|e| HttpError::Internal(format!("subscription engine failed to start: {e}")))??;
     let notify = shared.local_write.clone();
-    let engine = subs.clone();
     let stats = Arc::new(stats::ApiStats::default());
     let counters = stats.clone();
+    // A commit wakes the tailer at once; the tailer hands the keys it touched to the
+    // subscription engine (as it does for merges and other processes' writes).
     let on_commit: pool::OnCommit = Arc::new(move |requests, changed| {
-        counters.write_groups.fetch_add(1, Ordering::Relaxed);
-        counters
-            .write_requests
-            .fetch_add(requests as u64, Ordering::Relaxed);
+        counters.write_groups.inc();
+        counters.write_requests.inc_by(requests as u64);
         if changed {
             notify.notify_one();
-            engine.poke();
         }
     });
     let sh = shared.clone();
     let pool = tokio::task::spawn_blocking(move || pool::Pool::open(sh, sync, on_commit, limits))
         .await
         .map_err(|e| HttpError::Internal(format!("API connections failed to open: {e}")))??;
-    // Every change to the node's db_version (merges, other processes' writes) re-evaluates
-    // the subscriptions.
-    let mut versions = shared.db_version.clone();
-    let engine = subs.clone();
-    let mut stop_watch = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                changed = versions.changed() => {
-                    if changed.is_err() { break; }
-                    engine.poke();
-                }
-                _ = stop_watch.changed() => break,
-            }
-        }
-    });
     Ok(AppState {
         shared,
         api: Arc::new(api),

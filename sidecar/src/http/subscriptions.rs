@@ -28,8 +28,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::queries::{line, line_channel, ndjson_response, parse_statement, LineSender};
-use super::sub_engine::{changes_after, snapshot, ListenGuard, SubHandle};
 use super::{AppState, HttpError};
+use crate::subs::{changes_after, snapshot, ListenGuard, SubHandle};
 
 /// Changes read from the log per round trip of a stream.
 const PAGE: i64 = 1000;
@@ -53,7 +53,7 @@ pub async fn post_subscription(
 ) -> Result<Response, HttpError> {
     let Query(q) = query.map_err(|e| HttpError::BadRequest(format!("bad query string: {e}")))?;
     let spec = parse_statement(&st, &headers, body)?;
-    let handle = st.subs.create(spec).await?;
+    let handle = st.subs.create(spec).await.map_err(HttpError::from)?;
     open_stream(st, handle, q).await
 }
 
@@ -84,13 +84,16 @@ async fn open_stream(
     let id = handle.id.clone();
     // Registered before catching up, so no change between the two goes unevaluated.
     let guard = handle.listen();
-    st.subs.catch_up(&id).await?;
+    st.subs.catch_up(&id).await.map_err(HttpError::from)?;
     let mut initial = Vec::new();
     let cursor = match from {
         None if params.skip_rows => *handle.last_change.borrow(),
         None => {
             let sid = id.clone();
-            let (rows, last) = st.pool.read(move |api| snapshot(api, &sid)).await?;
+            let (rows, last) = st
+                .pool
+                .read(move |api| snapshot(api, &sid).map_err(HttpError::from))
+                .await?;
             initial.push(line(&json!({ "columns": handle.columns })));
             for (rowid, vals) in rows {
                 initial.push(Bytes::from(format!("{{\"row\":[{rowid},{vals}]}}\n")));
@@ -110,7 +113,7 @@ async fn open_stream(
             let sid = id.clone();
             let (_, oldest) = st
                 .pool
-                .read(move |api| changes_after(api, &sid, n, 0))
+                .read(move |api| changes_after(api, &sid, n, 0).map_err(HttpError::from))
                 .await?;
             if let Some(oldest) = oldest {
                 if n + 1 < oldest {
@@ -171,7 +174,9 @@ async fn follow(
             // A live stream waits for a reader slot rather than end on a burst of queries.
             let page = st
                 .pool
-                .read_patiently(move |api| changes_after(api, &id, after, PAGE))
+                .read_patiently(move |api| {
+                    changes_after(api, &id, after, PAGE).map_err(HttpError::from)
+                })
                 .await;
             let changes = match page {
                 Ok((c, _)) => c,

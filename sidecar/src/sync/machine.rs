@@ -162,6 +162,8 @@ struct PullState {
     site: SiteId,
     phase: Phase,
     deadline: Duration,
+    started: Duration,
+    bytes: usize,
 }
 
 /// Counters the caller may export.
@@ -206,6 +208,7 @@ pub struct Replicator {
     next_round: Duration,
     effects: VecDeque<Effect>,
     stats: SyncStats,
+    finished: Vec<(Duration, usize)>,
 }
 
 impl Replicator {
@@ -243,6 +246,7 @@ impl Replicator {
             next_round: now + first,
             effects: VecDeque::new(),
             stats: SyncStats::default(),
+            finished: Vec::new(),
         }
     }
 
@@ -425,6 +429,8 @@ impl Replicator {
                 site,
                 phase: Phase::Fetching,
                 deadline: now + self.config.pull_timeout,
+                started: now,
+                bytes: 0,
             },
         );
         self.stats.pulls_sent += 1;
@@ -598,6 +604,7 @@ impl Replicator {
             }
             Msg::Changes { chunk, .. } => {
                 let more = chunk.more();
+                let bytes: usize = chunk.changes.iter().map(|c| c.approx_size()).sum();
                 let next_after = chunk.to;
                 let unit = (chunk.unit_from, chunk.unit_to);
                 self.effects.push_back(Effect::Apply(ApplyJob {
@@ -610,6 +617,7 @@ impl Replicator {
                     return; // a late answer: applied (harmless), not continued
                 };
                 pull.deadline = now + self.config.pull_timeout;
+                pull.bytes += bytes;
                 if more {
                     self.effects.push_back(Effect::Send {
                         to: from,
@@ -746,8 +754,14 @@ impl Replicator {
         }
     }
 
+    /// Catch-up pulls completed since the last call: how long each took (request to
+    /// commit) and about how many bytes of changes it brought (`patina_sync_round_*`).
+    pub fn take_finished_pulls(&mut self) -> Vec<(Duration, usize)> {
+        std::mem::take(&mut self.finished)
+    }
+
     /// The apply side committed a batch.
-    pub fn handle_applied(&mut self, applied: Applied) {
+    pub fn handle_applied(&mut self, applied: Applied, now: Duration) {
         self.pending.remove(&applied.released);
         for (origin, ranges) in applied.held {
             if origin != self.site {
@@ -757,8 +771,14 @@ impl Replicator {
         for (peer_site, cursor) in applied.cursors {
             let c = self.cursors.entry(peer_site).or_insert(0);
             *c = (*c).max(cursor);
-            self.pulls
-                .retain(|_, p| !(p.site == peer_site && matches!(p.phase, Phase::Applying)));
+            let finished = &mut self.finished;
+            self.pulls.retain(|_, p| {
+                let done = p.site == peer_site && matches!(p.phase, Phase::Applying);
+                if done {
+                    finished.push((now.saturating_sub(p.started), p.bytes));
+                }
+                !done
+            });
         }
         let ready: Vec<(SiteId, i64)> = self
             .notified
@@ -1018,11 +1038,14 @@ mod tests {
             );
         }
         drain(&mut b);
-        b.handle_applied(Applied {
-            cursors: vec![],
-            held: vec![([7; 16], RangeSet::from_ranges([(1, 4)]))],
-            released: Held::default(),
-        });
+        b.handle_applied(
+            Applied {
+                cursors: vec![],
+                held: vec![([7; 16], RangeSet::from_ranges([(1, 4)]))],
+                released: Held::default(),
+            },
+            Duration::ZERO,
+        );
         a.handle_message(
             addr(2),
             &ident(2),
@@ -1072,11 +1095,14 @@ mod tests {
     fn a_summary_lacking_what_is_no_longer_in_memory_gets_behind_then_a_pull() {
         let mut b = machine(2);
         b.set_peers([(addr(1), [1; 16])], Duration::ZERO);
-        b.handle_applied(Applied {
-            cursors: vec![],
-            held: vec![([7; 16], RangeSet::from_ranges([(1, 40)]))],
-            released: Held::default(),
-        });
+        b.handle_applied(
+            Applied {
+                cursors: vec![],
+                held: vec![([7; 16], RangeSet::from_ranges([(1, 40)]))],
+                released: Held::default(),
+            },
+            Duration::ZERO,
+        );
         let mut theirs = Held::default();
         theirs.insert([7; 16], 1, 10);
         b.handle_message(
@@ -1192,10 +1218,13 @@ mod tests {
         // Still applying: no new pull to the same peer.
         s.handle_message(addr(2), &ident(2), behind.clone(), Duration::from_secs(6));
         assert!(drain(&mut s).is_empty());
-        s.handle_applied(Applied {
-            cursors: vec![([2; 16], 9)],
-            ..Applied::default()
-        });
+        s.handle_applied(
+            Applied {
+                cursors: vec![([2; 16], 9)],
+                ..Applied::default()
+            },
+            Duration::ZERO,
+        );
         s.handle_message(addr(2), &ident(2), behind, Duration::from_secs(7));
         let eff = drain(&mut s);
         assert!(matches!(
@@ -1224,11 +1253,14 @@ mod tests {
                 ..
             }]
         ));
-        s.handle_applied(Applied {
-            cursors: vec![([2; 16], 9100)],
-            held: vec![([2; 16], RangeSet::from_ranges([(1, 9000)]))],
-            released: Held::default(),
-        });
+        s.handle_applied(
+            Applied {
+                cursors: vec![([2; 16], 9100)],
+                held: vec![([2; 16], RangeSet::from_ranges([(1, 9000)]))],
+                released: Held::default(),
+            },
+            Duration::ZERO,
+        );
         let order = vec![[1; 16], [2; 16], [3; 16]];
         let expect = tree_children(&order, &[2; 16], &[1; 16], 6).len();
         let onwards = drain(&mut s)

@@ -716,7 +716,8 @@ impl Sim {
                 };
                 let report = n.store.apply(&job);
                 self.note_latencies(node, &job);
-                self.nodes[node].sync.handle_applied(report);
+                let now = self.now;
+                self.nodes[node].sync.handle_applied(report, now);
                 self.drain(node);
                 self.start_apply(node);
             }

@@ -1,18 +1,23 @@
 //! A subscription's rows: running its query into (key, values as JSON text) pairs, the
-//! diff against the previous result, and which result columns form a row's key. Pure
-//! but for the statement it steps; the engine (`sub_engine`) owns state and persistence.
+//! diff against the previous result (whole, or for a set of touched keys), and which
+//! result columns form a row's key. Pure but for the statement it steps; the engine owns
+//! state and `storage` persistence.
 
 use std::collections::HashMap;
 
 use rusqlite::{Connection, Statement};
 use serde_json::Value as Json;
 
-use super::authorizer::AuthState;
-use super::error::HttpError;
-use super::json_values::{add_json_len, value_to_json};
-use super::pool::Limits;
+use crate::http::authorizer::AuthState;
+use crate::http::json_values::{add_json_len, value_to_json};
+use crate::http::pool::Limits;
+use crate::http::HttpError;
+
+/// A subscription's current rows: key → (row id, values as JSON text).
+pub type Rows = HashMap<String, (i64, String)>;
 
 /// One change of a subscription's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub kind: &'static str,
     pub rowid: i64,
@@ -30,7 +35,7 @@ pub fn evaluate(
     auth: &AuthState,
     limits: Limits,
 ) -> Result<Vec<(String, String)>, HttpError> {
-    let sql = |e| super::exec::sql_error(e, auth);
+    let sql = |e| crate::http::exec::sql_error(e, auth);
     let mut out = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut rows = stmt.raw_query();
@@ -59,14 +64,37 @@ pub fn evaluate(
     Ok(out)
 }
 
-/// Compares the old rows with a new result: the changes, the new rows, the next row id.
-pub fn diff(
-    old: &HashMap<String, (i64, String)>,
+/// Compares the old rows with a whole new result: the changes and the next row id. New
+/// keys are inserts (in result order, fresh row ids), changed values updates, vanished
+/// keys deletes (by row id).
+pub fn diff(old: &Rows, new: Vec<(String, String)>, next_rowid: i64) -> (Vec<Change>, i64) {
+    let present: std::collections::HashSet<String> = new.iter().map(|(k, _)| k.clone()).collect();
+    let gone = old.keys().filter(|k| !present.contains(*k));
+    changes_for(old, new, gone, next_rowid)
+}
+
+/// Compares the old rows with the new rows of some `touched` keys only (the query run
+/// restricted to them): the same changes [`diff`] would find for those keys.
+pub fn diff_keys(
+    old: &Rows,
+    touched: &[String],
     new: Vec<(String, String)>,
+    next_rowid: i64,
+) -> (Vec<Change>, i64) {
+    let present: std::collections::HashSet<String> = new.iter().map(|(k, _)| k.clone()).collect();
+    let gone = touched
+        .iter()
+        .filter(|k| !present.contains(*k) && old.contains_key(*k));
+    changes_for(old, new, gone, next_rowid)
+}
+
+fn changes_for<'a>(
+    old: &Rows,
+    new: Vec<(String, String)>,
+    gone: impl Iterator<Item = &'a String>,
     mut next_rowid: i64,
-) -> (Vec<Change>, HashMap<String, (i64, String)>, i64) {
+) -> (Vec<Change>, i64) {
     let mut changes = Vec::new();
-    let mut rows = HashMap::with_capacity(new.len());
     for (key, vals) in new {
         match old.get(&key) {
             Some((rowid, old_vals)) => {
@@ -74,11 +102,10 @@ pub fn diff(
                     changes.push(Change {
                         kind: "update",
                         rowid: *rowid,
-                        key: key.clone(),
-                        vals: vals.clone(),
+                        key,
+                        vals,
                     });
                 }
-                rows.insert(key, (*rowid, vals));
             }
             None => {
                 let rowid = next_rowid;
@@ -86,16 +113,16 @@ pub fn diff(
                 changes.push(Change {
                     kind: "insert",
                     rowid,
-                    key: key.clone(),
-                    vals: vals.clone(),
+                    key,
+                    vals,
                 });
-                rows.insert(key, (rowid, vals));
             }
         }
     }
     let mut gone: Vec<(&String, &(i64, String))> =
-        old.iter().filter(|(k, _)| !rows.contains_key(*k)).collect();
+        gone.filter_map(|k| old.get_key_value(k)).collect();
     gone.sort_by_key(|(_, (rowid, _))| *rowid);
+    gone.dedup_by_key(|(_, (rowid, _))| *rowid);
     for (key, (rowid, vals)) in gone {
         changes.push(Change {
             kind: "delete",
@@ -104,7 +131,31 @@ pub fn diff(
             vals: vals.clone(),
         });
     }
-    (changes, rows, next_rowid)
+    (changes, next_rowid)
+}
+
+/// Applies committed changes to the rows they were computed from.
+pub fn apply(rows: &mut Rows, changes: Vec<Change>) {
+    for c in changes {
+        if c.kind == "delete" {
+            rows.remove(&c.key);
+        } else {
+            rows.insert(c.key, (c.rowid, c.vals));
+        }
+    }
+}
+
+/// The row key a touched primary key has in a subscription keyed by it: the JSON array
+/// of its values, as [`evaluate`] writes keys.
+pub fn key_of(values: &[rusqlite::types::Value]) -> Result<String, HttpError> {
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        out.push(value_to_json(
+            rusqlite::types::ValueRef::from(v),
+            "primary key",
+        )?);
+    }
+    Ok(Json::Array(out).to_string())
 }
 
 /// The result columns holding the primary key of every table the rows come from, or
@@ -168,19 +219,40 @@ mod tests {
 
     #[test]
     fn diff_inserts_updates_deletes() {
-        let (c, r, next) = diff(&HashMap::new(), rows(&[("a", "[1]"), ("b", "[2]")]), 1);
+        let mut r = Rows::new();
+        let (c, next) = diff(&r, rows(&[("a", "[1]"), ("b", "[2]")]), 1);
         assert_eq!(
             c.iter().map(|c| (c.kind, c.rowid)).collect::<Vec<_>>(),
             vec![("insert", 1), ("insert", 2)]
         );
         assert_eq!(next, 3);
-        let (c, r2, next) = diff(&r, rows(&[("b", "[3]"), ("c", "[4]")]), next);
+        apply(&mut r, c);
+        let (c, next) = diff(&r, rows(&[("b", "[3]"), ("c", "[4]")]), next);
         assert_eq!(
             c.iter().map(|c| (c.kind, c.rowid)).collect::<Vec<_>>(),
             vec![("update", 2), ("insert", 3), ("delete", 1)]
         );
         assert_eq!(next, 4);
-        let (c, _, _) = diff(&r2, rows(&[("b", "[3]"), ("c", "[4]")]), next);
+        apply(&mut r, c);
+        let (c, _) = diff(&r, rows(&[("b", "[3]"), ("c", "[4]")]), next);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn diff_of_touched_keys_leaves_the_other_rows_alone() {
+        let mut r = Rows::new();
+        let (c, next) = diff(&r, rows(&[("a", "[1]"), ("b", "[2]"), ("c", "[3]")]), 1);
+        apply(&mut r, c);
+        // "a" left the filter, "b" changed, "d" entered; "c" was not touched.
+        let touched = ["a".to_string(), "b".to_string(), "d".to_string()];
+        let (c, next) = diff_keys(&r, &touched, rows(&[("b", "[9]"), ("d", "[4]")]), next);
+        assert_eq!(
+            c.iter().map(|c| (c.kind, c.rowid)).collect::<Vec<_>>(),
+            vec![("update", 2), ("insert", 4), ("delete", 1)]
+        );
+        assert_eq!(next, 5);
+        apply(&mut r, c);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r["c"], (3, "[3]".to_string()));
     }
 }
