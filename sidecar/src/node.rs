@@ -86,6 +86,8 @@ pub struct Metrics {
     pub sync_bytes_received: IntCounter,
     /// `patina_peer_connections`: QUIC connections to peers open now (idle ones close).
     pub peer_connections: IntGauge,
+    /// `patina_sync_pulls_in_flight`: catch-up pulls this node has running now.
+    pub sync_pulls_in_flight: IntGauge,
     /// `patina_apply_batch_seconds`: time to merge and commit one batch of remote units.
     /// Its sum and count are also rendered as the older `patina_apply_latency_seconds`.
     pub apply_batch: Histogram,
@@ -165,6 +167,10 @@ impl Default for Metrics {
             peer_connections: gauge(
                 "patina_peer_connections",
                 "QUIC connections to peers open now (idle ones are closed).",
+            ),
+            sync_pulls_in_flight: gauge(
+                "patina_sync_pulls_in_flight",
+                "Catch-up pulls of peers' feeds running now.",
             ),
             apply_queue_depth: gauge("patina_apply_queue_depth", "Units waiting to be applied."),
             broadcast_queue_depth: gauge(

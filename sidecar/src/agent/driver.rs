@@ -291,12 +291,18 @@ impl Driver {
                 }
             }
         }
-        // The sync core counts rounds; the counter follows it.
+        // The sync core counts rounds (summaries sent and catch-up pulls started); the
+        // counter follows it.
         let rounds = &self.shared.metrics.sync_rounds;
-        let sent = self.sync.stats().pulls_sent;
+        let stats = self.sync.stats();
+        let sent = stats.summaries_sent + stats.pulls_sent;
         if sent > rounds.get() {
             rounds.inc_by(sent - rounds.get());
         }
+        self.shared
+            .metrics
+            .sync_pulls_in_flight
+            .set(self.sync.pulls_in_flight() as i64);
     }
 }
 
