@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::{watch, Notify};
 
 /// What a running node shares with its HTTP API.
@@ -84,6 +84,10 @@ pub struct Metrics {
     /// (the redundancy figures of BENCHMARKS.md divide these by what was needed).
     pub sync_changes_received: IntCounter,
     pub sync_bytes_received: IntCounter,
+    /// `patina_sync_changes_received_by_kind_total{kind}`: the same changes by the message
+    /// that carried them: `tree` (broadcast), `repair` (answer to a summary), `pull`
+    /// (catch-up): where redundancy comes from.
+    pub sync_changes_by_kind: IntCounterVec,
     /// `patina_peer_connections`: QUIC connections to peers open now (idle ones close).
     pub peer_connections: IntGauge,
     /// `patina_sync_pulls_in_flight`: catch-up pulls this node has running now.
@@ -164,6 +168,18 @@ impl Default for Metrics {
                 "patina_sync_bytes_received_total",
                 "Bytes of sync messages received off the wire, duplicates included.",
             ),
+            sync_changes_by_kind: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "patina_sync_changes_received_by_kind_total",
+                        "Changes received off the wire by carrier: tree, repair or pull.",
+                    ),
+                    &["kind"],
+                )
+                .expect("metric names are constant and valid");
+                register(&registry, Box::new(v.clone()));
+                v
+            },
             peer_connections: gauge(
                 "patina_peer_connections",
                 "QUIC connections to peers open now (idle ones are closed).",

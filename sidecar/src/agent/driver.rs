@@ -164,6 +164,17 @@ impl Driver {
                             .sync_changes_received
                             .inc_by(msg.change_count() as u64);
                         metrics.sync_bytes_received.inc_by(payload.len() as u64);
+                        let kind = match &msg {
+                            Msg::Unit { relay: true, .. } => "tree",
+                            Msg::Unit { .. } | Msg::Repair { .. } => "repair",
+                            _ => "pull",
+                        };
+                        if msg.change_count() > 0 {
+                            metrics
+                                .sync_changes_by_kind
+                                .with_label_values(&[kind])
+                                .inc_by(msg.change_count() as u64);
+                        }
 
                         tracing::trace!(peer = %from, bytes = payload.len(), "sync: message received");
                         let now = self.now();

@@ -67,6 +67,8 @@ pub struct SyncConfig {
     pub pull_timeout: Duration,
     /// Catch-up pulls in flight at once.
     pub max_pulls: usize,
+    /// Versions asked of one peer are not asked of another for this long.
+    pub repair_timeout: Duration,
     /// Largest chunk, in changes; a local unit with more is announced, not broadcast.
     pub max_chunk_changes: usize,
     /// Largest chunk, in approximate bytes (kept under the transport's frame limit).
@@ -89,6 +91,7 @@ impl Default for SyncConfig {
             repair_grace: Duration::from_millis(1000),
             pull_timeout: Duration::from_secs(10),
             max_pulls: 1,
+            repair_timeout: Duration::from_secs(3),
             max_chunk_changes: 5_000,
             max_chunk_bytes: 4 * 1024 * 1024,
             max_repair_bytes: 8 * 1024 * 1024,
@@ -198,6 +201,10 @@ pub struct Replicator {
     pulls: HashMap<SocketAddr, PullState>,
     /// Large units announced to us: forwarded down the tree once held.
     notified: HashMap<SiteId, i64>,
+    /// Versions asked for (`Want`) and not yet arrived, with when: not asked again of
+    /// another peer until `repair_timeout`.
+    requested: Held,
+    requested_since: VecDeque<(Duration, Held)>,
     /// Origins whose gap we asked a sender about lately (rate limit).
     asked: HashMap<SiteId, Duration>,
     /// Site id → the peer identity it is bound to (loaded from the database at start).
@@ -239,6 +246,8 @@ impl Replicator {
             recent,
             pulls: HashMap::new(),
             notified: HashMap::new(),
+            requested: Held::default(),
+            requested_since: VecDeque::new(),
             asked: HashMap::new(),
             bindings: HashMap::new(),
             seen: HashMap::new(),
@@ -368,6 +377,7 @@ impl Replicator {
             }
         }
         self.recent.evict(now);
+        self.expire_requested(now);
         self.asked
             .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(1));
         if now < self.next_round {
@@ -576,6 +586,19 @@ impl Replicator {
         }
         match msg {
             Msg::Unit { unit, relay, .. } => self.on_unit(from, site, unit, relay, now),
+            Msg::Repair { units, .. } => {
+                for unit in units {
+                    self.on_unit(from, site, unit, false, now);
+                }
+            }
+            Msg::Offer { have, more, .. } => self.on_offer(
+                from,
+                site,
+                &Held::from_wire(&have),
+                &Held::from_wire(&more),
+                now,
+            ),
+            Msg::Want { ranges, .. } => self.on_want(from, site, &Held::from_wire(&ranges), now),
             Msg::Summary {
                 held,
                 reply,
@@ -651,10 +674,14 @@ impl Replicator {
         self.note_head(unit.origin, unit.to);
         let holding = self.holding();
         if holding.covers(&unit.origin, unit.from + 1, unit.to) {
+            tracing::trace!(peer = %from, relay, from = unit.from, to = unit.to, "sync: duplicate unit");
             self.stats.duplicates += 1;
             return;
         }
-        let gap = unit.from > 0
+        // Only a broadcast reveals a gap: repairs arrive in any order (each on its own
+        // stream), and asking about them would only have the same units sent again.
+        let gap = relay
+            && unit.from > 0
             && !holding.contains(&unit.origin, unit.from)
             && !self.asked.contains_key(&unit.origin);
         if relay {
@@ -705,48 +732,38 @@ impl Replicator {
         } else {
             now.saturating_sub(self.config.repair_grace)
         };
-        let mut budget = self.config.max_repair_bytes;
-        let mut behind = false;
-        let mut units: Vec<OriginUnit> = Vec::new();
+        // Offer what we keep in memory (whole units, at least `repair_grace` old unless
+        // urgent), and name what we hold beyond that: the peer decides, with what it holds
+        // when the offer arrives, what to ask for. A summary that arrives late (queued
+        // behind a partition, say) costs an offer, not a repair of things it has since got.
+        let mut have = Held::default();
+        let mut more = Held::default();
         for (origin, missing) in lacks.iter() {
             if theirs.of(origin).is_empty() && *origin != self.site && !urgent {
                 // They know nothing of this origin: a joiner, or an origin that only
                 // reached us by a catch-up. Cheaper as one feed pull than unit by unit.
-                behind = true;
+                more.set(*origin, missing.clone());
                 continue;
             }
-            let (found, covered, young) = self.recent.covering(origin, missing, newest);
-            for u in found {
-                let size = u.approx_size();
-                if size > budget {
-                    behind = true;
-                    break;
-                }
-                budget -= size;
-                units.push(u.clone());
-            }
-            let mut accounted = covered;
+            let (_, covered, young) = self.recent.covering(origin, missing, newest);
+            let mut accounted = covered.clone();
             accounted.union_with(&young);
-            if !missing.minus(&accounted).is_empty() {
-                behind = true;
+            let beyond = missing.minus(&accounted);
+            if !covered.is_empty() {
+                have.set(*origin, covered);
+            }
+            if !beyond.is_empty() {
+                more.set(*origin, beyond);
             }
         }
-        for unit in units {
-            self.stats.repairs_sent += 1;
-            self.stats.changes_sent += unit.changes.len() as u64;
+        if !have.is_empty() || !more.is_empty() {
             self.effects.push_back(Effect::Send {
                 to: from,
-                msg: Msg::Unit {
+                msg: Msg::Offer {
                     site: self.site,
-                    unit,
-                    relay: false,
+                    have: have.to_wire(self.config.summary_ranges),
+                    more: more.to_wire(self.config.summary_ranges),
                 },
-            });
-        }
-        if behind {
-            self.effects.push_back(Effect::Send {
-                to: from,
-                msg: Msg::Behind { site: self.site },
             });
         }
         if reply && self.pulls.is_empty() {
@@ -754,10 +771,121 @@ impl Replicator {
         }
     }
 
+    /// An offer: ask for what we still lack and have not asked anyone for lately; pull
+    /// the peer's feed if it holds more than it keeps in memory.
+    fn on_offer(
+        &mut self,
+        from: SocketAddr,
+        site: SiteId,
+        have: &Held,
+        more: &Held,
+        now: Duration,
+    ) {
+        self.expire_requested(now);
+        let mut known = self.holding();
+        known.union_with(&self.requested);
+        let want = have.minus(&known);
+        if !want.is_empty() {
+            self.requested.union_with(&want);
+            self.requested_since.push_back((now, want.clone()));
+            self.effects.push_back(Effect::Send {
+                to: from,
+                msg: Msg::Want {
+                    site: self.site,
+                    ranges: want.to_wire(usize::MAX),
+                },
+            });
+        }
+        if !more.minus(&known).is_empty() {
+            self.start_pull(from, site, now);
+        }
+    }
+
+    /// A want: send the whole units kept in memory that hold the versions asked for.
+    fn on_want(&mut self, from: SocketAddr, site: SiteId, want: &Held, now: Duration) {
+        let mut budget = self.config.max_repair_bytes;
+        let mut units: Vec<OriginUnit> = Vec::new();
+        let mut missing = false;
+        for (origin, ranges) in want.iter() {
+            let (found, covered, _) = self.recent.covering(origin, ranges, now);
+            for u in found {
+                let size = u.approx_size();
+                if size > budget {
+                    missing = true;
+                    break;
+                }
+                budget -= size;
+                units.push(u.clone());
+            }
+            if !ranges.minus(&covered).is_empty() {
+                missing = true;
+            }
+        }
+        tracing::debug!(peer = %from, units = units.len(), "repair: sending the units asked for");
+        // As few messages as fit the chunk size: one repair arrives at once.
+        let mut batch: Vec<OriginUnit> = Vec::new();
+        let mut bytes = 0usize;
+        for unit in units {
+            self.stats.repairs_sent += 1;
+            self.stats.changes_sent += unit.changes.len() as u64;
+            let size = unit.approx_size();
+            if !batch.is_empty() && bytes + size > self.config.max_chunk_bytes {
+                self.send_repair(from, std::mem::take(&mut batch));
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push(unit);
+        }
+        if !batch.is_empty() {
+            self.send_repair(from, batch);
+        }
+        if missing {
+            // Evicted since the offer, or past the budget: the feed has it.
+            let _ = site;
+            self.effects.push_back(Effect::Send {
+                to: from,
+                msg: Msg::Behind { site: self.site },
+            });
+        }
+    }
+
+    /// Forgets requests older than `pull_timeout`: if their repair never came, the next
+    /// offer asks again.
+    fn expire_requested(&mut self, now: Duration) {
+        let mut changed = false;
+        while let Some((t, _)) = self.requested_since.front() {
+            if now.saturating_sub(*t) < self.config.repair_timeout {
+                break;
+            }
+            if let Some((_, h)) = self.requested_since.pop_front() {
+                self.requested.remove(&h);
+                changed = true;
+            }
+        }
+        if changed {
+            // Overlapping requests: what is still asked for stays asked for.
+            let mut r = Held::default();
+            for (_, h) in &self.requested_since {
+                r.union_with(h);
+            }
+            self.requested = r;
+        }
+    }
+
     /// Catch-up pulls completed since the last call: how long each took (request to
     /// commit) and about how many bytes of changes it brought (`patina_sync_round_*`).
     pub fn take_finished_pulls(&mut self) -> Vec<(Duration, usize)> {
         std::mem::take(&mut self.finished)
+    }
+
+    fn send_repair(&mut self, to: SocketAddr, units: Vec<OriginUnit>) {
+        self.effects.push_back(Effect::Send {
+            to,
+            msg: Msg::Repair {
+                site: self.site,
+                units,
+            },
+        });
     }
 
     /// The apply side committed a batch.
@@ -837,6 +965,12 @@ impl Replicator {
 fn validate_msg(msg: &Msg) -> Result<(), RangeError> {
     match msg {
         Msg::Unit { unit, .. } => validate_unit(unit),
+        Msg::Repair { units, .. } => units.iter().try_for_each(validate_unit),
+        Msg::Offer { have, more, .. } => {
+            validate_origin_ranges(have)?;
+            validate_origin_ranges(more)
+        }
+        Msg::Want { ranges, .. } => validate_origin_ranges(ranges),
         Msg::Changes { chunk, .. } => {
             validate_chunk(chunk)?;
             chunk.held.as_deref().map_or(Ok(()), validate_origin_ranges)
@@ -1052,7 +1186,7 @@ mod tests {
             Msg::Unit {
                 site: [2; 16],
                 unit: unit([7; 16], 2, 4),
-                relay: false,
+                relay: true,
             },
             t,
         );
@@ -1066,20 +1200,44 @@ mod tests {
                 _ => None,
             })
             .expect("an urgent summary to the sender");
+        // B offers what it keeps, A asks for exactly what it lacks, B sends it.
         b.handle_message(addr(1), &ident(1), ask, t);
+        let offer = drain(&mut b)
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::Send {
+                    msg: msg @ Msg::Offer { .. },
+                    ..
+                } => Some(msg),
+                _ => None,
+            })
+            .expect("an offer");
+        a.handle_message(addr(2), &ident(2), offer.clone(), t);
+        let want = drain(&mut a)
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::Send {
+                    msg: msg @ Msg::Want { .. },
+                    ..
+                } => Some(msg),
+                _ => None,
+            })
+            .expect("a want");
+        // The same offer again (a late duplicate): nothing asked twice.
+        a.handle_message(addr(2), &ident(2), offer, t);
+        assert!(drain(&mut a).is_empty(), "asked again");
+        b.handle_message(addr(1), &ident(1), want, t);
         let eff = drain(&mut b);
         let repaired: Vec<(i64, i64)> = eff
             .iter()
             .filter_map(|e| match e {
                 Effect::Send {
-                    msg:
-                        Msg::Unit {
-                            unit, relay: false, ..
-                        },
+                    msg: Msg::Repair { units, .. },
                     ..
-                } => Some((unit.from, unit.to)),
+                } => Some(units.iter().map(|u| (u.from, u.to)).collect::<Vec<_>>()),
                 _ => None,
             })
+            .flatten()
             .collect();
         assert_eq!(repaired, vec![(0, 2)], "exactly the missing unit");
         assert!(!eff.iter().any(|e| matches!(
@@ -1092,7 +1250,7 @@ mod tests {
     }
 
     #[test]
-    fn a_summary_lacking_what_is_no_longer_in_memory_gets_behind_then_a_pull() {
+    fn a_summary_lacking_what_is_no_longer_in_memory_gets_an_offer_of_more_then_a_pull() {
         let mut b = machine(2);
         b.set_peers([(addr(1), [1; 16])], Duration::ZERO);
         b.handle_applied(
@@ -1117,25 +1275,23 @@ mod tests {
             Duration::from_secs(9),
         );
         let eff = drain(&mut b);
-        assert!(matches!(
-            &eff[..],
-            [
-                Effect::Send {
-                    msg: Msg::Behind { .. },
-                    ..
-                },
-                Effect::Send {
-                    msg: Msg::Summary { reply: false, .. },
-                    ..
-                }
-            ]
-        ));
+        let offer = match &eff[..] {
+            [Effect::Send {
+                msg: offer @ Msg::Offer { have, more, .. },
+                ..
+            }, Effect::Send {
+                msg: Msg::Summary { reply: false, .. },
+                ..
+            }] if have.is_empty() && !more.is_empty() => offer.clone(),
+            other => panic!("unexpected {other:?}"),
+        };
         let mut a = machine(1);
         a.set_peers(
             [(addr(2), [2; 16]), (addr(3), [3; 16]), (addr(4), [4; 16])],
             Duration::ZERO,
         );
-        for p in [2u8, 3, 4] {
+        a.handle_message(addr(2), &ident(2), offer, Duration::ZERO);
+        for p in [3u8, 4] {
             a.handle_message(
                 addr(p as u16),
                 &ident(p as u16),

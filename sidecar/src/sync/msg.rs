@@ -165,8 +165,8 @@ pub enum Msg {
         relay: bool,
     },
     /// Anti-entropy: what the sender holds (held and being applied), per origin. The
-    /// receiver sends back the units it holds in memory that the sender lacks, `Behind`
-    /// when it holds more than it can send from memory, and its own summary when `reply`.
+    /// receiver answers with an `Offer` of what the sender lacks, and its own summary
+    /// when `reply`.
     /// `urgent` asks for no grace period, about the origins it names only (the sender saw
     /// a gap in a broadcast of one origin).
     #[n(1)]
@@ -208,6 +208,35 @@ pub enum Msg {
         #[n(1)]
         chunk: Chunk,
     },
+    /// Repairs: whole units the receiver's summary lacked, several per message so that a
+    /// repair arrives at once (never relayed).
+    #[n(6)]
+    Repair {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        units: Vec<OriginUnit>,
+    },
+    /// The answer to a summary: the versions the summary lacked that the sender keeps in
+    /// memory as whole units (`have`) and those it holds beyond that (`more`). The
+    /// receiver asks for what it still lacks (`Want`), or pulls the sender's feed.
+    #[n(7)]
+    Offer {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        have: Vec<OriginRanges>,
+        #[n(2)]
+        more: Vec<OriginRanges>,
+    },
+    /// "Send me the units holding these versions" (answered with `Repair`).
+    #[n(8)]
+    Want {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        ranges: Vec<OriginRanges>,
+    },
     /// "Origin `origin` wrote a unit up to `head` too large to broadcast; I hold it":
     /// the receiver pulls the sender's feed, then tells its own children in the tree.
     #[n(5)]
@@ -230,6 +259,9 @@ impl Msg {
             | Msg::Behind { site }
             | Msg::Pull { site, .. }
             | Msg::Changes { site, .. }
+            | Msg::Repair { site, .. }
+            | Msg::Offer { site, .. }
+            | Msg::Want { site, .. }
             | Msg::Notify { site, .. } => site,
         }
     }
@@ -239,6 +271,7 @@ impl Msg {
         match self {
             Msg::Unit { unit, .. } => unit.changes.len(),
             Msg::Changes { chunk, .. } => chunk.changes.len(),
+            Msg::Repair { units, .. } => units.iter().map(|u| u.changes.len()).sum(),
             _ => 0,
         }
     }
@@ -355,6 +388,16 @@ mod tests {
                 urgent: false,
             },
             Msg::Behind { site: [3; 16] },
+            Msg::Repair {
+                site: [3; 16],
+                units: vec![OriginUnit {
+                    origin: [7; 16],
+                    from: 4,
+                    to: 5,
+                    committed_ms: 0,
+                    changes: vec![change(5)],
+                }],
+            },
             Msg::Pull {
                 site: [4; 16],
                 after: 17,

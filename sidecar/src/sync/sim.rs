@@ -509,6 +509,7 @@ impl Sim {
     /// `node` can neither send nor receive.
     fn isolate(&mut self, node: usize) {
         self.group[node] = u32::MAX - node as u32;
+        self.schedule(self.model.detect, Event::RefreshPeers);
     }
 
     /// Splits the nodes into groups that cannot reach each other.
@@ -516,6 +517,7 @@ impl Sim {
         for i in 0..self.group.len() {
             self.group[i] = group_of(i);
         }
+        self.schedule(self.model.detect, Event::RefreshPeers);
     }
 
     /// Heals partitions, isolations and cuts; stops drops and duplicates.
@@ -524,6 +526,7 @@ impl Sim {
         self.cuts.clear();
         self.drop_p = 0.0;
         self.dup_p = 0.0;
+        self.schedule(self.model.detect, Event::RefreshPeers);
     }
 
     /// Stops `node`: its volatile state (machine, queues, messages to it) is lost.
@@ -572,23 +575,26 @@ impl Sim {
         self.schedule(after, Event::Timer { node: i });
     }
 
-    /// Membership's view: every node that is up is alive to every other.
+    /// Membership's view (`detect` after a change): every node that is up and on the
+    /// same side of a partition is alive to every other; the other side is down.
     fn refresh_peers(&mut self) {
-        let all: Vec<(SocketAddr, SiteId, bool)> = self
+        let all: Vec<(SocketAddr, SiteId, bool, u32)> = self
             .nodes
             .iter()
-            .map(|n| (n.addr, n.store.site, n.up))
+            .enumerate()
+            .map(|(i, n)| (n.addr, n.store.site, n.up, self.group[i]))
             .collect();
         let now = self.now;
         for i in 0..self.nodes.len() {
             let me = self.nodes[i].addr;
+            let side = self.group[i];
             if !self.nodes[i].up {
                 continue;
             }
             self.nodes[i].sync.set_peers(
                 all.iter()
-                    .filter(|(a, _, up)| *up && *a != me)
-                    .map(|(a, s, _)| (*a, *s)),
+                    .filter(|(a, _, up, g)| *up && *a != me && *g == side)
+                    .map(|(a, s, _, _)| (*a, *s)),
                 now,
             );
             self.drain(i);
@@ -692,6 +698,7 @@ impl Sim {
                         relay: true, unit, ..
                     } => self.report.by_tree += unit.changes.len() as u64,
                     Msg::Unit { unit, .. } => self.report.by_repair += unit.changes.len() as u64,
+                    Msg::Repair { .. } => self.report.by_repair += msg.change_count() as u64,
                     Msg::Changes { chunk, .. } => self.report.by_pull += chunk.changes.len() as u64,
                     _ => {}
                 }
@@ -1094,7 +1101,11 @@ fn fleet_of_60_with_faults_converges_at_under_two_copies_per_change() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let r = fleet(n, 150.0, 6, 3, &faults());
+    let secs = std::env::var("SIM_FLEET_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    let r = fleet(n, 150.0, secs, 3, &faults());
     assert!(r.changes_received as f64 <= 2.0 * r.changes_needed as f64);
 }
 
