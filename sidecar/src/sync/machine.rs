@@ -15,13 +15,17 @@
 //!    it, so a unit reaches every node once, in `log_fanout(n)` hops. Nothing a node
 //!    merged is re-broadcast: only origins and tree relays send units.
 //! 2. **Repair.** Every `round_interval` a node sends a random peer a summary of what it
-//!    holds (per origin: ranges; being-applied included). The peer answers with the
-//!    whole units it keeps in memory ([`RecentUnits`]) that the summary lacks — only units
-//!    it has had for `repair_grace` (younger ones are probably still travelling) — and
-//!    replies with its own summary so the exchange repairs both sides. A unit that
-//!    arrives past a gap asks its sender at once (`urgent`, no grace).
-//! 3. **Catch-up.** A peer that holds versions it no longer keeps in memory says
-//!    `Behind`; the node then pulls that peer's feed after its cursor, leaving out every
+//!    holds (per origin: ranges; being-applied included). The peer offers the versions
+//!    the summary lacks that it keeps in memory as whole units ([`RecentUnits`]; only
+//!    units it has had for `repair_grace` — younger ones are probably still travelling)
+//!    and names what it holds beyond that, and replies with its own summary so the
+//!    exchange repairs both sides. The node asks (`Want`) for what it still lacks when
+//!    the offer arrives and has not asked anyone for within `repair_timeout`, and gets
+//!    those whole units (`Repair`). Deciding at the requester makes a late summary
+//!    harmless: QUIC delivers what was queued during a partition when it heals. A
+//!    broadcast unit that arrives past a gap asks its sender at once (`urgent`).
+//! 3. **Catch-up.** A peer that holds versions it no longer keeps in memory says so (in
+//!    its offer, or `Behind`); the node then pulls that peer's feed after its cursor, leaving out every
 //!    change whose origin version it holds (`known`), at most `max_pulls` at a time. The
 //!    first chunk carries what the server held when it fixed the unit; once the unit is
 //!    applied the node holds all of that (superseded versions count: they are *cleared*).
