@@ -96,7 +96,7 @@ impl Default for SyncConfig {
             pull_timeout: Duration::from_secs(10),
             max_pulls: 1,
             repair_timeout: Duration::from_secs(3),
-            max_chunk_changes: 5_000,
+            max_chunk_changes: 20_000,
             max_chunk_bytes: 4 * 1024 * 1024,
             max_repair_bytes: 8 * 1024 * 1024,
             recent_bytes: 64 * 1024 * 1024,
@@ -350,6 +350,11 @@ impl Replicator {
         self.seen.retain(|addr, _| next.contains_key(addr));
         self.last_warned
             .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(10));
+        // The first peers of a node that just started (or was alone): exchange summaries
+        // now rather than a round later — a new node starts filling up at once.
+        if self.peers.is_empty() && !next.is_empty() {
+            self.next_round = self.next_round.min(now);
+        }
         self.addr_of = next.iter().map(|(a, s)| (*s, *a)).collect();
         let mut order: Vec<SiteId> = self.addr_of.keys().copied().collect();
         order.push(self.site);
