@@ -607,7 +607,7 @@ impl Replicator {
                 &Held::from_wire(&more),
                 now,
             ),
-            Msg::Want { ranges, .. } => self.on_want(from, site, &Held::from_wire(&ranges), now),
+            Msg::Want { ranges, .. } => self.on_want(from, &Held::from_wire(&ranges), now),
             Msg::Summary {
                 held,
                 reply,
@@ -811,7 +811,7 @@ impl Replicator {
     }
 
     /// A want: send the whole units kept in memory that hold the versions asked for.
-    fn on_want(&mut self, from: SocketAddr, site: SiteId, want: &Held, now: Duration) {
+    fn on_want(&mut self, from: SocketAddr, want: &Held, now: Duration) {
         let mut budget = self.config.max_repair_bytes;
         let mut units: Vec<OriginUnit> = Vec::new();
         let mut missing = false;
@@ -850,7 +850,6 @@ impl Replicator {
         }
         if missing {
             // Evicted since the offer, or past the budget: the feed has it.
-            let _ = site;
             self.effects.push_back(Effect::Send {
                 to: from,
                 msg: Msg::Behind { site: self.site },
