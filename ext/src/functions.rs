@@ -8,7 +8,7 @@ use sqlite_loadable::Result as SlResult;
 
 use crate::error::{Error, Result};
 use crate::sqlite::{self as sq, Conn, Value};
-use crate::{crr, origins, pk, state, Shared};
+use crate::{collect, crr, origins, pk, state, Shared};
 
 /// The shape of every function in the registration list.
 pub type Func = fn(*mut sqlite3_context, &[*mut sqlite3_value], &Arc<Shared>) -> SlResult<()>;
@@ -368,4 +368,29 @@ pub fn origin_missing(
         origins::missing(c, &site, a, b)
     });
     finish(ctx, r.map(|s| Value::Text(s.into_bytes())))
+}
+
+/// `patina_collect_tombstones(limits)`: the node's tombstone collection (see `collect`).
+pub fn collect_tombstones(
+    ctx: *mut sqlite3_context,
+    args: &[*mut sqlite3_value],
+    shared: &Arc<Shared>,
+) -> SlResult<()> {
+    let c = conn(ctx);
+    let r = match values(args).first() {
+        Some(Value::Text(t)) => {
+            let limits = String::from_utf8_lossy(t).into_owned();
+            shared
+                .flush(c)
+                .and_then(|_| collect::collect_tombstones(c, &limits))
+                .map(Value::Integer)
+        }
+        other => Err(Error::Argument {
+            function: "patina_collect_tombstones",
+            position: 1,
+            name: "limits",
+            problem: format!("must be TEXT (a JSON object), got {}", describe(other.unwrap_or(&Value::Null))),
+        }),
+    };
+    finish(ctx, r)
 }

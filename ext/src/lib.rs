@@ -17,12 +17,14 @@
 //! - `merger`        — per-connection merge state both merge paths share (caches, queue).
 //! - `changes_write` — merging remote changes one at a time (the entry point of a merge).
 //! - `changes_batch` — the batched merge path: queued changes applied grouped by row.
+//! - `collect`       — tombstone collection, applying the node's per-origin limits.
 //! - `functions`     — the scalar SQL functions.
 
 mod changes;
 mod changes_batch;
 mod changes_read;
 mod changes_write;
+mod collect;
 mod crr;
 mod error;
 mod functions;
@@ -165,6 +167,8 @@ fn register(conn: sqlite::Conn) -> error::Result<()> {
         ("patina_origin_summary", 0, plain, f::origin_summary),
         // patina_origin_missing(site_id, a, b) -> JSON ranges of a..=b of that origin not held
         ("patina_origin_missing", 3, plain, f::origin_missing),
+        // patina_collect_tombstones('{"<site hex>": version}') -> tombstones removed
+        ("patina_collect_tombstones", 1, direct, f::collect_tombstones),
     ];
     for (name, n, flags, func) in list {
         sqlite::create_function(conn, name, *n, flags.bits(), *func, shared.clone())?;

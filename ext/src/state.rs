@@ -9,9 +9,10 @@ use crate::sqlite::{Conn, Value};
 const STATE_SQL: &str = include_str!("../../sql/ext/state.sql");
 
 /// `patina_state.layout` of databases this build writes. 2: the triggers recognise a
-/// one-by-one merge's mark (`triggers::capturing`); databases at 1 get their triggers
-/// regenerated when the extension loads.
-pub const LAYOUT: i64 = 2;
+/// one-by-one merge's mark (`triggers::capturing`); 3: a new row starts above
+/// `patina_state.cl_floor` (`collect`). Databases at an older layout get the column and
+/// their triggers regenerated when the extension loads.
+pub const LAYOUT: i64 = 3;
 
 /// Creates the state tables and a site id if this database has none yet. Runs in a
 /// savepoint: either all of it exists afterwards or none of it.
@@ -27,6 +28,15 @@ pub fn ensure(conn: Conn) -> Result<()> {
             .unwrap_or(LAYOUT);
         if layout < LAYOUT {
             savepoint(conn, "patina_migrate", || {
+                let has_floor = conn.query_value(
+                    "SELECT 1 FROM pragma_table_info('patina_state') WHERE name = 'cl_floor'",
+                    &[],
+                )?;
+                if has_floor.is_none() {
+                    conn.exec(
+                        "ALTER TABLE patina_state ADD COLUMN cl_floor INTEGER NOT NULL DEFAULT 0",
+                    )?;
+                }
                 for table in crate::schema::replicated_tables(conn)? {
                     crate::crr::install_triggers(conn, &table)?;
                 }

@@ -190,9 +190,11 @@ fn insert_body(t: &TableInfo, src: &str, site: i64) -> String {
     } else {
         ["NULL".into(), "NULL".into(), "NULL".into()]
     };
+    // A row with no clock row starts its first life above every tombstone collected
+    // here, so it outranks a tombstone of the same key a peer still keeps.
     let mut values = vec![
         pk_list(t, &format!("{src}.")),
-        "1".into(),
+        "s.cl_floor + 1".into(),
         "s.db_version".into(),
     ];
     values.extend(own_clock);
@@ -251,7 +253,7 @@ fn delete_body(t: &TableInfo, src: &str, site: i64) -> String {
         "UPDATE patina_state SET db_version = db_version + 1, origin_version = origin_version + 1 \
          WHERE id = 0 AND {capturing};\n\
          INSERT INTO {clock} ({pk}, {CL}, {DBV}, {S_DBV}, {S_SITE}, {S_OV}) \
-         SELECT {src_pk}, 2, s.db_version, s.db_version, {site}, s.origin_version FROM patina_state AS s WHERE s.id = 0 AND {s_capturing}\n\
+         SELECT {src_pk}, s.cl_floor + 2, s.db_version, s.db_version, {site}, s.origin_version FROM patina_state AS s WHERE s.id = 0 AND {s_capturing}\n\
          ON CONFLICT ({pk}) DO UPDATE SET {CL} = {next}, {DBV} = excluded.{DBV}, {S_DBV} = excluded.{S_DBV}, \
          {S_SITE} = {site}, {S_OV} = excluded.{S_OV} WHERE {CL} % 2 = 1;\n",
         pk = pk_list(t, ""),

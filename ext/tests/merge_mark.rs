@@ -105,12 +105,14 @@ fn triggers_of_an_older_layout_are_regenerated_on_load() {
         // As the previous layout left it: triggers that know only merging = 0 / 1.
         let old = "CREATE TRIGGER t__patina_ins AFTER INSERT ON t BEGIN SELECT 1; END;";
         c.execute_batch(&format!(
-            "DROP TRIGGER t__patina_ins; {old} UPDATE patina_state SET layout = 1;"
+            "DROP TRIGGER t__patina_ins; {old} UPDATE patina_state SET layout = 1; \
+             ALTER TABLE patina_state DROP COLUMN cl_floor;"
         ))
         .unwrap();
     }
     let c = open(&path);
-    assert_eq!(one::<i64>(&c, "SELECT layout FROM patina_state"), 2);
+    assert_eq!(one::<i64>(&c, "SELECT layout FROM patina_state"), 3);
+    assert_eq!(one::<i64>(&c, "SELECT cl_floor FROM patina_state"), 0);
     let sql: String = one(
         &c,
         "SELECT sql FROM sqlite_schema WHERE name = 't__patina_ins'",

@@ -30,6 +30,7 @@ fn registers_exactly_these_functions_and_modules() {
         ("crsql_pack_columns", -1),
         ("crsql_rows_impacted", 0),
         ("crsql_site_id", 0),
+        ("patina_collect_tombstones", 1),
         ("patina_flush", 0),
         ("patina_new_site_id", 0),
         ("patina_origin_missing", 3),

@@ -12,6 +12,10 @@
 --   stale. Triggers skip while it is 1 or a live mark (ext/src/triggers.rs, capturing).
 -- layout: the version of the triggers' and clocks' shape; older ones are regenerated
 --   when the extension loads (ext/src/state.rs, LAYOUT).
+-- cl_floor: the highest causal length among the tombstones collected here, or learned from
+--   a peer that collected some (always even). A row inserted where it has no clock row
+--   starts at cl_floor + 1, so it outranks a tombstone of the same key that a peer has not
+--   collected yet (ext/src/collect.rs).
 -- site_id / local_site: this database's 16-byte site id and its ordinal in patina_sites;
 --   the triggers carry the ordinal as a literal, regenerated if the site id changes.
 CREATE TABLE IF NOT EXISTS patina_state (
@@ -22,7 +26,8 @@ CREATE TABLE IF NOT EXISTS patina_state (
     site_id            BLOB NOT NULL,
     local_site         INTEGER NOT NULL,
     layout             INTEGER NOT NULL DEFAULT 1,
-    origin_version     INTEGER NOT NULL DEFAULT 0
+    origin_version     INTEGER NOT NULL DEFAULT 0,
+    cl_floor           INTEGER NOT NULL DEFAULT 0
 );
 -- Site ids seen in clocks, by a small ordinal so clock rows stay narrow.
 CREATE TABLE IF NOT EXISTS patina_sites (
