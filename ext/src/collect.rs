@@ -49,10 +49,8 @@ pub fn collect_tombstones(conn: Conn, limits_json: &str) -> Result<i64> {
                 .execute(&arg)?;
             removed += conn.changes();
             // New rows must start above what was collected (see `patina_state.cl_floor`).
-            conn.prepare(
-                "UPDATE patina_state SET cl_floor = max(cl_floor, ?1) WHERE id = 0",
-            )?
-            .execute(&[Value::Integer(highest)])?;
+            conn.prepare("UPDATE patina_state SET cl_floor = max(cl_floor, ?1) WHERE id = 0")?
+                .execute(&[Value::Integer(highest)])?;
         }
         Ok(removed)
     })
@@ -77,7 +75,9 @@ fn ordinal_limits(conn: Conn, limits_json: &str) -> Result<String> {
         .and_then(|v| v.as_i64())
         .unwrap_or(0);
     if valid != 1 {
-        return Err(bad("must be a JSON object {\"<site id hex>\": version}".into()));
+        return Err(bad(
+            "must be a JSON object {\"<site id hex>\": version}".into()
+        ));
     }
     let wrong = conn.query_value(
         "SELECT key FROM json_each(?1) WHERE length(key) <> 32 OR key GLOB '*[^0-9a-fA-F]*' \

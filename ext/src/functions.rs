@@ -389,7 +389,10 @@ pub fn collect_tombstones(
             function: "patina_collect_tombstones",
             position: 1,
             name: "limits",
-            problem: format!("must be TEXT (a JSON object), got {}", describe(other.unwrap_or(&Value::Null))),
+            problem: format!(
+                "must be TEXT (a JSON object), got {}",
+                describe(other.unwrap_or(&Value::Null))
+            ),
         }),
     };
     finish(ctx, r)

@@ -168,7 +168,12 @@ fn register(conn: sqlite::Conn) -> error::Result<()> {
         // patina_origin_missing(site_id, a, b) -> JSON ranges of a..=b of that origin not held
         ("patina_origin_missing", 3, plain, f::origin_missing),
         // patina_collect_tombstones('{"<site hex>": version}') -> tombstones removed
-        ("patina_collect_tombstones", 1, direct, f::collect_tombstones),
+        (
+            "patina_collect_tombstones",
+            1,
+            direct,
+            f::collect_tombstones,
+        ),
     ];
     for (name, n, flags, func) in list {
         sqlite::create_function(conn, name, *n, flags.bits(), *func, shared.clone())?;

@@ -15,8 +15,10 @@ fn limits(site: &str, upto: i64) -> String {
 }
 
 fn collect(c: &rusqlite::Connection, limits: &str) -> i64 {
-    c.query_row("SELECT patina_collect_tombstones(?1)", [limits], |r| r.get(0))
-        .expect("collect")
+    c.query_row("SELECT patina_collect_tombstones(?1)", [limits], |r| {
+        r.get(0)
+    })
+    .expect("collect")
 }
 
 fn table(c: &rusqlite::Connection) {
@@ -45,7 +47,10 @@ fn deletes_up_to_the_limit_go_and_live_rows_and_later_deletes_stay() {
     assert_eq!(collect(&c, &limits(&me, after_first)), 600);
     assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t__patina_clock"), 400);
     assert_eq!(
-        one::<i64>(&c, "SELECT count(*) FROM t__patina_clock WHERE __patina_cl % 2 = 0"),
+        one::<i64>(
+            &c,
+            "SELECT count(*) FROM t__patina_clock WHERE __patina_cl % 2 = 0"
+        ),
         100
     );
     // The feed no longer carries them; the live rows are untouched.
@@ -75,7 +80,8 @@ fn a_row_inserted_after_a_collection_outranks_the_peers_tombstone() {
     let me = site_hex(&a);
     assert_eq!(collect(&a, &limits(&me, 1_000)), 1);
     let before: i64 = one(&a, "SELECT crsql_db_version()");
-    a.execute_batch("INSERT INTO t VALUES (1, 'again', 'y')").unwrap();
+    a.execute_batch("INSERT INTO t VALUES (1, 'again', 'y')")
+        .unwrap();
     assert_eq!(
         one::<i64>(&a, "SELECT __patina_cl FROM t__patina_clock WHERE id = 1"),
         3
@@ -94,9 +100,16 @@ fn a_row_inserted_after_a_collection_outranks_the_peers_tombstone() {
 fn malformed_limits_are_refused_by_name() {
     let c = memory();
     table(&c);
-    for bad in ["[]", "not json", "{\"zz\": 1}", &format!("{{\"{}\": \"x\"}}", "ab".repeat(16))] {
+    for bad in [
+        "[]",
+        "not json",
+        "{\"zz\": 1}",
+        &format!("{{\"{}\": \"x\"}}", "ab".repeat(16)),
+    ] {
         let err = c
-            .query_row("SELECT patina_collect_tombstones(?1)", [bad], |r| r.get::<_, i64>(0))
+            .query_row("SELECT patina_collect_tombstones(?1)", [bad], |r| {
+                r.get::<_, i64>(0)
+            })
             .expect_err(bad);
         assert!(
             err.to_string().contains("patina_collect_tombstones"),
@@ -104,7 +117,9 @@ fn malformed_limits_are_refused_by_name() {
         );
     }
     let err = c
-        .query_row("SELECT patina_collect_tombstones(1)", [], |r| r.get::<_, i64>(0))
+        .query_row("SELECT patina_collect_tombstones(1)", [], |r| {
+            r.get::<_, i64>(0)
+        })
         .expect_err("integer");
     assert!(err.to_string().contains("must be TEXT"), "{err}");
 }

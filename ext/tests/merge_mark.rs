@@ -104,9 +104,19 @@ fn triggers_of_an_older_layout_are_regenerated_on_load() {
         c.execute_batch(DDL).unwrap();
         // As the previous layout left it: triggers that know only merging = 0 / 1.
         let old = "CREATE TRIGGER t__patina_ins AFTER INSERT ON t BEGIN SELECT 1; END;";
+        let triggers: Vec<String> = c
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'trigger'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for t in triggers {
+            c.execute_batch(&format!("DROP TRIGGER \"{t}\"")).unwrap();
+        }
+        // ... and a state table from before `cl_floor`.
         c.execute_batch(&format!(
-            "DROP TRIGGER t__patina_ins; {old} UPDATE patina_state SET layout = 1; \
-             ALTER TABLE patina_state DROP COLUMN cl_floor;"
+            "ALTER TABLE patina_state DROP COLUMN cl_floor; {old} UPDATE patina_state SET layout = 1;"
         ))
         .unwrap();
     }
