@@ -13,6 +13,8 @@
 //! Clock rows written before the origin counter existed have no origin number and are
 //! never collected.
 
+use std::collections::BTreeMap;
+
 use crate::error::{Error, Result};
 use crate::schema::{clock_table, quote, replicated_tables};
 use crate::sqlite::{Conn, Value};
@@ -21,39 +23,84 @@ use crate::triggers::{CL, S_OV, S_SITE};
 
 /// `patina_collect_tombstones(limits)`: `limits` is a JSON object mapping an origin's
 /// site id (32 hex digits) to the highest version of it whose deletes may be forgotten.
-/// Returns the number of tombstones removed. Origins this database never heard of are
-/// ignored; a malformed object is an error naming what is wrong.
-pub fn collect_tombstones(conn: Conn, limits_json: &str) -> Result<i64> {
+/// Returns JSON `{"removed": n, "floors": {"<site id hex>": v}}`: how many tombstones went
+/// and, per origin, the highest delete version among them (what the node advertises as
+/// collected). Origins this database never heard of are ignored; a malformed object is an
+/// error naming what is wrong.
+pub fn collect_tombstones(conn: Conn, limits_json: &str) -> Result<String> {
     state::ensure(conn)?;
     state::savepoint(conn, "patina_collect", || {
         let by_ordinal = ordinal_limits(conn, limits_json)?;
-        if by_ordinal == "{}" {
-            return Ok(0);
+        let mut removed = 0i64;
+        let mut floors: BTreeMap<String, i64> = BTreeMap::new();
+        if by_ordinal != "{}" {
+            for table in replicated_tables(conn)? {
+                removed += collect_table(conn, &table, &by_ordinal, &mut floors)?;
+            }
         }
-        let mut removed = 0;
-        for table in replicated_tables(conn)? {
-            // One scan of the clock per call whatever the number of origins: the limit
-            // is looked up by the row's credited ordinal.
-            let collectable = format!(
-                "FROM {clock} WHERE {CL} % 2 = 0 AND {S_OV} IS NOT NULL \
-                 AND {S_OV} <= coalesce(json_extract(?1, '$.\"' || {S_SITE} || '\"'), -1)",
-                clock = quote(&clock_table(&table)),
-            );
-            let arg = [Value::Text(by_ordinal.as_bytes().to_vec())];
-            let highest = conn
-                .prepare(&format!("SELECT max({CL}) {collectable}"))?
-                .query_value(&arg)?
-                .and_then(|v| v.as_i64());
-            let Some(highest) = highest else { continue };
-            conn.prepare(&format!("DELETE {collectable}"))?
-                .execute(&arg)?;
-            removed += conn.changes();
-            // New rows must start above what was collected (see `patina_state.cl_floor`).
-            conn.prepare("UPDATE patina_state SET cl_floor = max(cl_floor, ?1) WHERE id = 0")?
-                .execute(&[Value::Integer(highest)])?;
-        }
-        Ok(removed)
+        let floors: Vec<String> = floors
+            .iter()
+            .map(|(site, v)| format!("\"{site}\":{v}"))
+            .collect();
+        Ok(format!(
+            "{{\"removed\":{removed},\"floors\":{{{}}}}}",
+            floors.join(",")
+        ))
     })
+}
+
+/// Collects one table's tombstones under `by_ordinal` (limits keyed by site ordinal):
+/// one scan to learn what goes, one to delete it, whatever the number of origins.
+fn collect_table(
+    conn: Conn,
+    table: &str,
+    by_ordinal: &str,
+    floors: &mut BTreeMap<String, i64>,
+) -> Result<i64> {
+    let collectable = format!(
+        "FROM {clock} AS c WHERE c.{CL} % 2 = 0 AND c.{S_OV} IS NOT NULL \
+         AND c.{S_OV} <= coalesce(json_extract(?1, '$.\"' || c.{S_SITE} || '\"'), -1)",
+        clock = quote(&clock_table(table)),
+    );
+    let arg = [Value::Text(by_ordinal.as_bytes().to_vec())];
+    let mut s = conn.prepare(&format!(
+        "SELECT lower(hex(s.site_id)), max(c.{S_OV}), max(c.{CL}), count(*) {collectable_join} \
+         GROUP BY c.{S_SITE}",
+        collectable_join = collectable.replacen(
+            " AS c WHERE",
+            " AS c JOIN patina_sites AS s ON s.ord = c.__patina_s_site WHERE",
+            1
+        ),
+    ))?;
+    let rows = s.query_map(&arg, |r| {
+        (
+            r.column(0),
+            r.column_i64(1),
+            r.column_i64(2),
+            r.column_i64(3),
+        )
+    })?;
+    drop(s);
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut highest_cl = 0;
+    for (site, ov, cl, _) in &rows {
+        if let Value::Text(site) = site {
+            let e = floors
+                .entry(String::from_utf8_lossy(site).into_owned())
+                .or_insert(0);
+            *e = (*e).max(*ov);
+        }
+        highest_cl = highest_cl.max(*cl);
+    }
+    conn.prepare(&format!("DELETE {collectable}"))?
+        .execute(&arg)?;
+    let removed = conn.changes();
+    // New rows must start above what was collected (see `patina_state.cl_floor`).
+    conn.prepare("UPDATE patina_state SET cl_floor = max(cl_floor, ?1) WHERE id = 0")?
+        .execute(&[Value::Integer(highest_cl)])?;
+    Ok(removed)
 }
 
 /// Re-keys the limits by `patina_sites` ordinal (what clock rows store), checking the

@@ -383,7 +383,7 @@ pub fn collect_tombstones(
             shared
                 .flush(c)
                 .and_then(|_| collect::collect_tombstones(c, &limits))
-                .map(Value::Integer)
+                .map(|json| Value::Text(json.into_bytes()))
         }
         other => Err(Error::Argument {
             function: "patina_collect_tombstones",

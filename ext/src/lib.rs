@@ -167,7 +167,7 @@ fn register(conn: sqlite::Conn) -> error::Result<()> {
         ("patina_origin_summary", 0, plain, f::origin_summary),
         // patina_origin_missing(site_id, a, b) -> JSON ranges of a..=b of that origin not held
         ("patina_origin_missing", 3, plain, f::origin_missing),
-        // patina_collect_tombstones('{"<site hex>": version}') -> tombstones removed
+        // patina_collect_tombstones('{"<site hex>": version}') -> '{"removed": n, "floors": {..}}'
         (
             "patina_collect_tombstones",
             1,

@@ -14,11 +14,17 @@ fn limits(site: &str, upto: i64) -> String {
     format!("{{\"{site}\": {upto}}}")
 }
 
+/// Collects; returns how many tombstones went.
 fn collect(c: &rusqlite::Connection, limits: &str) -> i64 {
-    c.query_row("SELECT patina_collect_tombstones(?1)", [limits], |r| {
+    let json: String = c
+        .query_row("SELECT patina_collect_tombstones(?1)", [limits], |r| {
+            r.get(0)
+        })
+        .expect("collect");
+    c.query_row("SELECT json_extract(?1, '$.removed')", [&json], |r| {
         r.get(0)
     })
-    .expect("collect")
+    .expect("removed")
 }
 
 fn table(c: &rusqlite::Connection) {
@@ -43,8 +49,19 @@ fn deletes_up_to_the_limit_go_and_live_rows_and_later_deletes_stay() {
     c.execute_batch("DELETE FROM t WHERE id > 900").unwrap();
     assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t__patina_clock"), 1000);
     let me = site_hex(&c);
-    // Only the first 600 deletes are at or below the limit.
-    assert_eq!(collect(&c, &limits(&me, after_first)), 600);
+    // Only the first 600 deletes are at or below the limit; the floor is the highest
+    // delete version that went.
+    let json: String = c
+        .query_row(
+            "SELECT patina_collect_tombstones(?1)",
+            [limits(&me, after_first)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        json,
+        format!("{{\"removed\":600,\"floors\":{{\"{me}\":{after_first}}}}}")
+    );
     assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t__patina_clock"), 400);
     assert_eq!(
         one::<i64>(

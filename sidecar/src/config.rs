@@ -37,6 +37,7 @@ pub struct Config {
     pub db: DbConfig,
     pub api: ApiConfig,
     pub gossip: GossipConfig,
+    pub sync: SyncSection,
     pub log: LogConfig,
 }
 
@@ -148,6 +149,35 @@ impl Default for GossipConfig {
     }
 }
 
+/// `[sync]`: how long replication metadata is kept (README, "Bounded metadata").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSection {
+    /// A delete's tombstone is collected once every member holds it, or once this node
+    /// has held it this long even if some member (down, partitioned) cannot confirm it.
+    /// A node away longer than this is re-seeded when it returns (`"72h"`, `"7d"`).
+    #[serde(deserialize_with = "de_long_duration")]
+    pub tombstone_retention: Duration,
+    /// Members not seen for this long are forgotten: their cursors, ranges and
+    /// membership rows go. Never shorter than `tombstone_retention`.
+    #[serde(deserialize_with = "de_long_duration")]
+    pub forget_after: Duration,
+    /// Re-seed this node from its peers on its own when it learns it was away too long
+    /// (its database is set aside first). When false it stops replicating and says
+    /// which command to run.
+    pub auto_reseed: bool,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        SyncSection {
+            tombstone_retention: Duration::from_secs(72 * 3600),
+            forget_after: Duration::from_secs(7 * 24 * 3600),
+            auto_reseed: true,
+        }
+    }
+}
+
 /// `[gossip.tls]`: PEM files of the cluster CA and this node's certificate.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -218,6 +248,13 @@ impl Config {
                 self.api.max_result_bytes
             )));
         }
+        if self.sync.forget_after < self.sync.tombstone_retention {
+            return Err(ConfigError::Invalid(format!(
+                "sync.forget_after ({:?}) is shorter than sync.tombstone_retention ({:?}): a \
+                 member must not be forgotten before the deletes it may lack are",
+                self.sync.forget_after, self.sync.tombstone_retention
+            )));
+        }
         let tls = &self.gossip.tls;
         if tls.is_any() && !tls.is_complete() {
             return Err(ConfigError::Invalid(
@@ -260,6 +297,15 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 
 /// Parses durations like `5s`, `500ms`, `2m`, or a number of seconds (`1.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_upto(s, 86_400.0, "a day")
+}
+
+/// Parses long durations (`90s`, `72h`, `7d`): retention periods, up to ten years.
+pub fn parse_long_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_upto(s, 10.0 * 365.0 * 86_400.0, "ten years")
+}
+
+fn parse_duration_upto(s: &str, max_secs: f64, max_name: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -272,11 +318,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" | "sec" | "secs" => n,
         "ms" => n / 1000.0,
         "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
         other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
     };
-    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+    if !secs.is_finite() || secs <= 0.0 || secs > max_secs {
         return Err(format!(
-            "duration {s:?} is out of range (more than 0, at most a day)"
+            "duration {s:?} is out of range (more than 0, at most {max_name})"
         ));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -292,6 +340,19 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match Dur::deserialize(d)? {
         Dur::N(n) => parse_duration(&n.to_string()).map_err(serde::de::Error::custom),
         Dur::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_long_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Dur {
+        N(f64),
+        S(String),
+    }
+    match Dur::deserialize(d)? {
+        Dur::N(n) => parse_long_duration(&n.to_string()).map_err(serde::de::Error::custom),
+        Dur::S(s) => parse_long_duration(&s).map_err(serde::de::Error::custom),
     }
 }
 
@@ -321,7 +382,15 @@ mod tests {
         assert_eq!(c.api.query_timeout, Duration::from_secs(5));
         assert_eq!(c.api.max_result_bytes, 8 * 1024 * 1024);
         assert_eq!(c.gossip.addr.to_string(), "127.0.0.1:8787");
+        assert_eq!(c.sync.tombstone_retention, Duration::from_secs(72 * 3600));
         assert!(c.validate().expect("valid"));
+        let short =
+            Config::from_toml("[sync]\ntombstone_retention = \"7d\"\nforget_after = \"1d\"\n")
+                .expect("parses");
+        let err = short
+            .validate()
+            .expect_err("forget_after below the retention");
+        assert!(err.to_string().contains("sync.forget_after"), "{err}");
     }
 
     #[test]

@@ -109,8 +109,17 @@ pub struct Metrics {
     /// `patina_subscription_event_seconds`: a change noticed by the node (commit seen by the
     /// tailer, the API writer or the merge) to its subscription event sent.
     pub subscription_event: Histogram,
+    /// `patina_tombstones_collected_total`: clock rows of deleted rows removed
+    /// (`db::retention`).
+    pub tombstones_collected: IntCounter,
+    /// `patina_members_forgotten_total`: departed members whose metadata was dropped.
+    pub members_forgotten: IntCounter,
     /// Background loops that keep failing make `/v1/health` answer 503.
     pub loops: Loops,
+    /// Set when replication stopped for a reason only an operator or a re-seed clears
+    /// (this node was away too long, or diverged from a peer): `/v1/health` answers 503
+    /// with it.
+    pub sync_problem: std::sync::RwLock<Option<String>>,
 }
 
 /// Latency buckets (seconds) shared by the latency histograms: 0.5 ms to 30 s.
@@ -156,6 +165,14 @@ impl Default for Metrics {
                 "Change units received from peers.",
             ),
             sync_rounds: counter("patina_sync_rounds_total", "Anti-entropy rounds run."),
+            tombstones_collected: counter(
+                "patina_tombstones_collected_total",
+                "Clock rows of deleted rows removed once no replica can need them.",
+            ),
+            members_forgotten: counter(
+                "patina_members_forgotten_total",
+                "Departed members whose cursors, ranges and membership rows were dropped.",
+            ),
             frames_rejected: counter(
                 "patina_frames_rejected_total",
                 "Frames refused (corrupt, oversized, wrong cluster).",
@@ -223,6 +240,7 @@ impl Default for Metrics {
                 LATENCY_BUCKETS,
             ),
             loops: Loops::default(),
+            sync_problem: std::sync::RwLock::new(None),
             registry,
         }
     }

@@ -43,6 +43,8 @@ pub struct Driver {
     pub limits: ChunkLimits,
     pub shared: Arc<NodeShared>,
     pub epoch: Instant,
+    /// Tombstone collection, last-seen times, forgetting, re-seeding.
+    pub upkeep: super::upkeep::Upkeep,
 }
 
 impl Driver {
@@ -54,6 +56,8 @@ impl Driver {
         // Merges by other connections (an app's own sync code) change what is held too.
         let mut held_refresh = tokio::time::interval(HELD_REFRESH);
         held_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut upkeep_tick = tokio::time::interval(super::upkeep::UPKEEP_EVERY);
+        upkeep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = tokio::time::Instant::from_std(self.epoch + self.sync.next_timeout());
             tokio::select! {
@@ -71,6 +75,11 @@ impl Driver {
                     }
                 }
                 _ = held_refresh.tick() => self.reload_held(),
+                _ = upkeep_tick.tick() => {
+                    let now = self.now();
+                    self.upkeep.tick(&self.sync, now);
+                }
+                Some(done) = self.upkeep.done_rx.recv() => self.upkeep.on_done(done, &mut self.sync),
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
                     self.sync.handle_timer(now);
@@ -201,6 +210,7 @@ impl Driver {
     fn refresh_members(&mut self) {
         let alive = self.membership.alive_peers();
         let now = self.now();
+        self.upkeep.on_alive(alive.iter().map(|m| m.site_id));
         self.sync
             .set_peers(alive.iter().map(|m| (m.addr, m.site_id)), now);
         let members = self.membership.members();
@@ -279,6 +289,20 @@ impl Driver {
                             );
                         }
                     });
+                }
+                Effect::RaiseClFloor(floor) => self.upkeep.raise_cl_floor(floor),
+                Effect::Reseed {
+                    peer,
+                    origin,
+                    floor,
+                    held,
+                } => {
+                    let db = self.shared.db_path.clone();
+                    self.upkeep.reseed(peer, origin, floor, held, &db);
+                }
+                Effect::Diverged { peer, site } => {
+                    let db = self.shared.db_path.clone();
+                    self.upkeep.diverged(peer, site, &db);
                 }
                 Effect::Apply(job) => {
                     let mut job = job;

@@ -4,12 +4,15 @@
 //! # Layout
 //! - `mod.rs`    — [`run`]: validate, open, apply schema, start everything, shut down.
 //! - `driver.rs` — the task that owns the sync state machine and performs its effects.
+//! - `upkeep.rs` — bounded metadata: tombstone collection, forgetting, re-seeding.
 
 mod driver;
+mod upkeep;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -47,6 +50,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error("re-seeding: {0}")]
+    Reseed(#[from] db::retention::RetentionError),
     #[error(transparent)]
     Claim(#[from] crate::claim::ClaimError),
     #[error("cannot resolve gossip.bootstrap entry {entry:?}: {reason}")]
@@ -82,12 +87,38 @@ fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// How one run of the node ended.
+enum Outcome {
+    /// `shutdown` resolved (or the API stopped).
+    Stopped,
+    /// The node learned it must be re-seeded: it stopped in order and starts again,
+    /// re-seeding first.
+    Reseed,
+}
+
 /// Runs a node until `shutdown` resolves, then stops accepting API requests, lets the
 /// apply thread finish its current batch, leaves the cluster and closes the transport.
+/// A node that learns it must be re-seeded (`db::retention`) stops the same way and
+/// starts again in the same process.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
+    loop {
+        match run_once(config.clone(), &mut shutdown).await? {
+            Outcome::Stopped => return Ok(()),
+            Outcome::Reseed => {
+                tracing::warn!("restarting this node to re-seed it from its peers");
+            }
+        }
+    }
+}
+
+async fn run_once(
+    config: Config,
+    shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> Result<Outcome, AgentError> {
     let insecure = config.validate()?;
     if insecure {
         tracing::warn!(
@@ -134,7 +165,6 @@ pub async fn run(
     let ext = db::extension_path(config.db.extension_path.as_deref())?;
     let level = config.db.synchronous;
     let schema_paths = crate::http::migrations::schema_paths(&config.db.schema_paths, &path);
-    let mut shutdown = Box::pin(shutdown);
     // A full disk at start is waited out rather than exiting: a supervisor would restart
     // the node into the same failure again and again, while a node that waits starts by
     // itself once space is freed (and still stops at once on SIGTERM).
@@ -160,17 +190,35 @@ pub async fn run(
                     DISK_FULL_RETRY.as_secs()
                 );
                 tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
+                    _ = shutdown.as_mut() => return Ok(Outcome::Stopped),
                     _ = tokio::time::sleep(DISK_FULL_RETRY) => {}
                 }
             }
             Err(e) => return Err(e),
         }
     };
+    let mut setup = setup;
+    if let Some(reason) = db::retention::pending_reseed(&setup).map_err(sql_err)? {
+        tracing::warn!("re-seeding this node: {reason}");
+        let now_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let copy = db::retention::reseed(&mut setup, &path, now_s)?;
+        tracing::warn!(
+            copy = %copy.display(),
+            "re-seeded: the replicated tables are empty and this node has a fresh site id; it \
+             fills up from its peers. The database as it was is kept in {}",
+            copy.display()
+        );
+    }
     let site = feed::site_id(&setup).map_err(sql_err)?;
     let cursors = bookkeeping::load_cursors(&setup).map_err(sql_err)?;
     let held = bookkeeping::load_held(&setup).map_err(sql_err)?;
     let bindings = bookkeeping::load_bindings(&setup).map_err(sql_err)?;
+    let collected = db::retention::load_collected(&setup).map_err(sql_err)?;
+    let cl_floor = db::retention::cl_floor(&setup).map_err(sql_err)?;
+    let seen = db::retention::load_seen(&setup).map_err(sql_err)?;
     let version = feed::db_version(&setup).map_err(sql_err)?;
     drop(setup);
     tracing::info!(
@@ -300,6 +348,7 @@ pub async fn run(
     let epoch = Instant::now();
     let sync_config = SyncConfig {
         max_chunk_bytes: (max_frame / 4).min(4 * 1024 * 1024),
+        tombstone_retention: config.sync.tombstone_retention,
         ..SyncConfig::default()
     };
     let limits = feed::ChunkLimits {
@@ -315,6 +364,15 @@ pub async fn run(
         Duration::ZERO,
     );
     sync.set_bindings(bindings);
+    sync.set_collected(collected, cl_floor);
+    let (reseed_tx, mut reseed_rx) = watch::channel(false);
+    let upkeep = upkeep::Upkeep::new(
+        db::open(&path, &ext, level)?,
+        config.sync.clone(),
+        seen,
+        reseed_tx,
+        metrics.clone(),
+    );
     let driver = driver::Driver {
         sync,
         transport: transport.clone(),
@@ -327,8 +385,10 @@ pub async fn run(
         limits,
         shared: shared.clone(),
         epoch,
+        upkeep,
     };
     let driver = tokio::spawn(driver.run(stop_rx));
+    let mut outcome = Outcome::Stopped;
     tracing::info!(
         api = %api_addr,
         gossip = %transport.local_addr(),
@@ -337,12 +397,16 @@ pub async fn run(
     );
 
     tokio::select! {
-        _ = &mut shutdown => tracing::info!("shutting down"),
+        _ = shutdown.as_mut() => tracing::info!("shutting down"),
+        _ = reseed_rx.wait_for(|r| *r) => {
+            outcome = Outcome::Reseed;
+            tracing::warn!("stopping to re-seed");
+        }
         r = &mut Box::pin(wait_api(api)) => {
             // The API stopped on its own: an error; take the node down with it.
             stop_threads.store(true, Ordering::SeqCst);
             let _ = stop_tx.send(true);
-            return r;
+            return r.map(|()| Outcome::Stopped);
         }
     }
     let _ = stop_tx.send(true);
@@ -357,7 +421,7 @@ pub async fn run(
     membership.leave().await;
     transport.close().await;
     tracing::info!("stopped");
-    Ok(())
+    Ok(outcome)
 }
 
 async fn wait_api(

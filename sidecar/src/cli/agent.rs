@@ -80,6 +80,15 @@ pub fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
     if args.gossip_insecure {
         c.gossip.insecure = true;
     }
+    if let Some(v) = args.sync_tombstone_retention {
+        c.sync.tombstone_retention = v;
+    }
+    if let Some(v) = args.sync_forget_after {
+        c.sync.forget_after = v;
+    }
+    if let Some(v) = args.sync_auto_reseed {
+        c.sync.auto_reseed = v;
+    }
     if let Some(v) = &args.log_level {
         c.log.level = v.clone();
     }

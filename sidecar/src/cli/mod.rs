@@ -151,6 +151,15 @@ pub struct AgentArgs {
     /// gossip.insecure: allow unauthenticated peers on a non-loopback address.
     #[arg(long)]
     pub gossip_insecure: bool,
+    /// sync.tombstone_retention: deletes held this long are collected anyway (e.g. 72h).
+    #[arg(long, value_parser = crate::config::parse_long_duration)]
+    pub sync_tombstone_retention: Option<std::time::Duration>,
+    /// sync.forget_after: members unseen this long are forgotten (e.g. 7d).
+    #[arg(long, value_parser = crate::config::parse_long_duration)]
+    pub sync_forget_after: Option<std::time::Duration>,
+    /// sync.auto_reseed: re-seed on its own after being away too long (true or false).
+    #[arg(long)]
+    pub sync_auto_reseed: Option<bool>,
     /// log.level (RUST_LOG wins when set).
     #[arg(long)]
     pub log_level: Option<String>,

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS patina_site_bindings (
 /// Creates the bookkeeping tables (and the inbox, `db::inbox`) if missing.
 pub fn ensure(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(super::retention::SCHEMA)?;
     super::inbox::ensure(conn)
 }
 

@@ -9,6 +9,7 @@
 //! - `apply`       — the apply thread: the one writer of remote changes, batched, atomic.
 //! - `bookkeeping` — per-peer cursors, out-of-order ranges and site bindings, in the database.
 //! - `inbox`       — chunks of large units buffered until whole; bounded and expiring.
+//! - `retention`   — tombstone collection, forgetting departed members, re-seeding.
 //! - `schema`      — schema files: create, migrate (add columns), make replicated.
 
 pub mod apply;
@@ -16,6 +17,7 @@ pub mod bookkeeping;
 pub mod conn;
 pub mod feed;
 pub mod inbox;
+pub mod retention;
 pub mod schema;
 pub mod tail;
 pub mod touched;

@@ -82,6 +82,11 @@ pub async fn get_health(
             ));
         }
     }
+    if let Ok(problem) = m.sync_problem.read() {
+        if let Some(problem) = problem.as_ref() {
+            problems.push(problem.clone());
+        }
+    }
     if let Some(max) = p.max_queue.or(p.queue_size) {
         if queue > max {
             problems.push(format!(

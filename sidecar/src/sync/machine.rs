@@ -39,7 +39,7 @@
 //! each site id is bound to (`identity.rs`). Every range a peer sends is validated
 //! (`ranges.rs`) before anything is applied.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -49,10 +49,11 @@ use rand::Rng;
 
 use super::held::{Held, RangeSet};
 use super::identity::{check_claim, Claim};
-use super::msg::{Chunk, Msg, OriginUnit, SiteId};
+use super::msg::{Chunk, Msg, OriginRanges, OriginUnit, SiteId};
 use super::ranges::RangeError;
 use super::ranges::{validate_chunk, validate_origin_ranges, validate_pull, validate_unit};
 use super::recent::RecentUnits;
+use super::stability::{lacks_collected, prefixes, Prefixes, Stability};
 
 /// Tunables; the defaults are the node's.
 #[derive(Clone, Debug)]
@@ -84,6 +85,9 @@ pub struct SyncConfig {
     pub recent_age: Duration,
     /// Ranges per origin in a summary (the newest kept; older ones are only claimed less).
     pub summary_ranges: usize,
+    /// Deletes held this long are forgotten even when a member (down, partitioned)
+    /// cannot confirm it holds them (`stability`).
+    pub tombstone_retention: Duration,
 }
 
 impl Default for SyncConfig {
@@ -102,6 +106,7 @@ impl Default for SyncConfig {
             recent_bytes: 64 * 1024 * 1024,
             recent_age: Duration::from_secs(120),
             summary_ranges: 64,
+            tombstone_retention: Duration::from_secs(72 * 3600),
         }
     }
 }
@@ -154,6 +159,21 @@ pub enum Effect {
     /// Store, once and for good, that `site` is bound to the peer `identity`
     /// (`patina_site_bindings`; `INSERT OR IGNORE`). Already in force in memory.
     Bind { site: SiteId, identity: String },
+    /// Raise `patina_state.cl_floor` to at least this (a peer collected tombstones).
+    RaiseClFloor(i64),
+    /// Peer `peer` forgot deletes of `origin` up to `floor` that this node never received
+    /// (it holds `1..=held` of it): this node may keep rows those deletes removed. It has
+    /// stopped replicating and must be re-seeded (`stability`).
+    Reseed {
+        peer: SocketAddr,
+        origin: SiteId,
+        floor: i64,
+        held: i64,
+    },
+    /// Both this node and `site` (at `peer`) forgot deletes the other never received: a
+    /// partition outlasted the tombstone retention on both sides. Nothing more is
+    /// exchanged with it; an operator re-seeds one side.
+    Diverged { peer: SocketAddr, site: SiteId },
 }
 
 #[derive(Clone, Debug)]
@@ -220,6 +240,19 @@ pub struct Replicator {
     effects: VecDeque<Effect>,
     stats: SyncStats,
     finished: Vec<(Duration, usize)>,
+    /// What members hold, for tombstone collection.
+    stability: Stability,
+    /// Per origin, the highest version whose deletes this node may have forgotten.
+    collected: Prefixes,
+    /// `patina_state.cl_floor` as last known.
+    cl_floor: i64,
+    /// A node that held nothing of any other origin, until its first catch-up commits:
+    /// it has no rows a forgotten delete could concern, so floors do not apply to it.
+    joining: bool,
+    /// Set once this node learned it must be re-seeded: it replicates nothing more.
+    reseeding: bool,
+    /// Peers that forgot deletes this node lacks while it forgot some they lack.
+    diverged: HashSet<SiteId>,
 }
 
 impl Replicator {
@@ -235,6 +268,8 @@ impl Replicator {
     ) -> Replicator {
         let first = jittered(&mut rng, &config);
         let recent = RecentUnits::new(config.recent_bytes, config.recent_age);
+        let stability = Stability::new(config.tombstone_retention);
+        let joining = held.iter().all(|(o, r)| *o == site || r.is_empty());
         Replicator {
             site,
             config,
@@ -260,7 +295,81 @@ impl Replicator {
             effects: VecDeque::new(),
             stats: SyncStats::default(),
             finished: Vec::new(),
+            stability,
+            collected: Prefixes::new(),
+            cl_floor: 0,
+            joining,
+            reseeding: false,
+            diverged: HashSet::new(),
         }
+    }
+
+    /// What this node has collected (`patina_collected`) and its `cl_floor`: loaded at
+    /// start and after every collection, and advertised in summaries.
+    pub fn set_collected(&mut self, collected: Prefixes, cl_floor: i64) {
+        self.collected = collected;
+        self.cl_floor = self.cl_floor.max(cl_floor);
+    }
+
+    /// The per-origin limits up to which deletes may be forgotten now (`stability`);
+    /// `members` are the sites that are not forgotten.
+    pub fn collect_limits(&self, members: &[SiteId], now: Duration) -> Prefixes {
+        if self.reseeding {
+            return Prefixes::new();
+        }
+        self.stability.limits(&self.site, members, &self.held, now)
+    }
+
+    /// Stops counting a forgotten member.
+    pub fn forget_member(&mut self, site: &SiteId) {
+        self.stability.forget(site);
+        self.diverged.remove(site);
+    }
+
+    /// True once this node learned it must be re-seeded.
+    pub fn is_reseeding(&self) -> bool {
+        self.reseeding
+    }
+
+    /// Peers this node diverged from (see [`Effect::Diverged`]).
+    pub fn diverged(&self) -> &HashSet<SiteId> {
+        &self.diverged
+    }
+
+    /// Checks a peer's collected floors against what this node holds. Returns true when
+    /// the exchange stops here: this node must be re-seeded, or it diverged from the peer.
+    fn check_collected(
+        &mut self,
+        from: SocketAddr,
+        site: SiteId,
+        theirs: &Held,
+        floors: &Prefixes,
+    ) -> bool {
+        if self.joining || floors.is_empty() {
+            return false;
+        }
+        let ours = self.holding();
+        let Some((origin, floor, held)) = lacks_collected(&self.site, &ours, floors) else {
+            return false;
+        };
+        // Whether the peer lacks what we forgot is judged from its summary.
+        let they_lack = lacks_collected(&site, theirs, &self.collected).is_some();
+        if they_lack {
+            if self.diverged.insert(site) {
+                self.effects
+                    .push_back(Effect::Diverged { peer: from, site });
+            }
+            return true;
+        }
+        self.reseeding = true;
+        self.pulls.clear();
+        self.effects.push_back(Effect::Reseed {
+            peer: from,
+            origin,
+            floor,
+            held,
+        });
+        true
     }
 
     /// Loads the durable site bindings (`patina_site_bindings`) at start.
@@ -387,6 +496,10 @@ impl Replicator {
         }
         self.recent.evict(now);
         self.expire_requested(now);
+        self.stability.tick(&self.held, now);
+        if self.reseeding {
+            return;
+        }
         self.asked
             .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(1));
         if now < self.next_round {
@@ -431,6 +544,16 @@ impl Replicator {
                 held,
                 reply,
                 urgent,
+                collected: Some(
+                    self.collected
+                        .iter()
+                        .map(|(o, f)| OriginRanges {
+                            site: *o,
+                            ranges: vec![(1, *f)],
+                        })
+                        .collect(),
+                ),
+                cl_floor: Some(self.cl_floor),
             },
         });
     }
@@ -478,6 +601,9 @@ impl Replicator {
         }
         self.held.insert(self.site, unit.from + 1, unit.to);
         self.note_head(self.site, unit.to);
+        if self.reseeding {
+            return; // set aside with the rest of this database at the re-seed
+        }
         self.recent.insert(&unit, now);
         self.broadcast(unit, true);
     }
@@ -532,6 +658,9 @@ impl Replicator {
     /// fingerprint, or its address when the transport is unauthenticated).
     pub fn handle_message(&mut self, from: SocketAddr, identity: &str, msg: Msg, now: Duration) {
         let site = *msg.site();
+        if self.reseeding || self.diverged.contains(&site) {
+            return;
+        }
         if site == self.site {
             self.refuse_own_site(from, now);
             return;
@@ -612,8 +741,24 @@ impl Replicator {
                 held,
                 reply,
                 urgent,
+                collected,
+                cl_floor,
                 ..
-            } => self.on_summary(from, &Held::from_wire(&held), reply, urgent, now),
+            } => {
+                let theirs = Held::from_wire(&held);
+                if let Some(f) = cl_floor.filter(|f| *f > self.cl_floor) {
+                    self.cl_floor = f;
+                    self.effects.push_back(Effect::RaiseClFloor(f));
+                }
+                let floors = prefixes(&Held::from_wire(collected.as_deref().unwrap_or_default()));
+                if self.check_collected(from, site, &theirs, &floors) {
+                    return;
+                }
+                if !urgent {
+                    self.stability.observe_summary(site, &theirs, &self.held);
+                }
+                self.on_summary(from, &theirs, reply, urgent, now)
+            }
             Msg::Behind { .. } => self.start_pull(from, site, now),
             Msg::Pull {
                 after, unit, known, ..
@@ -904,6 +1049,10 @@ impl Replicator {
                 self.held.set(origin, ranges);
             }
         }
+        if !applied.cursors.is_empty() {
+            // A catch-up committed: this node now holds what its server held.
+            self.joining = false;
+        }
         for (peer_site, cursor) in applied.cursors {
             let c = self.cursors.entry(peer_site).or_insert(0);
             *c = (*c).max(cursor);
@@ -983,7 +1132,12 @@ fn validate_msg(msg: &Msg) -> Result<(), RangeError> {
             validate_chunk(chunk)?;
             chunk.held.as_deref().map_or(Ok(()), validate_origin_ranges)
         }
-        Msg::Summary { held, .. } => validate_origin_ranges(held),
+        Msg::Summary {
+            held, collected, ..
+        } => {
+            validate_origin_ranges(held)?;
+            collected.as_deref().map_or(Ok(()), validate_origin_ranges)
+        }
         Msg::Pull {
             after, unit, known, ..
         } => {
@@ -1279,6 +1433,8 @@ mod tests {
                 held: theirs.to_wire(64),
                 reply: true,
                 urgent: false,
+                collected: None,
+                cl_floor: None,
             },
             Duration::from_secs(9),
         );

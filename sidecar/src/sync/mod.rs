@@ -18,6 +18,7 @@
 //! - `receive`  — the apply side's decisions (whole units, held ranges, cursors), pure:
 //!   the node's apply thread and the simulation both call it.
 //! - `ranges`   — the cursor rule and the rules every range from a peer must meet, pure.
+//! - `stability` — which deletes may be forgotten (tombstone collection), pure.
 //! - `identity` — which peer identity may speak for a site id (bound once, durably).
 //! - `sim`      — (tests) a deterministic simulation of many nodes: loss, partitions,
 //!   crashes, joins, regions.
@@ -31,6 +32,7 @@ mod receive;
 mod recent;
 #[cfg(test)]
 mod sim;
+pub mod stability;
 #[cfg(test)]
 mod test_support;
 

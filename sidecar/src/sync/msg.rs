@@ -179,6 +179,14 @@ pub enum Msg {
         reply: bool,
         #[n(3)]
         urgent: bool,
+        /// Per origin, the highest version whose deletes the sender may have forgotten
+        /// (tombstones collected, `sync::stability`), each as one range `(1, floor)`. A
+        /// receiver that does not hold all of it must be re-seeded.
+        #[n(4)]
+        collected: Option<Vec<OriginRanges>>,
+        /// The sender's `patina_state.cl_floor`: new rows start above it, everywhere.
+        #[n(5)]
+        cl_floor: Option<i64>,
     },
     /// "I hold versions you lack that I no longer keep in memory: pull my feed."
     #[n(2)]
@@ -386,6 +394,8 @@ mod tests {
                 held: known.clone(),
                 reply: true,
                 urgent: false,
+                collected: Some(known.clone()),
+                cl_floor: Some(4),
             },
             Msg::Behind { site: [3; 16] },
             Msg::Repair {

@@ -780,6 +780,9 @@ impl Sim {
         while let Some(eff) = self.nodes[i].sync.poll_effect() {
             match eff {
                 Effect::Send { to, msg } => self.send(i, to, msg),
+                // The simulated stores keep no tombstones: nothing is ever collected, so
+                // no floor is raised and no node is told to re-seed.
+                Effect::RaiseClFloor(_) | Effect::Reseed { .. } | Effect::Diverged { .. } => {}
                 Effect::Serve {
                     to,
                     after,

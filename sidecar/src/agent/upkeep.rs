@@ -1,0 +1,288 @@
+//! Bounded metadata, the driver's side: when members were last seen, collecting
+//! tombstones with the limits the sync machine decides, forgetting departed members, and
+//! acting on a re-seed or a divergence. The SQL is `db::retention`; the decisions are
+//! `sync::stability`; this module only schedules them and moves their results.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::SyncSection;
+use crate::db::retention::{self, Collected};
+use crate::node::Metrics;
+use crate::sync::stability::Prefixes;
+use crate::sync::{Replicator, SiteId};
+
+/// How often collection and forgetting run.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// How often last-seen times are written (a restart loses at most this much of them).
+const PERSIST_SEEN_EVERY: Duration = Duration::from_secs(30);
+
+/// What an upkeep task reports back to the driver.
+pub enum Done {
+    Collected(Collected),
+    Forgotten(Vec<SiteId>),
+}
+
+/// The driver's upkeep state.
+pub struct Upkeep {
+    conn: Arc<Mutex<Connection>>,
+    settings: SyncSection,
+    /// Every member's last-seen time (unix ms), loaded at start.
+    seen: HashMap<SiteId, i64>,
+    last_persisted_ms: i64,
+    last_limits: Prefixes,
+    busy: Arc<AtomicBool>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    pub done_rx: mpsc::UnboundedReceiver<Done>,
+    reseed: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+    reported: bool,
+}
+
+/// Wall-clock milliseconds: last-seen times must survive restarts.
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Upkeep {
+    /// `conn` is a connection of its own (collection holds the write lock briefly);
+    /// `seen` what `patina_site_seen` holds; `reseed` is signalled when the node must
+    /// restart to re-seed.
+    pub fn new(
+        conn: Connection,
+        settings: SyncSection,
+        seen: HashMap<SiteId, i64>,
+        reseed: watch::Sender<bool>,
+        metrics: Arc<Metrics>,
+    ) -> Upkeep {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Upkeep {
+            conn: Arc::new(Mutex::new(conn)),
+            settings,
+            seen,
+            last_persisted_ms: 0,
+            last_limits: Prefixes::new(),
+            busy: Arc::new(AtomicBool::new(false)),
+            done_tx,
+            done_rx,
+            reseed,
+            metrics,
+            reported: false,
+        }
+    }
+
+    /// Members alive now.
+    pub fn on_alive(&mut self, sites: impl IntoIterator<Item = SiteId>) {
+        let now = unix_ms();
+        for s in sites {
+            self.seen.insert(s, now);
+        }
+    }
+
+    fn ms(d: Duration) -> i64 {
+        i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Runs one round: persists last-seen times, forgets departed members, and collects
+    /// what the machine allows. Database work runs off the async workers, one round at a
+    /// time; a round still running when the next is due is skipped.
+    pub fn tick(&mut self, sync: &Replicator, now: Duration) {
+        if self.busy.load(Ordering::Acquire) {
+            return;
+        }
+        let wall = unix_ms();
+        let retention_ms = Self::ms(self.settings.tombstone_retention);
+        let members: Vec<SiteId> = self
+            .seen
+            .iter()
+            .filter(|(_, t)| wall.saturating_sub(**t) <= retention_ms)
+            .map(|(s, _)| *s)
+            .collect();
+        let forget_before = wall.saturating_sub(Self::ms(self.settings.forget_after));
+        let departed = self.seen.values().any(|t| *t < forget_before);
+        let persist = wall.saturating_sub(self.last_persisted_ms) >= Self::ms(PERSIST_SEEN_EVERY);
+        let limits = sync.collect_limits(&members, now);
+        let collect = !limits.is_empty() && limits != self.last_limits;
+        if !(persist || departed || collect) {
+            return;
+        }
+        if collect {
+            self.last_limits = limits.clone();
+        }
+        let seen: Vec<SiteId> = if persist {
+            self.last_persisted_ms = wall;
+            self.seen.keys().copied().collect()
+        } else {
+            Vec::new()
+        };
+        let seen_at: HashMap<SiteId, i64> = self.seen.clone();
+        if departed {
+            self.seen.retain(|_, t| *t >= forget_before);
+        }
+        self.busy.store(true, Ordering::Release);
+        let (conn, busy, done) = (self.conn.clone(), self.busy.clone(), self.done_tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let Ok(mut conn) = conn.lock() else {
+                busy.store(false, Ordering::Release);
+                return;
+            };
+            if !seen.is_empty() {
+                // Each site with its own time: one statement per distinct time is plenty.
+                let mut by_time: HashMap<i64, Vec<SiteId>> = HashMap::new();
+                for s in seen {
+                    by_time.entry(seen_at[&s]).or_default().push(s);
+                }
+                for (t, sites) in by_time {
+                    if let Err(e) = retention::mark_seen(&mut conn, &sites, t) {
+                        tracing::warn!("cannot record when members were last seen: {e}");
+                    }
+                }
+            }
+            if departed {
+                match retention::forget_departed(&mut conn, forget_before) {
+                    Ok(gone) if !gone.is_empty() => {
+                        let _ = done.send(Done::Forgotten(gone));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("cannot forget departed members: {e}"),
+                }
+            }
+            if collect {
+                match retention::collect(&mut conn, &limits) {
+                    Ok(c) => {
+                        let _ = done.send(Done::Collected(c));
+                    }
+                    Err(e) => tracing::warn!("tombstone collection failed (retried): {e}"),
+                }
+            }
+            busy.store(false, Ordering::Release);
+        });
+    }
+
+    /// A report from a finished round.
+    pub fn on_done(&mut self, done: Done, sync: &mut Replicator) {
+        match done {
+            Done::Collected(c) => {
+                if c.removed > 0 {
+                    tracing::debug!(
+                        removed = c.removed,
+                        "collected {} tombstones no replica can need",
+                        c.removed
+                    );
+                    self.metrics
+                        .tombstones_collected
+                        .inc_by(u64::try_from(c.removed).unwrap_or(0));
+                }
+                sync.set_collected(c.floors, c.cl_floor);
+            }
+            Done::Forgotten(gone) => {
+                for site in &gone {
+                    tracing::info!(
+                        site_id = %hex::encode(site),
+                        "forgot member {}: not seen for longer than sync.forget_after ({:?})",
+                        hex::encode(site),
+                        self.settings.forget_after
+                    );
+                    sync.forget_member(site);
+                    self.seen.remove(site);
+                }
+                self.metrics
+                    .members_forgotten
+                    .inc_by(u64::try_from(gone.len()).unwrap_or(0));
+            }
+        }
+    }
+
+    /// A peer collected tombstones: new rows here must start above them too.
+    pub fn raise_cl_floor(&self, floor: i64) {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Ok(conn) = conn.lock() {
+                if let Err(e) = retention::raise_cl_floor(&conn, floor) {
+                    tracing::warn!("cannot raise cl_floor to {floor}: {e}");
+                }
+            }
+        });
+    }
+
+    /// This node holds less than a peer collected: stop, and re-seed (or say how).
+    pub fn reseed(
+        &mut self,
+        peer: std::net::SocketAddr,
+        origin: SiteId,
+        floor: i64,
+        held: i64,
+        db: &std::path::Path,
+    ) {
+        if self.reported {
+            return;
+        }
+        self.reported = true;
+        let reason = format!(
+            "this node was away longer than sync.tombstone_retention ({:?}): peer {peer} \
+             forgot deletes of origin {} up to version {floor}, and this node holds only \
+             1..={held} of it, so it may keep rows those deletes removed",
+            self.settings.tombstone_retention,
+            hex::encode(origin)
+        );
+        let problem = if self.settings.auto_reseed {
+            format!("{reason}; re-seeding from peers (the database is set aside first)")
+        } else {
+            format!(
+                "{reason}; replication is stopped: stop the node, run `patina reseed --db-path {}` \
+                 and start it again (or set sync.auto_reseed = true)",
+                db.display()
+            )
+        };
+        tracing::error!("{problem}");
+        if let Ok(mut p) = self.metrics.sync_problem.write() {
+            *p = Some(problem);
+        }
+        if !self.settings.auto_reseed {
+            return;
+        }
+        let (conn, signal) = (self.conn.clone(), self.reseed.clone());
+        tokio::task::spawn_blocking(move || {
+            let stored = conn
+                .lock()
+                .map_err(|_| "the upkeep connection is unusable".to_string())
+                .and_then(|c| retention::request_reseed(&c, &reason).map_err(|e| e.to_string()));
+            match stored {
+                Ok(()) => {
+                    let _ = signal.send(true);
+                }
+                Err(e) => tracing::error!(
+                    "cannot record that this node must be re-seeded ({e}); replication stays \
+                     stopped: run `patina reseed` while the node is stopped"
+                ),
+            }
+        });
+    }
+
+    /// This node and a peer each forgot deletes the other lacks.
+    pub fn diverged(&mut self, peer: std::net::SocketAddr, site: SiteId, db: &std::path::Path) {
+        let problem = format!(
+            "diverged from peer {peer} (site {}): a partition outlasted \
+             sync.tombstone_retention ({:?}) and each side forgot deletes the other never \
+             received; nothing more is exchanged with it. Keep one side: on each node of the \
+             other side, stop it, run `patina reseed --db-path {}` (or its own path) and \
+             start it again",
+            hex::encode(site),
+            self.settings.tombstone_retention,
+            db.display()
+        );
+        tracing::error!("{problem}");
+        if let Ok(mut p) = self.metrics.sync_problem.write() {
+            *p = Some(problem);
+        }
+    }
+}
