@@ -210,7 +210,11 @@ impl Driver {
     fn refresh_members(&mut self) {
         let alive = self.membership.alive_peers();
         let now = self.now();
-        self.upkeep.on_alive(alive.iter().map(|m| m.site_id));
+        let db = self.shared.db_path.clone();
+        self.upkeep.on_alive(alive.iter().map(|m| m.site_id), &db);
+        if self.upkeep.stopped() {
+            self.sync.stop_replicating();
+        }
         self.sync
             .set_peers(alive.iter().map(|m| (m.addr, m.site_id)), now);
         let members = self.membership.members();

@@ -105,19 +105,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
+    let mut restart = false;
     loop {
-        match run_once(config.clone(), &mut shutdown).await? {
+        match run_once(config.clone(), &mut shutdown, restart).await? {
             Outcome::Stopped => return Ok(()),
             Outcome::Reseed => {
                 tracing::warn!("restarting this node to re-seed it from its peers");
+                restart = true;
             }
         }
     }
 }
 
+/// One start of the node; `restart` when it follows a stop in this process (the API's
+/// previous listener may take a moment to close).
 async fn run_once(
     config: Config,
     shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
+    restart: bool,
 ) -> Result<Outcome, AgentError> {
     let insecure = config.validate()?;
     if insecure {
@@ -132,12 +137,22 @@ async fn run_once(
     // The ports (and TLS files, and bootstrap names) first, then the claim, then the
     // database: a busy port, a bad TLS file or a database held by another process fails
     // the start before any file is created or opened.
-    let listener = tokio::net::TcpListener::bind(config.api.addr)
-        .await
-        .map_err(|source| AgentError::ApiBind {
-            addr: config.api.addr,
-            source,
-        })?;
+    let mut attempts = 0;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(config.api.addr).await {
+            Ok(l) => break l,
+            Err(e) if restart && attempts < 60 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(source) => {
+                return Err(AgentError::ApiBind {
+                    addr: config.api.addr,
+                    source,
+                })
+            }
+        }
+    };
     let max_frame = DEFAULT_MAX_FRAME;
     let tls = &config.gossip.tls;
     let tls = match (&tls.ca_file, &tls.cert_file, &tls.key_file) {
@@ -219,6 +234,10 @@ async fn run_once(
     let collected = db::retention::load_collected(&setup).map_err(sql_err)?;
     let cl_floor = db::retention::cl_floor(&setup).map_err(sql_err)?;
     let seen = db::retention::load_seen(&setup).map_err(sql_err)?;
+    let last_contact = db::retention::flag(&setup, "last_contact")
+        .map_err(sql_err)?
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0);
     let version = feed::db_version(&setup).map_err(sql_err)?;
     drop(setup);
     tracing::info!(
@@ -370,6 +389,7 @@ async fn run_once(
         db::open(&path, &ext, level)?,
         config.sync.clone(),
         seen,
+        last_contact,
         reseed_tx,
         metrics.clone(),
     );

@@ -43,6 +43,11 @@ pub struct Upkeep {
     reseed: watch::Sender<bool>,
     metrics: Arc<Metrics>,
     reported: bool,
+    /// When this node last had a live peer (unix ms; 0: never), as stored at start and
+    /// then as seen.
+    last_contact_ms: i64,
+    /// Whether the first contact after start was checked against `forget_after`.
+    contact_checked: bool,
 }
 
 /// Wall-clock milliseconds: last-seen times must survive restarts.
@@ -61,6 +66,7 @@ impl Upkeep {
         conn: Connection,
         settings: SyncSection,
         seen: HashMap<SiteId, i64>,
+        last_contact_ms: i64,
         reseed: watch::Sender<bool>,
         metrics: Arc<Metrics>,
     ) -> Upkeep {
@@ -77,15 +83,38 @@ impl Upkeep {
             reseed,
             metrics,
             reported: false,
+            last_contact_ms,
+            contact_checked: false,
         }
     }
 
-    /// Members alive now.
-    pub fn on_alive(&mut self, sites: impl IntoIterator<Item = SiteId>) {
+    /// Members alive now. The first contact after a silence longer than
+    /// `sync.forget_after` means the peers forgot this node: it re-seeds.
+    pub fn on_alive(&mut self, sites: impl IntoIterator<Item = SiteId>, db: &std::path::Path) {
         let now = unix_ms();
+        let mut any = false;
         for s in sites {
             self.seen.insert(s, now);
+            any = true;
         }
+        if !any {
+            return;
+        }
+        if !self.contact_checked {
+            self.contact_checked = true;
+            let silent = now.saturating_sub(self.last_contact_ms);
+            if self.last_contact_ms > 0 && silent > Self::ms(self.settings.forget_after) {
+                let reason = format!(
+                    "this node had no live peer for {} s, longer than sync.forget_after \
+                     ({:?}): its peers have forgotten it and may have forgotten deletes it \
+                     never received",
+                    silent / 1000,
+                    self.settings.forget_after
+                );
+                self.stop_for_reseed(reason, db);
+            }
+        }
+        self.last_contact_ms = now;
     }
 
     fn ms(d: Duration) -> i64 {
@@ -124,6 +153,9 @@ impl Upkeep {
         } else {
             Vec::new()
         };
+        let contact = (persist && self.contact_checked && !self.reported)
+            .then_some(self.last_contact_ms)
+            .filter(|t| *t > 0);
         let seen_at: HashMap<SiteId, i64> = self.seen.clone();
         if departed {
             self.seen.retain(|_, t| *t >= forget_before);
@@ -145,6 +177,11 @@ impl Upkeep {
                     if let Err(e) = retention::mark_seen(&mut conn, &sites, t) {
                         tracing::warn!("cannot record when members were last seen: {e}");
                     }
+                }
+            }
+            if let Some(t) = contact {
+                if let Err(e) = retention::set_flag(&conn, "last_contact", &t.to_string()) {
+                    tracing::warn!("cannot record the last contact with a peer: {e}");
                 }
             }
             if departed {
@@ -202,6 +239,11 @@ impl Upkeep {
         }
     }
 
+    /// True once this node decided it must be re-seeded: it replicates nothing more.
+    pub fn stopped(&self) -> bool {
+        self.reported
+    }
+
     /// A peer collected tombstones: new rows here must start above them too.
     pub fn raise_cl_floor(&self, floor: i64) {
         let conn = self.conn.clone();
@@ -223,10 +265,6 @@ impl Upkeep {
         held: i64,
         db: &std::path::Path,
     ) {
-        if self.reported {
-            return;
-        }
-        self.reported = true;
         let reason = format!(
             "this node was away longer than sync.tombstone_retention ({:?}): peer {peer} \
              forgot deletes of origin {} up to version {floor}, and this node holds only \
@@ -234,6 +272,16 @@ impl Upkeep {
             self.settings.tombstone_retention,
             hex::encode(origin)
         );
+        self.stop_for_reseed(reason, db);
+    }
+
+    /// Logs why, shows it in health, and (with `sync.auto_reseed`) records the re-seed
+    /// and has the node restart into it.
+    fn stop_for_reseed(&mut self, reason: String, db: &std::path::Path) {
+        if self.reported {
+            return;
+        }
+        self.reported = true;
         let problem = if self.settings.auto_reseed {
             format!("{reason}; re-seeding from peers (the database is set aside first)")
         } else {

@@ -9,7 +9,8 @@
 //! - `patina_site_seen`: when each peer site was last seen alive (unix ms), so members
 //!   that are down still count for stability after a restart, and members gone longer
 //!   than `sync.forget_after` are forgotten.
-//! - `patina_node_flags`: `reseed` → why this node must be re-seeded at its next start.
+//! - `patina_node_flags`: `reseed` → why this node must be re-seeded at its next start;
+//!   `last_contact` → when it last had a live peer (unix ms).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -195,6 +196,23 @@ pub fn forget_departed(conn: &mut Connection, before_ms: i64) -> rusqlite::Resul
     }
     tx.commit()?;
     Ok(gone.iter().filter_map(|s| site_of(s)).collect())
+}
+
+/// Records `key` → `value` in `patina_node_flags`.
+pub fn set_flag(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO patina_node_flags (key, value) VALUES (?1, ?2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([key, value])?;
+    Ok(())
+}
+
+/// The value of `key` in `patina_node_flags`.
+pub fn flag(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT value FROM patina_node_flags WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()
 }
 
 /// Records that this node must be re-seeded at its next start, and why.

@@ -251,6 +251,11 @@ pub struct Replicator {
     joining: bool,
     /// Set once this node learned it must be re-seeded: it replicates nothing more.
     reseeding: bool,
+    /// Set by the first peer summary whose collected floors this node passes. Until
+    /// then its own new writes are kept, not broadcast: a node that was away too long
+    /// must not push a change for a row whose delete its peers forgot before it learns
+    /// so (they travel by repair once it passed).
+    vetted: bool,
     /// Peers that forgot deletes this node lacks while it forgot some they lack.
     diverged: HashSet<SiteId>,
 }
@@ -300,6 +305,7 @@ impl Replicator {
             cl_floor: 0,
             joining,
             reseeding: false,
+            vetted: false,
             diverged: HashSet::new(),
         }
     }
@@ -324,6 +330,12 @@ impl Replicator {
     pub fn forget_member(&mut self, site: &SiteId) {
         self.stability.forget(site);
         self.diverged.remove(site);
+    }
+
+    /// Stops all replication (this node is about to be re-seeded).
+    pub fn stop_replicating(&mut self) {
+        self.reseeding = true;
+        self.pulls.clear();
     }
 
     /// True once this node learned it must be re-seeded.
@@ -605,7 +617,9 @@ impl Replicator {
             return; // set aside with the rest of this database at the re-seed
         }
         self.recent.insert(&unit, now);
-        self.broadcast(unit, true);
+        if self.vetted {
+            self.broadcast(unit, true);
+        }
     }
 
     /// A unit of this node's own writes too large to broadcast (versions up to `to`):
@@ -616,7 +630,9 @@ impl Replicator {
         }
         self.held.insert(self.site, from + 1, to);
         self.note_head(self.site, to);
-        self.notify_children(self.site, to);
+        if self.vetted && !self.reseeding {
+            self.notify_children(self.site, to);
+        }
     }
 
     fn notify_children(&mut self, origin: SiteId, head: i64) {
@@ -754,6 +770,7 @@ impl Replicator {
                 if self.check_collected(from, site, &theirs, &floors) {
                     return;
                 }
+                self.vetted = true;
                 if !urgent {
                     self.stability.observe_summary(site, &theirs, &self.held);
                 }
@@ -1268,7 +1285,33 @@ mod tests {
         let mut s = machine(1);
         let peers: Vec<(SocketAddr, SiteId)> = (2..=9).map(|i| (addr(i as u16), [i; 16])).collect();
         s.set_peers(peers.clone(), Duration::ZERO);
-        s.handle_local_unit(unit([1; 16], 0, 2), Duration::ZERO);
+        // Until a peer's summary vetted it (`vetted`), a node keeps its own new writes.
+        s.handle_local_unit(unit([1; 16], 0, 1), Duration::ZERO);
+        assert!(
+            !drain(&mut s).iter().any(|e| matches!(
+                e,
+                Effect::Send {
+                    msg: Msg::Unit { .. },
+                    ..
+                }
+            )),
+            "nothing broadcast before a summary"
+        );
+        s.handle_message(
+            addr(2),
+            &ident(2),
+            Msg::Summary {
+                site: [2; 16],
+                held: Vec::new(),
+                reply: false,
+                urgent: false,
+                collected: Some(Vec::new()),
+                cl_floor: Some(0),
+            },
+            Duration::ZERO,
+        );
+        drain(&mut s);
+        s.handle_local_unit(unit([1; 16], 1, 2), Duration::ZERO);
         let sent: Vec<SocketAddr> = drain(&mut s)
             .into_iter()
             .map(|e| match e {
