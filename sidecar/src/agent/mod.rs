@@ -87,38 +87,31 @@ fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// How one run of the node ended.
-enum Outcome {
+/// How a run of the node ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
     /// `shutdown` resolved (or the API stopped).
     Stopped,
-    /// The node learned it must be re-seeded: it stopped in order and starts again,
-    /// re-seeding first.
+    /// The node learned it must be re-seeded and recorded it: it stopped in order, and
+    /// the caller starts it again (the CLI re-executes itself, so every socket and
+    /// thread of this run is gone), re-seeding first.
     Reseed,
 }
 
 /// Runs a node until `shutdown` resolves, then stops accepting API requests, lets the
 /// apply thread finish its current batch, leaves the cluster and closes the transport.
 /// A node that learns it must be re-seeded (`db::retention`) stops the same way and
-/// starts again in the same process.
+/// returns [`Outcome::Reseed`]; its next start re-seeds. `restart`: this start follows
+/// such a stop (its ports may take a moment to free).
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), AgentError> {
+    restart: bool,
+) -> Result<Outcome, AgentError> {
     let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
-    let mut restart = false;
-    loop {
-        match run_once(config.clone(), &mut shutdown, restart).await? {
-            Outcome::Stopped => return Ok(()),
-            Outcome::Reseed => {
-                tracing::warn!("restarting this node to re-seed it from its peers");
-                restart = true;
-            }
-        }
-    }
+    run_once(config, &mut shutdown, restart).await
 }
 
-/// One start of the node; `restart` when it follows a stop in this process (the API's
-/// previous listener may take a moment to close).
 async fn run_once(
     config: Config,
     shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -141,7 +134,7 @@ async fn run_once(
     let listener = loop {
         match tokio::net::TcpListener::bind(config.api.addr).await {
             Ok(l) => break l,
-            Err(e) if restart && attempts < 60 && e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(e) if restart && attempts < 60 && addr_in_use(&e) => {
                 attempts += 1;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -163,13 +156,27 @@ async fn run_once(
         }),
         _ => None,
     };
-    let (transport, incoming) = Transport::bind(NetConfig {
-        bind: config.gossip.addr,
-        cluster_id: config.gossip.cluster_id,
-        tls,
-        max_frame_bytes: max_frame,
-    })
-    .await?;
+    // After an in-process restart the previous endpoint's tasks may hold the socket a
+    // moment longer, as for the API listener above.
+    let mut attempts = 0;
+    let (transport, incoming) = loop {
+        let bound = Transport::bind(NetConfig {
+            bind: config.gossip.addr,
+            cluster_id: config.gossip.cluster_id,
+            tls: tls.clone(),
+            max_frame_bytes: max_frame,
+        })
+        .await;
+        match bound {
+            Err(NetError::Bind { ref error, .. })
+                if restart && attempts < 60 && addr_in_use(error) =>
+            {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => break other?,
+        }
+    };
     let bootstrap = resolve_bootstrap(&config.gossip.bootstrap).await?;
     let path = config.db.path.clone();
     let _claim = crate::claim::Claim::acquire(&path, "patina agent")?;
@@ -442,6 +449,13 @@ async fn run_once(
     transport.close().await;
     tracing::info!("stopped");
     Ok(outcome)
+}
+
+/// "Address already in use", however the layer below wrapped it.
+fn addr_in_use(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrInUse
+        || e.raw_os_error() == Some(98)
+        || e.to_string().contains("Address already in use")
 }
 
 async fn wait_api(

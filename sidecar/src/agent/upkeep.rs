@@ -48,6 +48,8 @@ pub struct Upkeep {
     last_contact_ms: i64,
     /// Whether the first contact after start was checked against `forget_after`.
     contact_checked: bool,
+    /// Whether a contact was stored since start.
+    contact_persisted: bool,
 }
 
 /// Wall-clock milliseconds: last-seen times must survive restarts.
@@ -85,6 +87,7 @@ impl Upkeep {
             reported: false,
             last_contact_ms,
             contact_checked: false,
+            contact_persisted: false,
         }
     }
 
@@ -112,6 +115,17 @@ impl Upkeep {
                     self.settings.forget_after
                 );
                 self.stop_for_reseed(reason, db);
+            } else {
+                // Stored at once: a node stopped soon after it first met its peers must
+                // still know, at its next start, that it had them.
+                let conn = self.conn.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Ok(c) = conn.lock() {
+                        if let Err(e) = retention::set_flag(&c, "last_contact", &now.to_string()) {
+                            tracing::warn!("cannot record the last contact with a peer: {e}");
+                        }
+                    }
+                });
             }
         }
         self.last_contact_ms = now;
@@ -138,7 +152,12 @@ impl Upkeep {
             .collect();
         let forget_before = wall.saturating_sub(Self::ms(self.settings.forget_after));
         let departed = self.seen.values().any(|t| *t < forget_before);
-        let persist = wall.saturating_sub(self.last_persisted_ms) >= Self::ms(PERSIST_SEEN_EVERY);
+        // Often enough that a restart loses little of them, and at once after the first
+        // contact (a node that just joined must remember it had peers).
+        let every = PERSIST_SEEN_EVERY.min(self.settings.forget_after / 4);
+        let first_contact = self.contact_checked && !self.contact_persisted;
+        let persist =
+            first_contact || wall.saturating_sub(self.last_persisted_ms) >= Self::ms(every);
         let limits = sync.collect_limits(&members, now);
         let collect = !limits.is_empty() && limits != self.last_limits;
         if !(persist || departed || collect) {
@@ -156,6 +175,9 @@ impl Upkeep {
         let contact = (persist && self.contact_checked && !self.reported)
             .then_some(self.last_contact_ms)
             .filter(|t| *t > 0);
+        if contact.is_some() {
+            self.contact_persisted = true;
+        }
         let seen_at: HashMap<SiteId, i64> = self.seen.clone();
         if departed {
             self.seen.retain(|_, t| *t >= forget_before);

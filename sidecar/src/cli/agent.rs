@@ -19,12 +19,32 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async {
+    let restart = std::env::var_os(RESTARTED).is_some();
+    let outcome = rt.block_on(async {
         crate::memory::spawn_trimmer();
-        crate::agent::run(config, crate::shutdown::signal()).await
+        crate::agent::run(config, crate::shutdown::signal(), restart).await
     })?;
+    drop(rt);
+    if outcome == crate::agent::Outcome::Reseed {
+        // A fresh process image: no socket, thread or task of the run that stopped
+        // survives, the pid stays (supervisors see one process), and the start re-seeds.
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe().context("cannot find this executable to restart")?;
+        let err = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env(RESTARTED, "1")
+            .exec();
+        return Err(anyhow::anyhow!(
+            "cannot restart {} to re-seed ({err}); the re-seed is recorded: start the node \
+             again",
+            exe.display()
+        ));
+    }
     Ok(())
 }
+
+/// Set in the environment of a node that re-executed itself to re-seed.
+const RESTARTED: &str = "PATINA_RESTARTED_TO_RESEED";
 
 /// The config file (when given) with every flag that was set applied over it.
 pub fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {

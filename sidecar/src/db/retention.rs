@@ -278,7 +278,7 @@ pub fn reseed(
          DELETE FROM patina_sync_ranges;
          DELETE FROM patina_sync_inbox;
          DELETE FROM patina_collected;
-         DELETE FROM patina_node_flags WHERE key = 'reseed';",
+         DELETE FROM patina_node_flags WHERE key IN ('reseed', 'last_contact');",
     )?;
     tx.commit()?;
     Ok(copy)

@@ -252,9 +252,9 @@ pub struct Replicator {
     /// Set once this node learned it must be re-seeded: it replicates nothing more.
     reseeding: bool,
     /// Set by the first peer summary whose collected floors this node passes. Until
-    /// then its own new writes are kept, not broadcast: a node that was away too long
-    /// must not push a change for a row whose delete its peers forgot before it learns
-    /// so (they travel by repair once it passed).
+    /// then it takes nothing from peers and its own new writes are kept, not broadcast:
+    /// a node that was away too long must not push a change for a row whose delete its
+    /// peers forgot before it learns so (they travel by repair once it passed).
     vetted: bool,
     /// Peers that forgot deletes this node lacks while it forgot some they lack.
     diverged: HashSet<SiteId>,
@@ -332,6 +332,12 @@ impl Replicator {
         self.diverged.remove(site);
     }
 
+    /// Tests: behave as after a first checked summary.
+    #[cfg(test)]
+    pub fn assume_vetted(&mut self) {
+        self.vetted = true;
+    }
+
     /// Stops all replication (this node is about to be re-seeded).
     pub fn stop_replicating(&mut self) {
         self.reseeding = true;
@@ -357,6 +363,12 @@ impl Replicator {
         theirs: &Held,
         floors: &Prefixes,
     ) -> bool {
+        tracing::trace!(
+            peer = %from,
+            joining = self.joining,
+            floors = floors.len(),
+            "sync: collected floors of a peer's summary"
+        );
         if self.joining || floors.is_empty() {
             return false;
         }
@@ -736,6 +748,13 @@ impl Replicator {
                 "refusing a sync message from peer {from} ({identity}): {e}; nothing of it \
                  is applied and no cursor moves"
             );
+            return;
+        }
+        if !self.vetted && !matches!(msg, Msg::Summary { .. }) {
+            // Nothing is taken from or served to peers before their collected floors were
+            // checked against what this node held at its start (see `vetted`): a repair
+            // arriving first would hide that it was away too long, while its own writes
+            // from then still travel.
             return;
         }
         match msg {
@@ -1282,7 +1301,7 @@ mod tests {
 
     #[test]
     fn a_local_unit_goes_to_the_tree_and_a_relay_forwards_what_is_new() {
-        let mut s = machine(1);
+        let mut s = crate::sync::test_support::fresh_machine(1);
         let peers: Vec<(SocketAddr, SiteId)> = (2..=9).map(|i| (addr(i as u16), [i; 16])).collect();
         s.set_peers(peers.clone(), Duration::ZERO);
         // Until a peer's summary vetted it (`vetted`), a node keeps its own new writes.
@@ -1675,5 +1694,132 @@ mod tests {
         s.handle_message(addr(3), &ident(3), pull([2; 16]), Duration::from_secs(1));
         assert!(drain(&mut s).is_empty());
         assert_eq!(s.stats().refused, 1);
+    }
+}
+
+#[cfg(test)]
+mod collected_floor_tests {
+    use super::*;
+    use crate::sync::test_support::{addr, drain, ident};
+
+    fn node(site: u8, held: &[(u8, i64)]) -> Replicator {
+        let mut h = Held::default();
+        for (o, v) in held {
+            h.insert([*o; 16], 1, *v);
+        }
+        let mut r = Replicator::new(
+            [site; 16],
+            SyncConfig::default(),
+            HashMap::new(),
+            h,
+            rand::SeedableRng::seed_from_u64(7),
+            Duration::ZERO,
+        );
+        r.set_peers([(addr(1), [1; 16])], Duration::ZERO);
+        r
+    }
+
+    fn summary(held: &[(u8, i64)], floors: &[(u8, i64)]) -> Msg {
+        let wire = |l: &[(u8, i64)]| {
+            l.iter()
+                .map(|(o, v)| OriginRanges {
+                    site: [*o; 16],
+                    ranges: vec![(1, *v)],
+                })
+                .collect::<Vec<_>>()
+        };
+        Msg::Summary {
+            site: [1; 16],
+            held: wire(held),
+            reply: true,
+            urgent: false,
+            collected: Some(wire(floors)),
+            cl_floor: Some(6),
+        }
+    }
+
+    #[test]
+    fn a_node_lacking_a_peers_collected_deletes_stops_and_asks_for_a_reseed() {
+        // Node 3 holds origin 1 up to 100; node 1 holds 150 and forgot deletes up to 140.
+        let mut n = node(3, &[(1, 100), (3, 5)]);
+        n.handle_message(
+            addr(1),
+            &ident(1),
+            summary(&[(1, 150)], &[(1, 140)]),
+            Duration::ZERO,
+        );
+        let eff = drain(&mut n);
+        assert!(eff.contains(&Effect::RaiseClFloor(6)), "{eff:?}");
+        assert!(
+            eff.iter().any(|e| matches!(
+                e,
+                Effect::Reseed { origin, floor: 140, held: 100, .. } if *origin == [1; 16]
+            )),
+            "{eff:?}"
+        );
+        assert!(n.is_reseeding());
+        // From then on it neither answers nor broadcasts.
+        n.handle_message(
+            addr(1),
+            &ident(1),
+            summary(&[(1, 150)], &[]),
+            Duration::ZERO,
+        );
+        n.handle_local_unit(
+            OriginUnit {
+                origin: [3; 16],
+                from: 5,
+                to: 6,
+                committed_ms: 0,
+                changes: Vec::new(),
+            },
+            Duration::ZERO,
+        );
+        n.handle_timer(Duration::from_secs(5));
+        assert!(drain(&mut n).is_empty());
+    }
+
+    #[test]
+    fn a_joiner_and_a_node_holding_the_floor_carry_on() {
+        // A joiner holds nothing of any other origin: its catch-up brings the state.
+        let mut j = node(3, &[(3, 2)]);
+        j.handle_message(
+            addr(1),
+            &ident(1),
+            summary(&[(1, 150)], &[(1, 140)]),
+            Duration::ZERO,
+        );
+        assert!(!j.is_reseeding());
+        // A node holding everything up to the floor passes.
+        let mut n = node(3, &[(1, 140)]);
+        n.handle_message(
+            addr(1),
+            &ident(1),
+            summary(&[(1, 150)], &[(1, 140)]),
+            Duration::ZERO,
+        );
+        assert!(!n.is_reseeding());
+    }
+
+    #[test]
+    fn both_sides_lacking_what_the_other_forgot_diverge_instead_of_wiping() {
+        let mut n = node(3, &[(1, 100), (3, 50)]);
+        n.set_collected([([3; 16], 40)].into_iter().collect(), 4);
+        // Node 1 forgot deletes of origin 1 up to 140; it holds origin 3 only up to 10,
+        // below what node 3 forgot.
+        n.handle_message(
+            addr(1),
+            &ident(1),
+            summary(&[(1, 150), (3, 10)], &[(1, 140)]),
+            Duration::ZERO,
+        );
+        let eff = drain(&mut n);
+        assert!(
+            eff.iter()
+                .any(|e| matches!(e, Effect::Diverged { site, .. } if *site == [1; 16])),
+            "{eff:?}"
+        );
+        assert!(!n.is_reseeding(), "neither side wipes itself");
+        assert!(n.diverged().contains(&[1; 16]));
     }
 }

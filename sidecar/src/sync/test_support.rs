@@ -19,8 +19,16 @@ pub fn ident(p: u16) -> String {
     format!("address {}", addr(p))
 }
 
-/// A machine with site id `[site; 16]`, default config and a fixed seed.
+/// A machine with site id `[site; 16]`, default config and a fixed seed, as if a peer's
+/// summary had already been checked (`Replicator::assume_vetted`).
 pub fn machine(site: u8) -> Replicator {
+    let mut m = fresh_machine(site);
+    m.assume_vetted();
+    m
+}
+
+/// The same machine as it starts: it takes nothing from peers before a summary.
+pub fn fresh_machine(site: u8) -> Replicator {
     Replicator::new(
         [site; 16],
         SyncConfig::default(),
