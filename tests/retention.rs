@@ -288,3 +288,38 @@ fn a_forgotten_node_returns_with_a_fresh_site_id_and_converges() {
     );
     assert_ne!(site_hex(&nodes[1]), old_site, "a fresh site id");
 }
+
+#[test]
+fn patina_reseed_empties_a_stopped_node_which_then_fills_up_from_its_peer() {
+    let mut nodes = cluster(2);
+    insert_rows(&nodes[0], 1, 30);
+    {
+        let refs: Vec<&Node> = nodes.iter().collect();
+        wait_converged(&refs, Duration::from_secs(60));
+    }
+    let old_site = site_hex(&nodes[1]);
+    nodes[1].kill9();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_patina"))
+        .arg("reseed")
+        .arg("--db-path")
+        .arg(&nodes[1].db)
+        .arg("--db-extension-path")
+        .arg(ext())
+        .arg("--api")
+        .arg(nodes[1].api.to_string())
+        .output()
+        .expect("run patina reseed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("fresh site id"), "{said}");
+    assert_eq!(count(&nodes[1].conn(), "SELECT count(*) FROM items"), 0);
+    assert_ne!(site_hex(&nodes[1]), old_site);
+    nodes[1].start();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let d = wait_converged(&refs, Duration::from_secs(60));
+    assert_eq!(d.rows.len(), 30);
+}

@@ -18,6 +18,7 @@ pub mod exec;
 pub mod members;
 pub mod query;
 pub mod reload;
+pub mod reseed;
 pub mod restore;
 pub mod status;
 pub mod tls;
@@ -66,6 +67,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Re-apply a node's schema files.
     Reload(ReloadArgs),
+    /// Empty a stopped node's replicated tables and give it a fresh site id, so that it
+    /// fills up again from its peers (its database is set aside first).
+    Reseed(ReseedArgs),
     /// Generate PEM files for mutual TLS between peers.
     Tls(TlsArgs),
 }
@@ -82,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup(a) => backup::run(a),
         Command::Restore(a) => restore::run(a),
         Command::Reload(a) => reload::run(a),
+        Command::Reseed(a) => reseed::run(a),
         Command::Tls(a) => tls::run(a),
     }
 }
@@ -246,6 +251,19 @@ pub struct RestoreArgs {
     /// the node it came from while no other copy of that node runs.
     #[arg(long)]
     pub keep_site_id: bool,
+}
+
+/// `patina reseed` (the node must be stopped).
+#[derive(Debug, Clone, Args)]
+pub struct ReseedArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The node's database file.
+    #[arg(long, default_value = "patina.db")]
+    pub db_path: PathBuf,
+    /// libpatina.so (default: beside this executable).
+    #[arg(long)]
+    pub db_extension_path: Option<PathBuf>,
 }
 
 /// `patina reload`.

@@ -79,7 +79,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
 }
 
 /// A node answering on `--api` is running: its database must not be replaced under it.
-fn refuse_if_node_answers(api: &str) -> anyhow::Result<()> {
+pub(super) fn refuse_if_node_answers(api: &str) -> anyhow::Result<()> {
     let hostport = api
         .trim_start_matches("http://")
         .trim_start_matches("https://")
@@ -99,7 +99,7 @@ fn refuse_if_node_answers(api: &str) -> anyhow::Result<()> {
 }
 
 /// Any process holding the database's write lock (a running node, an app) is a refusal.
-fn refuse_if_locked(db: &Path) -> anyhow::Result<()> {
+pub(super) fn refuse_if_locked(db: &Path) -> anyhow::Result<()> {
     if !db.exists() {
         return Ok(());
     }
