@@ -111,6 +111,8 @@ pub struct Metrics {
     pub subscription_event: Histogram,
     /// Background loops that keep failing make `/v1/health` answer 503.
     pub loops: Loops,
+    /// The schema buffer and this node's schema fingerprint (`db::buffer`).
+    pub schema: crate::db::buffer::SchemaMetrics,
 }
 
 /// Latency buckets (seconds) shared by the latency histograms: 0.5 ms to 30 s.
@@ -223,6 +225,7 @@ impl Default for Metrics {
                 LATENCY_BUCKETS,
             ),
             loops: Loops::default(),
+            schema: crate::db::buffer::SchemaMetrics::new(&registry),
             registry,
         }
     }

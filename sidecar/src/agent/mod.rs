@@ -171,6 +171,11 @@ pub async fn run(
     let cursors = bookkeeping::load_cursors(&setup).map_err(sql_err)?;
     let held = bookkeeping::load_held(&setup).map_err(sql_err)?;
     let bindings = bookkeeping::load_bindings(&setup).map_err(sql_err)?;
+    // The apply thread reports the buffer again after its first look at it.
+    let buffered = db::buffer::held(&setup).unwrap_or_else(|e| {
+        tracing::warn!("cannot read the schema buffer: {e}");
+        Default::default()
+    });
     let version = feed::db_version(&setup).map_err(sql_err)?;
     drop(setup);
     tracing::info!(
@@ -315,6 +320,7 @@ pub async fn run(
         Duration::ZERO,
     );
     sync.set_bindings(bindings);
+    sync.set_buffered(buffered);
     let driver = driver::Driver {
         sync,
         transport: transport.clone(),

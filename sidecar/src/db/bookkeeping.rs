@@ -32,9 +32,11 @@ CREATE TABLE IF NOT EXISTS patina_site_bindings (
 );
 ";
 
-/// Creates the bookkeeping tables (and the inbox, `db::inbox`) if missing.
+/// Creates the bookkeeping tables (and the inbox, `db::inbox`, and the schema buffer,
+/// `db::buffer`) if missing.
 pub fn ensure(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
+    super::buffer::ensure(conn)?;
     super::inbox::ensure(conn)
 }
 

@@ -19,6 +19,8 @@
 //!   the node's apply thread and the simulation both call it.
 //! - `ranges`   — the cursor rule and the rules every range from a peer must meet, pure.
 //! - `identity` — which peer identity may speak for a site id (bound once, durably).
+//! - `schema`   — replicated tables and columns as values: the fingerprint units carry and
+//!   the rule for units naming a table or column this node lacks yet (buffered whole).
 //! - `sim`      — (tests) a deterministic simulation of many nodes: loss, partitions,
 //!   crashes, joins, regions.
 
@@ -29,6 +31,7 @@ pub mod msg;
 mod ranges;
 mod receive;
 mod recent;
+mod schema;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
@@ -47,3 +50,4 @@ pub use ranges::{
     validate_chunk, validate_origin_ranges, validate_pull, validate_unit, RangeError,
 };
 pub use receive::{held_after_catch_up, held_after_unit, unit_complete};
+pub use schema::{buffered_versions, describe as describe_missing, Missing, Schema};
