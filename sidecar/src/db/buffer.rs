@@ -16,7 +16,7 @@ use minicbor::{Decode, Encode};
 use prometheus::{IntCounter, IntGauge, Registry};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::sync::{Change, Held, Missing, OriginRanges, SiteId};
+use crate::sync::{Change, Held, Missing, OriginRanges};
 
 /// The buffer tables (plain tables, not replicated).
 const SCHEMA: &str = "
@@ -58,7 +58,8 @@ pub enum Kind {
     /// An origin's unit (broadcast or repair): `site` is the origin, `(from, to]` its
     /// versions.
     Unit,
-    /// A catch-up unit of a peer's feed: `site` is the peer, `(from, to]` its feed range.
+    /// One origin's changes in a catch-up unit of a peer's feed: `site` is the origin,
+    /// `(from, to]` the peer's feed range.
     CatchUp,
 }
 
@@ -93,7 +94,7 @@ pub struct Writer {
 pub fn start(
     conn: &Connection,
     kind: Kind,
-    site: &SiteId,
+    site: &[u8],
     from: i64,
     to: i64,
     missing: &[Missing],
@@ -105,7 +106,7 @@ pub fn start(
     )?
     .execute(params![
         kind.as_str(),
-        site.as_slice(),
+        site,
         from,
         to,
         crate::sync::describe_missing(missing),

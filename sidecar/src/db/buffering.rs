@@ -2,6 +2,7 @@
 //! keeping a unit that names a table or column this node lacks yet, and applying the
 //! buffered units once the schema allows.
 
+use std::collections::{btree_map, BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior};
@@ -15,8 +16,8 @@ use super::inbox::{self, InboxLimits};
 use super::schema::SchemaCache;
 use crate::node::Metrics;
 use crate::sync::{
-    describe_missing, held_after_unit, validate_chunk, validate_unit, Applied, ApplyJob, Missing,
-    Schema, SiteId, Work,
+    describe_missing, held_after_unit, validate_chunk, validate_unit, waiting_origins, Applied,
+    ApplyJob, Change, Missing, Schema, SiteId, Work,
 };
 
 /// How often the buffer is tried again without a schema change (a unit whose apply
@@ -152,71 +153,131 @@ pub(super) fn buffer_job(
     if c.unit_to <= bookkeeping::cursor(conn, &job.peer_site)? {
         return Ok(None);
     }
-    let mut touched = Vec::new();
-    let (missing, held, w) = if c.is_whole_unit() {
-        let missing = schema.missing(&c.changes);
-        if missing.is_empty() {
+    let site = &job.peer_site;
+    let mut split = Split {
+        kind_from: c.unit_from,
+        kind_to: c.unit_to,
+        now,
+        waiting: Default::default(),
+        writers: Default::default(),
+        merged: 0,
+        touched: Vec::new(),
+    };
+    let held = if c.is_whole_unit() {
+        split.waiting = waiting_origins(schema, &c.changes);
+        if split.waiting.is_empty() {
             return Ok(None);
         }
-        let site = &job.peer_site;
-        let mut w = buffer::start(
-            conn,
-            Kind::CatchUp,
-            site,
-            c.unit_from,
-            c.unit_to,
-            &missing,
-            now,
-        )?;
-        w.append(conn, &c.changes)?;
-        for change in &c.changes {
-            note_origin(&mut touched, change);
-        }
-        (missing, c.held.clone(), w)
+        split.take(conn, schema, &c.changes)?;
+        c.held.clone()
     } else {
-        if !inbox::put(conn, &job.peer_site, c, now, &InboxLimits::default())? {
+        if !inbox::put(conn, site, c, now, &InboxLimits::default())? {
             return Ok(None);
         }
-        let site = &job.peer_site;
-        let mut w = buffer::start(conn, Kind::CatchUp, site, c.unit_from, c.unit_to, &[], now)?;
-        let mut missing = std::collections::BTreeSet::new();
+        // First which origins wait, over the whole unit (read only: the drain's removal
+        // of the chunks is rolled back), then the split.
+        conn.execute_batch("SAVEPOINT patina_scan")?;
+        let mut waiting = BTreeSet::new();
+        let scanned = inbox::drain::<JobError>(conn, site, c.unit_from, c.unit_to, |ch| {
+            waiting.extend(waiting_origins(schema, &ch.changes));
+            Ok(())
+        });
+        conn.execute_batch("ROLLBACK TO patina_scan; RELEASE patina_scan")?;
+        scanned?;
+        if waiting.is_empty() {
+            return Ok(None);
+        }
+        split.waiting = waiting;
         let mut first_held = None;
         inbox::drain::<JobError>(conn, site, c.unit_from, c.unit_to, |ch| {
-            missing.extend(schema.missing(&ch.changes));
-            w.append(conn, &ch.changes)?;
-            for change in &ch.changes {
-                note_origin(&mut touched, change);
-            }
+            split.take(conn, schema, &ch.changes)?;
             if ch.from == ch.unit_from {
                 first_held = ch.held;
             }
             Ok(())
         })?;
-        let missing: Vec<Missing> = missing.into_iter().collect();
-        if missing.is_empty() {
-            return Ok(None);
-        }
-        buffer::set_missing(conn, w.id(), &missing)?;
-        (missing, first_held, w)
+        first_held
     };
-    w.finish(conn, None)?;
+    // The other origins' changes were queued by the batched merge path: apply them now,
+    // inside this job's savepoint.
+    conn.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
+    let mut missing = BTreeSet::new();
+    for (_, (w, m)) in std::mem::take(&mut split.writers) {
+        let m: Vec<Missing> = m.into_iter().collect();
+        buffer::set_missing(conn, w.id(), &m)?;
+        w.finish(conn, None)?;
+        missing.extend(m);
+    }
+    let mut touched = split.touched;
     if let Some(list) = &held {
         touched.extend(list.iter().map(|o| o.site));
     }
-    let cursor = bookkeeping::mark_applied(
-        conn,
-        &job.peer_site,
-        local,
-        c.unit_from,
-        c.unit_to,
-        held.as_deref(),
-    )?;
+    let cursor =
+        bookkeeping::mark_applied(conn, site, local, c.unit_from, c.unit_to, held.as_deref())?;
     let outcome = JobOutcome {
-        merged: 0,
+        merged: split.merged,
         cursor: Some(cursor),
         touched,
     };
-    Ok(Some(Kept { outcome, missing }))
+    Ok(Some(Kept {
+        outcome,
+        missing: missing.into_iter().collect(),
+    }))
+}
+
+/// A catch-up unit being split by origin (`sync::schema`): the changes of the `waiting`
+/// origins go to one buffer entry each, the others are merged.
+struct Split {
+    kind_from: i64,
+    kind_to: i64,
+    now: i64,
+    waiting: BTreeSet<Vec<u8>>,
+    /// Per waiting origin: its entry, and what its changes miss.
+    writers: BTreeMap<Vec<u8>, (buffer::Writer, BTreeSet<Missing>)>,
+    merged: u64,
+    touched: Vec<SiteId>,
+}
+
+impl Split {
+    fn take(
+        &mut self,
+        conn: &Connection,
+        schema: &Schema,
+        changes: &[Change],
+    ) -> Result<(), JobError> {
+        let mut stmt = conn.prepare_cached(INSERT_SQL)?;
+        let mut kept: BTreeMap<Vec<u8>, Vec<Change>> = BTreeMap::new();
+        for c in changes {
+            if self.waiting.contains(&c.site_id) {
+                kept.entry(c.site_id.clone()).or_default().push(c.clone());
+            } else {
+                insert(&mut stmt, c)?;
+                self.merged += 1;
+                note_origin(&mut self.touched, c);
+            }
+        }
+        for (origin, list) in kept {
+            let (w, m) = match self.writers.entry(origin.clone()) {
+                btree_map::Entry::Occupied(e) => e.into_mut(),
+                btree_map::Entry::Vacant(e) => {
+                    let w = buffer::start(
+                        conn,
+                        Kind::CatchUp,
+                        &origin,
+                        self.kind_from,
+                        self.kind_to,
+                        &[],
+                        self.now,
+                    )?;
+                    e.insert((w, Default::default()))
+                }
+            };
+            m.extend(schema.missing(&list));
+            w.append(conn, &list)?;
+            note_origin(&mut self.touched, &list[0]);
+        }
+        Ok(())
+    }
 }
 
 /// Applies, in one transaction, every buffered unit the local schema now allows (up to
@@ -289,7 +350,7 @@ fn try_drain(
                 break;
             }
             tx.execute_batch("SAVEPOINT patina_unbuffer")?;
-            let mut missing = std::collections::BTreeSet::new();
+            let mut missing = BTreeSet::new();
             let mut origins = Vec::new();
             let merged = buffer::parts::<JobError>(&tx, e.id, |part| {
                 missing.extend(schema.cache.schema().missing(&part));
@@ -413,13 +474,18 @@ mod tests {
         assert!(a.held.iter().any(|(o, r)| *o == origin && r.covers(1, 2)));
         assert!(a.buffered.is_none(), "the buffer did not change");
 
-        // A catch-up unit of peer 3 naming table u: kept, and the cursor moves past it.
+        // A catch-up unit of peer 3's feed: its own change names table u (kept), origin
+        // 4's names only known columns (applied at once); the cursor moves past it.
         let peer = [3u8; 16];
-        let mut change = match &job("u", 1).work {
+        let first = |j: ApplyJob| match j.work {
             Work::Unit(u) => u.changes[0].clone(),
             Work::Chunk(_) => unreachable!("job() builds units"),
         };
+        let mut change = first(job("u", 1));
         change.site_id = peer.to_vec();
+        let mut other = first(job("t", 7));
+        other.site_id = vec![4; 16];
+        other.db_version = 2;
         let catch_up = ApplyJob {
             from: "127.0.0.1:9".parse().expect("addr"),
             peer_site: peer,
@@ -428,11 +494,17 @@ mod tests {
                 unit_to: 5,
                 from: 0,
                 to: 5,
-                changes: vec![change],
-                held: Some(vec![OriginRanges {
-                    site: peer,
-                    ranges: vec![(1, 1)],
-                }]),
+                changes: vec![change, other],
+                held: Some(vec![
+                    OriginRanges {
+                        site: peer,
+                        ranges: vec![(1, 1)],
+                    },
+                    OriginRanges {
+                        site: [4; 16],
+                        ranges: vec![(1, 7)],
+                    },
+                ]),
                 schema: None,
             }),
         };
@@ -440,7 +512,15 @@ mod tests {
         let a = done.blocking_recv().expect("reported");
         assert_eq!(a.cursors, vec![(peer, 5)]);
         assert!(a.held.iter().any(|(o, r)| *o == peer && r.covers(1, 1)));
-        assert!(a.buffered.expect("changed").contains(&peer, 1));
+        let buffered = a.buffered.expect("changed");
+        assert!(buffered.contains(&peer, 1) && !buffered.contains(&[4; 16], 7));
+        let n: i64 = setup
+            .query_row("SELECT count(*) FROM t WHERE id = 7", [], |r| r.get(0))
+            .expect("t");
+        assert_eq!(
+            n, 1,
+            "the other origin's change of the catch-up is applied at once"
+        );
         assert_eq!(metrics.schema.buffered_units.get(), 2);
         let (_, summary) = metrics.schema.snapshot();
         assert_eq!(summary.missing, vec!["column t.b", "table u"]);

@@ -50,4 +50,6 @@ pub use ranges::{
     validate_chunk, validate_origin_ranges, validate_pull, validate_unit, RangeError,
 };
 pub use receive::{held_after_catch_up, held_after_unit, unit_complete};
-pub use schema::{buffered_versions, describe as describe_missing, Missing, Schema};
+pub use schema::{
+    buffered_versions, describe as describe_missing, waiting_origins, Missing, Schema,
+};

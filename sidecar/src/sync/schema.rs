@@ -17,6 +17,20 @@
 //! - the unit is applied, whole and in one transaction, as soon as the local schema
 //!   knows every table and column it names (checked after every schema change).
 //!
+//! A catch-up unit (a range of a peer's feed) holds the changes of many origins. Each
+//! origin's changes in it are whole transactions of that origin: the peer merged each of
+//! that origin's units in one transaction, so they are adjacent in its feed, and its feed
+//! is read in whole transactions. So a catch-up unit is split by origin
+//! ([`waiting_origins`]): the changes of an origin that names anything missing are
+//! buffered together (one entry per origin), and the other origins' changes are applied
+//! at once. No transaction is split, and one new column does not hold back a whole
+//! catch-up (a node that joins or returns before it is migrated still gets every other
+//! table at once).
+//!
+//! A unit is one read of its origin's feed, so transactions committed within the same
+//! few milliseconds can travel as one unit; a transaction on an unrelated table that
+//! shares a unit with one naming a new column waits with it.
+//!
 //! Later units of the same origin that touch only known tables are applied meanwhile,
 //! ahead of the buffered one. That cannot change the result: merges are per column
 //! (higher `col_version`, then the greater value, then the greater site) and per row
@@ -152,6 +166,20 @@ pub fn buffered_versions<'a>(changes: impl IntoIterator<Item = &'a Change>) -> H
     h
 }
 
+/// The origins (site ids as sent) of the changes in `changes` that `schema` cannot
+/// apply: in a catch-up unit, every change of these origins is buffered and the rest is
+/// applied (the split rule above).
+pub fn waiting_origins<'a>(
+    schema: &Schema,
+    changes: impl IntoIterator<Item = &'a Change>,
+) -> BTreeSet<Vec<u8>> {
+    changes
+        .into_iter()
+        .filter(|c| !schema.knows(c))
+        .map(|c| c.site_id.clone())
+        .collect()
+}
+
 /// Joins what is missing for a log line or the health answer: `column t.c, table u`.
 pub fn describe(missing: &[Missing]) -> String {
     missing
@@ -227,6 +255,24 @@ mod tests {
         // Once migrated, the same changes are all known.
         let migrated = Schema::new([("items", vec!["id", "a", "c"]), ("new_table", vec!["x"])]);
         assert!(migrated.missing(&changes).is_empty());
+    }
+
+    #[test]
+    fn a_catch_up_waits_only_for_the_origins_that_name_something_missing() {
+        let s = Schema::new([("items", vec!["id", "a"])]);
+        let changes = [
+            change("items", "a", 2, 1),
+            change("items", "b", 2, 2),
+            change("items", "a", 3, 1),
+            change("new_table", "x", 4, 1),
+            change("items", ROW_CID, 5, 1),
+        ];
+        let waiting = waiting_origins(&s, &changes);
+        assert_eq!(
+            waiting.into_iter().collect::<Vec<_>>(),
+            vec![vec![2u8; 16], vec![4u8; 16]]
+        );
+        assert!(waiting_origins(&s, &changes[2..3]).is_empty());
     }
 
     #[test]
