@@ -3,7 +3,8 @@
 //! `POST /v1/reload`, while one writer keeps writing — the new column on nodes already
 //! migrated, the old columns and an unrelated table everywhere. Nodes not yet migrated
 //! buffer the units naming the new column (durably: one of them is killed with SIGKILL
-//! and restarted mid-rollout) and keep applying everything else.
+//! and restarted mid-rollout) and keep applying everything else. The tenth node joins
+//! empty, on the old schema, half way through.
 //!
 //! Checked: writes to the unrelated table reach every node while the rollout is half
 //! done; every acknowledged write is present everywhere at the end; the buffers empty;
@@ -22,6 +23,8 @@ mod common;
 use cluster::{metric, wait_for, Node};
 
 const NODES: usize = 10;
+/// The node that joins mid-rollout.
+const JOINER: usize = NODES - 1;
 
 const V1: &str = "
 CREATE TABLE IF NOT EXISTS items (
@@ -207,6 +210,8 @@ impl Drop for StopOnDrop<'_> {
 
 #[test]
 fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
+    // Nine nodes from the start; the tenth joins, empty and on the old schema, when the
+    // rollout is half done (it fills up by a catch-up pull: `JOINER`).
     let mut nodes: Vec<Node> = Vec::new();
     for i in 0..NODES {
         let boot: Vec<_> = nodes
@@ -214,7 +219,9 @@ fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
             .map(|n: &Node| vec![n.gossip])
             .unwrap_or_default();
         let mut node = Node::with_schema(&format!("node{}", i + 1), &boot, V1);
-        node.start();
+        if i != JOINER {
+            node.start();
+        }
         nodes.push(node);
     }
     // The shared rows, everywhere before the rollout starts.
@@ -229,7 +236,7 @@ fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
         }
     }
     wait_for("the seed rows everywhere", Duration::from_secs(60), || {
-        nodes.iter().all(|n| {
+        nodes.iter().take(JOINER).all(|n| {
             n.conn()
                 .query_row("SELECT count(*) FROM items", [], |r| r.get::<_, i64>(0))
                 .unwrap_or(0)
@@ -239,6 +246,9 @@ fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
 
     let migrated: Vec<AtomicBool> = (0..NODES).map(|_| AtomicBool::new(false)).collect();
     let stop = AtomicBool::new(false);
+    // 1 + the index of a node the writer leaves alone for a moment (0: none).
+    let quiet = AtomicUsize::new(0);
+    let joined = AtomicBool::new(false);
     let written = AtomicUsize::new(0);
     let acks: Mutex<Vec<Ack>> = Mutex::new(Vec::new());
     let paths: Vec<_> = nodes.iter().map(|n| n.db.clone()).collect();
@@ -251,6 +261,11 @@ fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
             while !stop.load(Ordering::Relaxed) {
                 let n = (seq as usize) % NODES;
                 seq += 1;
+                if quiet.load(Ordering::SeqCst) == n + 1
+                    || (n == JOINER && !joined.load(Ordering::SeqCst))
+                {
+                    continue;
+                }
                 let conn = conns[n].get_or_insert_with(|| {
                     patina_sidecar::db::open(
                         &paths[n],
@@ -285,21 +300,48 @@ fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
                 // Half done: nodes 1..=5 write `extra`, nodes 6..=10 lack it.
                 wait_writes(40);
                 let buffering = |n: &Node| metric(n, "patina_schema_buffered_units") > 0;
+                let lagging = NODES - 2;
                 wait_for(
                     "units naming items.extra buffered on an unmigrated node",
                     Duration::from_secs(30),
-                    || buffering(&nodes[NODES - 1]),
+                    || buffering(&nodes[lagging]),
                 );
                 // The buffer is durable: a SIGKILL and a restart (still on the old
                 // schema) keep it. The app keeps writing the file meanwhile.
-                nodes[NODES - 1].kill9();
-                nodes[NODES - 1].start();
+                nodes[lagging].kill9();
+                nodes[lagging].start();
                 wait_for(
                     "the buffer back after a restart",
                     Duration::from_secs(30),
-                    || buffering(&nodes[NODES - 1]),
+                    || buffering(&nodes[lagging]),
                 );
-                let lagging = &nodes[NODES - 1];
+                // A node joins on the old schema. Whether history reaches it as repaired
+                // units or by a catch-up pull (split by origin), the changes of the
+                // origins that never wrote `extra` apply at once; units naming it wait.
+                let before: Vec<i64> = acks
+                    .lock()
+                    .expect("acks")
+                    .iter()
+                    .filter_map(|a| match a {
+                        Ack::Event { id } if (id / 1_000_000 - 1) as usize >= NODES / 2 => {
+                            Some(*id)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                nodes[JOINER].start();
+                joined.store(true, Ordering::SeqCst);
+                wait_for(
+                    "the joiner to hold the unmigrated origins' events",
+                    Duration::from_secs(30),
+                    || before.iter().all(|id| has_event(&nodes[JOINER], *id)),
+                );
+                wait_for(
+                    "the joiner to buffer the migrated origins' changes",
+                    Duration::from_secs(30),
+                    || buffering(&nodes[JOINER]),
+                );
+                let lagging = &nodes[lagging];
                 let h = health(lagging);
                 assert_eq!(h["response"]["schema"]["missing"][0], "column items.extra");
                 assert!(
@@ -308,18 +350,48 @@ fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
                 );
                 // No stall: an event written on a migrated node (whose earlier units
                 // wait in buffers) and one on an unmigrated node reach every node.
+                // The marker is made a unit of its own (a unit is one read of the
+                // origin's feed, so a write committed with one naming `extra` in the
+                // same few milliseconds would travel and wait with it): the writer
+                // leaves its node alone until the node has read the marker.
                 for (k, from) in [0, NODES - 1].into_iter().enumerate() {
                     let id = 900_000_000 + k as i64;
-                    nodes[from]
-                        .conn()
-                        .execute("INSERT INTO events (id, who) VALUES (?1, 'marker')", [id])
+                    let node = &nodes[from];
+                    quiet.store(from + 1, Ordering::SeqCst);
+                    wait_writes(NODES);
+                    let conn = node.conn();
+                    let version = |c: &rusqlite::Connection| -> i64 {
+                        c.query_row("SELECT crsql_db_version()", [], |r| r.get(0))
+                            .unwrap_or(0)
+                    };
+                    let read_up_to = |v: i64| {
+                        wait_for("the node to read its feed", Duration::from_secs(30), || {
+                            health(node)["response"]["db_version"].as_i64() >= Some(v)
+                        })
+                    };
+                    read_up_to(version(&conn));
+                    conn.execute("INSERT INTO events (id, who) VALUES (?1, 'marker')", [id])
                         .expect("marker");
                     acks.lock().expect("acks").push(Ack::Event { id });
-                    wait_for(
-                        "an unrelated write to reach every node mid-rollout",
-                        Duration::from_secs(30),
-                        || nodes.iter().all(|n| has_event(n, id)),
-                    );
+                    read_up_to(version(&conn));
+                    quiet.store(0, Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    loop {
+                        let lacking: Vec<&str> = nodes
+                            .iter()
+                            .filter(|n| !has_event(n, id))
+                            .map(|n| n.name.as_str())
+                            .collect();
+                        if lacking.is_empty() {
+                            break;
+                        }
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "mid-rollout, an unrelated write on {} did not reach {lacking:?}",
+                            node.name
+                        );
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                 }
             }
         }
