@@ -344,6 +344,15 @@ fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
                 let lagging = &nodes[lagging];
                 let h = health(lagging);
                 assert_eq!(h["response"]["schema"]["missing"][0], "column items.extra");
+                wait_for(
+                    "the migrated origins to show as on another schema",
+                    Duration::from_secs(30),
+                    || {
+                        health(lagging)["response"]["schema"]["origins_elsewhere"]
+                            .as_array()
+                            .is_some_and(|e| !e.is_empty())
+                    },
+                );
                 assert!(
                     lagging.log_text().contains("schema buffer:"),
                     "the buffering is logged"

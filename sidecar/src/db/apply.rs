@@ -32,7 +32,7 @@ use super::inbox::{self, InboxError, InboxLimits};
 use crate::node::Metrics;
 use crate::sync::{
     describe_missing, held_after_unit, validate_chunk, validate_unit, Applied, ApplyJob, Change,
-    OriginRanges, RangeError, SiteId, Value, Work,
+    Chunk, OriginRanges, RangeError, SiteId, Value, Work,
 };
 
 /// Most jobs in one transaction.
@@ -181,6 +181,7 @@ fn apply_batch(
             unix_now(),
         );
         schema.due |= schema.summary.units > 0;
+        schema.mark_seen_dirty();
     }
     tx.execute("UPDATE patina_state SET merging = 1", [])?;
     let mut out = Applied::default();
@@ -191,6 +192,16 @@ fn apply_batch(
     for job in batch {
         if let Work::Unit(u) = &job.work {
             out.released.insert(u.origin, u.from + 1, u.to);
+            if let Some(f) = u.schema {
+                schema.saw(u.origin, f);
+            }
+        }
+        if let Work::Chunk(Chunk {
+            schema: Some(f), ..
+        }) = &job.work
+        {
+            // A chunk carries its sender's fingerprint.
+            schema.saw(job.peer_site, *f);
         }
         tx.execute_batch("SAVEPOINT patina_job")?;
         let e = match apply_job(&tx, local, job) {
@@ -267,6 +278,7 @@ fn apply_batch(
             }
         }
     }
+    schema.publish_elsewhere(metrics);
     metrics.units_received.inc_by(batch.len() as u64);
     metrics.changes_applied.inc_by(applied_changes);
     Ok((out, refused))

@@ -306,6 +306,10 @@ pub struct SchemaMetrics {
     /// This node's schema fingerprint (`sync::Schema::fingerprint`), and the buffer's
     /// last summary.
     pub status: Mutex<(Option<u64>, Summary)>,
+    /// `patina_schema_origins_elsewhere`: origins whose last unit carried a fingerprint
+    /// other than this node's (site id and fingerprint, hex): nodes on another schema.
+    pub origins_elsewhere: IntGauge,
+    pub elsewhere: Mutex<Vec<(String, String)>>,
 }
 
 impl SchemaMetrics {
@@ -347,6 +351,11 @@ impl SchemaMetrics {
                 "Units taken out of the schema buffer and applied.",
             ),
             status: Mutex::new((None, Summary::default())),
+            origins_elsewhere: gauge(
+                "patina_schema_origins_elsewhere",
+                "Origins whose last unit carried a schema fingerprint other than this node's.",
+            ),
+            elsewhere: Mutex::new(Vec::new()),
         }
     }
 
@@ -367,6 +376,20 @@ impl SchemaMetrics {
             }
             s.1 = summary;
         }
+    }
+
+    /// Publishes the origins last seen on another schema.
+    pub fn publish_elsewhere(&self, list: Vec<(String, String)>) {
+        self.origins_elsewhere
+            .set(i64::try_from(list.len()).unwrap_or(i64::MAX));
+        if let Ok(mut e) = self.elsewhere.lock() {
+            *e = list;
+        }
+    }
+
+    /// The origins last seen on another schema.
+    pub fn elsewhere(&self) -> Vec<(String, String)> {
+        self.elsewhere.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
     /// The fingerprint and the last summary.

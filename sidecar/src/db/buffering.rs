@@ -38,6 +38,9 @@ pub(super) struct SchemaState {
     last_report: Option<Instant>,
     /// When each "missing …" description was last logged at warn level.
     logged: std::collections::HashMap<String, Instant>,
+    /// The fingerprint each origin's last unit carried; `seen_dirty` when it changed.
+    seen: BTreeMap<SiteId, u64>,
+    seen_dirty: bool,
 }
 
 impl SchemaState {
@@ -57,6 +60,8 @@ impl SchemaState {
                 if self.summary.units > 0 {
                     self.due = true;
                 }
+                self.seen_dirty = true;
+                self.publish_elsewhere(metrics);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("cannot read PRAGMA schema_version: {e}"),
@@ -89,6 +94,34 @@ impl SchemaState {
         metrics
             .schema
             .publish(None, self.summary.clone(), unix_now());
+    }
+
+    /// The local schema changed: which origins are elsewhere is to be computed again.
+    pub(super) fn mark_seen_dirty(&mut self) {
+        self.seen_dirty = true;
+    }
+
+    /// Notes the fingerprint a unit of `origin` carried.
+    pub(super) fn saw(&mut self, origin: SiteId, fingerprint: u64) {
+        if self.seen.insert(origin, fingerprint) != Some(fingerprint) {
+            self.seen_dirty = true;
+        }
+    }
+
+    /// Publishes the origins whose last unit carried another schema than this node's,
+    /// when that may have changed.
+    pub(super) fn publish_elsewhere(&mut self, metrics: &Metrics) {
+        if !std::mem::take(&mut self.seen_dirty) {
+            return;
+        }
+        let mine = self.cache.fingerprint();
+        let list = self
+            .seen
+            .iter()
+            .filter(|(_, f)| **f != mine)
+            .map(|(o, f)| (hex::encode(o), format!("{f:016x}")))
+            .collect();
+        metrics.schema.publish_elsewhere(list);
     }
 
     /// A unit was buffered: one warn line per distinct description every

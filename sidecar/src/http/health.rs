@@ -141,6 +141,9 @@ pub async fn get_health(
                 "buffered_changes": buffered.changes,
                 "oldest_buffered_s": buffered_age,
                 "missing": buffered.missing,
+                "origins_elsewhere": m.schema.elsewhere().into_iter()
+                    .map(|(site_id, fingerprint)| json!({"site_id": site_id, "fingerprint": fingerprint}))
+                    .collect::<Vec<_>>(),
             },
         }
     }))
