@@ -345,6 +345,20 @@ fn a_rolling_add_column_converges_with_nothing_lost_and_no_stall() {
                 let h = health(lagging);
                 assert_eq!(h["response"]["schema"]["missing"][0], "column items.extra");
                 wait_for(
+                    "health to fail a max_buffered_age threshold",
+                    Duration::from_secs(30),
+                    || {
+                        let url = format!("http://{}/v1/health?max_buffered_age=0", lagging.api);
+                        match ureq::get(&url).call() {
+                            Err(ureq::Error::Status(503, r)) => r
+                                .into_string()
+                                .unwrap_or_default()
+                                .contains("schema buffer"),
+                            _ => false,
+                        }
+                    },
+                );
+                wait_for(
                     "the migrated origins to show as on another schema",
                     Duration::from_secs(30),
                     || {
