@@ -143,6 +143,7 @@ fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
                 to,
                 changes: vec![],
                 held: None,
+                schema: None,
             },
         };
         let unit = Msg::Unit {
@@ -153,6 +154,7 @@ fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
                 to: 1 << 62,
                 committed_ms: 0,
                 changes: vec![],
+                schema: None,
             },
             relay: true,
         };
@@ -251,6 +253,7 @@ fn never_completed_units_do_not_pile_up_in_the_inbox() {
                         origin_version: Some(unit_from + 1),
                     }],
                     held: None,
+                    schema: None,
                 },
             };
             peer.send(target, Channel::Sync, msg.encode())

@@ -120,6 +120,8 @@ pub struct Metrics {
     /// (this node was away too long, or diverged from a peer): `/v1/health` answers 503
     /// with it.
     pub sync_problem: std::sync::RwLock<Option<String>>,
+    /// The schema buffer and this node's schema fingerprint (`db::buffer`).
+    pub schema: crate::db::buffer::SchemaMetrics,
 }
 
 /// Latency buckets (seconds) shared by the latency histograms: 0.5 ms to 30 s.
@@ -241,6 +243,7 @@ impl Default for Metrics {
             ),
             loops: Loops::default(),
             sync_problem: std::sync::RwLock::new(None),
+            schema: crate::db::buffer::SchemaMetrics::new(&registry),
             registry,
         }
     }

@@ -134,6 +134,7 @@ impl Driver {
                 to: unit.own_to,
                 committed_ms: unit.read_ms,
                 changes,
+                schema: unit.schema,
             },
             now,
         );

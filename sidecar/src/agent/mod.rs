@@ -245,6 +245,11 @@ async fn run_once(
         .map_err(sql_err)?
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(0);
+    // The apply thread reports the buffer again after its first look at it.
+    let buffered = db::buffer::held(&setup).unwrap_or_else(|e| {
+        tracing::warn!("cannot read the schema buffer: {e}");
+        Default::default()
+    });
     let version = feed::db_version(&setup).map_err(sql_err)?;
     drop(setup);
     tracing::info!(
@@ -400,6 +405,7 @@ async fn run_once(
         reseed_tx,
         metrics.clone(),
     );
+    sync.set_buffered(buffered);
     let driver = driver::Driver {
         sync,
         transport: transport.clone(),

@@ -3,9 +3,16 @@
 //! It takes [`ApplyJob`]s from a bounded channel (when it is full the network side stops
 //! reading: backpressure, never a drop), and applies them in batches, one transaction per
 //! batch, through the extension's batched merge path. Each job's changes and its cursor
-//! update are one savepoint: a job that fails (a table this node does not have yet, a
-//! malformed change) is rolled back whole and logged, never half-applied, and its cursor
-//! does not move, so anti-entropy fetches it again later.
+//! update are one savepoint: a job that fails (a malformed change) is rolled back whole
+//! and logged, never half-applied, and its cursor does not move, so anti-entropy fetches
+//! it again later.
+//!
+//! A job that fails because it names a table or column this node does not have yet (a
+//! rolling schema change) is not refused: it is rolled back and stored whole in the
+//! schema buffer (`db::buffer`) in the same savepoint, which also records it as received
+//! (held versions, cursor). After every schema change (and every 30 s while anything is
+//! buffered) the thread applies each buffered unit the schema now allows, whole, in one
+//! transaction. The rule and why it is safe: `sync::schema`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,24 +26,26 @@ use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::bookkeeping;
+use super::buffer::{self, BufferError};
+use super::buffering::{buffer_job, drain_buffer, SchemaState};
 use super::inbox::{self, InboxError, InboxLimits};
 use crate::node::Metrics;
 use crate::sync::{
-    held_after_unit, validate_chunk, validate_unit, Applied, ApplyJob, Change, OriginRanges,
-    RangeError, SiteId, Value, Work,
+    describe_missing, held_after_unit, validate_chunk, validate_unit, Applied, ApplyJob, Change,
+    Chunk, OriginRanges, RangeError, SiteId, Value, Work,
 };
 
 /// Most jobs in one transaction.
 const MAX_BATCH_JOBS: usize = 256;
 /// Most changes in one transaction (a larger single unit is still applied whole).
-const MAX_BATCH_CHANGES: usize = 50_000;
+pub(super) const MAX_BATCH_CHANGES: usize = 50_000;
 
-const INSERT_SQL: &str = "INSERT INTO crsql_changes \
+pub(super) const INSERT_SQL: &str = "INSERT INTO crsql_changes \
     (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq, origin_version) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
 #[derive(Debug, thiserror::Error)]
-enum JobError {
+pub(super) enum JobError {
     #[error("{0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
@@ -45,6 +54,8 @@ enum JobError {
     /// nothing reaches the inbox or the cursor without it.
     #[error("{0}")]
     Range(#[from] RangeError),
+    #[error("{0}")]
+    Buffer(#[from] BufferError),
 }
 
 /// Starts the apply thread on `conn` (its own connection, extension loaded).
@@ -61,10 +72,20 @@ pub fn spawn(
         .spawn(move || {
             // Swept at start too: units left incomplete before a restart age out.
             let mut last_expire: Option<Instant> = None;
+            let mut schema = SchemaState::default();
+            // Units buffered before a restart are tried at once: the schema files were
+            // applied at start and may have caught up.
+            schema.due = true;
             while !stop.load(Ordering::Relaxed) {
                 if !matches!(last_expire, Some(t) if t.elapsed() < EXPIRE_EVERY) {
                     expire_inbox(&conn);
                     last_expire = Some(Instant::now());
+                }
+                schema.tick(&conn, &metrics);
+                if schema.due {
+                    if let Some(a) = drain_buffer(&mut conn, &local, &mut schema, &metrics) {
+                        let _ = done.send(a);
+                    }
                 }
                 let first = match rx.recv_timeout(Duration::from_millis(100)) {
                     Ok(j) => j,
@@ -88,7 +109,7 @@ pub fn spawn(
                 // A failed transaction (busy past the timeout, disk full) is retried with
                 // the same jobs: they were accepted, so they are not dropped.
                 let applied = loop {
-                    match apply_batch(&mut conn, &local, &batch, &metrics) {
+                    match apply_batch(&mut conn, &local, &batch, &metrics, &mut schema) {
                         Ok((a, refused)) => {
                             if refused == 0 {
                                 metrics.loops.apply.succeeded();
@@ -133,12 +154,12 @@ fn job_changes(j: &ApplyJob) -> usize {
 
 /// What one job did, inside the batch.
 #[derive(Default)]
-struct JobOutcome {
-    merged: u64,
+pub(super) struct JobOutcome {
+    pub(super) merged: u64,
     /// The stored cursor, for a catch-up unit that completed.
-    cursor: Option<i64>,
+    pub(super) cursor: Option<i64>,
     /// Origins whose held versions this job may have changed.
-    touched: Vec<SiteId>,
+    pub(super) touched: Vec<SiteId>,
 }
 
 /// Applies a batch in one transaction; returns what the sync machine must learn (the
@@ -149,19 +170,41 @@ fn apply_batch(
     local: &SiteId,
     batch: &[ApplyJob],
     metrics: &Metrics,
-) -> rusqlite::Result<(Applied, usize)> {
+    schema: &mut SchemaState,
+) -> Result<(Applied, usize), JobError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Inside the write transaction: the schema cannot change until it ends.
+    if schema.cache.refresh(&tx)? {
+        metrics.schema.publish(
+            Some(schema.cache.fingerprint()),
+            schema.summary.clone(),
+            unix_now(),
+        );
+        schema.due |= schema.summary.units > 0;
+        schema.mark_seen_dirty();
+    }
     tx.execute("UPDATE patina_state SET merging = 1", [])?;
     let mut out = Applied::default();
     let mut touched: Vec<SiteId> = Vec::new();
     let mut applied_changes = 0u64;
     let mut refused = 0usize;
+    let mut buffered = 0u64;
     for job in batch {
         if let Work::Unit(u) = &job.work {
             out.released.insert(u.origin, u.from + 1, u.to);
+            if let Some(f) = u.schema {
+                schema.saw(u.origin, f);
+            }
+        }
+        if let Work::Chunk(Chunk {
+            schema: Some(f), ..
+        }) = &job.work
+        {
+            // A chunk carries its sender's fingerprint.
+            schema.saw(job.peer_site, *f);
         }
         tx.execute_batch("SAVEPOINT patina_job")?;
-        match apply_job(&tx, local, job) {
+        let e = match apply_job(&tx, local, job) {
             Ok(o) => {
                 tx.execute_batch("RELEASE patina_job")?;
                 applied_changes += o.merged;
@@ -169,22 +212,42 @@ fn apply_batch(
                     out.cursors.push((job.peer_site, cursor));
                 }
                 touched.extend(o.touched);
+                continue;
             }
-            Err(e) => {
-                tx.execute_batch("ROLLBACK TO patina_job; RELEASE patina_job")?;
-                metrics.frames_rejected.inc();
-                refused += 1;
-                let msg = format!(
-                    "refusing {} from peer {} (site id {}): {e}; nothing of it was \
-                     applied (reload the schema if a table is missing)",
-                    describe(&job.work),
-                    job.from,
-                    hex::encode(job.peer_site),
+            Err(e) => e,
+        };
+        tx.execute_batch("ROLLBACK TO patina_job")?;
+        // A unit naming a table or column this node lacks yet is kept, not refused.
+        let kept = buffer_job(&tx, local, job, schema.cache.schema(), unix_now());
+        let e = match kept {
+            Ok(Some(b)) => {
+                tx.execute_batch("RELEASE patina_job")?;
+                buffered += 1;
+                if let Some(cursor) = b.outcome.cursor {
+                    out.cursors.push((job.peer_site, cursor));
+                }
+                touched.extend(b.outcome.touched);
+                schema.log_buffered(
+                    &describe(&job.work),
+                    &job.from,
+                    &describe_missing(&b.missing),
                 );
-                tracing::error!(peer = %job.from, "{msg}");
-                metrics.loops.apply.failed(msg);
+                continue;
             }
-        }
+            Ok(None) => e.to_string(),
+            Err(b) => format!("{e} (and it could not be buffered: {b})"),
+        };
+        tx.execute_batch("ROLLBACK TO patina_job; RELEASE patina_job")?;
+        metrics.frames_rejected.inc();
+        refused += 1;
+        let msg = format!(
+            "refusing {} from peer {} (site id {}): {e}; nothing of it was applied",
+            describe(&job.work),
+            job.from,
+            hex::encode(job.peer_site),
+        );
+        tracing::error!(peer = %job.from, "{msg}");
+        metrics.loops.apply.failed(msg);
     }
     touched.sort_unstable();
     touched.dedup();
@@ -192,8 +255,19 @@ fn apply_batch(
         out.held
             .push((origin, super::bookkeeping::held_of(&tx, &origin)?));
     }
+    let summary = if buffered > 0 {
+        out.buffered = Some(buffer::held(&tx)?);
+        Some(buffer::summarize(&buffer::entries(&tx)?))
+    } else {
+        None
+    };
     tx.execute("UPDATE patina_state SET merging = 0", [])?;
     tx.commit()?;
+    if let Some(s) = summary {
+        metrics.schema.buffered_total.inc_by(buffered);
+        metrics.schema.publish(None, s.clone(), unix_now());
+        schema.summary = s;
+    }
     // Origin commit (its wall clock, carried in the unit) to committed here.
     let now_ms = crate::db::tail::unix_ms();
     for job in batch {
@@ -204,6 +278,7 @@ fn apply_batch(
             }
         }
     }
+    schema.publish_elsewhere(metrics);
     metrics.units_received.inc_by(batch.len() as u64);
     metrics.changes_applied.inc_by(applied_changes);
     Ok((out, refused))
@@ -297,7 +372,7 @@ fn apply_job(conn: &Connection, local: &SiteId, job: &ApplyJob) -> Result<JobOut
     Ok(out)
 }
 
-fn note_origin(touched: &mut Vec<SiteId>, c: &Change) {
+pub(super) fn note_origin(touched: &mut Vec<SiteId>, c: &Change) {
     if let Ok(s) = SiteId::try_from(c.site_id.as_slice()) {
         if touched.last() != Some(&s) {
             touched.push(s);
@@ -306,7 +381,7 @@ fn note_origin(touched: &mut Vec<SiteId>, c: &Change) {
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it): inbox ages.
-fn unix_now() -> i64 {
+pub(super) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -345,7 +420,7 @@ impl ToSql for Bind<'_> {
     }
 }
 
-fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Result<()> {
+pub(super) fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Result<()> {
     let val = Bind(&c.val);
     let site = if c.site_id.is_empty() {
         None
@@ -368,12 +443,12 @@ fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Res
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Synchronous;
     use crate::sync::OriginUnit;
 
-    fn job(table: &str, v: i64) -> ApplyJob {
+    pub(crate) fn job(table: &str, v: i64) -> ApplyJob {
         ApplyJob {
             from: "127.0.0.1:9".parse().expect("addr"),
             peer_site: [2; 16],
@@ -394,6 +469,7 @@ mod tests {
                     seq: 0,
                     origin_version: Some(v),
                 }],
+                schema: None,
             }),
         }
     }
@@ -424,7 +500,13 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let thread =
             spawn(conn, [1; 16], rx, done_tx, metrics.clone(), stop.clone()).expect("spawn");
-        tx.send(job("missing_table", 1)).expect("send");
+        // A clock outside 1..=2^62 is malformed: refused (a missing table is buffered
+        // instead, `db::buffering`).
+        let mut bad = job("t", 1);
+        if let Work::Unit(u) = &mut bad.work {
+            u.changes[0].col_version = 0;
+        }
+        tx.send(bad).expect("send");
         let deadline = Instant::now() + Duration::from_secs(20);
         while metrics.loops.apply.failures.load(Ordering::Relaxed) == 0 {
             assert!(Instant::now() < deadline, "the refusal was not recorded");

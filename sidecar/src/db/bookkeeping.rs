@@ -32,10 +32,12 @@ CREATE TABLE IF NOT EXISTS patina_site_bindings (
 );
 ";
 
-/// Creates the bookkeeping tables (and the inbox, `db::inbox`) if missing.
+/// Creates the bookkeeping tables (and the inbox, `db::inbox`, and the schema buffer,
+/// `db::buffer`) if missing.
 pub fn ensure(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
     conn.execute_batch(super::retention::SCHEMA)?;
+    super::buffer::ensure(conn)?;
     super::inbox::ensure(conn)
 }
 

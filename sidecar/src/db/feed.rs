@@ -172,10 +172,16 @@ pub fn serve_pull(
     limits: ChunkLimits,
 ) -> rusqlite::Result<Chunk> {
     let tx = conn.transaction()?;
+    // Versions held only in the schema buffer are not in this feed: never claimed.
     let held = match unit {
         Some(_) => None,
-        None => Some(super::bookkeeping::load_held(&tx)?.to_wire(usize::MAX)),
+        None => Some(
+            super::bookkeeping::load_held(&tx)?
+                .minus(&super::buffer::held(&tx).map_err(buffer_error)?)
+                .to_wire(usize::MAX),
+        ),
     };
+    let schema = super::schema::replicated(&tx)?.fingerprint();
     let (unit_from, unit_to) = match unit {
         Some(u) => u,
         None => {
@@ -202,7 +208,20 @@ pub fn serve_pull(
         to,
         changes,
         held,
+        schema: Some(schema),
     })
+}
+
+/// A schema buffer that does not decode, as the SQLite error pulls report.
+fn buffer_error(e: super::buffer::BufferError) -> rusqlite::Error {
+    match e {
+        super::buffer::BufferError::Sqlite(e) => e,
+        other => rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            Box::new(other),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +248,7 @@ mod tests {
              SELECT crsql_as_crr('t');",
         )
         .expect("schema");
+        super::super::bookkeeping::ensure(&conn).expect("bookkeeping");
         for i in 0..10 {
             conn.execute("INSERT INTO t VALUES (?1, 'x')", [i])
                 .expect("insert");

@@ -322,6 +322,7 @@ mod tests {
                 origin_version: Some(to),
             }],
             held: None,
+            schema: None,
         }
     }
 

@@ -10,10 +10,14 @@
 //! - `bookkeeping` — per-peer cursors, out-of-order ranges and site bindings, in the database.
 //! - `inbox`       — chunks of large units buffered until whole; bounded and expiring.
 //! - `retention`   — tombstone collection, forgetting departed members, re-seeding.
+//! - `buffer`      — whole units naming tables or columns this node lacks yet, kept until it has them.
+//! - `buffering`   — the apply thread's side of it: keeping such a unit, applying it once allowed.
 //! - `schema`      — schema files: create, migrate (add columns), make replicated.
 
 pub mod apply;
 pub mod bookkeeping;
+pub mod buffer;
+mod buffering;
 pub mod conn;
 pub mod feed;
 pub mod inbox;

@@ -278,6 +278,8 @@ pub fn reseed(
          DELETE FROM patina_sync_ranges;
          DELETE FROM patina_sync_inbox;
          DELETE FROM patina_collected;
+         DELETE FROM patina_schema_buffer;
+         DELETE FROM patina_schema_buffer_parts;
          DELETE FROM patina_node_flags WHERE key IN ('reseed', 'last_contact');",
     )?;
     tx.commit()?;

@@ -7,10 +7,16 @@
 //! `crsql_begin_alter`/`crsql_commit_alter` (so the extension migrates its clocks without
 //! a per-row backfill), missing indexes are created, and every declared table is made
 //! replicated with `crsql_as_crr` (idempotent). All in one transaction.
+//!
+//! Also what the node knows of its own schema for replication ([`replicated`],
+//! [`SchemaCache`]): the replicated tables and columns that remote changes may name,
+//! and their fingerprint, which units carry (`sync::schema`).
 
 use std::path::PathBuf;
 
 use rusqlite::{Connection, TransactionBehavior};
+
+use crate::sync::Schema;
 
 /// Errors applying schema files; none of them has changed the database (one transaction).
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +252,78 @@ pub fn repair_drift(conn: &Connection) -> Result<Vec<String>, SchemaError> {
     Ok(repaired)
 }
 
+/// The suffix of a replicated table's clock table: `<table>__patina_clock`.
+const CLOCK_SUFFIX: &str = "__patina_clock";
+
+/// The replicated tables of `conn` (those with a clock table) and all their columns: what
+/// remote changes may name here (`sync::Schema`). A few pragma reads per table.
+pub fn replicated(conn: &Connection) -> rusqlite::Result<Schema> {
+    let clocks: Vec<String> = conn
+        .prepare_cached(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' \
+             AND substr(name, -length(?1)) = ?1",
+        )?
+        .query_map([CLOCK_SUFFIX], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut tables = Vec::new();
+    for clock in &clocks {
+        let Some(table) = clock.strip_suffix(CLOCK_SUFFIX).filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        let cols: Vec<String> = conn
+            .prepare_cached("SELECT name FROM pragma_table_info(?1)")?
+            .query_map([table], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if !cols.is_empty() {
+            tables.push((table.to_string(), cols));
+        }
+    }
+    Ok(Schema::new(tables))
+}
+
+/// `PRAGMA schema_version`: changes with every schema change, by any connection.
+pub fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA schema_version")?
+        .query_row([], |r| r.get(0))
+}
+
+/// The replicated schema of one connection, re-read only when `PRAGMA schema_version`
+/// moved: the tailer stamps every unit with its fingerprint and the apply thread checks
+/// remote changes against it, both far more often than the schema changes.
+#[derive(Debug, Default)]
+pub struct SchemaCache {
+    version: Option<i64>,
+    schema: Schema,
+    fingerprint: u64,
+}
+
+impl SchemaCache {
+    /// Re-reads the schema if it changed since the last call; returns whether it did.
+    pub fn refresh(&mut self, conn: &Connection) -> rusqlite::Result<bool> {
+        let v = schema_version(conn)?;
+        if self.version == Some(v) {
+            return Ok(false);
+        }
+        self.schema = replicated(conn)?;
+        self.fingerprint = self.schema.fingerprint();
+        self.version = Some(v);
+        Ok(true)
+    }
+
+    /// The `PRAGMA schema_version` the cache was read at (`None` before the first read).
+    pub fn version(&self) -> Option<i64> {
+        self.version
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+}
+
 /// Display helper for logs.
 pub fn describe(paths: &[PathBuf]) -> String {
     paths
@@ -341,5 +419,52 @@ mod tests {
             )
             .expect("changes");
         assert_eq!(n, 1, "writes to the new column are captured");
+    }
+
+    /// The cache re-reads the replicated schema only when it changed, and an added
+    /// column (or a table made replicated) changes the fingerprint.
+    #[test]
+    fn the_cache_follows_schema_changes_and_the_fingerprint_sees_them() {
+        let Ok(ext) = crate::db::extension_path(None) else {
+            eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("s.sql");
+        let mut conn = crate::db::open(
+            &dir.path().join("t.db"),
+            &ext,
+            crate::config::Synchronous::Normal,
+        )
+        .expect("open");
+        conn.execute_batch("CREATE TABLE plain (id INTEGER PRIMARY KEY NOT NULL, x);")
+            .expect("a table that is not replicated");
+        std::fs::write(&f, "CREATE TABLE m (id TEXT PRIMARY KEY NOT NULL, a TEXT);")
+            .expect("write");
+        apply(&mut conn, std::slice::from_ref(&f)).expect("apply");
+        let mut cache = SchemaCache::default();
+        assert!(cache.refresh(&conn).expect("read"));
+        assert!(
+            !cache.refresh(&conn).expect("read"),
+            "unchanged: not re-read"
+        );
+        assert_eq!(cache.schema().tables().collect::<Vec<_>>(), vec!["m"]);
+        assert_eq!(
+            cache.fingerprint(),
+            Schema::new([("m", ["id", "a"])]).fingerprint()
+        );
+        let before = cache.fingerprint();
+        std::fs::write(
+            &f,
+            "CREATE TABLE m (id TEXT PRIMARY KEY NOT NULL, a TEXT, b TEXT);",
+        )
+        .expect("write");
+        apply(&mut conn, std::slice::from_ref(&f)).expect("migrate");
+        assert!(cache.refresh(&conn).expect("read"));
+        assert_ne!(cache.fingerprint(), before);
+        assert_eq!(
+            cache.fingerprint(),
+            Schema::new([("m", ["id", "a", "b"])]).fingerprint()
+        );
     }
 }

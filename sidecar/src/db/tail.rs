@@ -38,6 +38,9 @@ pub struct Unit {
     pub read_ms: u64,
     pub changes: Vec<Change>,
     pub large: bool,
+    /// This node's schema fingerprint during the read (`sync::Schema::fingerprint`);
+    /// `None` when the schema changed while it read, or could not be read.
+    pub schema: Option<u64>,
 }
 
 /// How often `PRAGMA data_version` is checked when nobody pokes.
@@ -85,6 +88,7 @@ pub fn spawn(
             version.send_replace(last);
             let mut last_dv = data_version(&conn).unwrap_or(-1);
             let mut last_schema = schema_version(&conn).unwrap_or(-1);
+            let mut fingerprint = super::schema::SchemaCache::default();
             while !stop.load(Ordering::Relaxed) {
                 let poked = match wake.recv_timeout(POLL) {
                     Ok(()) => true,
@@ -120,7 +124,14 @@ pub fn spawn(
                     }
                 }
                 let noticed = Instant::now();
-                match read_unit(&mut conn, last, large_after) {
+                // The fingerprint holds for the read when the schema did not move under it.
+                let before = fingerprint.refresh(&conn).map(|_| fingerprint.version());
+                let read = read_unit(&mut conn, last, large_after);
+                let schema = match (before, schema_version(&conn)) {
+                    (Ok(Some(a)), Ok(b)) if a == b => Some(fingerprint.fingerprint()),
+                    _ => None,
+                };
+                match read {
                     Ok((to, own, changes)) => {
                         metrics.loops.tailer.succeeded();
                         if to <= last {
@@ -148,6 +159,7 @@ pub fn spawn(
                             read_ms: unix_ms(),
                             large: changes.is_none(),
                             changes: changes.unwrap_or_default(),
+                            schema,
                         };
                         last = to;
                         last_own = own.max(last_own);

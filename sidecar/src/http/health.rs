@@ -31,6 +31,9 @@ pub struct HealthParams {
     /// Corrosion's commit-lag threshold. patina does not sample a lag quantile, so it
     /// reports 0 and this threshold never fails; per-origin staleness is in `/metrics`.
     pub p99_lag: Option<f64>,
+    /// Unhealthy when a unit has waited in the schema buffer (for a table or column this
+    /// node lacks) for more than this many seconds: a schema rollout left unfinished.
+    pub max_buffered_age: Option<u64>,
     /// The status sent when unhealthy (Corrosion's parameter); 503 by default.
     pub failure_status: Option<u16>,
 }
@@ -101,6 +104,23 @@ pub async fn get_health(
             ));
         }
     }
+    let (fingerprint, buffered) = m.schema.snapshot();
+    let buffered_age = buffered.oldest_received_at.map(|t| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        now.saturating_sub(t).max(0) as u64
+    });
+    if let (Some(max), Some(age)) = (p.max_buffered_age, buffered_age) {
+        if age > max {
+            problems.push(format!(
+                "{} units have waited up to {age} s in the schema buffer, more than \
+                 max_buffered_age={max}; this node lacks {}",
+                buffered.units,
+                buffered.missing.join(", ")
+            ));
+        }
+    }
     if !problems.is_empty() {
         let error = format!(
             "unhealthy: {} (members alive {alive}, queue_size {queue}, gaps 0)",
@@ -120,6 +140,16 @@ pub async fn get_health(
             "members_alive": alive,
             "apply_queue_depth": apply,
             "broadcast_queue_depth": broadcast,
+            "schema": {
+                "fingerprint": fingerprint.map(|f| format!("{f:016x}")),
+                "buffered_units": buffered.units,
+                "buffered_changes": buffered.changes,
+                "oldest_buffered_s": buffered_age,
+                "missing": buffered.missing,
+                "origins_elsewhere": m.schema.elsewhere().into_iter()
+                    .map(|(site_id, fingerprint)| json!({"site_id": site_id, "fingerprint": fingerprint}))
+                    .collect::<Vec<_>>(),
+            },
         }
     }))
     .into_response())

@@ -68,6 +68,7 @@ mod tests {
                 to,
                 committed_ms: 0,
                 changes: vec![],
+                schema: None,
             },
             relay: true,
         };

@@ -137,6 +137,9 @@ pub struct Applied {
     pub held: Vec<(SiteId, RangeSet)>,
     /// Unit ranges of the batch, applied or refused: no longer being applied.
     pub released: Held,
+    /// When the batch changed it: every version held only in the schema buffer
+    /// (`sync::schema`), received but not applied yet.
+    pub buffered: Option<Held>,
 }
 
 /// What the caller must do.
@@ -219,6 +222,9 @@ pub struct Replicator {
     /// Units handed to apply and not yet confirmed, with when they were handed over.
     pending: Held,
     pending_since: VecDeque<(Duration, Held)>,
+    /// Versions held only in the schema buffer: held (peers need not send them), but this
+    /// node's feed lacks their changes, so an offer never names them beyond memory.
+    buffered: Held,
     /// The newest version known to exist, per origin (from units, summaries, notices).
     heads: HashMap<SiteId, i64>,
     recent: RecentUnits,
@@ -286,6 +292,7 @@ impl Replicator {
             held,
             pending: Held::default(),
             pending_since: VecDeque::new(),
+            buffered: Held::default(),
             heads: HashMap::new(),
             recent,
             pulls: HashMap::new(),
@@ -399,6 +406,12 @@ impl Replicator {
     /// Loads the durable site bindings (`patina_site_bindings`) at start.
     pub fn set_bindings(&mut self, bindings: HashMap<SiteId, String>) {
         self.bindings = bindings;
+    }
+
+    /// Loads the versions held only in the schema buffer at start (later batches report
+    /// changes through [`Applied::buffered`]).
+    pub fn set_buffered(&mut self, buffered: Held) {
+        self.buffered = buffered;
     }
 
     /// The identity `site` is bound to, if any.
@@ -932,13 +945,14 @@ impl Replicator {
             if theirs.of(origin).is_empty() && *origin != self.site && !urgent {
                 // They know nothing of this origin: a joiner, or an origin that only
                 // reached us by a catch-up. Cheaper as one feed pull than unit by unit.
-                more.set(*origin, missing.clone());
+                more.set(*origin, missing.minus(&self.buffered.of(origin)));
                 continue;
             }
             let (_, covered, young) = self.recent.covering(origin, missing, newest);
             let mut accounted = covered.clone();
             accounted.union_with(&young);
-            let beyond = missing.minus(&accounted);
+            // Buffered versions are in no feed here yet: a pull would not bring them.
+            let beyond = missing.minus(&accounted).minus(&self.buffered.of(origin));
             if !covered.is_empty() {
                 have.set(*origin, covered);
             }
@@ -1080,6 +1094,9 @@ impl Replicator {
     /// The apply side committed a batch.
     pub fn handle_applied(&mut self, applied: Applied, now: Duration) {
         self.pending.remove(&applied.released);
+        if let Some(b) = applied.buffered {
+            self.buffered = b;
+        }
         for (origin, ranges) in applied.held {
             if origin != self.site {
                 self.held.set(origin, ranges);
@@ -1277,6 +1294,7 @@ mod tests {
             to,
             committed_ms: 0,
             changes: ((from + 1)..=to).map(|v| change(origin, v)).collect(),
+            schema: None,
         }
     }
 
@@ -1401,6 +1419,7 @@ mod tests {
                 cursors: vec![],
                 held: vec![([7; 16], RangeSet::from_ranges([(1, 4)]))],
                 released: Held::default(),
+                buffered: None,
             },
             Duration::ZERO,
         );
@@ -1482,6 +1501,7 @@ mod tests {
                 cursors: vec![],
                 held: vec![([7; 16], RangeSet::from_ranges([(1, 40)]))],
                 released: Held::default(),
+                buffered: None,
             },
             Duration::ZERO,
         );
@@ -1565,6 +1585,7 @@ mod tests {
             to,
             changes: vec![],
             held: None,
+            schema: None,
         };
         s.handle_message(
             addr(2),
@@ -1640,6 +1661,7 @@ mod tests {
                 cursors: vec![([2; 16], 9100)],
                 held: vec![([2; 16], RangeSet::from_ranges([(1, 9000)]))],
                 released: Held::default(),
+                buffered: None,
             },
             Duration::ZERO,
         );
@@ -1772,6 +1794,7 @@ mod collected_floor_tests {
                 to: 6,
                 committed_ms: 0,
                 changes: Vec::new(),
+                schema: None,
             },
             Duration::ZERO,
         );

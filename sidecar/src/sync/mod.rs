@@ -20,6 +20,8 @@
 //! - `ranges`   — the cursor rule and the rules every range from a peer must meet, pure.
 //! - `stability` — which deletes may be forgotten (tombstone collection), pure.
 //! - `identity` — which peer identity may speak for a site id (bound once, durably).
+//! - `schema`   — replicated tables and columns as values: the fingerprint units carry and
+//!   the rule for units naming a table or column this node lacks yet (buffered whole).
 //! - `sim`      — (tests) a deterministic simulation of many nodes: loss, partitions,
 //!   crashes, joins, regions.
 
@@ -30,6 +32,7 @@ pub mod msg;
 mod ranges;
 mod receive;
 mod recent;
+mod schema;
 #[cfg(test)]
 mod sim;
 pub mod stability;
@@ -49,3 +52,6 @@ pub use ranges::{
     validate_chunk, validate_origin_ranges, validate_pull, validate_unit, RangeError,
 };
 pub use receive::{held_after_catch_up, held_after_unit, unit_complete};
+pub use schema::{
+    buffered_versions, describe as describe_missing, waiting_origins, Missing, Schema,
+};

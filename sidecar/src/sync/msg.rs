@@ -103,6 +103,11 @@ pub struct OriginUnit {
     pub committed_ms: u64,
     #[n(4)]
     pub changes: Vec<Change>,
+    /// The origin's schema fingerprint when it read the unit (`sync::Schema::fingerprint`;
+    /// `None` from a node before issue 12, or when its schema changed during the read).
+    /// A receiver with the same fingerprint knows every table and column the unit names.
+    #[n(5)]
+    pub schema: Option<u64>,
 }
 
 impl OriginUnit {
@@ -136,6 +141,9 @@ pub struct Chunk {
     /// it in the sender's feed, it holds (or holds newer than) all of these.
     #[n(5)]
     pub held: Option<Vec<OriginRanges>>,
+    /// The sender's schema fingerprint when it read the chunk (as `OriginUnit::schema`).
+    #[n(6)]
+    pub schema: Option<u64>,
 }
 
 impl Chunk {
@@ -334,6 +342,7 @@ pub fn chunk_unit(
                 } else {
                     None
                 },
+                schema: None,
             });
             from = to;
             bytes = 0;
@@ -348,6 +357,7 @@ pub fn chunk_unit(
         to: unit_to,
         changes: current,
         held: if chunks.is_empty() { held } else { None },
+        schema: None,
     });
     chunks
 }
@@ -386,6 +396,7 @@ mod tests {
                     to: 2,
                     committed_ms: 1_700_000_000_000,
                     changes: vec![change(1), change(2)],
+                    schema: Some(0x1234_5678_9abc_def0),
                 },
                 relay: true,
             },
@@ -406,6 +417,7 @@ mod tests {
                     to: 5,
                     committed_ms: 0,
                     changes: vec![change(5)],
+                    schema: None,
                 }],
             },
             Msg::Pull {
@@ -423,6 +435,7 @@ mod tests {
                     to: 2,
                     changes: vec![change(1)],
                     held: Some(known),
+                    schema: Some(u64::MAX),
                 },
             },
             Msg::Notify {

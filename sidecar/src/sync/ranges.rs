@@ -283,6 +283,7 @@ mod tests {
                         to: t,
                         changes: vec![],
                         held: None,
+                        schema: None,
                     },
                 },
                 Duration::ZERO,
@@ -318,6 +319,7 @@ mod tests {
             to,
             changes: versions.iter().copied().map(change).collect(),
             held: None,
+            schema: None,
         }
     }
 
@@ -394,6 +396,7 @@ mod tests {
             to,
             committed_ms: 0,
             changes: versions.iter().copied().map(change).collect(),
+            schema: None,
         };
         assert_eq!(validate_unit(&unit(0, 3, &[1, 3])), Ok(()));
         assert!(validate_unit(&unit(3, 3, &[])).is_err());

@@ -73,6 +73,7 @@ mod tests {
             to: 9,
             committed_ms: 0,
             changes: vec![],
+            schema: None,
         };
         assert!(held_after_unit(&u, &[1; 16]).covers(&[7; 16], 5, 9));
         assert!(held_after_unit(&u, &[7; 16]).is_empty());

@@ -142,6 +142,7 @@ mod tests {
             to,
             committed_ms: 0,
             changes: vec![],
+            schema: None,
         }
     }
 

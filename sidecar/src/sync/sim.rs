@@ -172,6 +172,7 @@ impl Store {
             to: own_to,
             committed_ms: at_ms,
             changes,
+            schema: None,
         }
     }
 
@@ -807,6 +808,7 @@ impl Sim {
                         to: to_v,
                         changes,
                         held,
+                        schema: None,
                     };
                     let msg = Msg::Changes {
                         site: n.store.site,
