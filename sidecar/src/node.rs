@@ -111,6 +111,8 @@ pub struct Metrics {
     pub subscription_event: Histogram,
     /// Background loops that keep failing make `/v1/health` answer 503.
     pub loops: Loops,
+    /// The last staleness report and its per-origin gauges (`patina_origin_*`).
+    pub staleness: crate::staleness::Published,
 }
 
 /// Latency buckets (seconds) shared by the latency histograms: 0.5 ms to 30 s.
@@ -223,6 +225,7 @@ impl Default for Metrics {
                 LATENCY_BUCKETS,
             ),
             loops: Loops::default(),
+            staleness: crate::staleness::Published::new(&registry),
             registry,
         }
     }

@@ -20,11 +20,16 @@ use crate::db::tail::Unit;
 use crate::membership::Membership;
 use crate::net::{Channel, Incoming, Transport};
 use crate::node::NodeShared;
+use crate::staleness::{epoch_unix_ms, OriginRow, Report};
 use crate::sync::{Applied, ApplyJob, Effect, Msg, OriginUnit, Replicator};
 
 /// Outgoing messages queued per peer; a slow peer loses pushes (anti-entropy recovers
 /// them), never blocks the others.
 const PEER_QUEUE: usize = 256;
+
+/// How often the staleness report is published (and at most how often its table is
+/// written).
+const STALENESS_EVERY: Duration = Duration::from_secs(1);
 
 /// How often what the database holds is re-read (see `Replicator::reload_held`).
 const HELD_REFRESH: Duration = Duration::from_secs(10);
@@ -43,6 +48,8 @@ pub struct Driver {
     pub limits: ChunkLimits,
     pub shared: Arc<NodeShared>,
     pub epoch: Instant,
+    /// The staleness table's writer (`db::staleness`): sent a report when it changed.
+    pub staleness: crossbeam_channel::Sender<Vec<OriginRow>>,
 }
 
 impl Driver {
@@ -54,6 +61,11 @@ impl Driver {
         // Merges by other connections (an app's own sync code) change what is held too.
         let mut held_refresh = tokio::time::interval(HELD_REFRESH);
         held_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Staleness is published once a second (the table at most that often).
+        let mut staleness_tick = tokio::time::interval(STALENESS_EVERY);
+        staleness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started_ms = epoch_unix_ms(crate::db::tail::unix_ms() as i64, self.epoch.elapsed());
+        let mut sent: Option<Vec<OriginRow>> = None;
         loop {
             let deadline = tokio::time::Instant::from_std(self.epoch + self.sync.next_timeout());
             tokio::select! {
@@ -76,6 +88,7 @@ impl Driver {
                     self.sync.handle_timer(now);
                 }
                 _ = membership_tick.tick() => self.refresh_members(),
+                _ = staleness_tick.tick() => self.publish_staleness(started_ms, &mut sent),
             }
             self.perform(&mut peers, &stop).await;
         }
@@ -83,6 +96,26 @@ impl Driver {
 
     fn now(&self) -> Duration {
         self.epoch.elapsed()
+    }
+
+    /// Publishes the staleness report (health, status, metrics) and hands it to the
+    /// table writer when it differs from the last one handed over. A full channel means
+    /// the writer still has the previous report: this one is offered again next second.
+    fn publish_staleness(&mut self, started_ms: i64, sent: &mut Option<Vec<OriginRow>>) {
+        let rows: Vec<OriginRow> = self
+            .sync
+            .staleness(self.now())
+            .iter()
+            .map(|o| OriginRow::from_machine(o, started_ms))
+            .collect();
+        let now_ms = crate::db::tail::unix_ms() as i64;
+        if sent.as_ref() != Some(&rows) && self.staleness.try_send(rows.clone()).is_ok() {
+            *sent = Some(rows.clone());
+        }
+        self.shared
+            .metrics
+            .staleness
+            .publish(Report { rows, started_ms }, now_ms);
     }
 
     /// A unit read by the tailer: this node's own writes in it are broadcast (what it

@@ -142,6 +142,7 @@ pub async fn run(
         let attempt = (|| {
             let mut setup = db::open(&path, &ext, level)?;
             bookkeeping::ensure(&setup).map_err(sql_err)?;
+            db::staleness::ensure(&setup).map_err(sql_err)?;
             let tables =
                 schema::apply(&mut setup, &schema_paths).map_err(|source| AgentError::Schema {
                     paths: schema::describe(&schema_paths),
@@ -217,6 +218,17 @@ pub async fn run(
         source,
     })?;
     let reader = Arc::new(Mutex::new(db::open(&path, &ext, level)?));
+    // The latest staleness report, if the writer has not taken the previous one yet.
+    let (staleness_tx, staleness_rx) = crossbeam_channel::bounded(1);
+    let staleness_thread = db::staleness::spawn(
+        db::open(&path, &ext, level)?,
+        staleness_rx,
+        stop_threads.clone(),
+    )
+    .map_err(|source| AgentError::Thread {
+        what: "staleness",
+        source,
+    })?;
 
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -327,6 +339,7 @@ pub async fn run(
         limits,
         shared: shared.clone(),
         epoch,
+        staleness: staleness_tx,
     };
     let driver = tokio::spawn(driver.run(stop_rx));
     tracing::info!(
@@ -352,6 +365,7 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || {
         let _ = apply_thread.join();
         let _ = tail_thread.join();
+        let _ = staleness_thread.join();
     })
     .await;
     membership.leave().await;

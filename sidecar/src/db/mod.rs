@@ -10,6 +10,7 @@
 //! - `bookkeeping` — per-peer cursors, out-of-order ranges and site bindings, in the database.
 //! - `inbox`       — chunks of large units buffered until whole; bounded and expiring.
 //! - `schema`      — schema files: create, migrate (add columns), make replicated.
+//! - `staleness`   — `patina_staleness`, the per-origin staleness table, and its writer.
 
 pub mod apply;
 pub mod bookkeeping;
@@ -17,6 +18,7 @@ pub mod conn;
 pub mod feed;
 pub mod inbox;
 pub mod schema;
+pub mod staleness;
 pub mod tail;
 pub mod touched;
 

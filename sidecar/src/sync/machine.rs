@@ -53,6 +53,7 @@ use super::msg::{Chunk, Msg, OriginUnit, SiteId};
 use super::ranges::RangeError;
 use super::ranges::{validate_chunk, validate_origin_ranges, validate_pull, validate_unit};
 use super::recent::RecentUnits;
+use super::staleness::{self, HeardLog, OriginStaleness};
 
 /// Tunables; the defaults are the node's.
 #[derive(Clone, Debug)]
@@ -220,6 +221,8 @@ pub struct Replicator {
     effects: VecDeque<Effect>,
     stats: SyncStats,
     finished: Vec<(Duration, usize)>,
+    /// When each origin was last heard from (`staleness.rs` defines it).
+    heard: HeardLog,
 }
 
 impl Replicator {
@@ -235,6 +238,8 @@ impl Replicator {
     ) -> Replicator {
         let first = jittered(&mut rng, &config);
         let recent = RecentUnits::new(config.recent_bytes, config.recent_age);
+        // What is held exists: a summary repeating it after a restart is no news.
+        let heads = held.iter().map(|(s, r)| (*s, r.head())).collect();
         Replicator {
             site,
             config,
@@ -246,7 +251,7 @@ impl Replicator {
             held,
             pending: Held::default(),
             pending_since: VecDeque::new(),
-            heads: HashMap::new(),
+            heads,
             recent,
             pulls: HashMap::new(),
             notified: HashMap::new(),
@@ -260,6 +265,7 @@ impl Replicator {
             effects: VecDeque::new(),
             stats: SyncStats::default(),
             finished: Vec::new(),
+            heard: HeardLog::default(),
         }
     }
 
@@ -291,6 +297,13 @@ impl Replicator {
     /// The newest version known to exist of each origin.
     pub fn heads(&self) -> &HashMap<SiteId, i64> {
         &self.heads
+    }
+
+    /// How far behind this node is on each origin, and when it last heard from each
+    /// (`staleness.rs`).
+    pub fn staleness(&self, now: Duration) -> Vec<OriginStaleness> {
+        let alive = self.peers.values().copied().collect();
+        staleness::compute(&self.site, &self.held, &self.heads, &self.heard, &alive, now)
     }
 
     /// Catch-up pulls in flight.
@@ -386,6 +399,7 @@ impl Replicator {
             }
         }
         self.recent.evict(now);
+        self.heard.expire(now);
         self.expire_requested(now);
         self.asked
             .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(1));
@@ -477,19 +491,19 @@ impl Replicator {
             return;
         }
         self.held.insert(self.site, unit.from + 1, unit.to);
-        self.note_head(self.site, unit.to);
+        self.note_head(self.site, unit.to, now);
         self.recent.insert(&unit, now);
         self.broadcast(unit, true);
     }
 
     /// A unit of this node's own writes too large to broadcast (versions up to `to`):
     /// held, and announced down the tree; children pull it.
-    pub fn handle_local_large_unit(&mut self, from: i64, to: i64, _now: Duration) {
+    pub fn handle_local_large_unit(&mut self, from: i64, to: i64, now: Duration) {
         if to <= from {
             return;
         }
         self.held.insert(self.site, from + 1, to);
-        self.note_head(self.site, to);
+        self.note_head(self.site, to, now);
         self.notify_children(self.site, to);
     }
 
@@ -523,9 +537,14 @@ impl Replicator {
         }
     }
 
-    fn note_head(&mut self, origin: SiteId, v: i64) {
+    /// `v` of `origin` exists. A version newer than any known counts as hearing from
+    /// the origin (`staleness.rs`).
+    fn note_head(&mut self, origin: SiteId, v: i64, now: Duration) {
         let h = self.heads.entry(origin).or_insert(0);
-        *h = (*h).max(v);
+        if v > *h {
+            *h = v;
+            self.heard.heard(origin, now);
+        }
     }
 
     /// A message from peer `from`, which presented `identity` (its certificate's
@@ -583,6 +602,8 @@ impl Replicator {
             }
         }
         self.seen.insert(from, identity.to_string());
+        // Any message of the origin itself, even one refused below: it is alive.
+        self.heard.heard(site, now);
         if let Err(e) = validate_msg(&msg) {
             self.stats.refused += 1;
             tracing::warn!(
@@ -627,7 +648,7 @@ impl Replicator {
                 });
             }
             Msg::Notify { origin, head, .. } => {
-                self.note_head(origin, head);
+                self.note_head(origin, head, now);
                 if origin != self.site && !self.holding().covers(&origin, 1, head) {
                     let n = self.notified.entry(origin).or_insert(0);
                     *n = (*n).max(head);
@@ -680,7 +701,7 @@ impl Replicator {
         if unit.origin == self.site {
             return; // our own writes, back from a repair: we hold them
         }
-        self.note_head(unit.origin, unit.to);
+        self.note_head(unit.origin, unit.to, now);
         let holding = self.holding();
         if holding.covers(&unit.origin, unit.from + 1, unit.to) {
             tracing::trace!(peer = %from, relay, from = unit.from, to = unit.to, "sync: duplicate unit");
@@ -723,7 +744,7 @@ impl Replicator {
         now: Duration,
     ) {
         for (origin, r) in theirs.iter() {
-            self.note_head(*origin, r.head());
+            self.note_head(*origin, r.head(), now);
         }
         let mut lacks = self.held.minus(theirs);
         if urgent {

@@ -19,6 +19,7 @@
 //!   the node's apply thread and the simulation both call it.
 //! - `ranges`   — the cursor rule and the rules every range from a peer must meet, pure.
 //! - `identity` — which peer identity may speak for a site id (bound once, durably).
+//! - `staleness` — per origin: known, held, missing, when last heard from, pure.
 //! - `sim`      — (tests) a deterministic simulation of many nodes: loss, partitions,
 //!   crashes, joins, regions.
 
@@ -29,6 +30,7 @@ pub mod msg;
 mod ranges;
 mod receive;
 mod recent;
+mod staleness;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
@@ -47,3 +49,4 @@ pub use ranges::{
     validate_chunk, validate_origin_ranges, validate_pull, validate_unit, RangeError,
 };
 pub use receive::{held_after_catch_up, held_after_unit, unit_complete};
+pub use staleness::{OriginStaleness, FORGET_AFTER};
