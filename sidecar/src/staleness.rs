@@ -158,6 +158,17 @@ impl Published {
         *cur = report;
     }
 
+    /// Sets the silence gauges as of `now_ms` (Unix ms): `/metrics` calls this before
+    /// gathering, so a scrape never reads a silence up to a second old.
+    pub fn refresh_silence(&self, now_ms: i64) {
+        let cur = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        for r in &cur.rows {
+            self.silent
+                .with_label_values(&[hex::encode(r.site_id).as_str()])
+                .set(r.silent_secs(now_ms, cur.started_ms));
+        }
+    }
+
     /// The last report published.
     pub fn report(&self) -> Report {
         self.report
@@ -250,7 +261,10 @@ mod tests {
         let ok = check(&report, 10_000, Some(3), Some(5.0));
         assert!(ok.problems.is_empty(), "{:?}", ok.problems);
         assert_eq!(ok.missing, 3);
-        assert_eq!(ok.max_silent_secs, 5.0, "never heard: silent since the start");
+        assert_eq!(
+            ok.max_silent_secs, 5.0,
+            "never heard: silent since the start"
+        );
         let bad = check(&report, 10_000, Some(2), Some(4.0));
         assert_eq!(bad.problems.len(), 2, "{:?}", bad.problems);
         assert!(bad.problems[0].contains("max_lag_versions=2"));

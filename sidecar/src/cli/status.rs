@@ -51,11 +51,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
 
 /// The per-origin staleness rows of `/v1/status` as an aligned table, this node marked.
 fn staleness_table(rows: &[Value]) -> String {
-    let columns: Vec<String> = [
-        "origin", "known", "held", "missing", "silent",
-    ]
-    .map(String::from)
-    .to_vec();
+    let columns: Vec<String> = ["origin", "known", "held", "missing", "silent"]
+        .map(String::from)
+        .to_vec();
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -72,7 +70,11 @@ fn staleness_table(rows: &[Value]) -> String {
                 _ => "?".to_string(),
             };
             let held = if r["newest_held"] != r["held_version"] {
-                format!("{} (newest {})", cell(&r["held_version"]), cell(&r["newest_held"]))
+                format!(
+                    "{} (newest {})",
+                    cell(&r["held_version"]),
+                    cell(&r["newest_held"])
+                )
             } else {
                 cell(&r["held_version"])
             };

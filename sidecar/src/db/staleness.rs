@@ -121,11 +121,17 @@ pub fn spawn(
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
                 let Some(rows) = pending.take() else { continue };
-                match write(&mut conn, &written, &rows, crate::db::tail::unix_ms() as i64) {
+                match write(
+                    &mut conn,
+                    &written,
+                    &rows,
+                    crate::db::tail::unix_ms() as i64,
+                ) {
                     Ok(_) => written = rows.into_iter().map(|r| (r.site_id, r)).collect(),
                     Err(e) => {
                         // Retried with the next report or after RETRY; said once a minute.
-                        if !matches!(last_warned, Some(t) if t.elapsed() < Duration::from_secs(60)) {
+                        if !matches!(last_warned, Some(t) if t.elapsed() < Duration::from_secs(60))
+                        {
                             tracing::warn!("cannot write patina_staleness (retrying): {e}");
                             last_warned = Some(Instant::now());
                         }
@@ -167,7 +173,10 @@ mod tests {
         let mut conn = Connection::open_in_memory().expect("db");
         ensure(&conn).expect("schema");
         let first = vec![row(1, 1), row(2, 4)];
-        assert_eq!(write(&mut conn, &HashMap::new(), &first, 100).expect("write"), 2);
+        assert_eq!(
+            write(&mut conn, &HashMap::new(), &first, 100).expect("write"),
+            2
+        );
         let written: HashMap<SiteId, OriginRow> =
             first.iter().map(|r| (r.site_id, r.clone())).collect();
         assert_eq!(write(&mut conn, &written, &first, 200).expect("same"), 0);

@@ -180,6 +180,8 @@ pub async fn get_members(State(st): State<AppState>) -> Json<serde_json::Value> 
 /// API's, and the values only known at scrape time (membership, loop health, versions).
 pub async fn get_metrics(State(st): State<AppState>) -> Response {
     let m = &st.shared.metrics;
+    m.staleness
+        .refresh_silence(crate::db::tail::unix_ms() as i64);
     let mut families = m.gather();
     families.extend(st.stats.gather());
     // The older name of the apply histogram, kept as the summary it always was.

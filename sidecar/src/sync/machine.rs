@@ -303,7 +303,14 @@ impl Replicator {
     /// (`staleness.rs`).
     pub fn staleness(&self, now: Duration) -> Vec<OriginStaleness> {
         let alive = self.peers.values().copied().collect();
-        staleness::compute(&self.site, &self.held, &self.heads, &self.heard, &alive, now)
+        staleness::compute(
+            &self.site,
+            &self.held,
+            &self.heads,
+            &self.heard,
+            &alive,
+            now,
+        )
     }
 
     /// Catch-up pulls in flight.

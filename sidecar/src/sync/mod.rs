@@ -30,9 +30,9 @@ pub mod msg;
 mod ranges;
 mod receive;
 mod recent;
-mod staleness;
 #[cfg(test)]
 mod sim;
+mod staleness;
 #[cfg(test)]
 mod test_support;
 

@@ -49,8 +49,7 @@ impl HeardLog {
 
     /// Drops entries older than [`FORGET_AFTER`] (bounded memory: departed origins go).
     pub fn expire(&mut self, now: Duration) {
-        self.at
-            .retain(|_, t| now.saturating_sub(*t) < FORGET_AFTER);
+        self.at.retain(|_, t| now.saturating_sub(*t) < FORGET_AFTER);
     }
 }
 
@@ -109,12 +108,14 @@ pub fn compute(
         } else {
             known.saturating_sub(count).max(0)
         };
-        let last_heard = if is_self { Some(now) } else { heard.last(&site) };
+        let last_heard = if is_self {
+            Some(now)
+        } else {
+            heard.last(&site)
+        };
         let silent_for = now.saturating_sub(last_heard.unwrap_or(Duration::ZERO));
-        let forgotten = !is_self
-            && !alive.contains(&site)
-            && missing == 0
-            && silent_for >= FORGET_AFTER;
+        let forgotten =
+            !is_self && !alive.contains(&site) && missing == 0 && silent_for >= FORGET_AFTER;
         if forgotten {
             continue;
         }
@@ -181,7 +182,10 @@ mod tests {
             &BTreeSet::from([C]),
             secs(40),
         );
-        let c = r.iter().find(|o| o.site == C).expect("alive peers are reported");
+        let c = r
+            .iter()
+            .find(|o| o.site == C)
+            .expect("alive peers are reported");
         assert_eq!((c.known, c.missing, c.last_heard), (0, 0, None));
         assert_eq!(c.silent_for, secs(40));
     }
@@ -232,11 +236,19 @@ mod tests {
         };
         let r = at(&m, secs(4));
         assert_eq!(r[&B], (Some(secs(3)), 0), "B itself spoke");
-        assert_eq!(r[&C], (Some(secs(3)), 5), "B named C's versions 1..=5, unseen before");
+        assert_eq!(
+            r[&C],
+            (Some(secs(3)), 5),
+            "B named C's versions 1..=5, unseen before"
+        );
         m.handle_message(addr(2), &ident(2), summary(B, 5), secs(6));
         let r = at(&m, secs(7));
         assert_eq!(r[&B].0, Some(secs(6)));
-        assert_eq!(r[&C].0, Some(secs(3)), "nothing newer of C: not heard again");
+        assert_eq!(
+            r[&C].0,
+            Some(secs(3)),
+            "nothing newer of C: not heard again"
+        );
     }
 
     #[test]
