@@ -9,7 +9,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tokio::sync::{watch, Notify};
 
 /// What a running node shares with its HTTP API.
@@ -113,6 +115,17 @@ pub struct Metrics {
     pub loops: Loops,
     /// The last staleness report and its per-origin gauges (`patina_origin_*`).
     pub staleness: crate::staleness::Published,
+    /// `patina_protocol_version`: the sync protocol version this node speaks.
+    pub protocol_version: IntGauge,
+    /// `patina_peers_by_protocol_version{version}`: peers by the version their frames
+    /// carry (a rolling upgrade in progress shows two).
+    pub peers_by_version: IntGaugeVec,
+    /// `patina_sync_unknown_messages_total`: sync messages of a kind this node does not
+    /// know (a later release's), ignored.
+    pub sync_unknown_messages: IntCounter,
+    /// `patina_sync_messages_withheld_total`: messages not sent to a peer because its
+    /// protocol version lacks their kind.
+    pub sync_withheld: IntCounter,
 }
 
 /// Latency buckets (seconds) shared by the latency histograms: 0.5 ms to 30 s.
@@ -226,6 +239,30 @@ impl Default for Metrics {
             ),
             loops: Loops::default(),
             staleness: crate::staleness::Published::new(&registry),
+            protocol_version: gauge(
+                "patina_protocol_version",
+                "The sync protocol version this node speaks.",
+            ),
+            peers_by_version: {
+                let v = IntGaugeVec::new(
+                    Opts::new(
+                        "patina_peers_by_protocol_version",
+                        "Peers by the protocol version of their frames.",
+                    ),
+                    &["version"],
+                )
+                .expect("metric names are constant and valid");
+                register(&registry, Box::new(v.clone()));
+                v
+            },
+            sync_unknown_messages: counter(
+                "patina_sync_unknown_messages_total",
+                "Sync messages of a kind this node does not know (a later release's), ignored.",
+            ),
+            sync_withheld: counter(
+                "patina_sync_messages_withheld_total",
+                "Messages not sent to a peer whose protocol version lacks their kind.",
+            ),
             registry,
         }
     }
@@ -266,6 +303,17 @@ impl Metrics {
     /// Everything registered, for the `/metrics` encoder.
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.registry.gather()
+    }
+
+    /// Sets `patina_peers_by_protocol_version` to `counts` (version, peers): versions no
+    /// peer speaks any more lose their series.
+    pub fn set_peer_versions(&self, counts: &[(u16, usize)]) {
+        self.peers_by_version.reset();
+        for (v, n) in counts {
+            self.peers_by_version
+                .with_label_values(&[v.to_string().as_str()])
+                .set(*n as i64);
+        }
     }
 }
 

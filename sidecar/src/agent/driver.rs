@@ -21,6 +21,7 @@ use crate::membership::Membership;
 use crate::net::{Channel, Incoming, Transport};
 use crate::node::NodeShared;
 use crate::staleness::{epoch_unix_ms, OriginRow, Report};
+use crate::sync::versions::{self, Decoded};
 use crate::sync::{Applied, ApplyJob, Effect, Msg, OriginUnit, Replicator};
 
 /// Outgoing messages queued per peer; a slow peer loses pushes (anti-entropy recovers
@@ -112,10 +113,16 @@ impl Driver {
         if sent.as_ref() != Some(&rows) && self.staleness.try_send(rows.clone()).is_ok() {
             *sent = Some(rows.clone());
         }
-        self.shared
-            .metrics
+        let metrics = &self.shared.metrics;
+        metrics
             .staleness
             .publish(Report { rows, started_ms }, now_ms);
+        metrics.set_peer_versions(&self.sync.peer_versions());
+        let withheld = &metrics.sync_withheld;
+        let stats = self.sync.stats();
+        if stats.withheld > withheld.get() {
+            withheld.inc_by(stats.withheld - withheld.get());
+        }
     }
 
     /// A unit read by the tailer: this node's own writes in it are broadcast (what it
@@ -185,12 +192,24 @@ impl Driver {
                 channel: Channel::Sync,
                 payload,
                 permit,
+                version,
             } => {
-                let decoded = Msg::decode(&payload);
+                self.sync.note_version(from, version);
+                let decoded = versions::decode(&payload, self.transport.version());
                 // The decoded message is what stays; the frame's receive budget goes.
                 drop(permit);
                 match decoded {
-                    Ok(msg) => {
+                    Ok(Decoded::Unknown { kind }) => {
+                        // A later release's message: ignored, the connection kept.
+                        self.shared.metrics.sync_unknown_messages.inc();
+                        tracing::debug!(
+                            peer = %from,
+                            "ignoring sync message kind {kind} from peer {from} (protocol \
+                             version {version}; this node speaks {})",
+                            self.transport.version()
+                        );
+                    }
+                    Ok(Decoded::Known(msg)) => {
                         // Counted off the wire, before any duplicate is dropped.
                         let metrics = &self.shared.metrics;
                         metrics

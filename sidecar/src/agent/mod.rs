@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::config::{Config, ConfigError};
 use crate::db::{self, apply, bookkeeping, feed, schema, tail, DbError};
 use crate::membership::{MemberId, Membership};
-use crate::net::{NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME};
+use crate::net::{NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 use crate::node::{Metrics, NodeShared};
 use crate::sync::{Replicator, SyncConfig};
 
@@ -63,6 +63,44 @@ pub enum AgentError {
         what: &'static str,
         source: std::io::Error,
     },
+    /// `PATINA_TEST_RELEASE_AHEAD` is set to something that is not a small number.
+    #[error(
+        "{TEST_RELEASE_AHEAD}={value:?} is not a number of releases 0..=9 (a test-only \
+         setting: unset it)"
+    )]
+    TestRelease { value: String },
+}
+
+/// Test-only: makes this node behave as a release that many protocol versions ahead of
+/// this build (`net::envelope::PROTOCOL_VERSION` + N): its frames carry that version, it
+/// accepts the versions around it, and it uses the message kinds of that version
+/// (`Msg::Heard` from version 4 on). This is how the rolling-upgrade tests run a mixed
+/// cluster of the current release and the next one (N = 1), and a peer two versions
+/// apart (N = 2), from one build. Never set it in production.
+pub const TEST_RELEASE_AHEAD: &str = "PATINA_TEST_RELEASE_AHEAD";
+
+/// The protocol version this node speaks: [`PROTOCOL_VERSION`], unless
+/// [`TEST_RELEASE_AHEAD`] is set.
+fn protocol_version() -> Result<u16, AgentError> {
+    let Ok(value) = std::env::var(TEST_RELEASE_AHEAD) else {
+        return Ok(PROTOCOL_VERSION);
+    };
+    let ahead: u16 = value
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n <= 9)
+        .ok_or_else(|| AgentError::TestRelease {
+            value: value.clone(),
+        })?;
+    if ahead > 0 {
+        tracing::warn!(
+            "TEST ONLY ({TEST_RELEASE_AHEAD}={ahead}): this node simulates a release {ahead} \
+             ahead and speaks protocol version {}",
+            PROTOCOL_VERSION + ahead
+        );
+    }
+    Ok(PROTOCOL_VERSION + ahead)
 }
 
 /// How often a node that found its disk full at start tries again.
@@ -117,12 +155,16 @@ pub async fn run(
         }),
         _ => None,
     };
-    let (transport, incoming) = Transport::bind(NetConfig {
-        bind: config.gossip.addr,
-        cluster_id: config.gossip.cluster_id,
-        tls,
-        max_frame_bytes: max_frame,
-    })
+    let speaks = protocol_version()?;
+    let (transport, incoming) = Transport::bind_as(
+        NetConfig {
+            bind: config.gossip.addr,
+            cluster_id: config.gossip.cluster_id,
+            tls,
+            max_frame_bytes: max_frame,
+        },
+        speaks,
+    )
     .await?;
     let bootstrap = resolve_bootstrap(&config.gossip.bootstrap).await?;
     let path = config.db.path.clone();
@@ -185,6 +227,7 @@ pub async fn run(
 
     let stop_threads = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::default());
+    metrics.protocol_version.set(i64::from(speaks));
     let (version_tx, version_rx) = watch::channel(version);
     let touched = Arc::new(crate::db::touched::TouchedHub::default());
     let (wake_tx, wake_rx) = crossbeam_channel::bounded::<()>(1);
@@ -312,6 +355,7 @@ pub async fn run(
     let epoch = Instant::now();
     let sync_config = SyncConfig {
         max_chunk_bytes: (max_frame / 4).min(4 * 1024 * 1024),
+        protocol: speaks,
         ..SyncConfig::default()
     };
     let limits = feed::ChunkLimits {
@@ -346,6 +390,7 @@ pub async fn run(
         api = %api_addr,
         gossip = %transport.local_addr(),
         site_id = %hex::encode(site),
+        protocol_version = speaks,
         "patina node running"
     );
 

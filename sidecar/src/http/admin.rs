@@ -43,6 +43,7 @@ pub async fn get_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "subscription_streams": st.subs.streams(),
         "latency": latency(&st),
         "version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": m.protocol_version.get(),
         "staleness": staleness(&st),
     }))
 }

@@ -32,7 +32,7 @@ mod inbound;
 pub mod limits;
 pub(crate) mod tls;
 
-pub use envelope::PROTOCOL_VERSION;
+pub use envelope::{accepted, PROTOCOL_VERSION};
 pub use limits::FramePermit;
 
 /// Frames larger than this are refused unless configured otherwise. Chunks are at most
@@ -109,6 +109,8 @@ pub enum Incoming {
         payload: Vec<u8>,
         /// The frame's share of the receive budget: drop it once the payload is decoded.
         permit: FramePermit,
+        /// The protocol version of the frame's envelope: the version the peer speaks.
+        version: u16,
     },
     /// Answer through `reply`; dropping it resets the peer's request.
     Request {
@@ -186,6 +188,9 @@ pub(crate) struct Inner {
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     cluster_id: u64,
+    /// The protocol version this node speaks (`envelope::PROTOCOL_VERSION`, or another
+    /// one when a test simulates another release).
+    version: u16,
     max_frame: usize,
     /// Mutual TLS is on: peers are identified by certificate, not address.
     authenticated: bool,
@@ -230,6 +235,15 @@ impl Transport {
     /// Binds the endpoint and starts accepting. Incoming traffic arrives on the returned
     /// bounded channel.
     pub async fn bind(cfg: NetConfig) -> Result<(Transport, mpsc::Receiver<Incoming>), NetError> {
+        Transport::bind_as(cfg, PROTOCOL_VERSION).await
+    }
+
+    /// [`Transport::bind`] for a node speaking protocol `version`: its frames carry it, and
+    /// frames outside [`accepted`]`(version)` are refused.
+    pub async fn bind_as(
+        cfg: NetConfig,
+        version: u16,
+    ) -> Result<(Transport, mpsc::Receiver<Incoming>), NetError> {
         let tls = tls::configure(cfg.tls.as_ref())?;
         let mut endpoint =
             quinn::Endpoint::server(tls.server, cfg.bind).map_err(|error| NetError::Bind {
@@ -246,6 +260,7 @@ impl Transport {
             endpoint,
             local_addr,
             cluster_id: cfg.cluster_id,
+            version,
             max_frame: cfg.max_frame_bytes,
             authenticated: cfg.tls.is_some(),
             conns: Mutex::new(HashMap::new()),
@@ -273,6 +288,11 @@ impl Transport {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// The protocol version this node speaks.
+    pub fn version(&self) -> u16 {
+        self.inner.version
     }
 
     /// Frames refused so far (wrong cluster, bad version, corrupt, truncated, oversized).
@@ -328,7 +348,7 @@ impl Transport {
     ) -> Result<(), NetError> {
         self.check_len(to, payload.len())?;
         self.inner.usage.touch(to, channel);
-        let frame = envelope::encode_frame(self.inner.cluster_id, channel, &payload, false);
+        let frame = self.inner.frame(channel, &payload, false);
         let sent = self.send_frame(to, &frame).await;
         // A long send must not leave its connection looking idle.
         self.inner.usage.touch(to, channel);
@@ -345,7 +365,7 @@ impl Transport {
     ) -> Result<Vec<u8>, NetError> {
         self.check_len(to, payload.len())?;
         self.inner.usage.touch(to, channel);
-        let frame = envelope::encode_frame(self.inner.cluster_id, channel, &payload, false);
+        let frame = self.inner.frame(channel, &payload, false);
         let answer = tokio::time::timeout(timeout, self.request_frame(to, &frame)).await;
         // A long request must not leave its connection looking idle.
         self.inner.usage.touch(to, channel);
@@ -363,7 +383,13 @@ impl Transport {
     pub async fn send_datagram(&self, to: SocketAddr, payload: Vec<u8>) -> Result<(), NetError> {
         self.check_len(to, payload.len())?;
         self.inner.usage.touch(to, Channel::Swim);
-        let dgram = envelope::encode(self.inner.cluster_id, Channel::Swim, &payload, false);
+        let dgram = envelope::encode_with_version(
+            self.inner.version,
+            self.inner.cluster_id,
+            Channel::Swim,
+            &payload,
+            false,
+        );
         for attempt in 0..2 {
             let conn = self.inner.connection(to).await?;
             if conn
@@ -386,8 +412,7 @@ impl Transport {
                     }
                 }
             }
-            let frame =
-                envelope::encode_frame(self.inner.cluster_id, Channel::Swim, &payload, true);
+            let frame = self.inner.frame(Channel::Swim, &payload, true);
             return self.send_frame(to, &frame).await;
         }
         Err(NetError::Send {
@@ -504,16 +529,18 @@ impl Transport {
             )
             .await;
             return match read {
-                Ok((bytes, _permit)) => match envelope::decode(&bytes, self.inner.cluster_id) {
-                    Ok(env) => Ok(env.payload),
-                    Err(e) => {
-                        self.inner.reject(to, &e.to_string());
-                        Err(NetError::BadResponse {
-                            addr: to,
-                            reason: e.to_string(),
-                        })
+                Ok((bytes, _permit)) => {
+                    match envelope::decode_as(&bytes, self.inner.cluster_id, self.inner.version) {
+                        Ok(env) => Ok(env.payload),
+                        Err(e) => {
+                            self.inner.reject(to, &e.to_string());
+                            Err(NetError::BadResponse {
+                                addr: to,
+                                reason: e.to_string(),
+                            })
+                        }
                     }
-                },
+                }
                 Err(inbound::ReadFail::Frame(e)) => {
                     self.inner.reject(to, &e.to_string());
                     Err(NetError::BadResponse {
@@ -573,6 +600,17 @@ async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), S
 }
 
 impl Inner {
+    /// A stream frame of this node's version and cluster.
+    fn frame(&self, channel: Channel, payload: &[u8], as_datagram: bool) -> Vec<u8> {
+        envelope::encode_frame_with_version(
+            self.version,
+            self.cluster_id,
+            channel,
+            payload,
+            as_datagram,
+        )
+    }
+
     fn slot_if_any(&self, addr: SocketAddr) -> Option<Slot> {
         self.conns.lock().ok()?.get(&addr).cloned()
     }

@@ -54,6 +54,7 @@ use super::ranges::RangeError;
 use super::ranges::{validate_chunk, validate_origin_ranges, validate_pull, validate_unit};
 use super::recent::RecentUnits;
 use super::staleness::{self, HeardLog, OriginStaleness};
+use super::versions::PeerVersions;
 
 /// Tunables; the defaults are the node's.
 #[derive(Clone, Debug)]
@@ -85,6 +86,9 @@ pub struct SyncConfig {
     pub recent_age: Duration,
     /// Ranges per origin in a summary (the newest kept; older ones are only claimed less).
     pub summary_ranges: usize,
+    /// The protocol version this node speaks: message kinds of later versions are never
+    /// sent, and are sent to a peer only once it showed it speaks their version.
+    pub protocol: u16,
 }
 
 impl Default for SyncConfig {
@@ -103,6 +107,7 @@ impl Default for SyncConfig {
             recent_bytes: 64 * 1024 * 1024,
             recent_age: Duration::from_secs(120),
             summary_ranges: 64,
+            protocol: super::versions::BASE_VERSION,
         }
     }
 }
@@ -184,6 +189,8 @@ pub struct SyncStats {
     pub repairs_sent: u64,
     pub duplicates: u64,
     pub refused: u64,
+    /// Messages not sent because the peer speaks a version without their kind.
+    pub withheld: u64,
 }
 
 /// The state machine. One per node.
@@ -223,6 +230,8 @@ pub struct Replicator {
     finished: Vec<(Duration, usize)>,
     /// When each origin was last heard from (`staleness.rs` defines it).
     heard: HeardLog,
+    /// The protocol version each peer speaks (`versions.rs`).
+    versions: PeerVersions,
 }
 
 impl Replicator {
@@ -237,6 +246,7 @@ impl Replicator {
         now: Duration,
     ) -> Replicator {
         let first = jittered(&mut rng, &config);
+        let versions = PeerVersions::new(config.protocol);
         let recent = RecentUnits::new(config.recent_bytes, config.recent_age);
         // What is held exists: a summary repeating it after a restart is no news.
         let heads = held.iter().map(|(s, r)| (*s, r.head())).collect();
@@ -266,6 +276,7 @@ impl Replicator {
             stats: SyncStats::default(),
             finished: Vec::new(),
             heard: HeardLog::default(),
+            versions,
         }
     }
 
@@ -334,9 +345,44 @@ impl Replicator {
         &self.stats
     }
 
-    /// Next effect to perform, if any.
+    /// Next effect to perform, if any. A message the peer's protocol version does not
+    /// have is dropped here (and counted), whatever produced it.
     pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
+        while let Some(e) = self.effects.pop_front() {
+            if let Effect::Send { to, msg } = &e {
+                if !self.versions.may_send(to, msg) {
+                    self.stats.withheld += 1;
+                    continue;
+                }
+            }
+            return Some(e);
+        }
+        None
+    }
+
+    /// Peer `from` sent a frame of protocol `version` (its envelope's): from now on it is
+    /// sent the message kinds of that version. Logged when first learned or changed.
+    pub fn note_version(&mut self, from: SocketAddr, version: u16) {
+        if let Some(before) = self.versions.note(from, version) {
+            let ours = self.versions.ours();
+            match before {
+                None if version == ours => {}
+                None => tracing::info!(
+                    peer = %from,
+                    "peer {from} speaks protocol version {version} (this node {ours}); \
+                     it is sent only what both understand"
+                ),
+                Some(b) => tracing::info!(
+                    peer = %from,
+                    "peer {from} now speaks protocol version {version} (was {b}; this node {ours})"
+                ),
+            }
+        }
+    }
+
+    /// How many peers speak each protocol version (as their frames told).
+    pub fn peer_versions(&self) -> Vec<(u16, usize)> {
+        self.versions.counts()
     }
 
     /// When `handle_timer` next has something to do.
@@ -368,6 +414,7 @@ impl Replicator {
         // Per-address state is kept for members only, so addresses that came and went
         // (or a peer cycling source ports) do not accumulate.
         self.seen.retain(|addr, _| next.contains_key(addr));
+        self.versions.retain(|addr| next.contains_key(addr));
         self.last_warned
             .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(10));
         // The first peers of a node that just started (or was alone): exchange summaries
@@ -429,6 +476,17 @@ impl Replicator {
             return;
         };
         self.send_summary(to, true, false, None);
+        // Protocol 4: when we heard from each origin, for the peer's staleness view
+        // (withheld from peers of version 3 by `poll_effect`).
+        if self.config.protocol > super::versions::BASE_VERSION {
+            self.effects.push_back(Effect::Send {
+                to,
+                msg: Msg::Heard {
+                    site: self.site,
+                    ages: self.heard.to_wire(now),
+                },
+            });
+        }
     }
 
     /// What this node holds or is applying: what a summary and `known` say.
@@ -654,6 +712,7 @@ impl Replicator {
                     known: Held::from_wire(&known),
                 });
             }
+            Msg::Heard { ages, .. } => self.heard.merge_wire(&ages, &self.site, now),
             Msg::Notify { origin, head, .. } => {
                 self.note_head(origin, head, now);
                 if origin != self.site && !self.holding().covers(&origin, 1, head) {
@@ -1026,6 +1085,13 @@ fn validate_msg(msg: &Msg) -> Result<(), RangeError> {
             }
         }
         Msg::Behind { .. } => Ok(()),
+        Msg::Heard { ages, .. } => {
+            if ages.len() > super::ranges::MAX_ORIGINS {
+                Err(RangeError::TooManyOrigins { count: ages.len() })
+            } else {
+                Ok(())
+            }
+        }
     }
 }
 

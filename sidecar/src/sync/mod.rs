@@ -20,6 +20,7 @@
 //! - `ranges`   — the cursor rule and the rules every range from a peer must meet, pure.
 //! - `identity` — which peer identity may speak for a site id (bound once, durably).
 //! - `staleness` — per origin: known, held, missing, when last heard from, pure.
+//! - `versions` — per-peer protocol versions, what each may be sent, unknown kinds, pure.
 //! - `sim`      — (tests) a deterministic simulation of many nodes: loss, partitions,
 //!   crashes, joins, regions.
 
@@ -35,6 +36,7 @@ mod sim;
 mod staleness;
 #[cfg(test)]
 mod test_support;
+pub mod versions;
 
 pub use held::{Held, RangeSet};
 pub use identity::{check_claim, Claim};
@@ -42,7 +44,7 @@ pub use machine::{
     tree_children, Applied, ApplyJob, Effect, Replicator, SyncConfig, SyncStats, Work,
 };
 pub use msg::{
-    chunk_unit, known_covers, Change, Chunk, Msg, OriginRanges, OriginUnit, SiteId, Value,
+    chunk_unit, known_covers, Change, Chunk, HeardAge, Msg, OriginRanges, OriginUnit, SiteId, Value,
 };
 pub use ranges::{advance_cursor, advance_with_ranges, MAX_RANGES};
 pub use ranges::{

@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use super::held::Held;
-use super::msg::SiteId;
+use super::msg::{HeardAge, SiteId};
 
 /// An origin silent this long, with nothing missing and not an alive member, is
 /// forgotten: out of the table, the metrics and the thresholds. Long enough to cover any
@@ -45,6 +45,33 @@ impl HeardLog {
     /// When `origin` was last heard from, if ever since this node started.
     pub fn last(&self, origin: &SiteId) -> Option<Duration> {
         self.at.get(origin).copied()
+    }
+
+    /// What `Msg::Heard` says (protocol 4): each origin heard from, by age at `now`.
+    pub fn to_wire(&self, now: Duration) -> Vec<HeardAge> {
+        self.at
+            .iter()
+            .map(|(site, t)| HeardAge {
+                site: *site,
+                age_ms: now.saturating_sub(*t).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// A peer's `Msg::Heard`, received at `now`: an origin it heard from more recently
+    /// than this node did counts as heard at `now - age` (transit time not subtracted;
+    /// ages only grow as they are passed on, so a departed origin still fades away).
+    /// Ages of [`FORGET_AFTER`] or more, and this node's own id, are ignored.
+    pub fn merge_wire(&mut self, ages: &[HeardAge], me: &SiteId, now: Duration) {
+        for a in ages {
+            let age = Duration::from_millis(a.age_ms);
+            if a.site == *me || age >= FORGET_AFTER {
+                continue;
+            }
+            if let Some(t) = now.checked_sub(age) {
+                self.heard(a.site, t);
+            }
+        }
     }
 
     /// Drops entries older than [`FORGET_AFTER`] (bounded memory: departed origins go).
@@ -249,6 +276,36 @@ mod tests {
             Some(secs(3)),
             "nothing newer of C: not heard again"
         );
+    }
+
+    #[test]
+    fn ages_passed_on_never_make_an_origin_younger() {
+        let mut a = HeardLog::default();
+        a.heard(C, secs(10));
+        let wire = a.to_wire(secs(14));
+        assert_eq!(
+            wire,
+            vec![HeardAge {
+                site: C,
+                age_ms: 4000
+            }]
+        );
+        let mut b = HeardLog::default();
+        b.heard(C, secs(12));
+        b.merge_wire(&wire, &ME, secs(15));
+        assert_eq!(b.last(&C), Some(secs(12)), "its own, newer, stays");
+        let mut c = HeardLog::default();
+        c.merge_wire(&wire, &ME, secs(15));
+        assert_eq!(c.last(&C), Some(secs(11)));
+        c.merge_wire(
+            &[HeardAge {
+                site: ME,
+                age_ms: 0,
+            }],
+            &ME,
+            secs(15),
+        );
+        assert_eq!(c.last(&ME), None, "never about itself");
     }
 
     #[test]
