@@ -325,15 +325,23 @@ pub async fn run(
     let api_addr = listener.local_addr().unwrap_or(config.api.addr);
     let (stop_tx, stop_rx) = watch::channel(false);
     {
-        // Samples the transport's connection count for `patina_peer_connections`.
+        // Samples the transport's connection count for `patina_peer_connections`, and
+        // adds the frames it refused (bad version, wrong cluster, corrupt, oversized) to
+        // `patina_frames_rejected_total`.
         let (transport, metrics, mut stop) = (transport.clone(), metrics.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut rejected = 0;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => metrics
-                        .peer_connections
-                        .set(i64::try_from(transport.peer_connections()).unwrap_or(i64::MAX)),
+                    _ = tick.tick() => {
+                        metrics
+                            .peer_connections
+                            .set(i64::try_from(transport.peer_connections()).unwrap_or(i64::MAX));
+                        let now = transport.frames_rejected();
+                        metrics.frames_rejected.inc_by(now.saturating_sub(rejected));
+                        rejected = rejected.max(now);
+                    }
                     _ = stop.changed() => return,
                 }
             }
