@@ -305,14 +305,22 @@ impl Metrics {
         self.registry.gather()
     }
 
-    /// Sets `patina_peers_by_protocol_version` to `counts` (version, peers): versions no
-    /// peer speaks any more lose their series.
-    pub fn set_peer_versions(&self, counts: &[(u16, usize)]) {
-        self.peers_by_version.reset();
-        for (v, n) in counts {
+    /// Sets `patina_peers_by_protocol_version` from `counts` (version, peers), one series
+    /// per version in `accepted` (0 when no peer speaks it): a bounded, stable set of
+    /// series (frames of other versions are refused, so no peer is counted there).
+    pub fn set_peer_versions(
+        &self,
+        accepted: std::ops::RangeInclusive<u16>,
+        counts: &[(u16, usize)],
+    ) {
+        for v in accepted {
+            let n = counts
+                .iter()
+                .find(|(cv, _)| *cv == v)
+                .map_or(0, |(_, n)| *n);
             self.peers_by_version
                 .with_label_values(&[v.to_string().as_str()])
-                .set(*n as i64);
+                .set(n as i64);
         }
     }
 }

@@ -117,7 +117,10 @@ impl Driver {
         metrics
             .staleness
             .publish(Report { rows, started_ms }, now_ms);
-        metrics.set_peer_versions(&self.sync.peer_versions());
+        metrics.set_peer_versions(
+            crate::net::accepted(self.transport.version()),
+            &self.sync.peer_versions(),
+        );
         let withheld = &metrics.sync_withheld;
         let stats = self.sync.stats();
         if stats.withheld > withheld.get() {

@@ -264,7 +264,9 @@ pub async fn run(
     // The latest staleness report, if the writer has not taken the previous one yet.
     let (staleness_tx, staleness_rx) = crossbeam_channel::bounded(1);
     let staleness_thread = db::staleness::spawn(
-        db::open(&path, &ext, level)?,
+        // A lost staleness write costs nothing (the next second rewrites it): no fsync
+        // per write even with db.synchronous = full.
+        db::open(&path, &ext, crate::config::Synchronous::Normal)?,
         staleness_rx,
         stop_threads.clone(),
     )

@@ -988,6 +988,10 @@ impl Replicator {
         self.pending.remove(&applied.released);
         for (origin, ranges) in applied.held {
             if origin != self.site {
+                // Held exists: known from now on, without counting as news of the origin
+                // (a later summary repeating it is not a sign of life).
+                let h = self.heads.entry(origin).or_insert(0);
+                *h = (*h).max(ranges.head());
                 self.held.set(origin, ranges);
             }
         }
