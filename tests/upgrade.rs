@@ -83,9 +83,11 @@ fn a_mixed_cluster_of_this_release_and_the_next_converges_under_writes() {
     let dump = wait_converged(&all, Duration::from_secs(120));
     // Each burst inserts 80 rows and upserts the shared ids 1..=20; python inserts 60.
     assert_eq!(dump.rows.len(), 4 * 80 + 60 + 20, "every insert everywhere");
+    let heard = "patina_sync_messages_received_total{kind=\"heard\"}";
     for n in &nodes[..2] {
         // The current release never got a message it does not know, and learned that
         // two peers speak the next version.
+        assert_eq!(labelled(n, heard), None, "{} got the new kind", n.name);
         assert_eq!(
             metric(n, "patina_sync_unknown_messages_total"),
             0,
@@ -111,7 +113,13 @@ fn a_mixed_cluster_of_this_release_and_the_next_converges_under_writes() {
     }
     for n in &nodes[2..] {
         assert_eq!(metric(n, "patina_protocol_version"), u64::from(next));
-        // It kept its new message kind from the current release's nodes.
+        // The next release's nodes speak the new kind to each other…
+        wait_for(
+            &format!("{} to receive the new kind", n.name),
+            Duration::from_secs(30),
+            || labelled(n, heard).unwrap_or(0.0) > 0.0,
+        );
+        // …and kept it from the current release's nodes.
         wait_for(
             &format!("{} to withhold a newer message", n.name),
             Duration::from_secs(30),

@@ -126,6 +126,9 @@ pub struct Metrics {
     /// `patina_sync_messages_withheld_total`: messages not sent to a peer because its
     /// protocol version lacks their kind.
     pub sync_withheld: IntCounter,
+    /// `patina_sync_messages_received_total{kind}`: sync messages received and decoded,
+    /// by kind (the message mix; a later release's kinds show up here once spoken).
+    pub sync_messages_by_kind: IntCounterVec,
 }
 
 /// Latency buckets (seconds) shared by the latency histograms: 0.5 ms to 30 s.
@@ -259,6 +262,18 @@ impl Default for Metrics {
                 "patina_sync_unknown_messages_total",
                 "Sync messages of a kind this node does not know (a later release's), ignored.",
             ),
+            sync_messages_by_kind: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "patina_sync_messages_received_total",
+                        "Sync messages received and decoded, by kind.",
+                    ),
+                    &["kind"],
+                )
+                .expect("metric names are constant and valid");
+                register(&registry, Box::new(v.clone()));
+                v
+            },
             sync_withheld: counter(
                 "patina_sync_messages_withheld_total",
                 "Messages not sent to a peer whose protocol version lacks their kind.",

@@ -216,6 +216,10 @@ impl Driver {
                         // Counted off the wire, before any duplicate is dropped.
                         let metrics = &self.shared.metrics;
                         metrics
+                            .sync_messages_by_kind
+                            .with_label_values(&[versions::kind_name(&msg)])
+                            .inc();
+                        metrics
                             .sync_changes_received
                             .inc_by(msg.change_count() as u64);
                         metrics.sync_bytes_received.inc_by(payload.len() as u64);

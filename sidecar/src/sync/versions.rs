@@ -82,6 +82,24 @@ impl PeerVersions {
     }
 }
 
+/// A short name of a message's kind, for `patina_sync_messages_received_total{kind}`.
+pub fn kind_name(msg: &Msg) -> &'static str {
+    match msg {
+        Msg::Unit { .. } => "unit",
+        Msg::Summary { .. } => "summary",
+        Msg::Behind { .. } => "behind",
+        Msg::Pull { .. } => "pull",
+        Msg::Changes { .. } => "changes",
+        Msg::Repair { .. } => "repair",
+        Msg::Offer { .. } => "offer",
+        Msg::Want { .. } => "want",
+        Msg::Notify { .. } => "notify",
+        Msg::Heard { .. } => "heard",
+        #[allow(unreachable_patterns)]
+        _ => "other",
+    }
+}
+
 /// A sync payload, decoded by a node speaking some version.
 #[derive(Debug, PartialEq)]
 pub enum Decoded {
