@@ -45,6 +45,9 @@ pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// control then pushes back on the senders); nothing accepted is dropped.
 const INCOMING_DEPTH: usize = 1024;
 
+/// Refused frames of one peer are logged at most this often (all are counted).
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// How long dialing a peer may take before `send`/`request` give up on it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -217,6 +220,9 @@ pub(crate) struct Inner {
     /// Connections refused because a cap above was reached.
     connections_refused: AtomicU64,
     frames_rejected: AtomicU64,
+    /// Per peer: when a refused frame was last logged, and how many were refused since
+    /// (a peer of an incompatible release refuses every packet; one line per 10 s).
+    reject_logged: Mutex<HashMap<SocketAddr, (std::time::Instant, u64)>>,
     handshakes_rejected: AtomicU64,
     closed: AtomicBool,
 }
@@ -275,6 +281,7 @@ impl Transport {
             handshakes: Arc::new(tokio::sync::Semaphore::new(limits::MAX_HANDSHAKES)),
             connections_refused: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
+            reject_logged: Mutex::new(HashMap::new()),
             handshakes_rejected: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
@@ -695,9 +702,40 @@ impl Inner {
         }
     }
 
-    /// Counts and logs a refused frame.
+    /// Counts and logs a refused frame: at most one line per peer per
+    /// [`REJECT_LOG_EVERY`], saying how many more were refused in between.
     fn reject(&self, from: SocketAddr, reason: &str) {
         self.frames_rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer = %from, "refused frame from peer {from}: {reason}");
+        let now = std::time::Instant::now();
+        let suppressed = match self.reject_logged.lock() {
+            Ok(mut logged) => {
+                if logged.len() > 4096 {
+                    logged.retain(|_, (t, _)| now.duration_since(*t) < REJECT_LOG_EVERY);
+                }
+                match logged.get_mut(&from) {
+                    Some((t, n)) if now.duration_since(*t) < REJECT_LOG_EVERY => {
+                        *n += 1;
+                        return;
+                    }
+                    Some((t, n)) => {
+                        *t = now;
+                        std::mem::take(n)
+                    }
+                    None => {
+                        logged.insert(from, (now, 0));
+                        0
+                    }
+                }
+            }
+            Err(_) => 0,
+        };
+        if suppressed > 0 {
+            tracing::warn!(
+                peer = %from,
+                "refused frame from peer {from}: {reason} ({suppressed} more refused since the last report)"
+            );
+        } else {
+            tracing::warn!(peer = %from, "refused frame from peer {from}: {reason}");
+        }
     }
 }
