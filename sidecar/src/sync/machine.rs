@@ -37,7 +37,9 @@
 //! confirmation) and what is being applied, the committed catch-up cursor per peer, the
 //! newest version known to exist per origin, the pulls in flight, and which peer identity
 //! each site id is bound to (`identity.rs`). Every range a peer sends is validated
-//! (`ranges.rs`) before anything is applied.
+//! (`ranges.rs`) before anything is applied. It also records when it last heard from each
+//! origin (`staleness.rs`) and which protocol version each peer speaks, and drops a
+//! message a peer's version lacks when its effects are drained (`versions.rs`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;

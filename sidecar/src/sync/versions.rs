@@ -18,7 +18,9 @@ use super::msg::Msg;
 pub const BASE_VERSION: u16 = 3;
 
 /// The top-level kinds (CBOR variant numbers of [`Msg`]) this build can decode. A kind
-/// outside this list is one a later release added.
+/// outside this list is one a later release added. A new kind needs its number here
+/// (`msg.rs`'s round-trip test checks) and, unless every accepted version has it, its
+/// version in [`Msg::since`].
 pub const KINDS: &[u32] = &[0, 1, 2, 3, 4, 5, 6, 7, 8, 12];
 
 /// The version each peer speaks, as far as its frames told.
