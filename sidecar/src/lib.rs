@@ -7,6 +7,7 @@
 //! - `db`         — connections with the extension loaded, tailing the feed, applying units, bookkeeping (core).
 //! - `sync`       — the anti-entropy / broadcast state machine, no I/O (core).
 //! - `memory`     — glibc arena cap and periodic trim: RSS close to the live heap.
+//! - `staleness`  — the published per-origin staleness report, its gauges and thresholds.
 //! - `membership` — the foca (SWIM) driver (core).
 //! - `net`        — QUIC transport, TLS, CBOR frames (core).
 //! - `agent`      — wires everything into a running node; `run(config, shutdown)` (core).
@@ -26,5 +27,6 @@ pub mod memory;
 pub mod net;
 pub mod node;
 pub mod shutdown;
+pub mod staleness;
 pub mod subs;
 pub mod sync;

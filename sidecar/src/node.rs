@@ -9,7 +9,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tokio::sync::{watch, Notify};
 
 /// What a running node shares with its HTTP API.
@@ -122,6 +124,22 @@ pub struct Metrics {
     pub sync_problem: std::sync::RwLock<Option<String>>,
     /// The schema buffer and this node's schema fingerprint (`db::buffer`).
     pub schema: crate::db::buffer::SchemaMetrics,
+    /// The last staleness report and its per-origin gauges (`patina_origin_*`).
+    pub staleness: crate::staleness::Published,
+    /// `patina_protocol_version`: the sync protocol version this node speaks.
+    pub protocol_version: IntGauge,
+    /// `patina_peers_by_protocol_version{version}`: peers by the version their frames
+    /// carry (a rolling upgrade in progress shows two).
+    pub peers_by_version: IntGaugeVec,
+    /// `patina_sync_unknown_messages_total`: sync messages of a kind this node does not
+    /// know (a later release's), ignored.
+    pub sync_unknown_messages: IntCounter,
+    /// `patina_sync_messages_withheld_total`: messages not sent to a peer because its
+    /// protocol version lacks their kind.
+    pub sync_withheld: IntCounter,
+    /// `patina_sync_messages_received_total{kind}`: sync messages received and decoded,
+    /// by kind (the message mix; a later release's kinds show up here once spoken).
+    pub sync_messages_by_kind: IntCounterVec,
 }
 
 /// Latency buckets (seconds) shared by the latency histograms: 0.5 ms to 30 s.
@@ -244,6 +262,43 @@ impl Default for Metrics {
             loops: Loops::default(),
             sync_problem: std::sync::RwLock::new(None),
             schema: crate::db::buffer::SchemaMetrics::new(&registry),
+            staleness: crate::staleness::Published::new(&registry),
+            protocol_version: gauge(
+                "patina_protocol_version",
+                "The sync protocol version this node speaks.",
+            ),
+            peers_by_version: {
+                let v = IntGaugeVec::new(
+                    Opts::new(
+                        "patina_peers_by_protocol_version",
+                        "Peers by the protocol version of their frames.",
+                    ),
+                    &["version"],
+                )
+                .expect("metric names are constant and valid");
+                register(&registry, Box::new(v.clone()));
+                v
+            },
+            sync_unknown_messages: counter(
+                "patina_sync_unknown_messages_total",
+                "Sync messages of a kind this node does not know (a later release's), ignored.",
+            ),
+            sync_messages_by_kind: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "patina_sync_messages_received_total",
+                        "Sync messages received and decoded, by kind.",
+                    ),
+                    &["kind"],
+                )
+                .expect("metric names are constant and valid");
+                register(&registry, Box::new(v.clone()));
+                v
+            },
+            sync_withheld: counter(
+                "patina_sync_messages_withheld_total",
+                "Messages not sent to a peer whose protocol version lacks their kind.",
+            ),
             registry,
         }
     }
@@ -284,6 +339,25 @@ impl Metrics {
     /// Everything registered, for the `/metrics` encoder.
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.registry.gather()
+    }
+
+    /// Sets `patina_peers_by_protocol_version` from `counts` (version, peers), one series
+    /// per version in `accepted` (0 when no peer speaks it): a bounded, stable set of
+    /// series (frames of other versions are refused, so no peer is counted there).
+    pub fn set_peer_versions(
+        &self,
+        accepted: std::ops::RangeInclusive<u16>,
+        counts: &[(u16, usize)],
+    ) {
+        for v in accepted {
+            let n = counts
+                .iter()
+                .find(|(cv, _)| *cv == v)
+                .map_or(0, |(_, n)| *n);
+            self.peers_by_version
+                .with_label_values(&[v.to_string().as_str()])
+                .set(n as i64);
+        }
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Node {
     pub starts: usize,
     /// Extra `patina agent` flags (TLS files, …).
     pub extra: Vec<String>,
+    /// Extra environment variables (e.g. `PATINA_TEST_RELEASE_AHEAD`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -63,6 +65,7 @@ impl Node {
             child: None,
             starts: 0,
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -98,6 +101,7 @@ impl Node {
             cmd.arg("--gossip-bootstrap").arg(b.to_string());
         }
         cmd.args(&self.extra);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(cmd.spawn().expect("spawn patina agent"));
         let want = self.starts;
         wait_for(

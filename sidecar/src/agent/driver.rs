@@ -20,11 +20,17 @@ use crate::db::tail::Unit;
 use crate::membership::Membership;
 use crate::net::{Channel, Incoming, Transport};
 use crate::node::NodeShared;
+use crate::staleness::{epoch_unix_ms, OriginRow, Report};
+use crate::sync::versions::{self, Decoded};
 use crate::sync::{Applied, ApplyJob, Effect, Msg, OriginUnit, Replicator};
 
 /// Outgoing messages queued per peer; a slow peer loses pushes (anti-entropy recovers
 /// them), never blocks the others.
 const PEER_QUEUE: usize = 256;
+
+/// How often the staleness report is published (and at most how often its table is
+/// written).
+const STALENESS_EVERY: Duration = Duration::from_secs(1);
 
 /// How often what the database holds is re-read (see `Replicator::reload_held`).
 const HELD_REFRESH: Duration = Duration::from_secs(10);
@@ -45,6 +51,8 @@ pub struct Driver {
     pub epoch: Instant,
     /// Tombstone collection, last-seen times, forgetting, re-seeding.
     pub upkeep: super::upkeep::Upkeep,
+    /// The staleness table's writer (`db::staleness`): sent a report when it changed.
+    pub staleness: crossbeam_channel::Sender<Vec<OriginRow>>,
 }
 
 impl Driver {
@@ -58,6 +66,11 @@ impl Driver {
         held_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut upkeep_tick = tokio::time::interval(super::upkeep::UPKEEP_EVERY);
         upkeep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Staleness is published once a second (the table at most that often).
+        let mut staleness_tick = tokio::time::interval(STALENESS_EVERY);
+        staleness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started_ms = epoch_unix_ms(crate::db::tail::unix_ms() as i64, self.epoch.elapsed());
+        let mut sent: Option<Vec<OriginRow>> = None;
         loop {
             let deadline = tokio::time::Instant::from_std(self.epoch + self.sync.next_timeout());
             tokio::select! {
@@ -85,6 +98,7 @@ impl Driver {
                     self.sync.handle_timer(now);
                 }
                 _ = membership_tick.tick() => self.refresh_members(),
+                _ = staleness_tick.tick() => self.publish_staleness(started_ms, &mut sent),
             }
             self.perform(&mut peers, &stop).await;
         }
@@ -92,6 +106,35 @@ impl Driver {
 
     fn now(&self) -> Duration {
         self.epoch.elapsed()
+    }
+
+    /// Publishes the staleness report (health, status, metrics) and hands it to the
+    /// table writer when it differs from the last one handed over. A full channel means
+    /// the writer still has the previous report: this one is offered again next second.
+    fn publish_staleness(&mut self, started_ms: i64, sent: &mut Option<Vec<OriginRow>>) {
+        let rows: Vec<OriginRow> = self
+            .sync
+            .staleness(self.now())
+            .iter()
+            .map(|o| OriginRow::from_machine(o, started_ms))
+            .collect();
+        let now_ms = crate::db::tail::unix_ms() as i64;
+        if sent.as_ref() != Some(&rows) && self.staleness.try_send(rows.clone()).is_ok() {
+            *sent = Some(rows.clone());
+        }
+        let metrics = &self.shared.metrics;
+        metrics
+            .staleness
+            .publish(Report { rows, started_ms }, now_ms);
+        metrics.set_peer_versions(
+            crate::net::accepted(self.transport.version()),
+            &self.sync.peer_versions(),
+        );
+        let withheld = &metrics.sync_withheld;
+        let stats = self.sync.stats();
+        if stats.withheld > withheld.get() {
+            withheld.inc_by(stats.withheld - withheld.get());
+        }
     }
 
     /// A unit read by the tailer: this node's own writes in it are broadcast (what it
@@ -162,14 +205,30 @@ impl Driver {
                 channel: Channel::Sync,
                 payload,
                 permit,
+                version,
             } => {
-                let decoded = Msg::decode(&payload);
+                self.sync.note_version(from, version);
+                let decoded = versions::decode(&payload, self.transport.version());
                 // The decoded message is what stays; the frame's receive budget goes.
                 drop(permit);
                 match decoded {
-                    Ok(msg) => {
+                    Ok(Decoded::Unknown { kind }) => {
+                        // A later release's message: ignored, the connection kept.
+                        self.shared.metrics.sync_unknown_messages.inc();
+                        tracing::debug!(
+                            peer = %from,
+                            "ignoring sync message kind {kind} from peer {from} (protocol \
+                             version {version}; this node speaks {})",
+                            self.transport.version()
+                        );
+                    }
+                    Ok(Decoded::Known(msg)) => {
                         // Counted off the wire, before any duplicate is dropped.
                         let metrics = &self.shared.metrics;
+                        metrics
+                            .sync_messages_by_kind
+                            .with_label_values(&[versions::kind_name(&msg)])
+                            .inc();
                         metrics
                             .sync_changes_received
                             .inc_by(msg.change_count() as u64);

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::config::{Config, ConfigError};
 use crate::db::{self, apply, bookkeeping, feed, schema, tail, DbError};
 use crate::membership::{MemberId, Membership};
-use crate::net::{NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME};
+use crate::net::{NetConfig, NetError, TlsFiles, Transport, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 use crate::node::{Metrics, NodeShared};
 use crate::sync::{Replicator, SyncConfig};
 
@@ -68,6 +68,44 @@ pub enum AgentError {
         what: &'static str,
         source: std::io::Error,
     },
+    /// `PATINA_TEST_RELEASE_AHEAD` is set to something that is not a small number.
+    #[error(
+        "{TEST_RELEASE_AHEAD}={value:?} is not a number of releases 0..=9 (a test-only \
+         setting: unset it)"
+    )]
+    TestRelease { value: String },
+}
+
+/// Test-only: makes this node behave as a release that many protocol versions ahead of
+/// this build (`net::envelope::PROTOCOL_VERSION` + N): its frames carry that version, it
+/// accepts the versions around it, and it uses the message kinds of that version
+/// (`Msg::Heard` from version 4 on). This is how the rolling-upgrade tests run a mixed
+/// cluster of the current release and the next one (N = 1), and a peer two versions
+/// apart (N = 2), from one build. Never set it in production.
+pub const TEST_RELEASE_AHEAD: &str = "PATINA_TEST_RELEASE_AHEAD";
+
+/// The protocol version this node speaks: [`PROTOCOL_VERSION`], unless
+/// [`TEST_RELEASE_AHEAD`] is set.
+fn protocol_version() -> Result<u16, AgentError> {
+    let Ok(value) = std::env::var(TEST_RELEASE_AHEAD) else {
+        return Ok(PROTOCOL_VERSION);
+    };
+    let ahead: u16 = value
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n <= 9)
+        .ok_or_else(|| AgentError::TestRelease {
+            value: value.clone(),
+        })?;
+    if ahead > 0 {
+        tracing::warn!(
+            "TEST ONLY ({TEST_RELEASE_AHEAD}={ahead}): this node simulates a release {ahead} \
+             ahead and speaks protocol version {}",
+            PROTOCOL_VERSION + ahead
+        );
+    }
+    Ok(PROTOCOL_VERSION + ahead)
 }
 
 /// How often a node that found its disk full at start tries again.
@@ -156,16 +194,20 @@ async fn run_once(
         }),
         _ => None,
     };
-    // After an in-process restart the previous endpoint's tasks may hold the socket a
-    // moment longer, as for the API listener above.
+    let speaks = protocol_version()?;
+    // After a re-seed the process re-executes itself; the previous image's socket may
+    // take a moment to be released, as for the API listener above.
     let mut attempts = 0;
     let (transport, incoming) = loop {
-        let bound = Transport::bind(NetConfig {
-            bind: config.gossip.addr,
-            cluster_id: config.gossip.cluster_id,
-            tls: tls.clone(),
-            max_frame_bytes: max_frame,
-        })
+        let bound = Transport::bind_as(
+            NetConfig {
+                bind: config.gossip.addr,
+                cluster_id: config.gossip.cluster_id,
+                tls: tls.clone(),
+                max_frame_bytes: max_frame,
+            },
+            speaks,
+        )
         .await;
         match bound {
             Err(NetError::Bind { ref error, .. })
@@ -194,6 +236,7 @@ async fn run_once(
         let attempt = (|| {
             let mut setup = db::open(&path, &ext, level)?;
             bookkeeping::ensure(&setup).map_err(sql_err)?;
+            db::staleness::ensure(&setup).map_err(sql_err)?;
             let tables =
                 schema::apply(&mut setup, &schema_paths).map_err(|source| AgentError::Schema {
                     paths: schema::describe(&schema_paths),
@@ -263,6 +306,7 @@ async fn run_once(
 
     let stop_threads = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::default());
+    metrics.protocol_version.set(i64::from(speaks));
     let (version_tx, version_rx) = watch::channel(version);
     let touched = Arc::new(crate::db::touched::TouchedHub::default());
     let (wake_tx, wake_rx) = crossbeam_channel::bounded::<()>(1);
@@ -296,6 +340,19 @@ async fn run_once(
         source,
     })?;
     let reader = Arc::new(Mutex::new(db::open(&path, &ext, level)?));
+    // The latest staleness report, if the writer has not taken the previous one yet.
+    let (staleness_tx, staleness_rx) = crossbeam_channel::bounded(1);
+    let staleness_thread = db::staleness::spawn(
+        // A lost staleness write costs nothing (the next second rewrites it): no fsync
+        // per write even with db.synchronous = full.
+        db::open(&path, &ext, crate::config::Synchronous::Normal)?,
+        staleness_rx,
+        stop_threads.clone(),
+    )
+    .map_err(|source| AgentError::Thread {
+        what: "staleness",
+        source,
+    })?;
 
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -349,15 +406,23 @@ async fn run_once(
     let api_addr = listener.local_addr().unwrap_or(config.api.addr);
     let (stop_tx, stop_rx) = watch::channel(false);
     {
-        // Samples the transport's connection count for `patina_peer_connections`.
+        // Samples the transport's connection count for `patina_peer_connections`, and
+        // adds the frames it refused (bad version, wrong cluster, corrupt, oversized) to
+        // `patina_frames_rejected_total`.
         let (transport, metrics, mut stop) = (transport.clone(), metrics.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut rejected = 0;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => metrics
-                        .peer_connections
-                        .set(i64::try_from(transport.peer_connections()).unwrap_or(i64::MAX)),
+                    _ = tick.tick() => {
+                        metrics
+                            .peer_connections
+                            .set(i64::try_from(transport.peer_connections()).unwrap_or(i64::MAX));
+                        let now = transport.frames_rejected();
+                        metrics.frames_rejected.inc_by(now.saturating_sub(rejected));
+                        rejected = rejected.max(now);
+                    }
                     _ = stop.changed() => return,
                 }
             }
@@ -380,6 +445,7 @@ async fn run_once(
     let sync_config = SyncConfig {
         max_chunk_bytes: (max_frame / 4).min(4 * 1024 * 1024),
         tombstone_retention: config.sync.tombstone_retention,
+        protocol: speaks,
         ..SyncConfig::default()
     };
     let limits = feed::ChunkLimits {
@@ -419,6 +485,7 @@ async fn run_once(
         shared: shared.clone(),
         epoch,
         upkeep,
+        staleness: staleness_tx,
     };
     let driver = tokio::spawn(driver.run(stop_rx));
     let mut outcome = Outcome::Stopped;
@@ -426,6 +493,7 @@ async fn run_once(
         api = %api_addr,
         gossip = %transport.local_addr(),
         site_id = %hex::encode(site),
+        protocol_version = speaks,
         "patina node running"
     );
 
@@ -449,6 +517,7 @@ async fn run_once(
     let _ = tokio::task::spawn_blocking(move || {
         let _ = apply_thread.join();
         let _ = tail_thread.join();
+        let _ = staleness_thread.join();
     })
     .await;
     membership.leave().await;

@@ -43,7 +43,24 @@ pub async fn get_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "subscription_streams": st.subs.streams(),
         "latency": latency(&st),
         "version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": m.protocol_version.get(),
+        "staleness": staleness(&st),
     }))
+}
+
+/// The last staleness report, one object per origin, with `silent_secs` as of now.
+fn staleness(st: &AppState) -> serde_json::Value {
+    let report = st.shared.metrics.staleness.report();
+    let now = crate::db::tail::unix_ms() as i64;
+    report
+        .rows
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["silent_secs"] = json!(r.silent_secs(now, report.started_ms));
+            v
+        })
+        .collect()
 }
 
 /// p50/p99 of the node's and the API's histograms.

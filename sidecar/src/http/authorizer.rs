@@ -285,6 +285,7 @@ mod tests {
     #[test]
     fn internal_tables() {
         assert!(is_internal_table("patina_state"));
+        assert!(is_internal_table("patina_staleness"));
         assert!(is_internal_table("machines__patina_clock"));
         assert!(is_internal_table("crsql_changes"));
         assert!(!is_internal_table("machines"));

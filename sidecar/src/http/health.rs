@@ -25,11 +25,18 @@ pub struct HealthParams {
     pub queue_size: Option<u64>,
     /// Unhealthy when fewer members (this node included) are alive.
     pub min_members: Option<usize>,
-    /// Corrosion's "missing version ranges" threshold. patina pulls each peer's feed by a
-    /// gap-free cursor, so it has no gaps to count: the answer is always 0.
+    /// Corrosion's "missing versions" threshold: unhealthy when more versions than this,
+    /// summed over every origin, are known to exist and not held here.
     pub gaps: Option<u64>,
+    /// Unhealthy when some origin misses more versions than this (known to exist, not
+    /// held here): this node is that far behind on that origin's writes.
+    pub max_lag_versions: Option<i64>,
+    /// Unhealthy when some origin (an alive member, or one heard from in the last
+    /// `sync::FORGET_AFTER`) has not been heard from for more than this many seconds:
+    /// it may have written what this node has not seen (a partition, or it is down).
+    pub max_lag_secs: Option<f64>,
     /// Corrosion's commit-lag threshold. patina does not sample a lag quantile, so it
-    /// reports 0 and this threshold never fails; per-origin staleness is in `/metrics`.
+    /// reports 0 and this threshold never fails; use `max_lag_secs`/`max_lag_versions`.
     pub p99_lag: Option<f64>,
     /// Unhealthy when a unit has waited in the schema buffer (for a table or column this
     /// node lacks) for more than this many seconds: a schema rollout left unfinished.
@@ -97,6 +104,29 @@ pub async fn get_health(
             ));
         }
     }
+    if let Some(max) = p.max_lag_secs {
+        if !max.is_finite() || max < 0.0 {
+            return Err(HttpError::BadRequest(format!(
+                "max_lag_secs={max} is not a number of seconds ≥ 0"
+            )));
+        }
+    }
+    let report = m.staleness.report();
+    let lag = crate::staleness::check(
+        &report,
+        crate::db::tail::unix_ms() as i64,
+        p.max_lag_versions,
+        p.max_lag_secs,
+    );
+    let gaps = lag.missing.max(0) as u64;
+    problems.extend(lag.problems.iter().cloned());
+    if let Some(max) = p.gaps {
+        if gaps > max {
+            problems.push(format!(
+                "{gaps} versions known to exist are missing here, more than gaps={max}"
+            ));
+        }
+    }
     if let Some(min) = p.min_members {
         if alive < min {
             problems.push(format!(
@@ -123,7 +153,7 @@ pub async fn get_health(
     }
     if !problems.is_empty() {
         let error = format!(
-            "unhealthy: {} (members alive {alive}, queue_size {queue}, gaps 0)",
+            "unhealthy: {} (members alive {alive}, queue_size {queue}, gaps {gaps})",
             problems.join("; ")
         );
         tracing::debug!(%error, "health check failed");
@@ -131,7 +161,7 @@ pub async fn get_health(
     }
     Ok(Json(json!({
         "response": {
-            "gaps": 0,
+            "gaps": gaps,
             "members": alive,
             "p99_lag": 0.0,
             "queue_size": queue,
@@ -150,6 +180,8 @@ pub async fn get_health(
                     .map(|(site_id, fingerprint)| json!({"site_id": site_id, "fingerprint": fingerprint}))
                     .collect::<Vec<_>>(),
             },
+            "missing_versions": gaps,
+            "max_silent_secs": lag.max_silent_secs,
         }
     }))
     .into_response())
@@ -183,6 +215,8 @@ pub async fn get_members(State(st): State<AppState>) -> Json<serde_json::Value> 
 /// API's, and the values only known at scrape time (membership, loop health, versions).
 pub async fn get_metrics(State(st): State<AppState>) -> Response {
     let m = &st.shared.metrics;
+    m.staleness
+        .refresh_silence(crate::db::tail::unix_ms() as i64);
     let mut families = m.gather();
     families.extend(st.stats.gather());
     // The older name of the apply histogram, kept as the summary it always was.

@@ -9,9 +9,24 @@ use minicbor::{Decode, Encode};
 
 use super::Channel;
 
-/// The protocol version this build speaks. A peer of the next version interoperates (new
-/// fields are optional, unknown trailing fields are skipped); anything below
-/// [`MIN_PROTOCOL_VERSION`] or further ahead is refused, with both versions logged.
+/// The protocol version this build speaks.
+///
+/// # Rolling upgrades: the rule
+/// From the per-origin protocol (version 3) on, release N (speaking version N)
+/// interoperates with releases N−1 and N+1, so a fleet upgrades one node at a time: a
+/// node accepts frames of [`accepted`]`(N)` = `max(3, N−1)..=N+1` and refuses any other
+/// with both versions logged (and counted in `patina_frames_rejected_total`). Two
+/// versions apart means upgrading through the release in between.
+///
+/// What makes adjacent versions work: every frame's envelope carries the sender's
+/// version, and each node remembers, per peer, the version of the last frame it got from
+/// it (`sync::PeerVersions`). A message kind or field introduced in version N+1 is
+/// optional on the wire (new CBOR field numbers, skipped by older decoders) or a new
+/// message kind sent only to peers known to speak N+1 or later; a peer not heard from
+/// yet counts as speaking the oldest version this node accepts. A message kind a node
+/// does not know (or knows only from a later version than its own) is ignored and
+/// counted (`patina_sync_unknown_messages_total`), never a reason to drop the connection.
+/// Tests simulate the next release with `PATINA_TEST_RELEASE_AHEAD` (agent, test-only).
 ///
 /// Version 2 carries TEXT values as CBOR byte strings (they need not be UTF-8), which a
 /// version-1 node cannot decode, so version 1 is refused rather than misread. Version 3
@@ -20,8 +35,15 @@ use super::Channel;
 /// cursor-relay protocol, so version 2 is refused the same way.
 pub const PROTOCOL_VERSION: u16 = 3;
 
-/// The oldest version this build interoperates with (see [`PROTOCOL_VERSION`]).
+/// The oldest version any build interoperates with (see [`PROTOCOL_VERSION`]): the
+/// per-origin protocol. Below it nothing is shared.
 pub const MIN_PROTOCOL_VERSION: u16 = 3;
+
+/// The versions a node speaking `ours` accepts: the one before it (not below
+/// [`MIN_PROTOCOL_VERSION`]), its own and the one after it.
+pub fn accepted(ours: u16) -> std::ops::RangeInclusive<u16> {
+    ours.saturating_sub(1).max(MIN_PROTOCOL_VERSION)..=ours.saturating_add(1)
+}
 
 /// Bytes of the stream length prefix.
 pub const PREFIX_LEN: usize = 4;
@@ -66,14 +88,16 @@ pub enum FrameError {
     /// The bytes are not a CBOR envelope (or carry bytes after it).
     #[error("corrupt frame: {0}")]
     Corrupt(String),
-    /// A protocol version this build cannot interoperate with.
+    /// A protocol version this node cannot interoperate with (see [`PROTOCOL_VERSION`]:
+    /// a release interoperates with the one before and the one after it).
     #[error(
-        "protocol version {theirs} is not supported: this node speaks version \
-         {PROTOCOL_VERSION} and accepts {MIN_PROTOCOL_VERSION}..={}; run the same patina \
-         release on every node (version 2 changed how TEXT values travel)",
-        PROTOCOL_VERSION + 1
+        "protocol version {theirs} is not supported: this node speaks version {ours} and \
+         accepts {}..={}; a release interoperates only with the release before and the \
+         one after it, so upgrade through the releases in between",
+        accepted(*ours).start(),
+        accepted(*ours).end()
     )]
-    UnknownVersion { theirs: u16 },
+    UnknownVersion { theirs: u16, ours: u16 },
     /// The peer belongs to another cluster (`gossip.cluster_id`).
     #[error("cluster id {theirs} does not match this node's cluster id {ours}")]
     WrongCluster { ours: u64, theirs: u64 },
@@ -129,7 +153,18 @@ pub fn encode_frame(
     payload: &[u8],
     as_datagram: bool,
 ) -> Vec<u8> {
-    let body = encode(cluster_id, channel, payload, as_datagram);
+    encode_frame_with_version(PROTOCOL_VERSION, cluster_id, channel, payload, as_datagram)
+}
+
+/// [`encode_frame`] with an explicit version (a node speaking another version).
+pub fn encode_frame_with_version(
+    version: u16,
+    cluster_id: u64,
+    channel: Channel,
+    payload: &[u8],
+    as_datagram: bool,
+) -> Vec<u8> {
+    let body = encode_with_version(version, cluster_id, channel, payload, as_datagram);
     let mut out = Vec::with_capacity(PREFIX_LEN + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
@@ -148,8 +183,15 @@ pub fn frame_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, FrameErr
     Ok(len)
 }
 
-/// Decodes and validates one envelope (the whole slice must be the envelope).
+/// Decodes and validates one envelope (the whole slice must be the envelope) as a node
+/// speaking [`PROTOCOL_VERSION`].
 pub fn decode(bytes: &[u8], cluster_id: u64) -> Result<Envelope, FrameError> {
+    decode_as(bytes, cluster_id, PROTOCOL_VERSION)
+}
+
+/// [`decode`] for a node speaking version `ours`: versions outside [`accepted`]`(ours)`
+/// are refused.
+pub fn decode_as(bytes: &[u8], cluster_id: u64, ours: u16) -> Result<Envelope, FrameError> {
     let mut d = minicbor::Decoder::new(bytes);
     let wire: Wire = d.decode().map_err(|e| FrameError::Corrupt(e.to_string()))?;
     if d.position() != bytes.len() {
@@ -158,9 +200,10 @@ pub fn decode(bytes: &[u8], cluster_id: u64) -> Result<Envelope, FrameError> {
             bytes.len() - d.position()
         )));
     }
-    if wire.version < MIN_PROTOCOL_VERSION || wire.version > PROTOCOL_VERSION + 1 {
+    if !accepted(ours).contains(&wire.version) {
         return Err(FrameError::UnknownVersion {
             theirs: wire.version,
+            ours,
         });
     }
     if wire.cluster_id != cluster_id {
@@ -248,7 +291,8 @@ mod tests {
         assert_eq!(
             decode(&far, 0),
             Err(FrameError::UnknownVersion {
-                theirs: PROTOCOL_VERSION + 2
+                theirs: PROTOCOL_VERSION + 2,
+                ours: PROTOCOL_VERSION
             })
         );
         // Versions 1 (TEXT as CBOR text) and 2 (cursor relays): refused, with both
@@ -256,7 +300,13 @@ mod tests {
         for v in [1, 2] {
             let old = encode_with_version(v, 0, Channel::Sync, b"x", false);
             let err = decode(&old, 0).unwrap_err();
-            assert_eq!(err, FrameError::UnknownVersion { theirs: v });
+            assert_eq!(
+                err,
+                FrameError::UnknownVersion {
+                    theirs: v,
+                    ours: PROTOCOL_VERSION
+                }
+            );
             let msg = err.to_string();
             assert!(
                 msg.contains(&format!("version {v} is not supported"))
@@ -264,6 +314,34 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn a_release_accepts_the_one_before_and_the_one_after() {
+        assert_eq!(accepted(3), 3..=4, "nothing below the per-origin protocol");
+        assert_eq!(accepted(4), 3..=5);
+        assert_eq!(accepted(9), 8..=10);
+        // A simulated next release (4) and the current one (3) understand each other.
+        let from_next = encode_with_version(4, 0, Channel::Sync, b"x", false);
+        assert_eq!(decode_as(&from_next, 0, 3).map(|e| e.version), Ok(4));
+        let from_current = encode_with_version(3, 0, Channel::Sync, b"x", false);
+        assert_eq!(decode_as(&from_current, 0, 4).map(|e| e.version), Ok(3));
+        // Two apart: refused both ways, both versions in the reason.
+        let from_far = encode_with_version(5, 0, Channel::Sync, b"x", false);
+        let err = decode_as(&from_far, 0, 3).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("version 5 is not supported") && msg.contains("speaks version 3"),
+            "{msg}"
+        );
+        let err = decode_as(&from_current, 0, 5).unwrap_err();
+        assert_eq!(err, FrameError::UnknownVersion { theirs: 3, ours: 5 });
+        assert!(err.to_string().contains("accepts 4..=6"), "{err}");
+        // The sync machine speaks what the transport speaks.
+        assert_eq!(
+            crate::sync::SyncConfig::default().protocol,
+            PROTOCOL_VERSION
+        );
     }
 
     #[test]

@@ -217,7 +217,7 @@ pub(super) async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection)
                 Err(e) => { closed(&inner, from, &conn, e).await; break; }
             },
             dg = conn.read_datagram() => match dg {
-                Ok(bytes) => match envelope::decode(&bytes, inner.cluster_id) {
+                Ok(bytes) => match envelope::decode_as(&bytes, inner.cluster_id, inner.version) {
                     Ok(env) => deliver_swim(&inner, from, env.payload).await,
                     Err(e) => inner.reject(from, &format!("datagram: {e}")),
                 },
@@ -298,7 +298,8 @@ async fn read_envelope(
     recv: &mut quinn::RecvStream,
 ) -> Result<(envelope::Envelope, FramePermit), ReadFail> {
     let (bytes, permit) = read_frame(recv, inner.max_frame, &inner.budgets, &from.budget).await?;
-    let env = envelope::decode(&bytes, inner.cluster_id).map_err(ReadFail::Frame)?;
+    let env =
+        envelope::decode_as(&bytes, inner.cluster_id, inner.version).map_err(ReadFail::Frame)?;
     Ok((env, permit))
 }
 
@@ -321,6 +322,7 @@ async fn serve_uni(inner: Arc<Inner>, src: Source, mut recv: quinn::RecvStream) 
                     channel: env.channel,
                     payload: env.payload,
                     permit,
+                    version: env.version,
                 },
             )
             .await
@@ -387,7 +389,7 @@ async fn serve_bi(
         let _ = send.reset(CODE_REPLY_TOO_LARGE.into());
         return;
     }
-    let frame = envelope::encode_frame(inner.cluster_id, channel, &reply, false);
+    let frame = inner.frame(channel, &reply, false);
     inner.usage.touch(from, channel);
     if super::write_frame(&mut send, &frame).await.is_err() {
         tracing::debug!(peer = %from, "writing the reply to peer {from} failed (it went away?)");

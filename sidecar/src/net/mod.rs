@@ -32,7 +32,7 @@ mod inbound;
 pub mod limits;
 pub(crate) mod tls;
 
-pub use envelope::PROTOCOL_VERSION;
+pub use envelope::{accepted, PROTOCOL_VERSION};
 pub use limits::FramePermit;
 
 /// Frames larger than this are refused unless configured otherwise. Chunks are at most
@@ -44,6 +44,9 @@ pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Depth of the [`Incoming`] channel. When it is full, readers stop reading (QUIC flow
 /// control then pushes back on the senders); nothing accepted is dropped.
 const INCOMING_DEPTH: usize = 1024;
+
+/// Refused frames of one peer are logged at most this often (all are counted).
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How long dialing a peer may take before `send`/`request` give up on it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -109,6 +112,8 @@ pub enum Incoming {
         payload: Vec<u8>,
         /// The frame's share of the receive budget: drop it once the payload is decoded.
         permit: FramePermit,
+        /// The protocol version of the frame's envelope: the version the peer speaks.
+        version: u16,
     },
     /// Answer through `reply`; dropping it resets the peer's request.
     Request {
@@ -186,6 +191,9 @@ pub(crate) struct Inner {
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     cluster_id: u64,
+    /// The protocol version this node speaks (`envelope::PROTOCOL_VERSION`, or another
+    /// one when a test simulates another release).
+    version: u16,
     max_frame: usize,
     /// Mutual TLS is on: peers are identified by certificate, not address.
     authenticated: bool,
@@ -212,6 +220,9 @@ pub(crate) struct Inner {
     /// Connections refused because a cap above was reached.
     connections_refused: AtomicU64,
     frames_rejected: AtomicU64,
+    /// Per peer: when a refused frame was last logged, and how many were refused since
+    /// (a peer of an incompatible release refuses every packet; one line per 10 s).
+    reject_logged: Mutex<HashMap<SocketAddr, (std::time::Instant, u64)>>,
     handshakes_rejected: AtomicU64,
     closed: AtomicBool,
 }
@@ -230,6 +241,15 @@ impl Transport {
     /// Binds the endpoint and starts accepting. Incoming traffic arrives on the returned
     /// bounded channel.
     pub async fn bind(cfg: NetConfig) -> Result<(Transport, mpsc::Receiver<Incoming>), NetError> {
+        Transport::bind_as(cfg, PROTOCOL_VERSION).await
+    }
+
+    /// [`Transport::bind`] for a node speaking protocol `version`: its frames carry it, and
+    /// frames outside [`accepted`]`(version)` are refused.
+    pub async fn bind_as(
+        cfg: NetConfig,
+        version: u16,
+    ) -> Result<(Transport, mpsc::Receiver<Incoming>), NetError> {
         let tls = tls::configure(cfg.tls.as_ref())?;
         let mut endpoint =
             quinn::Endpoint::server(tls.server, cfg.bind).map_err(|error| NetError::Bind {
@@ -246,6 +266,7 @@ impl Transport {
             endpoint,
             local_addr,
             cluster_id: cfg.cluster_id,
+            version,
             max_frame: cfg.max_frame_bytes,
             authenticated: cfg.tls.is_some(),
             conns: Mutex::new(HashMap::new()),
@@ -260,6 +281,7 @@ impl Transport {
             handshakes: Arc::new(tokio::sync::Semaphore::new(limits::MAX_HANDSHAKES)),
             connections_refused: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
+            reject_logged: Mutex::new(HashMap::new()),
             handshakes_rejected: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
@@ -273,6 +295,11 @@ impl Transport {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// The protocol version this node speaks.
+    pub fn version(&self) -> u16 {
+        self.inner.version
     }
 
     /// Frames refused so far (wrong cluster, bad version, corrupt, truncated, oversized).
@@ -328,7 +355,7 @@ impl Transport {
     ) -> Result<(), NetError> {
         self.check_len(to, payload.len())?;
         self.inner.usage.touch(to, channel);
-        let frame = envelope::encode_frame(self.inner.cluster_id, channel, &payload, false);
+        let frame = self.inner.frame(channel, &payload, false);
         let sent = self.send_frame(to, &frame).await;
         // A long send must not leave its connection looking idle.
         self.inner.usage.touch(to, channel);
@@ -345,7 +372,7 @@ impl Transport {
     ) -> Result<Vec<u8>, NetError> {
         self.check_len(to, payload.len())?;
         self.inner.usage.touch(to, channel);
-        let frame = envelope::encode_frame(self.inner.cluster_id, channel, &payload, false);
+        let frame = self.inner.frame(channel, &payload, false);
         let answer = tokio::time::timeout(timeout, self.request_frame(to, &frame)).await;
         // A long request must not leave its connection looking idle.
         self.inner.usage.touch(to, channel);
@@ -363,7 +390,13 @@ impl Transport {
     pub async fn send_datagram(&self, to: SocketAddr, payload: Vec<u8>) -> Result<(), NetError> {
         self.check_len(to, payload.len())?;
         self.inner.usage.touch(to, Channel::Swim);
-        let dgram = envelope::encode(self.inner.cluster_id, Channel::Swim, &payload, false);
+        let dgram = envelope::encode_with_version(
+            self.inner.version,
+            self.inner.cluster_id,
+            Channel::Swim,
+            &payload,
+            false,
+        );
         for attempt in 0..2 {
             let conn = self.inner.connection(to).await?;
             if conn
@@ -386,8 +419,7 @@ impl Transport {
                     }
                 }
             }
-            let frame =
-                envelope::encode_frame(self.inner.cluster_id, Channel::Swim, &payload, true);
+            let frame = self.inner.frame(Channel::Swim, &payload, true);
             return self.send_frame(to, &frame).await;
         }
         Err(NetError::Send {
@@ -504,16 +536,18 @@ impl Transport {
             )
             .await;
             return match read {
-                Ok((bytes, _permit)) => match envelope::decode(&bytes, self.inner.cluster_id) {
-                    Ok(env) => Ok(env.payload),
-                    Err(e) => {
-                        self.inner.reject(to, &e.to_string());
-                        Err(NetError::BadResponse {
-                            addr: to,
-                            reason: e.to_string(),
-                        })
+                Ok((bytes, _permit)) => {
+                    match envelope::decode_as(&bytes, self.inner.cluster_id, self.inner.version) {
+                        Ok(env) => Ok(env.payload),
+                        Err(e) => {
+                            self.inner.reject(to, &e.to_string());
+                            Err(NetError::BadResponse {
+                                addr: to,
+                                reason: e.to_string(),
+                            })
+                        }
                     }
-                },
+                }
                 Err(inbound::ReadFail::Frame(e)) => {
                     self.inner.reject(to, &e.to_string());
                     Err(NetError::BadResponse {
@@ -573,6 +607,17 @@ async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), S
 }
 
 impl Inner {
+    /// A stream frame of this node's version and cluster.
+    fn frame(&self, channel: Channel, payload: &[u8], as_datagram: bool) -> Vec<u8> {
+        envelope::encode_frame_with_version(
+            self.version,
+            self.cluster_id,
+            channel,
+            payload,
+            as_datagram,
+        )
+    }
+
     fn slot_if_any(&self, addr: SocketAddr) -> Option<Slot> {
         self.conns.lock().ok()?.get(&addr).cloned()
     }
@@ -657,9 +702,40 @@ impl Inner {
         }
     }
 
-    /// Counts and logs a refused frame.
+    /// Counts and logs a refused frame: at most one line per peer per
+    /// [`REJECT_LOG_EVERY`], saying how many more were refused in between.
     fn reject(&self, from: SocketAddr, reason: &str) {
         self.frames_rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer = %from, "refused frame from peer {from}: {reason}");
+        let now = std::time::Instant::now();
+        let suppressed = match self.reject_logged.lock() {
+            Ok(mut logged) => {
+                if logged.len() > 4096 {
+                    logged.retain(|_, (t, _)| now.duration_since(*t) < REJECT_LOG_EVERY);
+                }
+                match logged.get_mut(&from) {
+                    Some((t, n)) if now.duration_since(*t) < REJECT_LOG_EVERY => {
+                        *n += 1;
+                        return;
+                    }
+                    Some((t, n)) => {
+                        *t = now;
+                        std::mem::take(n)
+                    }
+                    None => {
+                        logged.insert(from, (now, 0));
+                        0
+                    }
+                }
+            }
+            Err(_) => 0,
+        };
+        if suppressed > 0 {
+            tracing::warn!(
+                peer = %from,
+                "refused frame from peer {from}: {reason} ({suppressed} more refused since the last report)"
+            );
+        } else {
+            tracing::warn!(peer = %from, "refused frame from peer {from}: {reason}");
+        }
     }
 }

@@ -37,7 +37,9 @@
 //! confirmation) and what is being applied, the committed catch-up cursor per peer, the
 //! newest version known to exist per origin, the pulls in flight, and which peer identity
 //! each site id is bound to (`identity.rs`). Every range a peer sends is validated
-//! (`ranges.rs`) before anything is applied.
+//! (`ranges.rs`) before anything is applied. It also records when it last heard from each
+//! origin (`staleness.rs`) and which protocol version each peer speaks, and drops a
+//! message a peer's version lacks when its effects are drained (`versions.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -54,6 +56,8 @@ use super::ranges::RangeError;
 use super::ranges::{validate_chunk, validate_origin_ranges, validate_pull, validate_unit};
 use super::recent::RecentUnits;
 use super::stability::{lacks_collected, prefixes, Prefixes, Stability};
+use super::staleness::{self, HeardLog, OriginStaleness};
+use super::versions::PeerVersions;
 
 /// Tunables; the defaults are the node's.
 #[derive(Clone, Debug)]
@@ -88,6 +92,9 @@ pub struct SyncConfig {
     /// Deletes held this long are forgotten even when a member (down, partitioned)
     /// cannot confirm it holds them (`stability`).
     pub tombstone_retention: Duration,
+    /// The protocol version this node speaks: message kinds of later versions are never
+    /// sent, and are sent to a peer only once it showed it speaks their version.
+    pub protocol: u16,
 }
 
 impl Default for SyncConfig {
@@ -107,6 +114,7 @@ impl Default for SyncConfig {
             recent_age: Duration::from_secs(120),
             summary_ranges: 64,
             tombstone_retention: Duration::from_secs(72 * 3600),
+            protocol: super::versions::BASE_VERSION,
         }
     }
 }
@@ -206,6 +214,8 @@ pub struct SyncStats {
     pub repairs_sent: u64,
     pub duplicates: u64,
     pub refused: u64,
+    /// Messages not sent because the peer speaks a version without their kind.
+    pub withheld: u64,
 }
 
 /// The state machine. One per node.
@@ -264,6 +274,10 @@ pub struct Replicator {
     vetted: bool,
     /// Peers that forgot deletes this node lacks while it forgot some they lack.
     diverged: HashSet<SiteId>,
+    /// When each origin was last heard from (`staleness.rs` defines it).
+    heard: HeardLog,
+    /// The protocol version each peer speaks (`versions.rs`).
+    versions: PeerVersions,
 }
 
 impl Replicator {
@@ -278,9 +292,12 @@ impl Replicator {
         now: Duration,
     ) -> Replicator {
         let first = jittered(&mut rng, &config);
+        let versions = PeerVersions::new(config.protocol);
         let recent = RecentUnits::new(config.recent_bytes, config.recent_age);
         let stability = Stability::new(config.tombstone_retention);
         let joining = held.iter().all(|(o, r)| *o == site || r.is_empty());
+        // What is held exists: a summary repeating it after a restart is no news.
+        let heads = held.iter().map(|(s, r)| (*s, r.head())).collect();
         Replicator {
             site,
             config,
@@ -293,7 +310,7 @@ impl Replicator {
             pending: Held::default(),
             pending_since: VecDeque::new(),
             buffered: Held::default(),
-            heads: HashMap::new(),
+            heads,
             recent,
             pulls: HashMap::new(),
             notified: HashMap::new(),
@@ -314,6 +331,8 @@ impl Replicator {
             reseeding: false,
             vetted: false,
             diverged: HashSet::new(),
+            heard: HeardLog::default(),
+            versions,
         }
     }
 
@@ -439,6 +458,20 @@ impl Replicator {
         &self.heads
     }
 
+    /// How far behind this node is on each origin, and when it last heard from each
+    /// (`staleness.rs`).
+    pub fn staleness(&self, now: Duration) -> Vec<OriginStaleness> {
+        let alive = self.peers.values().copied().collect();
+        staleness::compute(
+            &self.site,
+            &self.held,
+            &self.heads,
+            &self.heard,
+            &alive,
+            now,
+        )
+    }
+
     /// Catch-up pulls in flight.
     pub fn pulls_in_flight(&self) -> usize {
         self.pulls.len()
@@ -460,9 +493,44 @@ impl Replicator {
         &self.stats
     }
 
-    /// Next effect to perform, if any.
+    /// Next effect to perform, if any. A message the peer's protocol version does not
+    /// have is dropped here (and counted), whatever produced it.
     pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
+        while let Some(e) = self.effects.pop_front() {
+            if let Effect::Send { to, msg } = &e {
+                if !self.versions.may_send(to, msg) {
+                    self.stats.withheld += 1;
+                    continue;
+                }
+            }
+            return Some(e);
+        }
+        None
+    }
+
+    /// Peer `from` sent a frame of protocol `version` (its envelope's): from now on it is
+    /// sent the message kinds of that version. Logged when first learned or changed.
+    pub fn note_version(&mut self, from: SocketAddr, version: u16) {
+        if let Some(before) = self.versions.note(from, version) {
+            let ours = self.versions.ours();
+            match before {
+                None if version == ours => {}
+                None => tracing::info!(
+                    peer = %from,
+                    "peer {from} speaks protocol version {version} (this node {ours}); \
+                     it is sent only what both understand"
+                ),
+                Some(b) => tracing::info!(
+                    peer = %from,
+                    "peer {from} now speaks protocol version {version} (was {b}; this node {ours})"
+                ),
+            }
+        }
+    }
+
+    /// How many peers speak each protocol version (as their frames told).
+    pub fn peer_versions(&self) -> Vec<(u16, usize)> {
+        self.versions.counts()
     }
 
     /// When `handle_timer` next has something to do.
@@ -494,6 +562,7 @@ impl Replicator {
         // Per-address state is kept for members only, so addresses that came and went
         // (or a peer cycling source ports) do not accumulate.
         self.seen.retain(|addr, _| next.contains_key(addr));
+        self.versions.retain(|addr| next.contains_key(addr));
         self.last_warned
             .retain(|_, t| now.saturating_sub(*t) < Duration::from_secs(10));
         // The first peers of a node that just started (or was alone): exchange summaries
@@ -532,6 +601,7 @@ impl Replicator {
             }
         }
         self.recent.evict(now);
+        self.heard.expire(now);
         self.expire_requested(now);
         self.stability.tick(&self.held, now);
         if self.reseeding {
@@ -558,6 +628,17 @@ impl Replicator {
             return;
         };
         self.send_summary(to, true, false, None);
+        // Protocol 4: when we heard from each origin, for the peer's staleness view
+        // (withheld from peers of version 3 by `poll_effect`).
+        if self.config.protocol > super::versions::BASE_VERSION {
+            self.effects.push_back(Effect::Send {
+                to,
+                msg: Msg::Heard {
+                    site: self.site,
+                    ages: self.heard.to_wire(now),
+                },
+            });
+        }
     }
 
     /// What this node holds or is applying: what a summary and `known` say.
@@ -637,7 +718,7 @@ impl Replicator {
             return;
         }
         self.held.insert(self.site, unit.from + 1, unit.to);
-        self.note_head(self.site, unit.to);
+        self.note_head(self.site, unit.to, now);
         if self.reseeding {
             return; // set aside with the rest of this database at the re-seed
         }
@@ -649,15 +730,17 @@ impl Replicator {
 
     /// A unit of this node's own writes too large to broadcast (versions up to `to`):
     /// held, and announced down the tree; children pull it.
-    pub fn handle_local_large_unit(&mut self, from: i64, to: i64, _now: Duration) {
+    pub fn handle_local_large_unit(&mut self, from: i64, to: i64, now: Duration) {
         if to <= from {
             return;
         }
         self.held.insert(self.site, from + 1, to);
-        self.note_head(self.site, to);
+        self.note_head(self.site, to, now);
         if self.vetted && !self.reseeding {
             self.notify_children(self.site, to);
         }
+        self.note_head(self.site, to, now);
+        self.notify_children(self.site, to);
     }
 
     fn notify_children(&mut self, origin: SiteId, head: i64) {
@@ -690,9 +773,14 @@ impl Replicator {
         }
     }
 
-    fn note_head(&mut self, origin: SiteId, v: i64) {
+    /// `v` of `origin` exists. A version newer than any known counts as hearing from
+    /// the origin (`staleness.rs`).
+    fn note_head(&mut self, origin: SiteId, v: i64, now: Duration) {
         let h = self.heads.entry(origin).or_insert(0);
-        *h = (*h).max(v);
+        if v > *h {
+            *h = v;
+            self.heard.heard(origin, now);
+        }
     }
 
     /// A message from peer `from`, which presented `identity` (its certificate's
@@ -753,6 +841,8 @@ impl Replicator {
             }
         }
         self.seen.insert(from, identity.to_string());
+        // Any message of the origin itself, even one refused below: it is alive.
+        self.heard.heard(site, now);
         if let Err(e) = validate_msg(&msg) {
             self.stats.refused += 1;
             tracing::warn!(
@@ -820,8 +910,9 @@ impl Replicator {
                     known: Held::from_wire(&known),
                 });
             }
+            Msg::Heard { ages, .. } => self.heard.merge_wire(&ages, &self.site, now),
             Msg::Notify { origin, head, .. } => {
-                self.note_head(origin, head);
+                self.note_head(origin, head, now);
                 if origin != self.site && !self.holding().covers(&origin, 1, head) {
                     let n = self.notified.entry(origin).or_insert(0);
                     *n = (*n).max(head);
@@ -874,7 +965,7 @@ impl Replicator {
         if unit.origin == self.site {
             return; // our own writes, back from a repair: we hold them
         }
-        self.note_head(unit.origin, unit.to);
+        self.note_head(unit.origin, unit.to, now);
         let holding = self.holding();
         if holding.covers(&unit.origin, unit.from + 1, unit.to) {
             tracing::trace!(peer = %from, relay, from = unit.from, to = unit.to, "sync: duplicate unit");
@@ -917,7 +1008,7 @@ impl Replicator {
         now: Duration,
     ) {
         for (origin, r) in theirs.iter() {
-            self.note_head(*origin, r.head());
+            self.note_head(*origin, r.head(), now);
         }
         let mut lacks = self.held.minus(theirs);
         if urgent {
@@ -1099,6 +1190,10 @@ impl Replicator {
         }
         for (origin, ranges) in applied.held {
             if origin != self.site {
+                // Held exists: known from now on, without counting as news of the origin
+                // (a later summary repeating it is not a sign of life).
+                let h = self.heads.entry(origin).or_insert(0);
+                *h = (*h).max(ranges.head());
                 self.held.set(origin, ranges);
             }
         }
@@ -1205,6 +1300,13 @@ fn validate_msg(msg: &Msg) -> Result<(), RangeError> {
             }
         }
         Msg::Behind { .. } => Ok(()),
+        Msg::Heard { ages, .. } => {
+            if ages.len() > super::ranges::MAX_ORIGINS {
+                Err(RangeError::TooManyOrigins { count: ages.len() })
+            } else {
+                Ok(())
+            }
+        }
     }
 }
 

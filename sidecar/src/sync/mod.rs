@@ -22,6 +22,8 @@
 //! - `identity` — which peer identity may speak for a site id (bound once, durably).
 //! - `schema`   — replicated tables and columns as values: the fingerprint units carry and
 //!   the rule for units naming a table or column this node lacks yet (buffered whole).
+//! - `staleness` — per origin: known, held, missing, when last heard from, pure.
+//! - `versions` — per-peer protocol versions, what each may be sent, unknown kinds, pure.
 //! - `sim`      — (tests) a deterministic simulation of many nodes: loss, partitions,
 //!   crashes, joins, regions.
 
@@ -36,8 +38,10 @@ mod schema;
 #[cfg(test)]
 mod sim;
 pub mod stability;
+mod staleness;
 #[cfg(test)]
 mod test_support;
+pub mod versions;
 
 pub use held::{Held, RangeSet};
 pub use identity::{check_claim, Claim};
@@ -45,7 +49,7 @@ pub use machine::{
     tree_children, Applied, ApplyJob, Effect, Replicator, SyncConfig, SyncStats, Work,
 };
 pub use msg::{
-    chunk_unit, known_covers, Change, Chunk, Msg, OriginRanges, OriginUnit, SiteId, Value,
+    chunk_unit, known_covers, Change, Chunk, HeardAge, Msg, OriginRanges, OriginUnit, SiteId, Value,
 };
 pub use ranges::{advance_cursor, advance_with_ranges, MAX_RANGES};
 pub use ranges::{
@@ -55,3 +59,4 @@ pub use receive::{held_after_catch_up, held_after_unit, unit_complete};
 pub use schema::{
     buffered_versions, describe as describe_missing, waiting_origins, Missing, Schema,
 };
+pub use staleness::{OriginStaleness, FORGET_AFTER};

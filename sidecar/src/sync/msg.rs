@@ -157,6 +157,15 @@ impl Chunk {
     }
 }
 
+/// "I last heard from `site` `age_ms` ago" (`Msg::Heard`; `sync::staleness`).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct HeardAge {
+    #[cbor(n(0), with = "minicbor::bytes")]
+    pub site: SiteId,
+    #[n(1)]
+    pub age_ms: u64,
+}
+
 /// Everything said on the sync channel. Every message names the sender's site id, so a
 /// receiver can refuse a peer that claims its own id (a copied database file).
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
@@ -264,6 +273,17 @@ pub enum Msg {
         #[n(2)]
         head: i64,
     },
+    /// Protocol version 4 (the simulated next release, `PATINA_TEST_RELEASE_AHEAD`): when
+    /// the sender last heard from each origin, as ages, sent with each round's summary.
+    /// Lets a node tell an origin it rarely talks to is alive (`sync::staleness`). Sent
+    /// only to peers known to speak version 4 or later ([`Msg::since`]).
+    #[n(12)]
+    Heard {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        ages: Vec<HeardAge>,
+    },
 }
 
 impl Msg {
@@ -278,7 +298,17 @@ impl Msg {
             | Msg::Repair { site, .. }
             | Msg::Offer { site, .. }
             | Msg::Want { site, .. }
-            | Msg::Notify { site, .. } => site,
+            | Msg::Notify { site, .. }
+            | Msg::Heard { site, .. } => site,
+        }
+    }
+
+    /// The protocol version that introduced this kind: it is sent only to peers known to
+    /// speak that version or a later one (`sync::versions`).
+    pub fn since(&self) -> u16 {
+        match self {
+            Msg::Heard { .. } => super::versions::BASE_VERSION + 1,
+            _ => super::versions::BASE_VERSION,
         }
     }
 
@@ -443,9 +473,23 @@ mod tests {
                 origin: [5; 16],
                 head: 9,
             },
+            Msg::Heard {
+                site: [4; 16],
+                ages: vec![HeardAge {
+                    site: [5; 16],
+                    age_ms: 1500,
+                }],
+            },
         ];
         for m in msgs {
             let bytes = m.encode();
+            assert!(
+                matches!(
+                    super::super::versions::decode(&bytes, u16::MAX),
+                    Ok(super::super::versions::Decoded::Known(_))
+                ),
+                "every kind is in versions::KINDS"
+            );
             assert_eq!(Msg::decode(&bytes).expect("decodes"), m);
         }
         let vals = [

@@ -999,6 +999,47 @@ fn writes_survive_their_origin() {
     }
 }
 
+/// Staleness through the real machines: an isolated node that keeps writing is silent
+/// on every other node (its newer versions cannot be known), and once healed every node
+/// holds every version known of every origin.
+#[test]
+fn staleness_shows_an_isolated_node_and_clears_after_recovery() {
+    for seed in 0..10u64 {
+        let mut sim = Sim::new(seed, 5, Model::lan(), small_config());
+        let s = Duration::from_secs;
+        sim.run_until(s(2), 40.0, 40);
+        sim.isolate(4);
+        sim.run_until(s(8), 40.0, 40);
+        let cut = site_of(4);
+        for i in 0..4 {
+            let row = sim.nodes[i]
+                .sync
+                .staleness(sim.now)
+                .into_iter()
+                .find(|o| o.site == cut)
+                .expect("the isolated node is still reported");
+            assert!(
+                row.silent_for >= s(4),
+                "seed {seed}: node {i} heard from the isolated node {:?} ago",
+                row.silent_for
+            );
+        }
+        sim.recover();
+        sim.run_until(s(40), 0.0, 40);
+        assert_eq!(sim.converged(), Ok(()), "seed {seed}");
+        for (i, n) in sim.nodes.iter().enumerate() {
+            for o in n.sync.staleness(sim.now) {
+                assert_eq!(
+                    (o.missing, o.contiguous),
+                    (0, o.known),
+                    "seed {seed}: node {i} on origin {}",
+                    site_index(&o.site)
+                );
+            }
+        }
+    }
+}
+
 /// Without loss, each node receives each change about once: the tree delivers it, and
 /// repairs send only what is missing.
 #[test]
