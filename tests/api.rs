@@ -271,6 +271,7 @@ fn authorizer_refusals_are_403() {
         "DROP TABLE machines".to_string(),
         "PRAGMA journal_mode = DELETE".to_string(),
         "SELECT crsql_as_table('machines')".to_string(),
+        "SELECT patina_collect_tombstones('{}')".to_string(),
         "BEGIN".to_string(),
     ];
     for sql in &refused {

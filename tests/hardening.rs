@@ -231,6 +231,19 @@ fn never_completed_units_do_not_pile_up_in_the_inbox() {
         })
         .await
         .expect("peer transport");
+        // A node takes nothing from a peer before a summary (`Replicator` `vetted`): the
+        // attacker says hello like any peer first.
+        let hello = Msg::Summary {
+            site,
+            held: Vec::new(),
+            reply: false,
+            urgent: false,
+            collected: None,
+            cl_floor: None,
+        };
+        peer.send(target, Channel::Sync, hello.encode())
+            .await
+            .expect("summary delivered");
         for k in 0..50i64 {
             let (unit_from, unit_to) = (k * 10, k * 10 + 10);
             let msg = Msg::Changes {

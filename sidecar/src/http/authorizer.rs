@@ -209,6 +209,8 @@ const REFUSED_FUNCTIONS: &[&str] = &[
     "crsql_begin_alter",
     "crsql_commit_alter",
     "crsql_config_set",
+    // Collecting tombstones is safe only with limits the node proved (`sync::stability`).
+    "patina_collect_tombstones",
     "readfile",
     "writefile",
     "edit",
