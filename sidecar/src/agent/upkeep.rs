@@ -20,6 +20,9 @@ use crate::sync::{Replicator, SiteId};
 /// How often collection and forgetting run.
 pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// Collection runs again with unchanged limits after this long.
+const RECOLLECT_EVERY: Duration = Duration::from_secs(60);
+
 /// How often last-seen times are written (a restart loses at most this much of them).
 const PERSIST_SEEN_EVERY: Duration = Duration::from_secs(30);
 
@@ -37,6 +40,8 @@ pub struct Upkeep {
     seen: HashMap<SiteId, i64>,
     last_persisted_ms: i64,
     last_limits: Prefixes,
+    /// When collection last ran (unix ms).
+    last_collect_ms: i64,
     busy: Arc<AtomicBool>,
     done_tx: mpsc::UnboundedSender<Done>,
     pub done_rx: mpsc::UnboundedReceiver<Done>,
@@ -79,6 +84,7 @@ impl Upkeep {
             seen,
             last_persisted_ms: 0,
             last_limits: Prefixes::new(),
+            last_collect_ms: 0,
             busy: Arc::new(AtomicBool::new(false)),
             done_tx,
             done_rx,
@@ -159,12 +165,17 @@ impl Upkeep {
         let persist =
             first_contact || wall.saturating_sub(self.last_persisted_ms) >= Self::ms(every);
         let limits = sync.collect_limits(&members, now);
-        let collect = !limits.is_empty() && limits != self.last_limits;
+        // New limits, or a minute since the last run with the same ones: a tombstone
+        // below them can still appear (an old delete arriving by a catch-up).
+        let collect = !limits.is_empty()
+            && (limits != self.last_limits
+                || wall.saturating_sub(self.last_collect_ms) >= Self::ms(RECOLLECT_EVERY));
         if !(persist || departed || collect) {
             return;
         }
         if collect {
             self.last_limits = limits.clone();
+            self.last_collect_ms = wall;
         }
         let seen: Vec<SiteId> = if persist {
             self.last_persisted_ms = wall;
