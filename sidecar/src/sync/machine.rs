@@ -92,6 +92,10 @@ pub struct SyncConfig {
     /// Deletes held this long are forgotten even when a member (down, partitioned)
     /// cannot confirm it holds them (`stability`).
     pub tombstone_retention: Duration,
+    /// Whether what members hold is tracked for tombstone collection (`stability`): per
+    /// member, the prefixes of its last absorbed summary — about 40 bytes per member and
+    /// origin. The simulation, whose stores keep no tombstones, turns it off.
+    pub track_stability: bool,
     /// The protocol version this node speaks: message kinds of later versions are never
     /// sent, and are sent to a peer only once it showed it speaks their version.
     pub protocol: u16,
@@ -114,6 +118,7 @@ impl Default for SyncConfig {
             recent_age: Duration::from_secs(120),
             summary_ranges: 64,
             tombstone_retention: Duration::from_secs(72 * 3600),
+            track_stability: true,
             protocol: super::versions::BASE_VERSION,
         }
     }
@@ -603,7 +608,9 @@ impl Replicator {
         self.recent.evict(now);
         self.heard.expire(now);
         self.expire_requested(now);
-        self.stability.tick(&self.held, now);
+        if self.config.track_stability {
+            self.stability.tick(&self.held, now);
+        }
         if self.reseeding {
             return;
         }
@@ -893,7 +900,7 @@ impl Replicator {
                     return;
                 }
                 self.vetted = true;
-                if !urgent {
+                if !urgent && self.config.track_stability {
                     self.stability.observe_summary(site, &theirs, &self.held);
                 }
                 self.on_summary(from, &theirs, reply, urgent, now)
