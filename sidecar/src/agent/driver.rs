@@ -272,6 +272,11 @@ impl Driver {
         let now = self.now();
         let db = self.shared.db_path.clone();
         self.upkeep.on_alive(alive.iter().map(|m| m.site_id), &db);
+        let alive_sites: Vec<_> = alive.iter().map(|m| m.site_id).collect();
+        let superseded = self
+            .sync
+            .superseded(&self.upkeep.members_seen(), &alive_sites);
+        self.upkeep.set_superseded(superseded);
         if self.upkeep.stopped() {
             self.sync.stop_replicating();
         }

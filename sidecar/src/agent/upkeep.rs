@@ -55,6 +55,9 @@ pub struct Upkeep {
     contact_checked: bool,
     /// Whether a contact was stored since start.
     contact_persisted: bool,
+    /// Earlier site ids of nodes now running under a new one (`Replicator::superseded`):
+    /// not waited for by tombstone collection.
+    superseded: std::collections::HashSet<SiteId>,
 }
 
 /// Wall-clock milliseconds: last-seen times must survive restarts.
@@ -94,6 +97,7 @@ impl Upkeep {
             last_contact_ms,
             contact_checked: false,
             contact_persisted: false,
+            superseded: std::collections::HashSet::new(),
         }
     }
 
@@ -137,6 +141,16 @@ impl Upkeep {
         self.last_contact_ms = now;
     }
 
+    /// Every site with a last-seen time.
+    pub fn members_seen(&self) -> Vec<SiteId> {
+        self.seen.keys().copied().collect()
+    }
+
+    /// Sites collection no longer waits for (see the field).
+    pub fn set_superseded(&mut self, sites: Vec<SiteId>) {
+        self.superseded = sites.into_iter().collect();
+    }
+
     fn ms(d: Duration) -> i64 {
         i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
     }
@@ -153,7 +167,9 @@ impl Upkeep {
         let members: Vec<SiteId> = self
             .seen
             .iter()
-            .filter(|(_, t)| wall.saturating_sub(**t) <= retention_ms)
+            .filter(|(s, t)| {
+                wall.saturating_sub(**t) <= retention_ms && !self.superseded.contains(*s)
+            })
             .map(|(s, _)| *s)
             .collect();
         let forget_before = wall.saturating_sub(Self::ms(self.settings.forget_after));

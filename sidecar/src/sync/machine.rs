@@ -357,6 +357,27 @@ impl Replicator {
         self.stability.limits(&self.site, members, &self.held, now)
     }
 
+    /// Of `sites`, those bound to the same peer identity as one of `alive` (and not alive
+    /// themselves): an earlier site id of a node that now runs under a new one (re-seeded,
+    /// restored). That id writes nothing more, so it confirms nothing: waiting for it
+    /// would hold tombstones for the whole retention.
+    pub fn superseded(&self, sites: &[SiteId], alive: &[SiteId]) -> Vec<SiteId> {
+        let live: HashSet<&str> = alive
+            .iter()
+            .filter_map(|s| self.bindings.get(s).map(String::as_str))
+            .collect();
+        sites
+            .iter()
+            .filter(|s| !alive.contains(s))
+            .filter(|s| {
+                self.bindings
+                    .get(*s)
+                    .is_some_and(|id| live.contains(id.as_str()))
+            })
+            .copied()
+            .collect()
+    }
+
     /// Stops counting a forgotten member.
     pub fn forget_member(&mut self, site: &SiteId) {
         self.stability.forget(site);
@@ -1931,6 +1952,26 @@ mod collected_floor_tests {
             Duration::ZERO,
         );
         assert!(!n.is_reseeding());
+    }
+
+    #[test]
+    fn an_old_site_id_of_a_node_running_under_a_new_one_is_not_waited_for() {
+        let mut n = node(3, &[]);
+        n.set_bindings(
+            [
+                ([4; 16], "address 10.0.0.4:8787".to_string()),
+                ([5; 16], "address 10.0.0.4:8787".to_string()),
+                ([6; 16], "address 10.0.0.6:8787".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        // 4 was re-seeded into 5 on the same address; 6 is merely down.
+        assert_eq!(
+            n.superseded(&[[4; 16], [6; 16], [5; 16]], &[[5; 16]]),
+            vec![[4; 16]]
+        );
+        assert!(n.superseded(&[[4; 16], [6; 16]], &[]).is_empty());
     }
 
     #[test]
