@@ -43,6 +43,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -123,7 +124,8 @@ impl Default for SyncConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Work {
     /// A broadcast or repaired unit of an origin: merge it and record `(from, to]` held.
-    Unit(OriginUnit),
+    /// Shared with the relays and the repair cache.
+    Unit(Arc<OriginUnit>),
     /// A chunk of a catch-up pull of `peer_site`'s feed (buffered until its unit is whole).
     Chunk(Chunk),
 }
@@ -648,6 +650,14 @@ impl Replicator {
         h
     }
 
+    /// What this node holds or is applying of one origin: `holding().of(origin)` without
+    /// copying every origin's ranges (this runs for every unit received).
+    fn holding_of(&self, origin: &SiteId) -> RangeSet {
+        let mut r = self.held.of(origin);
+        r.union_with(&self.pending.of(origin));
+        r
+    }
+
     fn send_summary(&mut self, to: SocketAddr, reply: bool, urgent: bool, only: Option<SiteId>) {
         let holding = self.holding();
         let mut held = holding.to_wire(self.config.summary_ranges);
@@ -722,9 +732,10 @@ impl Replicator {
         if self.reseeding {
             return; // set aside with the rest of this database at the re-seed
         }
+        let unit = Arc::new(unit);
         self.recent.insert(&unit, now);
         if self.vetted {
-            self.broadcast(unit, true);
+            self.broadcast(&unit, true);
         }
     }
 
@@ -757,7 +768,7 @@ impl Replicator {
     }
 
     /// Sends `unit` to this node's children in its origin's tree.
-    fn broadcast(&mut self, unit: OriginUnit, relay: bool) {
+    fn broadcast(&mut self, unit: &Arc<OriginUnit>, relay: bool) {
         let children = self.children(&unit.origin);
         for to in children {
             self.stats.units_sent += 1;
@@ -864,7 +875,7 @@ impl Replicator {
             Msg::Unit { unit, relay, .. } => self.on_unit(from, site, unit, relay, now),
             Msg::Repair { units, .. } => {
                 for unit in units {
-                    self.on_unit(from, site, unit, false, now);
+                    self.on_unit(from, site, Arc::new(unit), false, now);
                 }
             }
             Msg::Offer { have, more, .. } => self.on_offer(
@@ -913,7 +924,7 @@ impl Replicator {
             Msg::Heard { ages, .. } => self.heard.merge_wire(&ages, &self.site, now),
             Msg::Notify { origin, head, .. } => {
                 self.note_head(origin, head, now);
-                if origin != self.site && !self.holding().covers(&origin, 1, head) {
+                if origin != self.site && !self.holding_of(&origin).covers(1, head) {
                     let n = self.notified.entry(origin).or_insert(0);
                     *n = (*n).max(head);
                     self.start_pull(from, site, now);
@@ -929,13 +940,13 @@ impl Replicator {
                     peer_site: site,
                     work: Work::Chunk(chunk),
                 }));
-                let known = self.holding().to_wire(usize::MAX);
                 let Some(pull) = self.pulls.get_mut(&from) else {
                     return; // a late answer: applied (harmless), not continued
                 };
                 pull.deadline = now + self.config.pull_timeout;
                 pull.bytes += bytes;
                 if more {
+                    let known = self.holding().to_wire(usize::MAX);
                     self.effects.push_back(Effect::Send {
                         to: from,
                         msg: Msg::Pull {
@@ -958,7 +969,7 @@ impl Replicator {
         &mut self,
         from: SocketAddr,
         site: SiteId,
-        unit: OriginUnit,
+        unit: Arc<OriginUnit>,
         relay: bool,
         now: Duration,
     ) {
@@ -966,8 +977,8 @@ impl Replicator {
             return; // our own writes, back from a repair: we hold them
         }
         self.note_head(unit.origin, unit.to, now);
-        let holding = self.holding();
-        if holding.covers(&unit.origin, unit.from + 1, unit.to) {
+        let holding = self.holding_of(&unit.origin);
+        if holding.covers(unit.from + 1, unit.to) {
             tracing::trace!(peer = %from, relay, from = unit.from, to = unit.to, "sync: duplicate unit");
             self.stats.duplicates += 1;
             return;
@@ -976,10 +987,10 @@ impl Replicator {
         // stream), and asking about them would only have the same units sent again.
         let gap = relay
             && unit.from > 0
-            && !holding.contains(&unit.origin, unit.from)
+            && !holding.contains(unit.from)
             && !self.asked.contains_key(&unit.origin);
         if relay {
-            self.broadcast(unit.clone(), true);
+            self.broadcast(&unit, true);
         }
         self.recent.insert(&unit, now);
         let mut h = Held::default();
@@ -1110,7 +1121,7 @@ impl Replicator {
                     break;
                 }
                 budget -= size;
-                units.push(u.clone());
+                units.push(OriginUnit::clone(u));
             }
             if !ranges.minus(&covered).is_empty() {
                 missing = true;
@@ -1469,7 +1480,7 @@ mod tests {
             &ident(5),
             Msg::Unit {
                 site: [5; 16],
-                unit: u.clone(),
+                unit: Arc::new(u.clone()),
                 relay: true,
             },
             Duration::ZERO,
@@ -1486,7 +1497,7 @@ mod tests {
             &ident(6),
             Msg::Unit {
                 site: [6; 16],
-                unit: u,
+                unit: Arc::new(u),
                 relay: true,
             },
             Duration::ZERO,
@@ -1509,7 +1520,7 @@ mod tests {
                 &ident(7),
                 Msg::Unit {
                     site: [7; 16],
-                    unit: u,
+                    unit: Arc::new(u),
                     relay: false,
                 },
                 t,
@@ -1530,7 +1541,7 @@ mod tests {
             &ident(2),
             Msg::Unit {
                 site: [2; 16],
-                unit: unit([7; 16], 2, 4),
+                unit: Arc::new(unit([7; 16], 2, 4)),
                 relay: true,
             },
             t,

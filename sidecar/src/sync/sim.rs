@@ -273,7 +273,13 @@ struct Node {
 }
 
 enum Event {
-    Deliver { to: usize, from: usize, msg: Msg },
+    /// `bytes`: the message's encoded length, computed once when it is sent.
+    Deliver {
+        to: usize,
+        from: usize,
+        msg: Msg,
+        bytes: usize,
+    },
     Timer { node: usize },
     Tail { node: usize },
     Applied { node: usize },
@@ -689,7 +695,12 @@ impl Sim {
                 }
                 self.drain(node);
             }
-            Event::Deliver { to, from, msg } => {
+            Event::Deliver {
+                to,
+                from,
+                msg,
+                bytes,
+            } => {
                 if !self.nodes[to].up {
                     return;
                 }
@@ -703,7 +714,7 @@ impl Sim {
                     Msg::Changes { chunk, .. } => self.report.by_pull += chunk.changes.len() as u64,
                     _ => {}
                 }
-                self.report.bytes_received += msg.encode().len() as u64;
+                self.report.bytes_received += bytes as u64;
                 let now = self.now;
                 // The simulated transport is unauthenticated: identity is the address.
                 let from_addr = self.nodes[from].addr;
@@ -837,7 +848,8 @@ impl Sim {
         {
             return;
         }
-        let size = msg.encode().len();
+        // Exact (`Msg::encoded_len` is tested against `Msg::encode`), without encoding.
+        let size = msg.encoded_len();
         let copies = if self.rng.gen_bool(self.dup_p) { 2 } else { 1 };
         let rtt = self.rtt[self.nodes[from].region][self.nodes[to].region];
         // Serialization on the sender's link, then half a round trip, some jitter, and
@@ -846,7 +858,14 @@ impl Sim {
         let start = n.link_free.max(self.now);
         let tx = Duration::from_secs_f64(size as f64 / self.model.link_bytes_per_s);
         n.link_free = start + tx;
-        for _ in 0..copies {
+        let mut msg = Some(msg);
+        for copy in 0..copies {
+            let msg = if copy + 1 == copies {
+                msg.take()
+            } else {
+                msg.clone()
+            };
+            let Some(msg) = msg else { break };
             let mut delay = (start + tx - self.now) + Duration::from_micros(rtt * 500);
             delay += Duration::from_micros(self.rng.gen_range(0..=(rtt * 100).max(1)));
             if self.rng.gen_bool(self.model.retransmit_p) {
@@ -857,7 +876,8 @@ impl Sim {
                 Event::Deliver {
                     to,
                     from,
-                    msg: msg.clone(),
+                    msg,
+                    bytes: size,
                 },
             );
         }
