@@ -233,7 +233,9 @@ pub struct Replicator {
     held: Held,
     /// Units handed to apply and not yet confirmed, with when they were handed over.
     pending: Held,
-    pending_since: VecDeque<(Duration, Held)>,
+    /// One entry per unit, `(handed over, origin, first, last)`: a `Held` per entry
+    /// would cost a map node each, and a node has ~10k units in flight at 800 nodes.
+    pending_since: VecDeque<(Duration, SiteId, i64, i64)>,
     /// Versions held only in the schema buffer: held (peers need not send them), but this
     /// node's feed lacks their changes, so an offer never names them beyond memory.
     buffered: Held,
@@ -594,11 +596,13 @@ impl Replicator {
     /// units and cached units.
     pub fn handle_timer(&mut self, now: Duration) {
         self.pulls.retain(|_, p| p.deadline > now);
-        while let Some((t, _)) = self.pending_since.front() {
+        while let Some((t, ..)) = self.pending_since.front() {
             if now.saturating_sub(*t) < self.config.pull_timeout {
                 break;
             }
-            if let Some((_, h)) = self.pending_since.pop_front() {
+            if let Some((_, origin, a, b)) = self.pending_since.pop_front() {
+                let mut h = Held::default();
+                h.insert(origin, a, b);
                 self.pending.remove(&h);
             }
         }
@@ -993,10 +997,9 @@ impl Replicator {
             self.broadcast(&unit, true);
         }
         self.recent.insert(&unit, now);
-        let mut h = Held::default();
-        h.insert(unit.origin, unit.from + 1, unit.to);
-        self.pending.union_with(&h);
-        self.pending_since.push_back((now, h));
+        self.pending.insert(unit.origin, unit.from + 1, unit.to);
+        self.pending_since
+            .push_back((now, unit.origin, unit.from + 1, unit.to));
         if gap {
             self.asked.insert(unit.origin, now);
             self.send_summary(from, false, true, Some(unit.origin));

@@ -20,6 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -257,6 +258,8 @@ impl Store {
 /// A node: its durable store, its volatile machine and apply queue.
 struct Node {
     addr: SocketAddr,
+    /// What the simulated transport presents as this node's identity: its address.
+    identity: Rc<str>,
     region: usize,
     store: Store,
     sync: Replicator,
@@ -468,6 +471,7 @@ impl Sim {
         };
         self.nodes.push(Node {
             addr: addr_of(i),
+            identity: format!("address {}", addr_of(i)).into(),
             region: i % self.model.regions.max(1),
             sync: self.machine(&store, seed),
             store,
@@ -718,7 +722,7 @@ impl Sim {
                 let now = self.now;
                 // The simulated transport is unauthenticated: identity is the address.
                 let from_addr = self.nodes[from].addr;
-                let identity = format!("address {from_addr}");
+                let identity = Rc::clone(&self.nodes[from].identity);
                 self.nodes[to]
                     .sync
                     .handle_message(from_addr, &identity, msg, now);
