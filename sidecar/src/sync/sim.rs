@@ -384,6 +384,8 @@ struct Sim {
     /// Nodes at the start, and nodes that crashed at some point (latency figures).
     initial: usize,
     crashed: HashSet<usize>,
+    /// When the last membership refresh scheduled is due.
+    refresh_at: Option<Duration>,
 }
 
 fn site_of(i: usize) -> SiteId {
@@ -452,6 +454,7 @@ impl Sim {
             sample_every: 1,
             initial: n,
             crashed: HashSet::new(),
+            refresh_at: None,
         };
         for _ in 0..n {
             sim.join();
@@ -485,7 +488,7 @@ impl Sim {
         });
         self.group.push(0);
         self.schedule_timer(i);
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
         i
     }
 
@@ -520,7 +523,7 @@ impl Sim {
     /// `node` can neither send nor receive.
     fn isolate(&mut self, node: usize) {
         self.group[node] = u32::MAX - node as u32;
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     /// Splits the nodes into groups that cannot reach each other.
@@ -528,7 +531,7 @@ impl Sim {
         for i in 0..self.group.len() {
             self.group[i] = group_of(i);
         }
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     /// Heals partitions, isolations and cuts; stops drops and duplicates.
@@ -537,7 +540,7 @@ impl Sim {
         self.cuts.clear();
         self.drop_p = 0.0;
         self.dup_p = 0.0;
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     /// Stops `node`: its volatile state (machine, queues, messages to it) is lost.
@@ -549,7 +552,7 @@ impl Sim {
         n.apply_busy = false;
         n.timer_at = None;
         n.tail_scheduled = false;
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     /// Starts `node` again from its durable store.
@@ -561,7 +564,7 @@ impl Sim {
         n.up = true;
         n.shipped = n.store.own;
         self.schedule_timer(node);
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     // ---- the engine ------------------------------------------------------------------
@@ -570,6 +573,18 @@ impl Sim {
         self.seq += 1;
         self.queue.push(Reverse((self.now + after, self.seq)));
         self.events.insert(self.seq, ev);
+    }
+
+    /// Membership notices a change `detect` from now. Several changes at one instant
+    /// (the joins of a whole fleet) need one refresh: it reads the state when it runs,
+    /// and a second one at the same instant would find nothing to change.
+    fn schedule_refresh(&mut self) {
+        let at = self.now + self.model.detect;
+        if self.refresh_at == Some(at) {
+            return;
+        }
+        self.refresh_at = Some(at);
+        self.schedule(self.model.detect, Event::RefreshPeers);
     }
 
     fn schedule_timer(&mut self, i: usize) {
@@ -669,7 +684,12 @@ impl Sim {
 
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::RefreshPeers => self.refresh_peers(),
+            Event::RefreshPeers => {
+                if self.refresh_at == Some(self.now) {
+                    self.refresh_at = None;
+                }
+                self.refresh_peers()
+            }
             Event::Timer { node } => {
                 let n = &mut self.nodes[node];
                 if !n.up || n.timer_at != Some(self.now) {
