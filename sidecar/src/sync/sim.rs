@@ -283,9 +283,15 @@ enum Event {
         msg: Msg,
         bytes: usize,
     },
-    Timer { node: usize },
-    Tail { node: usize },
-    Applied { node: usize },
+    Timer {
+        node: usize,
+    },
+    Tail {
+        node: usize,
+    },
+    Applied {
+        node: usize,
+    },
     RefreshPeers,
 }
 
