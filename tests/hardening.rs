@@ -148,14 +148,14 @@ fn a_peer_reusing_a_down_nodes_site_id_is_refused_and_cannot_move_the_cursor() {
         };
         let unit = Msg::Unit {
             site,
-            unit: OriginUnit {
+            unit: std::sync::Arc::new(OriginUnit {
                 origin: site,
                 from: 0,
                 to: 1 << 62,
                 committed_ms: 0,
                 changes: vec![],
                 schema: None,
-            },
+            }),
             relay: true,
         };
         for msg in [

@@ -452,7 +452,7 @@ pub(crate) mod tests {
         ApplyJob {
             from: "127.0.0.1:9".parse().expect("addr"),
             peer_site: [2; 16],
-            work: Work::Unit(OriginUnit {
+            work: Work::Unit(Arc::new(OriginUnit {
                 origin: [2; 16],
                 from: v - 1,
                 to: v,
@@ -470,7 +470,7 @@ pub(crate) mod tests {
                     origin_version: Some(v),
                 }],
                 schema: None,
-            }),
+            })),
         }
     }
 
@@ -504,7 +504,7 @@ pub(crate) mod tests {
         // instead, `db::buffering`).
         let mut bad = job("t", 1);
         if let Work::Unit(u) = &mut bad.work {
-            u.changes[0].col_version = 0;
+            Arc::make_mut(u).changes[0].col_version = 0;
         }
         tx.send(bad).expect("send");
         let deadline = Instant::now() + Duration::from_secs(20);

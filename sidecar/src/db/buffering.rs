@@ -491,7 +491,7 @@ mod tests {
         // Version 1 writes column b, which this node lacks: kept, held, buffered.
         let mut new_column = job("t", 1);
         if let Work::Unit(u) = &mut new_column.work {
-            u.changes[0].cid = "b".into();
+            Arc::make_mut(u).changes[0].cid = "b".into();
         }
         tx.send(new_column).expect("send");
         let a = done.blocking_recv().expect("reported");

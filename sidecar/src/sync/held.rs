@@ -54,6 +54,22 @@ impl RangeSet {
         if b < a {
             return;
         }
+        // Versions mostly arrive in order: past the last range, or touching it.
+        match self.ranges.last_mut() {
+            None => {
+                self.ranges.push((a, b));
+                return;
+            }
+            Some(last) if a > last.1.saturating_add(1) => {
+                self.ranges.push((a, b));
+                return;
+            }
+            Some(last) if a >= last.0 => {
+                last.1 = last.1.max(b);
+                return;
+            }
+            Some(_) => {}
+        }
         let (mut lo, mut hi) = (a, b);
         let mut out = Vec::with_capacity(self.ranges.len() + 1);
         let mut placed = false;

@@ -62,14 +62,14 @@ mod tests {
         let mut s = machine(1);
         let push = |from, to| Msg::Unit {
             site: [2; 16],
-            unit: OriginUnit {
+            unit: std::sync::Arc::new(OriginUnit {
                 origin: [2; 16],
                 from,
                 to,
                 committed_ms: 0,
                 changes: vec![],
                 schema: None,
-            },
+            }),
             relay: true,
         };
         s.handle_message(addr(2), &ident(2), push(0, 1), Duration::ZERO);

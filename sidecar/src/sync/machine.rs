@@ -43,6 +43,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -128,7 +129,8 @@ impl Default for SyncConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Work {
     /// A broadcast or repaired unit of an origin: merge it and record `(from, to]` held.
-    Unit(OriginUnit),
+    /// Shared with the relays and the repair cache.
+    Unit(Arc<OriginUnit>),
     /// A chunk of a catch-up pull of `peer_site`'s feed (buffered until its unit is whole).
     Chunk(Chunk),
 }
@@ -236,7 +238,9 @@ pub struct Replicator {
     held: Held,
     /// Units handed to apply and not yet confirmed, with when they were handed over.
     pending: Held,
-    pending_since: VecDeque<(Duration, Held)>,
+    /// One entry per unit, `(handed over, origin, first, last)`: a `Held` per entry
+    /// would cost a map node each, and a node has ~10k units in flight at 800 nodes.
+    pending_since: VecDeque<(Duration, SiteId, i64, i64)>,
     /// Versions held only in the schema buffer: held (peers need not send them), but this
     /// node's feed lacks their changes, so an offer never names them beyond memory.
     buffered: Held,
@@ -618,11 +622,13 @@ impl Replicator {
     /// units and cached units.
     pub fn handle_timer(&mut self, now: Duration) {
         self.pulls.retain(|_, p| p.deadline > now);
-        while let Some((t, _)) = self.pending_since.front() {
+        while let Some((t, ..)) = self.pending_since.front() {
             if now.saturating_sub(*t) < self.config.pull_timeout {
                 break;
             }
-            if let Some((_, h)) = self.pending_since.pop_front() {
+            if let Some((_, origin, a, b)) = self.pending_since.pop_front() {
+                let mut h = Held::default();
+                h.insert(origin, a, b);
                 self.pending.remove(&h);
             }
         }
@@ -674,6 +680,14 @@ impl Replicator {
         let mut h = self.held.clone();
         h.union_with(&self.pending);
         h
+    }
+
+    /// What this node holds or is applying of one origin: `holding().of(origin)` without
+    /// copying every origin's ranges (this runs for every unit received).
+    fn holding_of(&self, origin: &SiteId) -> RangeSet {
+        let mut r = self.held.of(origin);
+        r.union_with(&self.pending.of(origin));
+        r
     }
 
     fn send_summary(&mut self, to: SocketAddr, reply: bool, urgent: bool, only: Option<SiteId>) {
@@ -750,9 +764,10 @@ impl Replicator {
         if self.reseeding {
             return; // set aside with the rest of this database at the re-seed
         }
+        let unit = Arc::new(unit);
         self.recent.insert(&unit, now);
         if self.vetted {
-            self.broadcast(unit, true);
+            self.broadcast(&unit, true);
         }
     }
 
@@ -785,7 +800,7 @@ impl Replicator {
     }
 
     /// Sends `unit` to this node's children in its origin's tree.
-    fn broadcast(&mut self, unit: OriginUnit, relay: bool) {
+    fn broadcast(&mut self, unit: &Arc<OriginUnit>, relay: bool) {
         let children = self.children(&unit.origin);
         for to in children {
             self.stats.units_sent += 1;
@@ -892,7 +907,7 @@ impl Replicator {
             Msg::Unit { unit, relay, .. } => self.on_unit(from, site, unit, relay, now),
             Msg::Repair { units, .. } => {
                 for unit in units {
-                    self.on_unit(from, site, unit, false, now);
+                    self.on_unit(from, site, Arc::new(unit), false, now);
                 }
             }
             Msg::Offer { have, more, .. } => self.on_offer(
@@ -941,7 +956,7 @@ impl Replicator {
             Msg::Heard { ages, .. } => self.heard.merge_wire(&ages, &self.site, now),
             Msg::Notify { origin, head, .. } => {
                 self.note_head(origin, head, now);
-                if origin != self.site && !self.holding().covers(&origin, 1, head) {
+                if origin != self.site && !self.holding_of(&origin).covers(1, head) {
                     let n = self.notified.entry(origin).or_insert(0);
                     *n = (*n).max(head);
                     self.start_pull(from, site, now);
@@ -957,13 +972,13 @@ impl Replicator {
                     peer_site: site,
                     work: Work::Chunk(chunk),
                 }));
-                let known = self.holding().to_wire(usize::MAX);
                 let Some(pull) = self.pulls.get_mut(&from) else {
                     return; // a late answer: applied (harmless), not continued
                 };
                 pull.deadline = now + self.config.pull_timeout;
                 pull.bytes += bytes;
                 if more {
+                    let known = self.holding().to_wire(usize::MAX);
                     self.effects.push_back(Effect::Send {
                         to: from,
                         msg: Msg::Pull {
@@ -986,7 +1001,7 @@ impl Replicator {
         &mut self,
         from: SocketAddr,
         site: SiteId,
-        unit: OriginUnit,
+        unit: Arc<OriginUnit>,
         relay: bool,
         now: Duration,
     ) {
@@ -994,8 +1009,8 @@ impl Replicator {
             return; // our own writes, back from a repair: we hold them
         }
         self.note_head(unit.origin, unit.to, now);
-        let holding = self.holding();
-        if holding.covers(&unit.origin, unit.from + 1, unit.to) {
+        let holding = self.holding_of(&unit.origin);
+        if holding.covers(unit.from + 1, unit.to) {
             tracing::trace!(peer = %from, relay, from = unit.from, to = unit.to, "sync: duplicate unit");
             self.stats.duplicates += 1;
             return;
@@ -1004,16 +1019,15 @@ impl Replicator {
         // stream), and asking about them would only have the same units sent again.
         let gap = relay
             && unit.from > 0
-            && !holding.contains(&unit.origin, unit.from)
+            && !holding.contains(unit.from)
             && !self.asked.contains_key(&unit.origin);
         if relay {
-            self.broadcast(unit.clone(), true);
+            self.broadcast(&unit, true);
         }
         self.recent.insert(&unit, now);
-        let mut h = Held::default();
-        h.insert(unit.origin, unit.from + 1, unit.to);
-        self.pending.union_with(&h);
-        self.pending_since.push_back((now, h));
+        self.pending.insert(unit.origin, unit.from + 1, unit.to);
+        self.pending_since
+            .push_back((now, unit.origin, unit.from + 1, unit.to));
         if gap {
             self.asked.insert(unit.origin, now);
             self.send_summary(from, false, true, Some(unit.origin));
@@ -1138,7 +1152,7 @@ impl Replicator {
                     break;
                 }
                 budget -= size;
-                units.push(u.clone());
+                units.push(OriginUnit::clone(u));
             }
             if !ranges.minus(&covered).is_empty() {
                 missing = true;
@@ -1497,7 +1511,7 @@ mod tests {
             &ident(5),
             Msg::Unit {
                 site: [5; 16],
-                unit: u.clone(),
+                unit: Arc::new(u.clone()),
                 relay: true,
             },
             Duration::ZERO,
@@ -1514,7 +1528,7 @@ mod tests {
             &ident(6),
             Msg::Unit {
                 site: [6; 16],
-                unit: u,
+                unit: Arc::new(u),
                 relay: true,
             },
             Duration::ZERO,
@@ -1537,7 +1551,7 @@ mod tests {
                 &ident(7),
                 Msg::Unit {
                     site: [7; 16],
-                    unit: u,
+                    unit: Arc::new(u),
                     relay: false,
                 },
                 t,
@@ -1558,7 +1572,7 @@ mod tests {
             &ident(2),
             Msg::Unit {
                 site: [2; 16],
-                unit: unit([7; 16], 2, 4),
+                unit: Arc::new(unit([7; 16], 2, 4)),
                 relay: true,
             },
             t,

@@ -5,7 +5,9 @@
 //! get new numbers and are optional, so nodes of adjacent versions still understand each
 //! other (minicbor skips unknown fields and defaults missing `Option`s).
 
-use minicbor::{Decode, Encode};
+use std::sync::Arc;
+
+use minicbor::{CborLen, Decode, Encode};
 
 use super::held::Held;
 
@@ -17,7 +19,7 @@ pub type SiteId = [u8; 16];
 /// TEXT travels as its exact bytes (a CBOR byte string), not as a CBOR text string:
 /// SQLite does not guarantee TEXT is UTF-8 (`CAST(X'FF00FE' AS TEXT)` by any app), and
 /// such a value must replicate byte-exact rather than stop the feed (issue 7, item 1).
-#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Encode, Decode, CborLen)]
 pub enum Value {
     #[n(0)]
     Null,
@@ -45,7 +47,7 @@ impl Value {
 
 /// One row of `crsql_changes`, exactly as read from the origin's feed. `db_version` and
 /// `seq` are the sender's local numbers; the receiver's extension assigns its own.
-#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Encode, Decode, CborLen)]
 pub struct Change {
     #[n(0)]
     pub table: String,
@@ -77,7 +79,7 @@ impl Change {
 }
 
 /// Versions of one origin, as inclusive ranges: one entry of a summary or of `known`.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, CborLen)]
 pub struct OriginRanges {
     #[cbor(n(0), with = "minicbor::bytes")]
     pub site: SiteId,
@@ -89,7 +91,7 @@ pub struct OriginRanges {
 /// one read of the origin's feed) and the changes among them still current at the
 /// origin when it was read. Versions of the range without a change were superseded
 /// before they were sent: a receiver that applies the unit holds the whole range.
-#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Encode, Decode, CborLen)]
 pub struct OriginUnit {
     #[cbor(n(0), with = "minicbor::bytes")]
     pub origin: SiteId,
@@ -124,7 +126,7 @@ impl OriginUnit {
 /// unit travels as a single chunk (`from == unit_from && to == unit_to`); a large one in
 /// several version-ranged chunks that the receiver buffers durably and applies atomically
 /// once they cover the whole unit.
-#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Encode, Decode, CborLen)]
 pub struct Chunk {
     #[n(0)]
     pub unit_from: i64,
@@ -158,7 +160,7 @@ impl Chunk {
 }
 
 /// "I last heard from `site` `age_ms` ago" (`Msg::Heard`; `sync::staleness`).
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, CborLen)]
 pub struct HeardAge {
     #[cbor(n(0), with = "minicbor::bytes")]
     pub site: SiteId,
@@ -168,7 +170,7 @@ pub struct HeardAge {
 
 /// Everything said on the sync channel. Every message names the sender's site id, so a
 /// receiver can refuse a peer that claims its own id (a copied database file).
-#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Encode, Decode, CborLen)]
 pub enum Msg {
     /// Broadcast of an origin's unit. `relay` is set on the broadcast tree (the receiver
     /// forwards it to its own children in the origin's tree); a repair is not relayed.
@@ -176,8 +178,10 @@ pub enum Msg {
     Unit {
         #[cbor(n(0), with = "minicbor::bytes")]
         site: SiteId,
-        #[n(1)]
-        unit: OriginUnit,
+        /// Shared: the relays to each child, the repair cache and the apply queue hold
+        /// one decoded unit.
+        #[cbor(n(1), with = "shared")]
+        unit: Arc<OriginUnit>,
         #[n(2)]
         relay: bool,
     },
@@ -322,6 +326,12 @@ impl Msg {
         }
     }
 
+    /// The length of [`Msg::encode`]'s bytes, computed without encoding (what the
+    /// simulation counts as bytes on the wire).
+    pub fn encoded_len(&self) -> usize {
+        minicbor::len(self)
+    }
+
     /// CBOR bytes of this message.
     pub fn encode(&self) -> Vec<u8> {
         // Encoding into a Vec cannot fail (the writer is infallible).
@@ -331,6 +341,34 @@ impl Msg {
     /// Parses CBOR bytes from a peer.
     pub fn decode(bytes: &[u8]) -> Result<Msg, minicbor::decode::Error> {
         minicbor::decode(bytes)
+    }
+}
+
+/// An `Arc<T>` travels as `T` itself: sharing is a matter of memory, not of the wire.
+mod shared {
+    use std::sync::Arc;
+
+    use minicbor::decode::{self, Decoder};
+    use minicbor::encode::{self, Encoder, Write};
+    use minicbor::{CborLen, Decode, Encode};
+
+    pub fn encode<Ctx, T: Encode<Ctx>, W: Write>(
+        v: &Arc<T>,
+        e: &mut Encoder<W>,
+        ctx: &mut Ctx,
+    ) -> Result<(), encode::Error<W::Error>> {
+        T::encode(v, e, ctx)
+    }
+
+    pub fn decode<'b, Ctx, T: Decode<'b, Ctx>>(
+        d: &mut Decoder<'b>,
+        ctx: &mut Ctx,
+    ) -> Result<Arc<T>, decode::Error> {
+        T::decode(d, ctx).map(Arc::new)
+    }
+
+    pub fn cbor_len<Ctx, T: CborLen<Ctx>>(v: &Arc<T>, ctx: &mut Ctx) -> usize {
+        T::cbor_len(v, ctx)
     }
 }
 
@@ -420,14 +458,14 @@ mod tests {
         let msgs = vec![
             Msg::Unit {
                 site: [3; 16],
-                unit: OriginUnit {
+                unit: Arc::new(OriginUnit {
                     origin: [7; 16],
                     from: 0,
                     to: 2,
                     committed_ms: 1_700_000_000_000,
                     changes: vec![change(1), change(2)],
                     schema: Some(0x1234_5678_9abc_def0),
-                },
+                }),
                 relay: true,
             },
             Msg::Summary {
@@ -483,6 +521,7 @@ mod tests {
         ];
         for m in msgs {
             let bytes = m.encode();
+            assert_eq!(m.encoded_len(), bytes.len(), "encoded_len of {m:?}");
             assert!(
                 matches!(
                     super::super::versions::decode(&bytes, u16::MAX),
@@ -502,6 +541,7 @@ mod tests {
         ];
         for v in vals {
             let bytes = minicbor::to_vec(&v).expect("encodes");
+            assert_eq!(minicbor::len(&v), bytes.len());
             assert_eq!(minicbor::decode::<Value>(&bytes).expect("decodes"), v);
         }
     }

@@ -7,6 +7,7 @@
 //! by a catch-up pull of the feed instead. Bounded by bytes and by age.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::held::RangeSet;
@@ -15,7 +16,8 @@ use super::msg::{OriginUnit, SiteId};
 /// One cached unit and when it arrived.
 #[derive(Clone, Debug)]
 struct Cached {
-    unit: OriginUnit,
+    /// Shared with the messages and apply jobs that carried it.
+    unit: Arc<OriginUnit>,
     at: Duration,
     bytes: usize,
 }
@@ -42,7 +44,7 @@ impl RecentUnits {
     }
 
     /// Keeps `unit` (received or written at `now`); a unit already kept is not kept twice.
-    pub fn insert(&mut self, unit: &OriginUnit, now: Duration) {
+    pub fn insert(&mut self, unit: &Arc<OriginUnit>, now: Duration) {
         let bytes = unit.approx_size();
         if bytes > self.max_bytes {
             return;
@@ -54,7 +56,7 @@ impl RecentUnits {
         units.insert(
             unit.to,
             Cached {
-                unit: unit.clone(),
+                unit: Arc::clone(unit),
                 at: now,
                 bytes,
             },
@@ -119,7 +121,7 @@ impl RecentUnits {
                     continue;
                 }
                 covered.insert(c.unit.from + 1, c.unit.to);
-                found.push(&c.unit);
+                found.push(&*c.unit);
             }
         }
         (found, covered, young)
@@ -135,15 +137,15 @@ impl RecentUnits {
 mod tests {
     use super::*;
 
-    fn unit(origin: u8, from: i64, to: i64) -> OriginUnit {
-        OriginUnit {
+    fn unit(origin: u8, from: i64, to: i64) -> Arc<OriginUnit> {
+        Arc::new(OriginUnit {
             origin: [origin; 16],
             from,
             to,
             committed_ms: 0,
             changes: vec![],
             schema: None,
-        }
+        })
     }
 
     #[test]

@@ -20,6 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -257,6 +258,8 @@ impl Store {
 /// A node: its durable store, its volatile machine and apply queue.
 struct Node {
     addr: SocketAddr,
+    /// What the simulated transport presents as this node's identity: its address.
+    identity: Rc<str>,
     region: usize,
     store: Store,
     sync: Replicator,
@@ -273,10 +276,22 @@ struct Node {
 }
 
 enum Event {
-    Deliver { to: usize, from: usize, msg: Msg },
-    Timer { node: usize },
-    Tail { node: usize },
-    Applied { node: usize },
+    /// `bytes`: the message's encoded length, computed once when it is sent.
+    Deliver {
+        to: usize,
+        from: usize,
+        msg: Msg,
+        bytes: usize,
+    },
+    Timer {
+        node: usize,
+    },
+    Tail {
+        node: usize,
+    },
+    Applied {
+        node: usize,
+    },
     RefreshPeers,
 }
 
@@ -375,6 +390,8 @@ struct Sim {
     /// Nodes at the start, and nodes that crashed at some point (latency figures).
     initial: usize,
     crashed: HashSet<usize>,
+    /// When the last membership refresh scheduled is due.
+    refresh_at: Option<Duration>,
 }
 
 fn site_of(i: usize) -> SiteId {
@@ -448,6 +465,7 @@ impl Sim {
             sample_every: 1,
             initial: n,
             crashed: HashSet::new(),
+            refresh_at: None,
         };
         for _ in 0..n {
             sim.join();
@@ -467,6 +485,7 @@ impl Sim {
         };
         self.nodes.push(Node {
             addr: addr_of(i),
+            identity: format!("address {}", addr_of(i)).into(),
             region: i % self.model.regions.max(1),
             sync: self.machine(&store, seed),
             store,
@@ -480,7 +499,7 @@ impl Sim {
         });
         self.group.push(0);
         self.schedule_timer(i);
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
         i
     }
 
@@ -515,7 +534,7 @@ impl Sim {
     /// `node` can neither send nor receive.
     fn isolate(&mut self, node: usize) {
         self.group[node] = u32::MAX - node as u32;
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     /// Splits the nodes into groups that cannot reach each other.
@@ -523,7 +542,7 @@ impl Sim {
         for i in 0..self.group.len() {
             self.group[i] = group_of(i);
         }
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     /// Heals partitions, isolations and cuts; stops drops and duplicates.
@@ -532,7 +551,7 @@ impl Sim {
         self.cuts.clear();
         self.drop_p = 0.0;
         self.dup_p = 0.0;
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     /// Stops `node`: its volatile state (machine, queues, messages to it) is lost.
@@ -544,7 +563,7 @@ impl Sim {
         n.apply_busy = false;
         n.timer_at = None;
         n.tail_scheduled = false;
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     /// Starts `node` again from its durable store.
@@ -556,7 +575,7 @@ impl Sim {
         n.up = true;
         n.shipped = n.store.own;
         self.schedule_timer(node);
-        self.schedule(self.model.detect, Event::RefreshPeers);
+        self.schedule_refresh();
     }
 
     // ---- the engine ------------------------------------------------------------------
@@ -565,6 +584,18 @@ impl Sim {
         self.seq += 1;
         self.queue.push(Reverse((self.now + after, self.seq)));
         self.events.insert(self.seq, ev);
+    }
+
+    /// Membership notices a change `detect` from now. Several changes at one instant
+    /// (the joins of a whole fleet) need one refresh: it reads the state when it runs,
+    /// and a second one at the same instant would find nothing to change.
+    fn schedule_refresh(&mut self) {
+        let at = self.now + self.model.detect;
+        if self.refresh_at == Some(at) {
+            return;
+        }
+        self.refresh_at = Some(at);
+        self.schedule(self.model.detect, Event::RefreshPeers);
     }
 
     fn schedule_timer(&mut self, i: usize) {
@@ -664,7 +695,12 @@ impl Sim {
 
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::RefreshPeers => self.refresh_peers(),
+            Event::RefreshPeers => {
+                if self.refresh_at == Some(self.now) {
+                    self.refresh_at = None;
+                }
+                self.refresh_peers()
+            }
             Event::Timer { node } => {
                 let n = &mut self.nodes[node];
                 if !n.up || n.timer_at != Some(self.now) {
@@ -694,7 +730,12 @@ impl Sim {
                 }
                 self.drain(node);
             }
-            Event::Deliver { to, from, msg } => {
+            Event::Deliver {
+                to,
+                from,
+                msg,
+                bytes,
+            } => {
                 if !self.nodes[to].up {
                     return;
                 }
@@ -708,11 +749,11 @@ impl Sim {
                     Msg::Changes { chunk, .. } => self.report.by_pull += chunk.changes.len() as u64,
                     _ => {}
                 }
-                self.report.bytes_received += msg.encode().len() as u64;
+                self.report.bytes_received += bytes as u64;
                 let now = self.now;
                 // The simulated transport is unauthenticated: identity is the address.
                 let from_addr = self.nodes[from].addr;
-                let identity = format!("address {from_addr}");
+                let identity = Rc::clone(&self.nodes[from].identity);
                 self.nodes[to]
                     .sync
                     .handle_message(from_addr, &identity, msg, now);
@@ -842,7 +883,8 @@ impl Sim {
         {
             return;
         }
-        let size = msg.encode().len();
+        // Exact (`Msg::encoded_len` is tested against `Msg::encode`), without encoding.
+        let size = msg.encoded_len();
         let copies = if self.rng.gen_bool(self.dup_p) { 2 } else { 1 };
         let rtt = self.rtt[self.nodes[from].region][self.nodes[to].region];
         // Serialization on the sender's link, then half a round trip, some jitter, and
@@ -851,7 +893,14 @@ impl Sim {
         let start = n.link_free.max(self.now);
         let tx = Duration::from_secs_f64(size as f64 / self.model.link_bytes_per_s);
         n.link_free = start + tx;
-        for _ in 0..copies {
+        let mut msg = Some(msg);
+        for copy in 0..copies {
+            let msg = if copy + 1 == copies {
+                msg.take()
+            } else {
+                msg.clone()
+            };
+            let Some(msg) = msg else { break };
             let mut delay = (start + tx - self.now) + Duration::from_micros(rtt * 500);
             delay += Duration::from_micros(self.rng.gen_range(0..=(rtt * 100).max(1)));
             if self.rng.gen_bool(self.model.retransmit_p) {
@@ -862,7 +911,8 @@ impl Sim {
                 Event::Deliver {
                     to,
                     from,
-                    msg: msg.clone(),
+                    msg,
+                    bytes: size,
                 },
             );
         }
