@@ -331,19 +331,18 @@ fn parse_duration_upto(s: &str, max_secs: f64, max_name: &str) -> Result<Duratio
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Dur {
-        N(f64),
-        S(String),
-    }
-    match Dur::deserialize(d)? {
-        Dur::N(n) => parse_duration(&n.to_string()).map_err(serde::de::Error::custom),
-        Dur::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
-    }
+    de_duration_with(d, parse_duration)
 }
 
 fn de_long_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    de_duration_with(d, parse_long_duration)
+}
+
+/// A duration given as a number of seconds or a string, checked by `parse`.
+fn de_duration_with<'de, D: Deserializer<'de>>(
+    d: D,
+    parse: fn(&str) -> Result<Duration, String>,
+) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Dur {
@@ -351,8 +350,8 @@ fn de_long_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Erro
         S(String),
     }
     match Dur::deserialize(d)? {
-        Dur::N(n) => parse_long_duration(&n.to_string()).map_err(serde::de::Error::custom),
-        Dur::S(s) => parse_long_duration(&s).map_err(serde::de::Error::custom),
+        Dur::N(n) => parse(&n.to_string()).map_err(serde::de::Error::custom),
+        Dur::S(s) => parse(&s).map_err(serde::de::Error::custom),
     }
 }
 

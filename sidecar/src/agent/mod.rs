@@ -526,11 +526,9 @@ async fn run_once(
     Ok(outcome)
 }
 
-/// "Address already in use", however the layer below wrapped it.
+/// "Address already in use".
 fn addr_in_use(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::AddrInUse
-        || e.raw_os_error() == Some(98)
-        || e.to_string().contains("Address already in use")
 }
 
 async fn wait_api(

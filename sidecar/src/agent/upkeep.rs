@@ -193,9 +193,9 @@ impl Upkeep {
             self.last_limits = limits.clone();
             self.last_collect_ms = wall;
         }
-        let seen: Vec<SiteId> = if persist {
+        let seen: Vec<(SiteId, i64)> = if persist {
             self.last_persisted_ms = wall;
-            self.seen.keys().copied().collect()
+            self.seen.iter().map(|(s, t)| (*s, *t)).collect()
         } else {
             Vec::new()
         };
@@ -205,7 +205,6 @@ impl Upkeep {
         if contact.is_some() {
             self.contact_persisted = true;
         }
-        let seen_at: HashMap<SiteId, i64> = self.seen.clone();
         if departed {
             self.seen.retain(|_, t| *t >= forget_before);
         }
@@ -217,15 +216,8 @@ impl Upkeep {
                 return;
             };
             if !seen.is_empty() {
-                // Each site with its own time: one statement per distinct time is plenty.
-                let mut by_time: HashMap<i64, Vec<SiteId>> = HashMap::new();
-                for s in seen {
-                    by_time.entry(seen_at[&s]).or_default().push(s);
-                }
-                for (t, sites) in by_time {
-                    if let Err(e) = retention::mark_seen(&mut conn, &sites, t) {
-                        tracing::warn!("cannot record when members were last seen: {e}");
-                    }
+                if let Err(e) = retention::mark_seen(&mut conn, &seen) {
+                    tracing::warn!("cannot record when members were last seen: {e}");
                 }
             }
             if let Some(t) = contact {

@@ -448,6 +448,51 @@ pub(crate) mod tests {
     use crate::config::Synchronous;
     use crate::sync::OriginUnit;
 
+    /// A real apply thread on a fresh database with one replicated table
+    /// `t(id INTEGER PRIMARY KEY, a TEXT)`; `None` when libpatina.so is not built.
+    pub(crate) struct ApplyFixture {
+        pub _dir: tempfile::TempDir,
+        /// A connection of the test's own to the same file.
+        pub setup: Connection,
+        pub tx: crossbeam_channel::Sender<ApplyJob>,
+        pub done: tokio::sync::mpsc::UnboundedReceiver<Applied>,
+        pub metrics: Arc<Metrics>,
+        pub stop: Arc<AtomicBool>,
+        pub thread: std::thread::JoinHandle<()>,
+    }
+
+    impl ApplyFixture {
+        pub(crate) fn start() -> Option<ApplyFixture> {
+            let ext = crate::db::extension_path(None).ok()?;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.db");
+            let setup = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
+            setup
+                .execute_batch(
+                    "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
+                     SELECT crsql_as_crr('t');",
+                )
+                .expect("schema");
+            bookkeeping::ensure(&setup).expect("bookkeeping");
+            let conn = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
+            let (tx, rx) = crossbeam_channel::bounded(4);
+            let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
+            let metrics = Arc::new(Metrics::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread =
+                spawn(conn, [1; 16], rx, done_tx, metrics.clone(), stop.clone()).expect("spawn");
+            Some(ApplyFixture {
+                _dir: dir,
+                setup,
+                tx,
+                done,
+                metrics,
+                stop,
+                thread,
+            })
+        }
+    }
+
     pub(crate) fn job(table: &str, v: i64) -> ApplyJob {
         ApplyJob {
             from: "127.0.0.1:9".parse().expect("addr"),
@@ -479,27 +524,19 @@ pub(crate) mod tests {
     /// byte-exact, as TEXT.
     #[test]
     fn failures_are_recorded_and_cleared_and_bad_utf8_is_stored_byte_exact() {
-        let Ok(ext) = crate::db::extension_path(None) else {
+        let Some(ApplyFixture {
+            _dir,
+            setup,
+            tx,
+            mut done,
+            metrics,
+            stop,
+            thread,
+        }) = ApplyFixture::start()
+        else {
             eprintln!("libpatina.so not built (cargo build -p patina): skipped");
             return;
         };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t.db");
-        let setup = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
-        setup
-            .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
-                 SELECT crsql_as_crr('t');",
-            )
-            .expect("schema");
-        bookkeeping::ensure(&setup).expect("bookkeeping");
-        let conn = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
-        let (tx, rx) = crossbeam_channel::bounded(4);
-        let (done_tx, mut done) = mpsc::unbounded_channel();
-        let metrics = Arc::new(Metrics::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread =
-            spawn(conn, [1; 16], rx, done_tx, metrics.clone(), stop.clone()).expect("spawn");
         // A clock outside 1..=2^62 is malformed: refused (a missing table is buffered
         // instead, `db::buffering`).
         let mut bad = job("t", 1);

@@ -449,14 +449,11 @@ fn try_drain(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
-    use tokio::sync::mpsc;
-
     use super::*;
-    use crate::config::Synchronous;
-    use crate::db::apply::{spawn, tests::job};
+    use crate::db::apply::tests::{job, ApplyFixture};
     use crate::sync::{Chunk, OriginRanges};
 
     /// The rule of `sync::schema` on the real apply thread: a unit naming a missing column
@@ -465,27 +462,19 @@ mod tests {
     /// meanwhile, and once the schema has them both are applied and leave the buffer.
     #[test]
     fn units_for_missing_tables_and_columns_wait_and_apply_once_the_schema_has_them() {
-        let Ok(ext) = crate::db::extension_path(None) else {
+        let Some(ApplyFixture {
+            _dir,
+            setup,
+            tx,
+            mut done,
+            metrics,
+            stop,
+            thread,
+        }) = ApplyFixture::start()
+        else {
             eprintln!("libpatina.so not built (cargo build -p patina): skipped");
             return;
         };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t.db");
-        let setup = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
-        setup
-            .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
-                 SELECT crsql_as_crr('t');",
-            )
-            .expect("schema");
-        bookkeeping::ensure(&setup).expect("bookkeeping");
-        let conn = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
-        let (tx, rx) = crossbeam_channel::bounded(4);
-        let (done_tx, mut done) = mpsc::unbounded_channel();
-        let metrics = Arc::new(Metrics::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread =
-            spawn(conn, [1; 16], rx, done_tx, metrics.clone(), stop.clone()).expect("spawn");
         let origin = [2u8; 16];
 
         // Version 1 writes column b, which this node lacks: kept, held, buffered.

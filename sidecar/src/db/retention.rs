@@ -144,16 +144,16 @@ pub fn raise_cl_floor(conn: &Connection, floor: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Records that `sites` were seen alive at `now_ms`.
-pub fn mark_seen(conn: &mut Connection, sites: &[SiteId], now_ms: i64) -> rusqlite::Result<()> {
+/// Records when each site was last seen alive (unix ms).
+pub fn mark_seen(conn: &mut Connection, seen: &[(SiteId, i64)]) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut up = tx.prepare_cached(
             "INSERT INTO patina_site_seen (site_id, last_seen) VALUES (?1, ?2) \
              ON CONFLICT (site_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
         )?;
-        for s in sites {
-            up.execute(params![s.as_slice(), now_ms])?;
+        for (s, t) in seen {
+            up.execute(params![s.as_slice(), t])?;
         }
     }
     tx.commit()
@@ -217,19 +217,12 @@ pub fn flag(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
 
 /// Records that this node must be re-seeded at its next start, and why.
 pub fn request_reseed(conn: &Connection, reason: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO patina_node_flags (key, value) VALUES ('reseed', ?1) \
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )?
-    .execute([reason])?;
-    Ok(())
+    set_flag(conn, "reseed", reason)
 }
 
 /// Why this node must be re-seeded, when it must.
 pub fn pending_reseed(conn: &Connection) -> rusqlite::Result<Option<String>> {
-    conn.prepare_cached("SELECT value FROM patina_node_flags WHERE key = 'reseed'")?
-        .query_row([], |r| r.get(0))
-        .optional()
+    flag(conn, "reseed")
 }
 
 /// Re-seeds this database: sets a copy aside (`<db>.before-reseed-<unix s>`), then, in one
