@@ -139,6 +139,137 @@ fn a_late_empty_node_catches_up() {
     assert_eq!(d.rows.len(), ids.len() + ids2.len() + 20);
 }
 
+/// What a node holds of every origin (`patina_origin_held`), canonical.
+fn held(node: &Node) -> Vec<(String, i64, i64)> {
+    node.conn()
+        .prepare("SELECT hex(site_id), start, \"end\" FROM patina_origin_held ORDER BY 1, 2")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .expect("read patina_origin_held")
+}
+
+fn wait_same_held(nodes: &[&Node]) {
+    wait_for(
+        "every node to hold the same versions",
+        Duration::from_secs(30),
+        || {
+            let all: Vec<_> = nodes.iter().map(|n| held(n)).collect();
+            all.windows(2).all(|w| w[0] == w[1])
+        },
+    );
+}
+
+/// A node that holds nothing copies one peer's snapshot — rows, clocks (deletes and a
+/// resurrection among them), what that peer held per origin — instead of merging its
+/// feed, and then replicates like any other: every replica identical, clocks and
+/// per-origin knowledge included, after new writes everywhere and after a restart.
+#[test]
+fn an_empty_node_is_seeded_from_a_snapshot_then_replicates_like_any_other() {
+    let mut nodes = cluster(3);
+    write_burst(&nodes[0], 100, 150, "a");
+    write_burst(&nodes[1], 10_000, 150, "b");
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, Duration::from_secs(60));
+    {
+        let c = nodes[2].conn();
+        c.execute("DELETE FROM items WHERE id BETWEEN 100 AND 139", [])
+            .expect("delete");
+        c.execute("DELETE FROM items WHERE id = 10000", [])
+            .expect("delete");
+        c.execute(
+            "INSERT INTO items (id, node, val) VALUES (10000, 'again', 1)",
+            [],
+        )
+        .expect("resurrect");
+    }
+    let out = python_writer(&nodes[2].db, 50_000, 40);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, Duration::from_secs(60));
+
+    let mut late = Node::new("late", &[nodes[1].gossip]);
+    late.start();
+    nodes.push(late);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let d = wait_converged(&refs, Duration::from_secs(60));
+    assert_eq!(
+        d.rows.len(),
+        150 - 40 + 150 + 40 + 20,
+        "every live row, none deleted"
+    );
+    // (The log is written by a background thread: it may lag a little.)
+    wait_for(
+        "the late node to log its seeding",
+        Duration::from_secs(10),
+        || nodes[3].log_text().contains("seeded from a snapshot"),
+    );
+    wait_same_held(&refs);
+
+    // Afterwards it writes, deletes and receives like any member.
+    write_burst(&nodes[3], 70_000, 40, "late");
+    write_burst(&nodes[0], 80_000, 40, "a2");
+    nodes[3]
+        .conn()
+        .execute("DELETE FROM items WHERE id BETWEEN 140 AND 149", [])
+        .expect("delete on the seeded node");
+    // (Rows 140..=149 came with the snapshot: the delete removes 10 rows.)
+    let d = wait_converged(&refs, Duration::from_secs(60));
+    assert_eq!(d.rows.len(), 150 - 50 + 150 + 40 + 20 + 80);
+    wait_same_held(&refs);
+    nodes[3].kill9();
+    write_burst(&nodes[1], 90_000, 20, "b2");
+    nodes[3].start();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, Duration::from_secs(60));
+    wait_same_held(&refs);
+}
+
+/// With snapshots off (and for a node that wrote before it first started: not empty),
+/// a late node catches up from feeds alone, to the same state.
+#[test]
+fn a_late_node_catches_up_from_feeds_when_it_cannot_be_seeded() {
+    let mut nodes = cluster(2);
+    write_burst(&nodes[0], 100, 200, "a");
+    write_burst(&nodes[1], 10_000, 200, "b");
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_converged(&refs, Duration::from_secs(60));
+    let mut off = Node::new("off", &[nodes[1].gossip]);
+    off.extra = vec!["--sync-seed-from-snapshot".into(), "false".into()];
+    off.start();
+    nodes.push(off);
+    // This one's app wrote before its node first started.
+    // (Started alone first, so that its tables and triggers exist.)
+    let mut wrote = Node::new("wrote", &[]);
+    wrote.start();
+    wrote.kill9();
+    let out = python_writer(&wrote.db, 60_000, 5);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wrote.bootstrap = vec![nodes[0].gossip];
+    wrote.start();
+    nodes.push(wrote);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let d = wait_converged(&refs, Duration::from_secs(60));
+    assert_eq!(d.rows.len(), 400 + 5 + 20);
+    wait_same_held(&refs);
+    for n in &nodes[2..] {
+        assert!(
+            !n.log_text().contains("seeded from a snapshot"),
+            "{} was not to be seeded",
+            n.name
+        );
+    }
+}
+
 #[test]
 fn a_large_transaction_replicates_atomically() {
     const ROWS: i64 = 50_000;

@@ -166,6 +166,10 @@ pub struct SyncSection {
     /// (its database is set aside first). When false it stops replicating and says
     /// which command to run.
     pub auto_reseed: bool,
+    /// A node that holds nothing yet (a new member, a re-seeded one) copies one peer's
+    /// snapshot of the replicated tables instead of merging its whole feed
+    /// (`sync::seed`). False: it catches up from feeds only.
+    pub seed_from_snapshot: bool,
 }
 
 impl Default for SyncSection {
@@ -174,6 +178,7 @@ impl Default for SyncSection {
             tombstone_retention: Duration::from_secs(72 * 3600),
             forget_after: Duration::from_secs(7 * 24 * 3600),
             auto_reseed: true,
+            seed_from_snapshot: true,
         }
     }
 }

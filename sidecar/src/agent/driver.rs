@@ -21,6 +21,7 @@ use crate::membership::Membership;
 use crate::net::{Channel, Incoming, Transport};
 use crate::node::NodeShared;
 use crate::staleness::{epoch_unix_ms, OriginRow, Report};
+use crate::sync::seed::SeedOutcome;
 use crate::sync::versions::{self, Decoded};
 use crate::sync::{Applied, ApplyJob, Effect, Msg, OriginUnit, Replicator};
 
@@ -53,6 +54,8 @@ pub struct Driver {
     pub upkeep: super::upkeep::Upkeep,
     /// The staleness table's writer (`db::staleness`): sent a report when it changed.
     pub staleness: crossbeam_channel::Sender<Vec<OriginRow>>,
+    /// Snapshots made for joiners (`snapshots.rs`).
+    pub snapshots: Arc<Mutex<super::snapshots::Snapshots>>,
 }
 
 impl Driver {
@@ -82,6 +85,9 @@ impl Driver {
                 Some(unit) = self.units.recv() => self.on_local_unit(unit),
                 Some(a) = self.applied.recv() => {
                     let now = self.now();
+                    if let Some(SeedOutcome::Installed { versions }) = &a.seed {
+                        self.on_seeded(*versions);
+                    }
                     self.sync.handle_applied(a, now);
                     for (took, bytes) in self.sync.take_finished_pulls() {
                         self.shared.metrics.observe_sync_round(took.as_secs_f64(), bytes as u64);
@@ -181,6 +187,26 @@ impl Driver {
             },
             now,
         );
+    }
+
+    /// A snapshot was installed: it counts as the versions it brought (what a feed would
+    /// have carried), and what it collected is advertised from now on.
+    fn on_seeded(&mut self, versions: u64) {
+        self.shared.metrics.sync_changes_received.inc_by(versions);
+        let loaded = match self.reader.lock() {
+            Ok(conn) => crate::db::retention::load_collected(&conn).and_then(|c| {
+                let floor: i64 =
+                    conn.query_row("SELECT cl_floor FROM patina_state WHERE id = 0", [], |r| {
+                        r.get(0)
+                    })?;
+                Ok((c, floor))
+            }),
+            Err(_) => return,
+        };
+        match loaded {
+            Ok((collected, floor)) => self.sync.set_collected(collected, floor),
+            Err(e) => tracing::warn!("cannot read what the snapshot collected: {e}"),
+        }
     }
 
     fn reload_held(&mut self) {
@@ -309,13 +335,46 @@ impl Driver {
                     unit,
                     exclude,
                     known,
+                    seed,
                 } => {
                     let tx = peer_sender(peers, &self.transport, to);
                     let reader = self.reader.clone();
                     let limits = self.limits;
                     let site = self.sync.site();
                     let metrics = self.shared.metrics.clone();
+                    let snapshots = self.snapshots.clone();
                     tokio::task::spawn_blocking(move || {
+                        if let Some(ask) = seed {
+                            let part = match snapshots.lock() {
+                                Ok(mut s) => s.part(ask, to),
+                                Err(_) => Err(crate::db::seed::SeedError::Refused(
+                                    "the snapshot store is unusable".into(),
+                                )),
+                            };
+                            match part {
+                                Ok(p) => {
+                                    let msg = Msg::Seed {
+                                        site,
+                                        id: p.id,
+                                        offset: p.offset,
+                                        total: p.total,
+                                        bytes: p.bytes,
+                                    };
+                                    let _ = tx.blocking_send(msg.encode());
+                                    return;
+                                }
+                                Err(e) if ask.offset == 0 => tracing::warn!(
+                                    peer = %to,
+                                    "cannot send a snapshot to joining peer {to} ({e}); \
+                                     sending it the feed instead"
+                                ),
+                                Err(e) => {
+                                    // Its pull times out and it catches up from feeds.
+                                    tracing::warn!(peer = %to, "cannot go on sending a snapshot to {to}: {e}");
+                                    return;
+                                }
+                            }
+                        }
                         let chunk = match reader.lock() {
                             Ok(mut conn) => {
                                 feed::serve_pull(&mut conn, after, unit, &exclude, &known, limits)

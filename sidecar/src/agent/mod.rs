@@ -5,8 +5,10 @@
 //! - `mod.rs`    — [`run`]: validate, open, apply schema, start everything, shut down.
 //! - `driver.rs` — the task that owns the sync state machine and performs its effects.
 //! - `upkeep.rs` — bounded metadata: tombstone collection, forgetting, re-seeding.
+//! - `snapshots.rs` — snapshots made for joiners, served part by part.
 
 mod driver;
+mod snapshots;
 mod upkeep;
 
 use std::future::Future;
@@ -294,6 +296,7 @@ async fn run_once(
         Default::default()
     });
     let version = feed::db_version(&setup).map_err(sql_err)?;
+    let holds_nothing = db::seed::holds_nothing(&setup).map_err(sql_err)?;
     drop(setup);
     tracing::info!(
         db = %path.display(),
@@ -461,6 +464,7 @@ async fn run_once(
         Duration::ZERO,
     );
     sync.set_bindings(bindings);
+    sync.set_seedable(config.sync.seed_from_snapshot && holds_nothing);
     sync.set_collected(collected, cl_floor);
     let (reseed_tx, mut reseed_rx) = watch::channel(false);
     let upkeep = upkeep::Upkeep::new(
@@ -486,6 +490,9 @@ async fn run_once(
         epoch,
         upkeep,
         staleness: staleness_tx,
+        snapshots: Arc::new(std::sync::Mutex::new(snapshots::Snapshots::new(
+            path.clone(),
+        ))),
     };
     let driver = tokio::spawn(driver.run(stop_rx));
     let mut outcome = Outcome::Stopped;

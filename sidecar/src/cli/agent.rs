@@ -109,6 +109,9 @@ pub fn build_config(args: &AgentArgs) -> anyhow::Result<Config> {
     if let Some(v) = args.sync_auto_reseed {
         c.sync.auto_reseed = v;
     }
+    if let Some(v) = args.sync_seed_from_snapshot {
+        c.sync.seed_from_snapshot = v;
+    }
     if let Some(v) = &args.log_level {
         c.log.level = v.clone();
     }

@@ -165,6 +165,9 @@ pub struct AgentArgs {
     /// sync.auto_reseed: re-seed on its own after being away too long (true or false).
     #[arg(long)]
     pub sync_auto_reseed: Option<bool>,
+    /// sync.seed_from_snapshot: a node holding nothing copies a peer's snapshot (true or false).
+    #[arg(long)]
+    pub sync_seed_from_snapshot: Option<bool>,
     /// log.level (RUST_LOG wins when set).
     #[arg(long)]
     pub log_level: Option<String>,

@@ -30,6 +30,7 @@ use super::buffer::{self, BufferError};
 use super::buffering::{buffer_job, drain_buffer, SchemaState};
 use super::inbox::{self, InboxError, InboxLimits};
 use crate::node::Metrics;
+use crate::sync::seed::SeedOutcome;
 use crate::sync::{
     describe_missing, held_after_unit, validate_chunk, validate_unit, Applied, ApplyJob, Change,
     Chunk, OriginRanges, RangeError, SiteId, Value, Work,
@@ -104,6 +105,19 @@ pub fn spawn(
                     }
                 }
                 metrics.apply_queue_depth.set(rx.len() as i64);
+                // Snapshot parts are written down, not merged (`seed_part`); the machine
+                // holds every other job back while a snapshot is on its way.
+                let (parts, batch): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|j| matches!(j.work, Work::SeedPart(_)));
+                for job in &parts {
+                    if let Some(a) = seed_part(&mut conn, &local, job, &metrics) {
+                        let _ = done.send(a);
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
                 let started = Instant::now();
                 let mut backoff = Duration::from_millis(50);
                 // A failed transaction (busy past the timeout, disk full) is retried with
@@ -149,7 +163,91 @@ fn job_changes(j: &ApplyJob) -> usize {
     match &j.work {
         Work::Unit(u) => u.changes.len(),
         Work::Chunk(c) => c.changes.len(),
+        Work::SeedPart(_) => 0,
     }
+}
+
+/// Where the joiner writes the snapshot it receives: beside the database.
+fn seed_file(conn: &Connection) -> Option<std::path::PathBuf> {
+    conn.path()
+        .filter(|p| !p.is_empty())
+        .map(|p| std::path::PathBuf::from(format!("{p}.seed-in")))
+}
+
+/// Writes a snapshot part down; the last one installs the snapshot (`db::seed`). Returns
+/// what the machine must learn when the attempt ended (installed or not).
+fn seed_part(
+    conn: &mut Connection,
+    local: &SiteId,
+    job: &ApplyJob,
+    metrics: &Metrics,
+) -> Option<Applied> {
+    use std::io::{Seek, SeekFrom, Write};
+    let Work::SeedPart(part) = &job.work else {
+        return None;
+    };
+    let failed = |why: String| {
+        Some(Applied {
+            seed: Some(SeedOutcome::Failed(why)),
+            ..Applied::default()
+        })
+    };
+    let Some(path) = seed_file(conn) else {
+        return failed("the database has no file to put a snapshot beside".into());
+    };
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
+        if part.offset == 0 {
+            f.set_len(0)?;
+        }
+        f.seek(SeekFrom::Start(part.offset))?;
+        f.write_all(&part.bytes)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&path);
+        return failed(format!("cannot write {}: {e}", path.display()));
+    }
+    if !part.is_last() {
+        return None;
+    }
+    let started = Instant::now();
+    let installed = super::seed::install(conn, &path, &job.peer_site, local);
+    let _ = std::fs::remove_file(&path);
+    let installed = match installed {
+        Ok(i) => i,
+        Err(e) => return failed(e.to_string()),
+    };
+    let held = match bookkeeping::load_held(conn) {
+        Ok(h) => h,
+        Err(e) => return failed(format!("installed, but cannot read what is held: {e}")),
+    };
+    tracing::info!(
+        peer = %job.from,
+        versions = installed.versions,
+        bytes = part.total,
+        ms = started.elapsed().as_millis() as u64,
+        "seeded from a snapshot of peer {}: {} versions, {} bytes",
+        job.from,
+        installed.versions,
+        part.total
+    );
+    metrics.changes_applied.inc_by(installed.versions);
+    Some(Applied {
+        cursors: vec![(job.peer_site, installed.cursor)],
+        held: held
+            .iter()
+            .filter(|(o, _)| *o != local)
+            .map(|(o, r)| (*o, r.clone()))
+            .collect(),
+        seed: Some(SeedOutcome::Installed {
+            versions: installed.versions,
+        }),
+        ..Applied::default()
+    })
 }
 
 /// What one job did, inside the batch.
@@ -296,6 +394,7 @@ fn describe(w: &Work) -> String {
             "changes ({}, {}] of unit ({}, {}]",
             c.from, c.to, c.unit_from, c.unit_to
         ),
+        Work::SeedPart(p) => format!("snapshot part at {} of {} bytes", p.offset, p.total),
     }
 }
 
@@ -317,6 +416,7 @@ fn apply_job(conn: &Connection, local: &SiteId, job: &ApplyJob) -> Result<JobOut
             return Ok(out);
         }
         Work::Chunk(c) => c,
+        Work::SeedPart(_) => return Ok(out), // handled before the batch (`seed_part`)
     };
     validate_chunk(c)?;
     let cursor = bookkeeping::cursor(conn, &job.peer_site)?;

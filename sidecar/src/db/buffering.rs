@@ -181,6 +181,7 @@ pub(super) fn buffer_job(
             return Ok(Some(Kept { outcome, missing }));
         }
         Work::Chunk(c) => c,
+        Work::SeedPart(_) => return Ok(None),
     };
     validate_chunk(c)?;
     if c.unit_to <= bookkeeping::cursor(conn, &job.peer_site)? {
@@ -501,7 +502,7 @@ mod tests {
         let peer = [3u8; 16];
         let first = |j: ApplyJob| match j.work {
             Work::Unit(u) => u.changes[0].clone(),
-            Work::Chunk(_) => unreachable!("job() builds units"),
+            Work::Chunk(_) | Work::SeedPart(_) => unreachable!("job() builds units"),
         };
         let mut change = first(job("u", 1));
         change.site_id = peer.to_vec();

@@ -13,6 +13,7 @@
 //! - `buffer`      — whole units naming tables or columns this node lacks yet, kept until it has them.
 //! - `buffering`   — the apply thread's side of it: keeping such a unit, applying it once allowed.
 //! - `schema`      — schema files: create, migrate (add columns), make replicated.
+//! - `seed`        — snapshots that seed a node holding nothing: made by a peer, installed.
 //! - `staleness`   — `patina_staleness`, the per-origin staleness table, and its writer.
 
 pub mod apply;
@@ -24,6 +25,7 @@ pub mod feed;
 pub mod inbox;
 pub mod retention;
 pub mod schema;
+pub mod seed;
 pub mod staleness;
 pub mod tail;
 pub mod touched;

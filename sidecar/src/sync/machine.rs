@@ -52,10 +52,11 @@ use rand::Rng;
 
 use super::held::{Held, RangeSet};
 use super::identity::{check_claim, Claim};
-use super::msg::{Chunk, Msg, OriginRanges, OriginUnit, SiteId};
+use super::msg::{Chunk, Msg, OriginRanges, OriginUnit, SeedAsk, SiteId};
 use super::ranges::RangeError;
 use super::ranges::{validate_chunk, validate_origin_ranges, validate_pull, validate_unit};
 use super::recent::RecentUnits;
+use super::seed::{SeedOutcome, SeedPart, SeedState, MAX_DEFERRED};
 use super::stability::{lacks_collected, prefixes, Prefixes, Stability};
 use super::staleness::{self, HeardLog, OriginStaleness};
 use super::versions::PeerVersions;
@@ -133,6 +134,8 @@ pub enum Work {
     Unit(Arc<OriginUnit>),
     /// A chunk of a catch-up pull of `peer_site`'s feed (buffered until its unit is whole).
     Chunk(Chunk),
+    /// A part of `peer_site`'s snapshot (`seed`): written down; the last one installs it.
+    SeedPart(SeedPart),
 }
 
 /// Work for the apply side, with where it came from.
@@ -155,6 +158,8 @@ pub struct Applied {
     /// When the batch changed it: every version held only in the schema buffer
     /// (`sync::schema`), received but not applied yet.
     pub buffered: Option<Held>,
+    /// What became of a snapshot whose last part was in the batch.
+    pub seed: Option<SeedOutcome>,
 }
 
 /// What the caller must do.
@@ -171,6 +176,9 @@ pub enum Effect {
         unit: Option<(i64, i64)>,
         exclude: SiteId,
         known: Held,
+        /// The requester holds nothing and asks for a snapshot instead (`seed`); served
+        /// as a plain pull when one cannot be made.
+        seed: Option<SeedAsk>,
     },
     /// Hand work to the apply side.
     Apply(ApplyJob),
@@ -287,6 +295,10 @@ pub struct Replicator {
     heard: HeardLog,
     /// The protocol version each peer speaks (`versions.rs`).
     versions: PeerVersions,
+    /// Seeding from a peer's snapshot (`seed.rs`).
+    seed: SeedState,
+    /// Apply jobs held back while a snapshot is fetched and installed.
+    deferred: Vec<ApplyJob>,
 }
 
 impl Replicator {
@@ -342,7 +354,25 @@ impl Replicator {
             diverged: HashSet::new(),
             heard: HeardLog::default(),
             versions,
+            seed: SeedState::Off,
+            deferred: Vec::new(),
         }
+    }
+
+    /// Called at start by a caller that found the database empty (no row in any
+    /// replicated table, nothing written here): the first catch-up pull asks for a
+    /// snapshot (`seed`). Ignored unless this node also holds nothing of other origins.
+    pub fn set_seedable(&mut self, empty: bool) {
+        self.seed = if empty && self.joining {
+            SeedState::Possible
+        } else {
+            SeedState::Off
+        };
+    }
+
+    /// Where this node stands with seeding.
+    pub fn seed_state(&self) -> &SeedState {
+        &self.seed
     }
 
     /// What this node has collected (`patina_collected`) and its `cl_floor`: loaded at
@@ -622,6 +652,16 @@ impl Replicator {
     /// units and cached units.
     pub fn handle_timer(&mut self, now: Duration) {
         self.pulls.retain(|_, p| p.deadline > now);
+        if let Some(peer) = self.seed.peer() {
+            if !self.pulls.contains_key(&peer) {
+                tracing::warn!(
+                    peer = %peer,
+                    "the snapshot from peer {peer} did not arrive in time; catching up from \
+                     peers' feeds instead"
+                );
+                self.end_seed();
+            }
+        }
         while let Some((t, ..)) = self.pending_since.front() {
             if now.saturating_sub(*t) < self.config.pull_timeout {
                 break;
@@ -737,6 +777,16 @@ impl Replicator {
         );
         self.stats.pulls_sent += 1;
         let known = self.holding().to_wire(usize::MAX);
+        let seed = if self.seed == SeedState::Possible {
+            self.seed = SeedState::Fetching {
+                from: to,
+                id: 0,
+                next: 0,
+            };
+            Some(SeedAsk { id: 0, offset: 0 })
+        } else {
+            None
+        };
         self.effects.push_back(Effect::Send {
             to,
             msg: Msg::Pull {
@@ -744,6 +794,7 @@ impl Replicator {
                 after,
                 unit: None,
                 known,
+                seed,
             },
         });
     }
@@ -939,11 +990,20 @@ impl Replicator {
                 if !urgent && self.config.track_stability {
                     self.stability.observe_summary(site, &theirs, &self.held);
                 }
+                if self.seed == SeedState::Possible && !theirs.minus(&self.holding()).is_empty() {
+                    // Holding nothing, and the peer holds something: its snapshot, now,
+                    // rather than a round trip for its offer.
+                    self.start_pull(from, site, now);
+                }
                 self.on_summary(from, &theirs, reply, urgent, now)
             }
             Msg::Behind { .. } => self.start_pull(from, site, now),
             Msg::Pull {
-                after, unit, known, ..
+                after,
+                unit,
+                known,
+                seed,
+                ..
             } => {
                 self.effects.push_back(Effect::Serve {
                     to: from,
@@ -951,8 +1011,27 @@ impl Replicator {
                     unit,
                     exclude: site,
                     known: Held::from_wire(&known),
+                    // A node that holds nothing itself has no snapshot worth sending.
+                    seed: seed.filter(|_| self.held.iter().any(|(_, r)| !r.is_empty())),
                 });
             }
+            Msg::Seed {
+                id,
+                offset,
+                total,
+                bytes,
+                ..
+            } => self.on_seed_part(
+                from,
+                site,
+                SeedPart {
+                    id,
+                    offset,
+                    total,
+                    bytes,
+                },
+                now,
+            ),
             Msg::Heard { ages, .. } => self.heard.merge_wire(&ages, &self.site, now),
             Msg::Notify { origin, head, .. } => {
                 self.note_head(origin, head, now);
@@ -963,15 +1042,21 @@ impl Replicator {
                 }
             }
             Msg::Changes { chunk, .. } => {
+                if matches!(self.seed, SeedState::Fetching { from: f, next: 0, .. } if f == from) {
+                    // The peer answered with its feed: it made no snapshot (or does not
+                    // know them). The pull goes on as a plain one.
+                    tracing::info!(peer = %from, "peer {from} sent its feed instead of a snapshot");
+                    self.end_seed();
+                }
                 let more = chunk.more();
                 let bytes: usize = chunk.changes.iter().map(|c| c.approx_size()).sum();
                 let next_after = chunk.to;
                 let unit = (chunk.unit_from, chunk.unit_to);
-                self.effects.push_back(Effect::Apply(ApplyJob {
+                self.apply(ApplyJob {
                     from,
                     peer_site: site,
                     work: Work::Chunk(chunk),
-                }));
+                });
                 let Some(pull) = self.pulls.get_mut(&from) else {
                     return; // a late answer: applied (harmless), not continued
                 };
@@ -986,6 +1071,7 @@ impl Replicator {
                             after: next_after,
                             unit: Some(unit),
                             known,
+                            seed: None,
                         },
                     });
                 } else {
@@ -1032,10 +1118,78 @@ impl Replicator {
             self.asked.insert(unit.origin, now);
             self.send_summary(from, false, true, Some(unit.origin));
         }
-        self.effects.push_back(Effect::Apply(ApplyJob {
+        self.apply(ApplyJob {
             from,
             peer_site: site,
             work: Work::Unit(unit),
+        });
+    }
+
+    /// Hands `job` to the apply side, or holds it back while a snapshot is on its way
+    /// (applied first, it would make this node non-empty and the snapshot refused).
+    fn apply(&mut self, job: ApplyJob) {
+        if !self.seed.in_progress() {
+            self.effects.push_back(Effect::Apply(job));
+            return;
+        }
+        if self.deferred.len() < MAX_DEFERRED {
+            self.deferred.push(job);
+            return;
+        }
+        // Too many: left to anti-entropy, no longer counted as on its way.
+        if let Work::Unit(u) = &job.work {
+            let mut h = Held::default();
+            h.insert(u.origin, u.from + 1, u.to);
+            self.pending.remove(&h);
+        }
+    }
+
+    /// Ends a snapshot attempt (installed, refused or abandoned): what was held back
+    /// goes to the apply side, after the snapshot.
+    fn end_seed(&mut self) {
+        self.seed = SeedState::Off;
+        for job in std::mem::take(&mut self.deferred) {
+            self.effects.push_back(Effect::Apply(job));
+        }
+    }
+
+    /// A part of the snapshot asked for: handed to the apply side in order, the next one
+    /// asked for, or — the last — installed.
+    fn on_seed_part(&mut self, from: SocketAddr, site: SiteId, part: SeedPart, now: Duration) {
+        let SeedState::Fetching { from: f, id, next } = self.seed.clone() else {
+            return;
+        };
+        let in_order = f == from && part.offset == next && (id == 0 || id == part.id);
+        let Some(pull) = self.pulls.get_mut(&from).filter(|_| in_order) else {
+            tracing::debug!(peer = %from, offset = part.offset, "ignoring a snapshot part not asked for");
+            return;
+        };
+        pull.deadline = now + self.config.pull_timeout;
+        pull.bytes += part.bytes.len();
+        let last = part.is_last();
+        let (id, next) = (part.id, part.offset + part.bytes.len() as u64);
+        if last {
+            // Installing a large snapshot may take longer than a pull answer.
+            pull.deadline = now + self.config.pull_timeout * 10;
+            pull.phase = Phase::Applying;
+            self.seed = SeedState::Installing { from };
+        } else {
+            self.seed = SeedState::Fetching { from, id, next };
+            self.effects.push_back(Effect::Send {
+                to: from,
+                msg: Msg::Pull {
+                    site: self.site,
+                    after: 0,
+                    unit: None,
+                    known: Vec::new(),
+                    seed: Some(SeedAsk { id, offset: next }),
+                },
+            });
+        }
+        self.effects.push_back(Effect::Apply(ApplyJob {
+            from,
+            peer_site: site,
+            work: Work::SeedPart(part),
         }));
     }
 
@@ -1118,9 +1272,20 @@ impl Replicator {
         more: &Held,
         now: Duration,
     ) {
+        if self.seed.in_progress() {
+            // The snapshot brings what the sender held; the summary after it asks for the rest.
+            return;
+        }
         self.expire_requested(now);
         let mut known = self.holding();
         known.union_with(&self.requested);
+        if self.seed == SeedState::Possible {
+            // Holding nothing: the sender's snapshot brings its memory and its feed alike.
+            if !have.minus(&known).is_empty() || !more.minus(&known).is_empty() {
+                self.start_pull(from, site, now);
+            }
+            return;
+        }
         let want = have.minus(&known);
         if !want.is_empty() {
             self.requested.union_with(&want);
@@ -1227,6 +1392,17 @@ impl Replicator {
     /// The apply side committed a batch.
     pub fn handle_applied(&mut self, applied: Applied, now: Duration) {
         self.pending.remove(&applied.released);
+        if let Some(outcome) = &applied.seed {
+            if let (SeedOutcome::Failed(why), Some(peer)) = (outcome, self.seed.peer()) {
+                tracing::warn!(
+                    peer = %peer,
+                    "the snapshot from peer {peer} was not installed ({why}); catching up \
+                     from peers' feeds instead"
+                );
+                self.pulls.remove(&peer);
+            }
+            self.end_seed();
+        }
         if let Some(b) = applied.buffered {
             self.buffered = b;
         }
@@ -1342,6 +1518,12 @@ fn validate_msg(msg: &Msg) -> Result<(), RangeError> {
             }
         }
         Msg::Behind { .. } => Ok(()),
+        Msg::Seed {
+            offset,
+            total,
+            bytes,
+            ..
+        } => super::seed::validate_part(*offset, bytes.len(), *total),
         Msg::Heard { ages, .. } => {
             if ages.len() > super::ranges::MAX_ORIGINS {
                 Err(RangeError::TooManyOrigins { count: ages.len() })
@@ -1564,6 +1746,7 @@ mod tests {
                 held: vec![([7; 16], RangeSet::from_ranges([(1, 4)]))],
                 released: Held::default(),
                 buffered: None,
+                seed: None,
             },
             Duration::ZERO,
         );
@@ -1646,6 +1829,7 @@ mod tests {
                 held: vec![([7; 16], RangeSet::from_ranges([(1, 40)]))],
                 released: Held::default(),
                 buffered: None,
+                seed: None,
             },
             Duration::ZERO,
         );
@@ -1806,6 +1990,7 @@ mod tests {
                 held: vec![([2; 16], RangeSet::from_ranges([(1, 9000)]))],
                 released: Held::default(),
                 buffered: None,
+                seed: None,
             },
             Duration::ZERO,
         );
@@ -1850,6 +2035,7 @@ mod tests {
         let mut s = machine(1);
         s.set_peers([(addr(2), [2; 16]), (addr(3), [2; 16])], Duration::ZERO);
         let pull = |site| Msg::Pull {
+            seed: None,
             site,
             after: 0,
             unit: None,

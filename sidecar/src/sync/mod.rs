@@ -18,6 +18,7 @@
 //! - `receive`  — the apply side's decisions (whole units, held ranges, cursors), pure:
 //!   the node's apply thread and the simulation both call it.
 //! - `ranges`   — the cursor rule and the rules every range from a peer must meet, pure.
+//! - `seed`     — seeding a node that holds nothing from one peer's snapshot, pure.
 //! - `stability` — which deletes may be forgotten (tombstone collection), pure.
 //! - `identity` — which peer identity may speak for a site id (bound once, durably).
 //! - `schema`   — replicated tables and columns as values: the fingerprint units carry and
@@ -35,6 +36,7 @@ mod ranges;
 mod receive;
 mod recent;
 mod schema;
+pub mod seed;
 #[cfg(test)]
 mod sim;
 pub mod stability;
@@ -49,7 +51,8 @@ pub use machine::{
     tree_children, Applied, ApplyJob, Effect, Replicator, SyncConfig, SyncStats, Work,
 };
 pub use msg::{
-    chunk_unit, known_covers, Change, Chunk, HeardAge, Msg, OriginRanges, OriginUnit, SiteId, Value,
+    chunk_unit, known_covers, Change, Chunk, HeardAge, Msg, OriginRanges, OriginUnit, SeedAsk,
+    SiteId, Value,
 };
 pub use ranges::{advance_cursor, advance_with_ranges, MAX_RANGES};
 pub use ranges::{

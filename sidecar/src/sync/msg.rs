@@ -168,6 +168,16 @@ pub struct HeardAge {
     pub age_ms: u64,
 }
 
+/// A snapshot request (`Msg::Pull::seed`): the snapshot `id` (0: make one) from byte
+/// `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode, CborLen)]
+pub struct SeedAsk {
+    #[n(0)]
+    pub id: u64,
+    #[n(1)]
+    pub offset: u64,
+}
+
 /// Everything said on the sync channel. Every message names the sender's site id, so a
 /// receiver can refuse a peer that claims its own id (a copied database file).
 #[derive(Clone, Debug, PartialEq, Encode, Decode, CborLen)]
@@ -228,6 +238,27 @@ pub enum Msg {
         unit: Option<(i64, i64)>,
         #[n(3)]
         known: Vec<OriginRanges>,
+        /// Set by a node that holds nothing yet (a joiner): "send me a snapshot of your
+        /// replicated tables instead, from this byte" (`sync::seed`). A responder that
+        /// cannot, or a release without snapshots (the field is skipped there), answers
+        /// the pull as usual.
+        #[n(4)]
+        seed: Option<SeedAsk>,
+    },
+    /// One part of a snapshot (`Pull::seed`): bytes `offset..offset + bytes.len()` of a
+    /// file of `total` bytes, which the requester installs when it has them all.
+    #[n(13)]
+    Seed {
+        #[cbor(n(0), with = "minicbor::bytes")]
+        site: SiteId,
+        #[n(1)]
+        id: u64,
+        #[n(2)]
+        offset: u64,
+        #[n(3)]
+        total: u64,
+        #[cbor(n(4), with = "minicbor::bytes")]
+        bytes: Vec<u8>,
     },
     /// The answer to a `Pull`: one chunk; `chunk.more()` asks for a continuation.
     #[n(4)]
@@ -303,7 +334,8 @@ impl Msg {
             | Msg::Offer { site, .. }
             | Msg::Want { site, .. }
             | Msg::Notify { site, .. }
-            | Msg::Heard { site, .. } => site,
+            | Msg::Heard { site, .. }
+            | Msg::Seed { site, .. } => site,
         }
     }
 
@@ -493,6 +525,24 @@ mod tests {
                 after: 17,
                 unit: Some((17, 99)),
                 known: known.clone(),
+                seed: None,
+            },
+            Msg::Pull {
+                site: [4; 16],
+                after: 0,
+                unit: None,
+                known: vec![],
+                seed: Some(SeedAsk {
+                    id: 7,
+                    offset: 1 << 22,
+                }),
+            },
+            Msg::Seed {
+                site: [4; 16],
+                id: 7,
+                offset: 1 << 22,
+                total: (1 << 22) + 3,
+                bytes: vec![1, 2, 3],
             },
             Msg::Changes {
                 site: [4; 16],
@@ -555,6 +605,7 @@ mod tests {
             after: 5,
             unit: None,
             known: vec![],
+            seed: None,
         }
         .encode();
         assert!(Msg::decode(&full[..full.len() - 3]).is_err());

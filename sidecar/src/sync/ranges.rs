@@ -66,6 +66,9 @@ pub enum RangeError {
     /// A range that is reversed, below 1 or beyond the clock bound.
     #[error("range [{start}, {end}] of origin {site} is reversed or out of bounds")]
     BadOriginRange { site: String, start: i64, end: i64 },
+    /// A snapshot part outside its file, or a file beyond `seed::MAX_SEED_BYTES`.
+    #[error("snapshot part of {len} bytes at {offset} lies outside its file of {total} bytes")]
+    BadSeedPart { offset: u64, len: usize, total: u64 },
     /// A pull continuation whose `after` lies outside the unit it names.
     #[error("pull after {after} lies outside its unit ({unit_from}, {unit_to}]")]
     PullOutsideUnit {

@@ -250,6 +250,8 @@ impl Store {
                     out.held.push((s, self.held.of(&s)));
                 }
             }
+            // Simulated nodes never ask for snapshots (`set_seedable` is not called).
+            Work::SeedPart(_) => {}
         }
         out
     }
@@ -792,6 +794,8 @@ impl Sim {
                     Some((site_index(&s), c.origin_version?))
                 })
                 .collect(),
+            // Simulated nodes never ask for snapshots (`set_seedable` is not called).
+            Work::SeedPart(_) => Vec::new(),
         };
         for key in versions {
             // Dissemination is measured to the nodes that were there when the write
@@ -817,6 +821,7 @@ impl Sim {
         let changes = match &job.work {
             Work::Unit(u) => u.changes.len(),
             Work::Chunk(c) => c.changes.len(),
+            Work::SeedPart(_) => 0,
         };
         n.apply_busy = true;
         let t = Duration::from_secs_f64((changes.max(1) as f64) / self.model.apply_per_s);
@@ -830,12 +835,14 @@ impl Sim {
                 // The simulated stores keep no tombstones: nothing is ever collected, so
                 // no floor is raised and no node is told to re-seed.
                 Effect::RaiseClFloor(_) | Effect::Reseed { .. } | Effect::Diverged { .. } => {}
+                // Simulated nodes never ask for snapshots: `seed` is always `None`.
                 Effect::Serve {
                     to,
                     after,
                     unit,
                     exclude,
                     known,
+                    seed: _,
                 } => {
                     let n = &self.nodes[i];
                     let held = unit.is_none().then(|| n.store.held.to_wire(usize::MAX));

@@ -21,7 +21,7 @@ pub const BASE_VERSION: u16 = 3;
 /// outside this list is one a later release added. A new kind needs its number here
 /// (`msg.rs`'s round-trip test checks) and, unless every accepted version has it, its
 /// version in [`Msg::since`].
-pub const KINDS: &[u32] = &[0, 1, 2, 3, 4, 5, 6, 7, 8, 12];
+pub const KINDS: &[u32] = &[0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 13];
 
 /// The version each peer speaks, as far as its frames told.
 #[derive(Clone, Debug)]
@@ -97,6 +97,7 @@ pub fn kind_name(msg: &Msg) -> &'static str {
         Msg::Want { .. } => "want",
         Msg::Notify { .. } => "notify",
         Msg::Heard { .. } => "heard",
+        Msg::Seed { .. } => "seed",
         #[allow(unreachable_patterns)]
         _ => "other",
     }

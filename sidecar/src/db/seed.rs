@@ -1,0 +1,406 @@
+//! Snapshots for seeding a node that holds nothing (`sync::seed`): made by the peer
+//! asked, installed by the joiner.
+//!
+//! A snapshot is a SQLite file holding, as of one read transaction, every replicated
+//! table's rows (`"data:<table>"`), its clock rows (`"clock:<table>"`, the extension's
+//! layout, site ordinals of the sender), the sender's `patina_sites`, what it holds per
+//! origin, what it collected, and its counters (`patina_seed_meta`). Tables the app keeps
+//! to itself are not in it. Columns are declared without types so no affinity touches a
+//! value on the way; the joiner's own tables apply theirs, as they did at the sender.
+//!
+//! Installing copies rows and clocks in one transaction with the extension's merge flag
+//! set (the capture triggers stay quiet), maps the sender's site ordinals to the joiner's,
+//! and records what the sender held, its `db_version` (so the joiner's feed continues the
+//! numbers of the clocks it copied) and the cursor into the sender's feed. It refuses —
+//! changing nothing — unless the joiner holds nothing: no row in any replicated table,
+//! no write of its own, nothing of any origin.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::sync::SiteId;
+
+/// The snapshot layout this build writes and reads.
+const FORMAT: i64 = 1;
+/// Name of the snapshot database while attached.
+const SCHEMA: &str = "patina_seed";
+/// Suffix of a clock table (`ext/src/schema.rs`).
+const CLOCK_SUFFIX: &str = "__patina_clock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("{0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("cannot write the snapshot file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The snapshot does not fit this database; nothing was changed.
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn refused(why: impl Into<String>) -> SeedError {
+    SeedError::Refused(why.into())
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Replicated tables of `main`: those with a clock table beside them.
+fn replicated_tables(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut s =
+        conn.prepare("SELECT name FROM main.sqlite_schema WHERE type = 'table' ORDER BY name")?;
+    let names: Vec<String> = s
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(names
+        .iter()
+        .filter_map(|n| n.strip_suffix(CLOCK_SUFFIX))
+        .filter(|base| names.iter().any(|n| n == base))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Columns of `table` in `schema`, in order (generated columns left out: they are
+/// computed, not stored).
+fn columns(conn: &Connection, schema: &str, table: &str) -> rusqlite::Result<Vec<String>> {
+    let mut s = conn.prepare("SELECT name FROM pragma_table_info(?1, ?2) ORDER BY cid")?;
+    let rows = s.query_map(params![table, schema], |r| r.get::<_, String>(0))?;
+    rows.collect()
+}
+
+/// Key columns of `table` in `main`.
+fn key_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let mut s = conn.prepare("SELECT name FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk")?;
+    let rows = s.query_map(params![table], |r| r.get::<_, String>(0))?;
+    rows.collect()
+}
+
+/// Writes a snapshot of the database at `db` to `out` (replaced if it exists), as of one
+/// read transaction; returns its size in bytes. Uses a connection of its own: it never
+/// holds the node's feed reader, and never blocks a writer (WAL).
+pub fn export(db: &Path, out: &Path) -> Result<u64, SeedError> {
+    let io = |source| SeedError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let conn = Connection::open(db)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute("ATTACH ?1 AS patina_seed", params![out.to_string_lossy()])?;
+    let made = write_snapshot(&conn);
+    let _ = conn.execute_batch("DETACH patina_seed");
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(out);
+        return Err(e);
+    }
+    Ok(std::fs::metadata(out).map_err(io)?.len())
+}
+
+fn write_snapshot(conn: &Connection) -> Result<(), SeedError> {
+    conn.execute_batch(
+        "PRAGMA patina_seed.journal_mode = OFF; PRAGMA patina_seed.synchronous = OFF;",
+    )?;
+    // One read transaction over main: every table as of the same instant.
+    conn.execute_batch("BEGIN")?;
+    let r = copy_out(conn);
+    match r {
+        Ok(()) => conn.execute_batch("COMMIT")?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn copy_out(conn: &Connection) -> Result<(), SeedError> {
+    conn.execute_batch(&format!(
+        "CREATE TABLE {SCHEMA}.patina_seed_meta (format, site_id, db_version, origin_version, \
+                                                 cl_floor, layout);
+         INSERT INTO {SCHEMA}.patina_seed_meta
+             SELECT {FORMAT}, site_id, db_version, origin_version, cl_floor, layout
+             FROM main.patina_state WHERE id = 0;
+         CREATE TABLE {SCHEMA}.patina_seed_tables (name);
+         CREATE TABLE {SCHEMA}.patina_seed_sites (ord, site_id);
+         INSERT INTO {SCHEMA}.patina_seed_sites SELECT ord, site_id FROM main.patina_sites;
+         CREATE TABLE {SCHEMA}.patina_seed_ranges (site_id, start, \"end\");
+         INSERT INTO {SCHEMA}.patina_seed_ranges
+             SELECT site_id, start, \"end\" FROM main.patina_origin_ranges;
+         CREATE TABLE {SCHEMA}.patina_seed_collected (site_id, upto);"
+    ))?;
+    let has_collected: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = 'patina_collected'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if has_collected.is_some() {
+        conn.execute_batch(&format!(
+            "INSERT INTO {SCHEMA}.patina_seed_collected SELECT site_id, upto FROM main.patina_collected"
+        ))?;
+    }
+    if conn.query_row(
+        &format!("SELECT count(*) FROM {SCHEMA}.patina_seed_meta"),
+        [],
+        |r| r.get::<_, i64>(0),
+    )? != 1
+    {
+        return Err(refused("this database has no patina state"));
+    }
+    for table in replicated_tables(conn)? {
+        let clock = format!("{table}{CLOCK_SUFFIX}");
+        for (kind, source) in [("data", &table), ("clock", &clock)] {
+            let cols = columns(conn, "main", source)?;
+            if cols.is_empty() {
+                return Err(refused(format!("table {source} has no columns")));
+            }
+            let list = cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+            let copy = quote(&format!("{kind}:{table}"));
+            conn.execute_batch(&format!(
+                "CREATE TABLE {SCHEMA}.{copy} ({list});
+                 INSERT INTO {SCHEMA}.{copy} SELECT {list} FROM main.{src};",
+                src = quote(source)
+            ))?;
+        }
+        conn.execute(
+            &format!("INSERT INTO {SCHEMA}.patina_seed_tables (name) VALUES (?1)"),
+            params![table],
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether this database holds nothing a snapshot could clash with: no write of its own,
+/// nothing of any other origin, no row in any replicated table. Checked again inside the
+/// install's transaction.
+pub fn holds_nothing(conn: &Connection) -> rusqlite::Result<bool> {
+    let (own, held): (i64, i64) = conn.query_row(
+        "SELECT (SELECT origin_version FROM main.patina_state WHERE id = 0), \
+                (SELECT count(*) FROM main.patina_origin_ranges)",
+        [],
+        |r| Ok((r.get::<_, Option<i64>>(0)?.unwrap_or(0), r.get(1)?)),
+    )?;
+    if own > 0 || held > 0 {
+        return Ok(false);
+    }
+    for table in replicated_tables(conn)? {
+        let any: Option<i64> = conn
+            .query_row(
+                &format!("SELECT 1 FROM main.{} LIMIT 1", quote(&table)),
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if any.is_some() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// What an install did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Versions of every origin now held (what the snapshot stands for in changes).
+    pub versions: u64,
+    /// The cursor now stored for the sender's feed (its `db_version` at the snapshot).
+    pub cursor: i64,
+}
+
+/// Installs the snapshot at `file`, sent by `sender`, into `conn` (the node's apply
+/// connection, extension loaded), whose own site is `local`. All or nothing.
+pub fn install(
+    conn: &mut Connection,
+    file: &Path,
+    sender: &SiteId,
+    local: &SiteId,
+) -> Result<Installed, SeedError> {
+    conn.execute("ATTACH ?1 AS patina_seed", params![file.to_string_lossy()])?;
+    let r = (|| {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let done = copy_in(&tx, sender, local)?;
+        tx.commit()?;
+        Ok(done)
+    })();
+    let _ = conn.execute_batch("DETACH patina_seed");
+    r
+}
+
+fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Installed, SeedError> {
+    let meta = conn
+        .query_row(
+            &format!(
+                "SELECT format, site_id, db_version, origin_version, cl_floor, layout \
+                 FROM {SCHEMA}.patina_seed_meta"
+            ),
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            },
+        )
+        .optional()?
+        .ok_or_else(|| refused("the snapshot has no header"))?;
+    let (format, site, db_version, origin_version, cl_floor, layout) = meta;
+    if format != FORMAT {
+        return Err(refused(format!(
+            "snapshot format {format}; this build reads {FORMAT}"
+        )));
+    }
+    if site.as_slice() != sender.as_slice() {
+        return Err(refused("the snapshot is not of the peer that sent it"));
+    }
+    let (own, ours_layout): (i64, i64) = conn.query_row(
+        "SELECT origin_version, layout FROM main.patina_state WHERE id = 0",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if layout != ours_layout {
+        return Err(refused(format!(
+            "the snapshot's clocks are of layout {layout}, this database's of {ours_layout}"
+        )));
+    }
+    if own > 0 {
+        return Err(refused("this node has written changes of its own"));
+    }
+    let held: i64 = conn.query_row("SELECT count(*) FROM main.patina_origin_ranges", [], |r| {
+        r.get(0)
+    })?;
+    if held > 0 {
+        return Err(refused("this node already holds changes of other nodes"));
+    }
+    let knows_us: Option<i64> = conn
+        .query_row(
+            &format!("SELECT 1 FROM {SCHEMA}.patina_seed_sites WHERE site_id = ?1"),
+            params![local.as_slice()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if knows_us.is_some() {
+        return Err(refused(
+            "the snapshot holds changes credited to this node's own site id",
+        ));
+    }
+    let ours = replicated_tables(conn)?;
+    for table in &ours {
+        let any: Option<i64> = conn
+            .query_row(
+                &format!("SELECT 1 FROM main.{} LIMIT 1", quote(table)),
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if any.is_some() {
+            return Err(refused(format!("table {table} is not empty here")));
+        }
+    }
+    let theirs: Vec<String> = conn
+        .prepare(&format!("SELECT name FROM {SCHEMA}.patina_seed_tables"))?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    conn.execute("UPDATE main.patina_state SET merging = 1 WHERE id = 0", [])?;
+    conn.execute_batch(&format!(
+        "INSERT INTO main.patina_sites (site_id)
+             SELECT site_id FROM {SCHEMA}.patina_seed_sites WHERE true
+             ON CONFLICT (site_id) DO NOTHING;
+         DROP TABLE IF EXISTS temp.patina_seed_ords;
+         CREATE TEMP TABLE patina_seed_ords (old INTEGER PRIMARY KEY, new INTEGER NOT NULL);
+         INSERT INTO temp.patina_seed_ords
+             SELECT s.ord, m.ord FROM {SCHEMA}.patina_seed_sites s
+             JOIN main.patina_sites m ON m.site_id = s.site_id;"
+    ))?;
+    for table in &theirs {
+        if !ours.contains(table) {
+            return Err(refused(format!(
+                "the sender replicates table {table}, which this node does not have (yet)"
+            )));
+        }
+        let clock = format!("{table}{CLOCK_SUFFIX}");
+        let keys = key_columns(conn, table)?;
+        for (kind, target) in [("data", table), ("clock", &clock)] {
+            let copy = format!("{kind}:{table}");
+            let here = columns(conn, "main", target)?;
+            let there = columns(conn, SCHEMA, &copy)?;
+            if here != there {
+                return Err(refused(format!(
+                    "table {target} has columns ({}) here and ({}) at the sender",
+                    here.join(", "),
+                    there.join(", ")
+                )));
+            }
+            let list = here.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+            // Clock columns naming a site hold the sender's ordinals: mapped to ours.
+            let select = here
+                .iter()
+                .map(|c| {
+                    let site_column = kind == "clock"
+                        && !keys.contains(c)
+                        && (c == "__patina_s_site" || c.ends_with("__patina_site"));
+                    if site_column {
+                        format!(
+                            "(SELECT new FROM temp.patina_seed_ords WHERE old = {q})",
+                            q = quote(c)
+                        )
+                    } else {
+                        quote(c)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            conn.execute_batch(&format!(
+                "INSERT INTO main.{t} ({list}) SELECT {select} FROM {SCHEMA}.{c};",
+                t = quote(target),
+                c = quote(&copy)
+            ))?;
+        }
+    }
+    conn.execute_batch(&format!(
+        "INSERT INTO main.patina_origin_ranges (site_id, start, \"end\")
+             SELECT site_id, start, \"end\" FROM {SCHEMA}.patina_seed_ranges;
+         INSERT INTO main.patina_collected (site_id, upto)
+             SELECT site_id, upto FROM {SCHEMA}.patina_seed_collected WHERE true
+             ON CONFLICT (site_id) DO UPDATE SET upto = max(upto, excluded.upto);
+         DROP TABLE temp.patina_seed_ords;"
+    ))?;
+    if origin_version > 0 {
+        conn.execute(
+            "INSERT INTO main.patina_origin_ranges (site_id, start, \"end\") VALUES (?1, 1, ?2)",
+            params![sender.as_slice(), origin_version],
+        )?;
+    }
+    conn.execute(
+        "UPDATE main.patina_state SET db_version = max(db_version, ?1), \
+         cl_floor = max(cl_floor, ?2), merging = 0 WHERE id = 0",
+        params![db_version, cl_floor],
+    )?;
+    conn.execute(
+        "INSERT INTO patina_sync_cursors (peer_site, after) VALUES (?1, ?2) \
+         ON CONFLICT (peer_site) DO UPDATE SET after = max(after, excluded.after)",
+        params![sender.as_slice(), db_version],
+    )?;
+    let versions: i64 = conn.query_row(
+        "SELECT coalesce(sum(\"end\" - start + 1), 0) FROM main.patina_origin_ranges",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(Installed {
+        versions: u64::try_from(versions).unwrap_or(0),
+        cursor: db_version,
+    })
+}
