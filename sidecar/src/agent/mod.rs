@@ -492,6 +492,7 @@ async fn run_once(
         staleness: staleness_tx,
         snapshots: Arc::new(std::sync::Mutex::new(snapshots::Snapshots::new(
             path.clone(),
+            limits.max_bytes,
         ))),
     };
     let driver = tokio::spawn(driver.run(stop_rx));

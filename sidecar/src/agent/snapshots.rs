@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::db::seed::{export, SeedError};
-use crate::sync::seed::PART_BYTES;
 use crate::sync::SeedAsk;
 
 /// A snapshot no part was asked of for this long is deleted.
@@ -33,13 +32,17 @@ pub struct Part {
 
 pub struct Snapshots {
     db: PathBuf,
+    /// Bytes per part: the node's chunk size (a quarter of its frame limit, at most
+    /// `sync::seed::PART_BYTES`).
+    part_bytes: usize,
     made: HashMap<u64, Made>,
 }
 
 impl Snapshots {
-    pub fn new(db: PathBuf) -> Snapshots {
+    pub fn new(db: PathBuf, part_bytes: usize) -> Snapshots {
         Snapshots {
             db,
+            part_bytes: part_bytes.clamp(1, crate::sync::seed::PART_BYTES),
             made: HashMap::new(),
         }
     }
@@ -95,7 +98,7 @@ impl Snapshots {
                 ask.offset, made.total
             )));
         }
-        let len = (made.total - ask.offset).min(PART_BYTES as u64) as usize;
+        let len = (made.total - ask.offset).min(self.part_bytes as u64) as usize;
         let mut bytes = vec![0; len];
         let mut f = std::fs::File::open(&made.path).map_err(io)?;
         f.seek(SeekFrom::Start(ask.offset)).map_err(io)?;

@@ -236,7 +236,60 @@ pub fn install(
     r
 }
 
+/// The largest clock value or version a snapshot may carry (the bound every merge
+/// enforces, `ext/src/merge.rs` `MAX_CLOCK`).
+const MAX_CLOCK: i64 = 1 << 62;
+
+/// A snapshot is a file from a peer: before anything is read from it, it must be a sound
+/// SQLite file holding plain tables only (no view or trigger whose SQL would run here).
+fn check_file(conn: &Connection) -> Result<(), SeedError> {
+    let check: String =
+        conn.query_row(&format!("PRAGMA {SCHEMA}.quick_check(1)"), [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(refused(format!("the snapshot file is damaged: {check}")));
+    }
+    let other: i64 = conn.query_row(
+        &format!(
+            "SELECT count(*) FROM {SCHEMA}.sqlite_schema WHERE type NOT IN ('table', 'index')"
+        ),
+        [],
+        |r| r.get(0),
+    )?;
+    if other > 0 {
+        return Err(refused("the snapshot holds views or triggers"));
+    }
+    Ok(())
+}
+
+/// Every clock column of a copied clock table, and every range, within bounds.
+fn check_bounds(conn: &Connection, copy: &str, clock_cols: &[String]) -> Result<(), SeedError> {
+    for c in clock_cols
+        .iter()
+        .filter(|c| c.starts_with("__patina") || c.contains("__patina_"))
+    {
+        let bad: Option<i64> = conn
+            .query_row(
+                &format!(
+                    "SELECT 1 FROM {SCHEMA}.{t} WHERE {c} IS NOT NULL AND \
+                     (typeof({c}) <> 'integer' OR {c} < 0 OR {c} > {MAX_CLOCK}) LIMIT 1",
+                    t = quote(copy),
+                    c = quote(c)
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if bad.is_some() {
+            return Err(refused(format!(
+                "clock column {c} of the snapshot holds a value out of bounds"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Installed, SeedError> {
+    check_file(conn)?;
     let meta = conn
         .query_row(
             &format!(
@@ -265,6 +318,33 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
     }
     if site.as_slice() != sender.as_slice() {
         return Err(refused("the snapshot is not of the peer that sent it"));
+    }
+    let bounded = |v: i64| (0..=MAX_CLOCK).contains(&v);
+    if !(bounded(db_version) && bounded(origin_version) && bounded(cl_floor)) {
+        return Err(refused("the snapshot's counters are out of bounds"));
+    }
+    let bad_ranges: i64 = conn.query_row(
+        &format!(
+            "SELECT count(*) FROM {SCHEMA}.patina_seed_ranges WHERE typeof(site_id) <> 'blob' \
+             OR length(site_id) <> 16 OR typeof(start) <> 'integer' OR typeof(\"end\") <> 'integer' \
+             OR start < 1 OR \"end\" < start OR \"end\" > {MAX_CLOCK}"
+        ),
+        [],
+        |r| r.get(0),
+    )?;
+    if bad_ranges > 0 {
+        return Err(refused("the snapshot names versions out of bounds"));
+    }
+    let bad_sites: i64 = conn.query_row(
+        &format!(
+            "SELECT count(*) FROM {SCHEMA}.patina_seed_sites WHERE typeof(ord) <> 'integer' \
+             OR typeof(site_id) <> 'blob' OR length(site_id) <> 16"
+        ),
+        [],
+        |r| r.get(0),
+    )?;
+    if bad_sites > 0 {
+        return Err(refused("the snapshot names malformed site ids"));
     }
     let (own, ours_layout): (i64, i64) = conn.query_row(
         "SELECT origin_version, layout FROM main.patina_state WHERE id = 0",
@@ -344,6 +424,9 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
                     there.join(", ")
                 )));
             }
+            if kind == "clock" {
+                check_bounds(conn, &copy, &here)?;
+            }
             let list = here.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
             // Clock columns naming a site hold the sender's ordinals: mapped to ours.
             let select = here
@@ -403,4 +486,233 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
         versions: u64::try_from(versions).unwrap_or(0),
         cursor: db_version,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::db::bookkeeping;
+
+    const SCHEMA_SQL: &str = "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b);
+                              CREATE TABLE k (x TEXT NOT NULL, y INTEGER NOT NULL, PRIMARY KEY (x, y));
+                              SELECT crsql_as_crr('t'); SELECT crsql_as_crr('k');";
+
+    /// A node's database with the extension loaded and the tables above; `None` when
+    /// libpatina.so is not built.
+    fn node(dir: &Path, name: &str, schema: &str) -> Option<(Connection, PathBuf)> {
+        let ext = crate::db::extension_path(None).ok()?;
+        let path = dir.join(name);
+        let conn = crate::db::open(&path, &ext, Synchronous::Normal).expect("open");
+        conn.execute_batch(schema).expect("schema");
+        bookkeeping::ensure(&conn).expect("bookkeeping");
+        Some((conn, path))
+    }
+
+    fn site(conn: &Connection) -> SiteId {
+        let v: Vec<u8> = conn
+            .query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+            .expect("site id");
+        SiteId::try_from(v.as_slice()).expect("16 bytes")
+    }
+
+    /// Rows, clocks as the feed shows them, and what is held per origin.
+    fn state(conn: &Connection) -> Vec<String> {
+        let mut out = Vec::new();
+        for sql in [
+            "SELECT id || '|' || quote(a) || '|' || quote(b) FROM t ORDER BY id",
+            "SELECT x || '|' || y FROM k ORDER BY x, y",
+            "SELECT \"table\" || '|' || hex(pk) || '|' || cid || '|' || quote(val) || '|' || \
+             col_version || '|' || cl || '|' || hex(site_id) FROM crsql_changes ORDER BY 1",
+            "SELECT hex(site_id) || '|' || start || '|' || \"end\" FROM patina_origin_held \
+             ORDER BY 1",
+        ] {
+            let mut s = conn.prepare(sql).expect("prepare");
+            let rows = s.query_map([], |r| r.get::<_, String>(0)).expect("query");
+            out.extend(rows.map(|r| r.expect("row")));
+            out.push("--".into());
+        }
+        out
+    }
+
+    /// Merges every change of `from` into `into` (cr-sqlite's way: plain inserts).
+    fn merge_all(from: &Connection, into: &Connection) {
+        let mut s = from
+            .prepare(
+                "SELECT \"table\", pk, cid, val, col_version, db_version, site_id, cl, seq, \
+                 origin_version FROM crsql_changes",
+            )
+            .expect("read feed");
+        let rows: Vec<Vec<rusqlite::types::Value>> = s
+            .query_map([], |r| (0..10).map(|i| r.get(i)).collect())
+            .expect("query")
+            .map(|r| r.expect("row"))
+            .collect();
+        for row in rows {
+            into.execute(
+                "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, \
+                 site_id, cl, seq, origin_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                rusqlite::params_from_iter(row),
+            )
+            .expect("merge");
+        }
+    }
+
+    /// A sender holding its own writes (insert, update, delete, resurrection) and another
+    /// origin's, merged.
+    fn sender(dir: &Path) -> Option<(Connection, PathBuf)> {
+        let (other, _) = node(dir, "other.db", SCHEMA_SQL)?;
+        other
+            .execute_batch(
+                "INSERT INTO t VALUES (100, 'other', 1); INSERT INTO k VALUES ('o', 1);
+                 UPDATE t SET b = 2 WHERE id = 100;",
+            )
+            .expect("other writes");
+        let (s, path) = node(dir, "sender.db", SCHEMA_SQL)?;
+        s.execute_batch(
+            "INSERT INTO t VALUES (1, 'a', NULL), (2, 'b', X'00FF'), (3, 'c', 3.5);
+             UPDATE t SET a = 'A' WHERE id = 1;
+             DELETE FROM t WHERE id = 2;
+             DELETE FROM t WHERE id = 3; INSERT INTO t VALUES (3, 'again', NULL);
+             INSERT INTO k VALUES ('s', 1), ('s', 2); DELETE FROM k WHERE y = 2;",
+        )
+        .expect("sender writes");
+        merge_all(&other, &s);
+        Some((s, path))
+    }
+
+    #[test]
+    fn a_snapshot_installs_rows_clocks_and_held_versions_exactly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some((s, sender_path)) = sender(dir.path()) else {
+            return;
+        };
+        let file = dir.path().join("snap");
+        let size = export(&sender_path, &file).expect("export");
+        assert!(size > 0);
+        let Some((mut j, _)) = node(dir.path(), "joiner.db", SCHEMA_SQL) else {
+            return;
+        };
+        let (sender_site, joiner_site) = (site(&s), site(&j));
+        let done = install(&mut j, &file, &sender_site, &joiner_site).expect("install");
+        let dbv: i64 = s
+            .query_row("SELECT crsql_db_version()", [], |r| r.get(0))
+            .expect("db version");
+        assert_eq!(done.cursor, dbv);
+        assert_eq!(
+            state(&j),
+            state(&s),
+            "rows, clocks and held versions identical"
+        );
+        assert_eq!(
+            bookkeeping::cursor(&j, &sender_site).expect("cursor"),
+            dbv,
+            "the joiner's cursor into the sender's feed"
+        );
+        // The joiner's own next write is its own, numbered after the copied clocks.
+        j.execute("UPDATE t SET a = 'joiner' WHERE id = 1", [])
+            .expect("write");
+        let (own, jdbv): (i64, i64) = j
+            .query_row(
+                "SELECT origin_version, db_version FROM patina_state",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("counters");
+        assert_eq!(own, 1);
+        assert!(jdbv > dbv);
+        // And it replicates back: the sender converges to the joiner's state.
+        merge_all(&j, &s);
+        assert_eq!(
+            state(&s),
+            state(&j),
+            "the sender holds the joiner's write too"
+        );
+    }
+
+    #[test]
+    fn an_install_that_does_not_fit_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some((s, sender_path)) = sender(dir.path()) else {
+            return;
+        };
+        let sender_site = site(&s);
+        let file = dir.path().join("snap");
+        export(&sender_path, &file).expect("export");
+
+        // Not empty: the joiner's app wrote a row.
+        let Some((mut j, _)) = node(dir.path(), "written.db", SCHEMA_SQL) else {
+            return;
+        };
+        j.execute("INSERT INTO t VALUES (7, 'mine', NULL)", [])
+            .expect("write");
+        let before = state(&j);
+        let local = site(&j);
+        let e = install(&mut j, &file, &sender_site, &local).expect_err("refused");
+        assert!(matches!(e, SeedError::Refused(_)), "{e}");
+        assert_eq!(state(&j), before, "nothing changed");
+
+        // Another schema.
+        let Some((mut j, _)) = node(
+            dir.path(),
+            "other-schema.db",
+            "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
+             CREATE TABLE k (x TEXT NOT NULL, y INTEGER NOT NULL, PRIMARY KEY (x, y));
+             SELECT crsql_as_crr('t'); SELECT crsql_as_crr('k');",
+        ) else {
+            return;
+        };
+        let local = site(&j);
+        let e = install(&mut j, &file, &sender_site, &local).expect_err("refused");
+        assert!(e.to_string().contains("columns"), "{e}");
+        let copied: i64 = j
+            .query_row(
+                "SELECT (SELECT count(*) FROM t) + (SELECT count(*) FROM k) \
+                 + (SELECT count(*) FROM patina_origin_ranges)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(copied, 0, "nothing changed");
+
+        // Not from the peer that sent it.
+        let Some((mut j, _)) = node(dir.path(), "j3.db", SCHEMA_SQL) else {
+            return;
+        };
+        let local = site(&j);
+        let e = install(&mut j, &file, &[9; 16], &local).expect_err("refused");
+        assert!(e.to_string().contains("not of the peer"), "{e}");
+
+        // A clock out of bounds.
+        let bad = dir.path().join("bad");
+        std::fs::copy(&file, &bad).expect("copy");
+        Connection::open(&bad)
+            .and_then(|c| {
+                c.execute(
+                    "UPDATE \"clock:t\" SET a__patina_v = (1 << 62) + 1 WHERE id = 1",
+                    [],
+                )
+            })
+            .expect("tamper");
+        let e = install(&mut j, &bad, &sender_site, &local).expect_err("refused");
+        assert!(e.to_string().contains("out of bounds"), "{e}");
+
+        // A view smuggled in.
+        std::fs::copy(&file, &bad).expect("copy");
+        Connection::open(&bad)
+            .and_then(|c| c.execute_batch("CREATE VIEW v AS SELECT 1"))
+            .expect("tamper");
+        let e = install(&mut j, &bad, &sender_site, &local).expect_err("refused");
+        assert!(e.to_string().contains("views"), "{e}");
+
+        // A damaged file.
+        let bytes = std::fs::read(&file).expect("read");
+        std::fs::write(&bad, &bytes[..bytes.len() / 2]).expect("truncate");
+        assert!(install(&mut j, &bad, &sender_site, &local).is_err());
+        assert!(state(&j).iter().all(|l| l == "--"), "nothing changed");
+
+        // The right file still installs afterwards.
+        install(&mut j, &file, &sender_site, &local).expect("install");
+        assert_eq!(state(&j), state(&s));
+    }
 }

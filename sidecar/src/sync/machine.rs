@@ -361,9 +361,10 @@ impl Replicator {
 
     /// Called at start by a caller that found the database empty (no row in any
     /// replicated table, nothing written here): the first catch-up pull asks for a
-    /// snapshot (`seed`). Ignored unless this node also holds nothing of other origins.
+    /// snapshot (`seed`). Ignored unless this node also holds nothing of any origin.
     pub fn set_seedable(&mut self, empty: bool) {
-        self.seed = if empty && self.joining {
+        let holds_nothing = self.held.iter().all(|(_, r)| r.is_empty());
+        self.seed = if empty && holds_nothing {
             SeedState::Possible
         } else {
             SeedState::Off
@@ -1590,7 +1591,7 @@ pub(crate) fn tree_reaches_all_once(order: &[SiteId], origin: &SiteId, fanout: u
 mod tests {
     use super::*;
     use crate::sync::msg::{Change, Value};
-    use crate::sync::test_support::{addr, drain, ident, machine};
+    use crate::sync::test_support::{addr, drain, fresh_machine, ident, machine};
 
     fn site(i: u16) -> SiteId {
         let mut s = [0u8; 16];
@@ -1886,6 +1887,218 @@ mod tests {
             })
             .count();
         assert_eq!(pulls, 1, "at most max_pulls (1) catch-ups in flight");
+    }
+
+    /// A summary from `site` at port `site` holding `1..=head` of origin 7.
+    fn summary_holding(site: u8, head: i64) -> Msg {
+        let mut h = Held::default();
+        h.insert([7; 16], 1, head);
+        Msg::Summary {
+            site: [site; 16],
+            held: h.to_wire(64),
+            reply: false,
+            urgent: false,
+            collected: None,
+            cl_floor: None,
+        }
+    }
+
+    fn seed_part(id: u64, offset: u64, total: u64, len: usize) -> Msg {
+        Msg::Seed {
+            site: [2; 16],
+            id,
+            offset,
+            total,
+            bytes: vec![0; len],
+        }
+    }
+
+    fn sent_pulls(eff: &[Effect]) -> Vec<Msg> {
+        eff.iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    msg: m @ Msg::Pull { .. },
+                    ..
+                } => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_node_asks_for_a_snapshot_holds_units_back_and_applies_them_after_it() {
+        let mut j = fresh_machine(1);
+        j.set_seedable(true);
+        j.set_peers([(addr(2), [2; 16]), (addr(3), [3; 16])], Duration::ZERO);
+        // The first summary of a peer holding something: a pull asking for its snapshot.
+        j.handle_message(addr(2), &ident(2), summary_holding(2, 50), Duration::ZERO);
+        let eff = drain(&mut j);
+        match &sent_pulls(&eff)[..] {
+            [Msg::Pull {
+                seed: Some(SeedAsk { id: 0, offset: 0 }),
+                ..
+            }] => {}
+            other => panic!("expected one snapshot pull, got {other:?}"),
+        }
+        // A unit broadcast meanwhile is held back, not applied.
+        let t = Duration::from_millis(10);
+        j.handle_message(
+            addr(3),
+            &ident(3),
+            Msg::Unit {
+                site: [3; 16],
+                unit: Arc::new(unit([3; 16], 0, 1)),
+                relay: false,
+            },
+            t,
+        );
+        assert!(
+            !drain(&mut j).iter().any(|e| matches!(e, Effect::Apply(_))),
+            "nothing applied before the snapshot"
+        );
+        // Parts in order: each handed to apply, the next asked for.
+        j.handle_message(addr(2), &ident(2), seed_part(9, 0, 10, 6), t);
+        let eff = drain(&mut j);
+        assert!(
+            matches!(
+                &eff[..],
+                [
+                    Effect::Send {
+                        msg: Msg::Pull {
+                            seed: Some(SeedAsk { id: 9, offset: 6 }),
+                            ..
+                        },
+                        ..
+                    },
+                    Effect::Apply(ApplyJob {
+                        work: Work::SeedPart(SeedPart { offset: 0, .. }),
+                        ..
+                    })
+                ]
+            ),
+            "{eff:?}"
+        );
+        // A part out of order or of another snapshot is ignored.
+        j.handle_message(addr(2), &ident(2), seed_part(9, 0, 10, 6), t);
+        j.handle_message(addr(2), &ident(2), seed_part(8, 6, 10, 4), t);
+        assert!(drain(&mut j).is_empty());
+        j.handle_message(addr(2), &ident(2), seed_part(9, 6, 10, 4), t);
+        let eff = drain(&mut j);
+        assert!(
+            matches!(&eff[..], [Effect::Apply(ApplyJob { work: Work::SeedPart(p), .. })] if p.is_last()),
+            "{eff:?}"
+        );
+        assert!(matches!(j.seed_state(), SeedState::Installing { .. }));
+        // Installed: the held-back unit goes to apply, the pull is done.
+        let mut held = RangeSet::default();
+        held.insert(1, 50);
+        j.handle_applied(
+            Applied {
+                cursors: vec![([2; 16], 123)],
+                held: vec![([7; 16], held)],
+                seed: Some(SeedOutcome::Installed { versions: 50 }),
+                ..Applied::default()
+            },
+            t,
+        );
+        let eff = drain(&mut j);
+        assert!(
+            matches!(
+                &eff[..],
+                [Effect::Apply(ApplyJob {
+                    work: Work::Unit(_),
+                    ..
+                })]
+            ),
+            "{eff:?}"
+        );
+        assert_eq!(j.seed_state(), &SeedState::Off);
+        assert_eq!(j.pulls_in_flight(), 0);
+        assert_eq!(j.cursor(&[2; 16]), 123);
+        assert!(j.held().covers(&[7; 16], 1, 50));
+    }
+
+    #[test]
+    fn a_peer_answering_with_its_feed_or_a_failed_install_ends_the_attempt() {
+        // The peer answers with its feed (an older release, or no snapshot possible).
+        let mut j = fresh_machine(1);
+        j.set_seedable(true);
+        j.set_peers([(addr(2), [2; 16])], Duration::ZERO);
+        j.handle_message(addr(2), &ident(2), summary_holding(2, 5), Duration::ZERO);
+        drain(&mut j);
+        j.handle_message(
+            addr(2),
+            &ident(2),
+            Msg::Changes {
+                site: [2; 16],
+                chunk: Chunk {
+                    unit_from: 0,
+                    unit_to: 5,
+                    from: 0,
+                    to: 5,
+                    changes: vec![],
+                    held: None,
+                    schema: None,
+                },
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(j.seed_state(), &SeedState::Off);
+        assert!(
+            drain(&mut j).iter().any(|e| matches!(
+                e,
+                Effect::Apply(ApplyJob {
+                    work: Work::Chunk(_),
+                    ..
+                })
+            )),
+            "the feed is applied as a plain pull"
+        );
+
+        // The install fails: the pull ends, and the next offer starts a plain pull.
+        let mut j = fresh_machine(1);
+        j.set_seedable(true);
+        j.set_peers([(addr(2), [2; 16])], Duration::ZERO);
+        j.handle_message(addr(2), &ident(2), summary_holding(2, 5), Duration::ZERO);
+        j.handle_message(addr(2), &ident(2), seed_part(4, 0, 3, 3), Duration::ZERO);
+        drain(&mut j);
+        j.handle_applied(
+            Applied {
+                seed: Some(SeedOutcome::Failed("not empty".into())),
+                ..Applied::default()
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(j.seed_state(), &SeedState::Off);
+        assert_eq!(j.pulls_in_flight(), 0);
+        let mut more = Held::default();
+        more.insert([7; 16], 1, 5);
+        j.handle_message(
+            addr(2),
+            &ident(2),
+            Msg::Offer {
+                site: [2; 16],
+                have: vec![],
+                more: more.to_wire(64),
+            },
+            Duration::from_secs(1),
+        );
+        match &sent_pulls(&drain(&mut j))[..] {
+            [Msg::Pull { seed: None, .. }] => {}
+            other => panic!("expected a plain pull, got {other:?}"),
+        }
+
+        // A node that holds something never asks.
+        let mut n = machine(1);
+        n.handle_applied(
+            Applied {
+                held: vec![([7; 16], RangeSet::from_ranges([(1, 2)]))],
+                ..Applied::default()
+            },
+            Duration::ZERO,
+        );
+        n.set_seedable(true);
+        assert_eq!(n.seed_state(), &SeedState::Off);
     }
 
     #[test]
