@@ -376,6 +376,18 @@ impl Replicator {
         &self.seed
     }
 
+    /// Whether the next catch-up pull asks for a snapshot: seeding is possible and this
+    /// node still holds nothing. Once it wrote or received anything, a snapshot would be
+    /// refused (`db::seed`), so it no longer asks.
+    fn wants_snapshot(&mut self) -> bool {
+        if self.seed == SeedState::Possible
+            && (!self.pending.is_empty() || self.held.iter().any(|(_, r)| !r.is_empty()))
+        {
+            self.seed = SeedState::Off;
+        }
+        self.seed == SeedState::Possible
+    }
+
     /// What this node has collected (`patina_collected`) and its `cl_floor`: loaded at
     /// start and after every collection, and advertised in summaries.
     pub fn set_collected(&mut self, collected: Prefixes, cl_floor: i64) {
@@ -778,7 +790,7 @@ impl Replicator {
         );
         self.stats.pulls_sent += 1;
         let known = self.holding().to_wire(usize::MAX);
-        let seed = if self.seed == SeedState::Possible {
+        let seed = if self.wants_snapshot() {
             self.seed = SeedState::Fetching {
                 from: to,
                 id: 0,
@@ -991,7 +1003,7 @@ impl Replicator {
                 if !urgent && self.config.track_stability {
                     self.stability.observe_summary(site, &theirs, &self.held);
                 }
-                if self.seed == SeedState::Possible && !theirs.minus(&self.holding()).is_empty() {
+                if self.wants_snapshot() && !theirs.minus(&self.holding()).is_empty() {
                     // Holding nothing, and the peer holds something: its snapshot, now,
                     // rather than a round trip for its offer.
                     self.start_pull(from, site, now);
@@ -1280,7 +1292,7 @@ impl Replicator {
         self.expire_requested(now);
         let mut known = self.holding();
         known.union_with(&self.requested);
-        if self.seed == SeedState::Possible {
+        if self.wants_snapshot() {
             // Holding nothing: the sender's snapshot brings its memory and its feed alike.
             if !have.minus(&known).is_empty() || !more.minus(&known).is_empty() {
                 self.start_pull(from, site, now);
@@ -2087,6 +2099,29 @@ mod tests {
             [Msg::Pull { seed: None, .. }] => {}
             other => panic!("expected a plain pull, got {other:?}"),
         }
+
+        // A node that wrote after it started (an app on its file) no longer asks.
+        let mut w = fresh_machine(1);
+        w.set_seedable(true);
+        w.set_peers([(addr(2), [2; 16])], Duration::ZERO);
+        w.handle_local_unit(unit([1; 16], 0, 1), Duration::ZERO);
+        drain(&mut w);
+        w.handle_message(addr(2), &ident(2), summary_holding(2, 5), Duration::ZERO);
+        w.handle_message(
+            addr(2),
+            &ident(2),
+            Msg::Offer {
+                site: [2; 16],
+                have: vec![],
+                more: more.to_wire(64),
+            },
+            Duration::ZERO,
+        );
+        match &sent_pulls(&drain(&mut w))[..] {
+            [Msg::Pull { seed: None, .. }] => {}
+            other => panic!("expected one plain pull, got {other:?}"),
+        }
+        assert_eq!(w.seed_state(), &SeedState::Off);
 
         // A node that holds something never asks.
         let mut n = machine(1);
