@@ -297,6 +297,10 @@ async fn run_once(
     });
     let version = feed::db_version(&setup).map_err(sql_err)?;
     let holds_nothing = db::seed::holds_nothing(&setup).map_err(sql_err)?;
+    let removed = db::seed::remove_leftovers(&path);
+    if removed > 0 {
+        tracing::info!("removed {removed} snapshot file(s) left by an earlier run");
+    }
     drop(setup);
     tracing::info!(
         db = %path.display(),

@@ -180,6 +180,33 @@ fn copy_out(conn: &Connection) -> Result<(), SeedError> {
     Ok(())
 }
 
+/// Removes snapshot files a previous run left beside the database at `db` (made for a
+/// joiner, `<db>.seed-out-*`, or being received, `<db>.seed-in`): a process killed while
+/// sending or receiving one. Returns how many it removed.
+pub fn remove_leftovers(db: &Path) -> usize {
+    let (Some(dir), Some(name)) = (db.parent(), db.file_name()) else {
+        return 0;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let name = name.to_string_lossy();
+    let (out, inc) = (format!("{name}.seed-out-"), format!("{name}.seed-in"));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.starts_with(&out) || n == inc
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Whether this database holds nothing a snapshot could clash with: no write of its own,
 /// nothing of any other origin, no row in any replicated table. Checked again inside the
 /// install's transaction.
@@ -628,6 +655,23 @@ mod tests {
             state(&j),
             "the sender holds the joiner's write too"
         );
+    }
+
+    #[test]
+    fn leftover_snapshot_files_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("node.db");
+        for f in [
+            "node.db",
+            "node.db.seed-in",
+            "node.db.seed-out-00ff",
+            "other.db.seed-in",
+        ] {
+            std::fs::write(dir.path().join(f), b"x").expect("write");
+        }
+        assert_eq!(remove_leftovers(&db), 2);
+        assert!(db.exists() && dir.path().join("other.db.seed-in").exists());
+        assert!(!dir.path().join("node.db.seed-in").exists());
     }
 
     #[test]
