@@ -1229,7 +1229,7 @@ fn fleet_of_800_and_1000() {
     let secs = std::env::var("SIM_FLEET_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(10);
     for n in sizes {
         let steady = fleet(n, 1000.0, secs, 1, "");
         assert!(
