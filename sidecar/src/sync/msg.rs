@@ -246,7 +246,9 @@ pub enum Msg {
         seed: Option<SeedAsk>,
     },
     /// One part of a snapshot (`Pull::seed`): bytes `offset..offset + bytes.len()` of a
-    /// file of `total` bytes, which the requester installs when it has them all.
+    /// file of `total` bytes, which the requester installs when it has them all. Sent only
+    /// in answer to `Pull::seed`, which releases without snapshots never set: it needs no
+    /// protocol version of its own (`since` stays the base).
     #[n(13)]
     Seed {
         #[cbor(n(0), with = "minicbor::bytes")]
