@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
+use rusqlite::config::DbConfig;
 use rusqlite::types::Value;
 use serde_json::Value as Json;
 use tokio::sync::{oneshot, watch};
@@ -158,6 +159,9 @@ impl SubState {
     }
     pub(crate) fn spec_sql(&self) -> &str {
         &self.spec.sql
+    }
+    pub(crate) fn keyed_sql(&self) -> Option<&str> {
+        self.plan.mode.as_ref().ok().map(|k| k.sql.as_str())
     }
     /// Makes this subscription re-run whole, as the engine before key matching did.
     pub(crate) fn force_whole(&mut self) {
@@ -357,6 +361,15 @@ pub(crate) struct Core {
 impl Core {
     /// Creates the engine's tables and loads the persisted subscriptions.
     pub(crate) fn open(api: &ApiConn) -> Result<Vec<SubState>, SubError> {
+        // Query planner stability. Without it SQLite marks a statement for re-planning
+        // when the value bound to a parameter may improve its plan (bound values compared
+        // while planning, STAT4 estimates, LIKE prefixes), and re-binding such a parameter
+        // re-prepares the statement at its next step. The subscriptions of one shape share
+        // one cached keyed statement with different parameters, so it was re-prepared on
+        // every evaluation: a third of the engine's CPU (BENCHMARKS.md). Plans made once
+        // also stay the plan `plan` checked with EXPLAIN QUERY PLAN, whatever the values.
+        api.conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         let stored = api.auth.trusted(|| -> Result<_, SubError> {
             api.conn.execute_batch(storage::SCHEMA)?;
             api.conn.execute_batch(KEYS_SCHEMA)?;

@@ -407,6 +407,58 @@ fn check(batches: Vec<Vec<Op>>) {
     }
 }
 
+/// Subscriptions of one shape with different parameters share one cached keyed
+/// statement; re-binding it must not make SQLite re-plan it (query planner stability,
+/// `Core::open`), or every evaluation pays a full prepare.
+#[test]
+fn a_shape_shared_by_parameters_is_not_re_prepared() {
+    let Ok(ext) = crate::db::extension_path(None) else {
+        eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("node.db");
+    let writer = crate::db::open(&db, &ext, Synchronous::Normal).unwrap();
+    writer.execute_batch(SCHEMA).unwrap();
+    let sh = shared(&db);
+    let mut inc = core(&sh);
+    for region in REGION {
+        inc.create(StatementSpec {
+            sql: "SELECT id, status, region FROM m WHERE region = ?".into(),
+            params: Params::Positional(vec![Param(rusqlite::types::Value::Text(region.into()))]),
+        })
+        .unwrap();
+    }
+    let sql = inc.states[0].keyed_sql().unwrap().to_owned();
+    let mut version = 0;
+    for i in 0..6u8 {
+        run(
+            &writer,
+            &writer,
+            &Op::Upsert {
+                id: i,
+                status: i % 3,
+                region: i % 3,
+                n: 1,
+            },
+        );
+        let (keys, now) = touched_after(&writer, version);
+        version = now;
+        inc.round(&keys, None, |_| true).unwrap();
+    }
+    let reprepared = inc
+        .api
+        .conn
+        .prepare_cached(&sql)
+        .unwrap()
+        .get_status(rusqlite::StatementStatus::RePrepare);
+    assert_eq!(reprepared, 0, "the shared keyed statement was re-prepared");
+    assert_eq!(
+        inc.states.iter().map(|s| s.rows.len()).collect::<Vec<_>>(),
+        vec![2, 2, 2]
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
