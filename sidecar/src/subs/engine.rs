@@ -514,6 +514,12 @@ impl Core {
         let mut keys_loaded: HashMap<String, Option<Vec<String>>> = HashMap::new();
         let mut keys_cleared = false;
         let mut pending: Vec<(usize, Vec<Change>, i64)> = Vec::new();
+        // Every evaluation of the round reads one snapshot (see `ReadSnapshot`); rolled
+        // back if the round fails.
+        let snapshot = self
+            .api
+            .auth
+            .trusted(|| storage::ReadSnapshot::begin(&self.api.conn))?;
         for i in 0..self.states.len() {
             let s = &self.states[i];
             if s.broken || !chosen(s) {
@@ -530,7 +536,8 @@ impl Core {
                                 self.api.auth.trusted(|| {
                                     self.api
                                         .conn
-                                        .execute_batch("DELETE FROM temp.patina_sub_keys")
+                                        .prepare_cached("DELETE FROM temp.patina_sub_keys")?
+                                        .execute([])
                                 })?;
                                 keys_cleared = true;
                             }
@@ -558,6 +565,7 @@ impl Core {
                 Err(e) => return Err(e),
             }
         }
+        self.api.auth.trusted(|| snapshot.end())?;
         if pending.is_empty() {
             return Ok(());
         }
