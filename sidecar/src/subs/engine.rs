@@ -10,14 +10,17 @@
 //! A subscription nobody listens to is not evaluated; it catches up — re-run whole, its
 //! changes coalesced, ids still contiguous — when a stream attaches. All changes of a round
 //! are committed in ONE transaction with the new rows and last change ids (`storage`);
-//! only then do streams hear of the new ids, and they read the log themselves, which is
-//! how a resume `from=N` gets no gap and no duplicate.
+//! only then are the changes' stream lines kept in memory (`recent`) and the new ids
+//! published. Streams take the lines from memory while they keep up and read the log
+//! otherwise — the same changes either way — which is how a resume `from=N` gets no gap
+//! and no duplicate.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use crossbeam_channel::{select, Receiver};
 use rusqlite::config::DbConfig;
 use rusqlite::types::Value;
@@ -27,6 +30,7 @@ use tokio::sync::{oneshot, watch};
 use super::diff::{apply, diff, diff_keys, evaluate, key_columns, key_of, Change, Rows};
 use super::error::SubError;
 use super::plan::{plan, Keyed, Plan, KEYS_SCHEMA};
+use super::recent::{change_line, Recent};
 use super::storage;
 use crate::config::Synchronous;
 use crate::db::touched::{Touched, TouchedKeys};
@@ -64,6 +68,8 @@ pub struct SubHandle {
     listeners: AtomicUsize,
     /// When the last stream left (for expiry).
     idle_since: Mutex<Instant>,
+    /// The latest committed changes as stream lines (`recent`).
+    recent: Mutex<Recent>,
 }
 
 impl SubHandle {
@@ -76,7 +82,14 @@ impl SubHandle {
             failure: watch::channel(None).0,
             listeners: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
+            recent: Mutex::new(Recent::default()),
         }
+    }
+
+    /// The stream lines of the changes after `cursor` up to `latest` if they are still
+    /// in memory; `None`: read them from the log.
+    pub fn recent_after(&self, cursor: i64, latest: i64) -> Option<Vec<(i64, Bytes)>> {
+        self.recent.lock().ok()?.after(cursor, latest)
     }
 
     /// Registers a stream; the guard unregisters it when dropped.
@@ -589,6 +602,12 @@ impl Core {
                 let secs = now.saturating_duration_since(t).as_secs_f64();
                 for _ in 0..changes.len() {
                     self.metrics.subscription_event.observe(secs);
+                }
+            }
+            // Lines before the new id is published: a stream that sees the id finds them.
+            if let Ok(mut recent) = s.handle.recent.lock() {
+                for (id, c) in (s.last_change + 1..).zip(&changes) {
+                    recent.push(id, change_line(id, c.kind, c.rowid, &c.vals));
                 }
             }
             apply(&mut s.rows, changes);
