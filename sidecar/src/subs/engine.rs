@@ -16,6 +16,7 @@
 //! and no duplicate.
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -185,7 +186,8 @@ impl SubState {
 /// How a round evaluates one subscription.
 enum Eval {
     Whole,
-    Keys(Vec<String>),
+    /// By the touched keys (their row keys, shared by the subscriptions of the table).
+    Keys(Rc<Vec<String>>),
 }
 
 impl SubEngine {
@@ -524,7 +526,7 @@ impl Core {
         noticed: Option<Instant>,
         chosen: impl Fn(&SubState) -> bool,
     ) -> Result<(), SubError> {
-        let mut keys_loaded: HashMap<String, Option<Vec<String>>> = HashMap::new();
+        let mut keys_loaded: HashMap<String, Option<Rc<Vec<String>>>> = HashMap::new();
         let mut keys_cleared = false;
         let mut pending: Vec<(usize, Vec<Change>, i64)> = Vec::new();
         // Every evaluation of the round reads one snapshot (see `ReadSnapshot`); rolled
@@ -533,6 +535,12 @@ impl Core {
             .api
             .auth
             .trusted(|| storage::ReadSnapshot::begin(&self.api.conn))?;
+        // The touched tables as plans name them, lower-cased once per round.
+        let tables: Vec<(String, &String)> = match touched {
+            TouchedKeys::Keys(m) => m.keys().map(|t| (t.to_ascii_lowercase(), t)).collect(),
+            TouchedKeys::All => Vec::new(),
+        };
+        let mut evals: Vec<(usize, Eval)> = Vec::new();
         for i in 0..self.states.len() {
             let s = &self.states[i];
             if s.broken || !chosen(s) {
@@ -541,10 +549,10 @@ impl Core {
             let eval = match (touched, &s.plan.mode) {
                 (TouchedKeys::All, _) => Eval::Whole,
                 (TouchedKeys::Keys(m), mode) => {
-                    let hit: Vec<&String> = m.keys().filter(|t| s.plan.reads(t)).collect();
-                    match (hit.as_slice(), mode) {
-                        ([], _) => continue,
-                        ([t], Ok(k)) => {
+                    let mut hit = tables.iter().filter(|(t, _)| s.plan.tables.contains(t));
+                    match (hit.next(), hit.next(), mode) {
+                        (None, _, _) => continue,
+                        (Some((_, t)), None, Ok(k)) => {
                             if !keys_cleared {
                                 self.api.auth.trusted(|| {
                                     self.api
@@ -557,7 +565,7 @@ impl Core {
                             let loaded = match keys_loaded.get(k.table.as_str()) {
                                 Some(l) => l.clone(),
                                 None => {
-                                    let l = self.load_keys(&k.table, &m[*t], k)?;
+                                    let l = self.load_keys(&k.table, &m[*t], k)?.map(Rc::new);
                                     keys_loaded.insert(k.table.clone(), l.clone());
                                     l
                                 }
@@ -571,13 +579,45 @@ impl Core {
                     }
                 }
             };
+            evals.push((i, eval));
+        }
+        // Subscriptions of one shape (the same keyed query, other parameters) next to each
+        // other, so that they run on one statement, re-bound for each.
+        let shape = |i: usize, e: &Eval| match (e, &self.states[i].plan.mode) {
+            (Eval::Keys(_), Ok(k)) => Some(k.sql.as_str()),
+            _ => None,
+        };
+        evals.sort_by(|(a, ea), (b, eb)| shape(*a, ea).cmp(&shape(*b, eb)));
+        let mut shared: Option<(String, rusqlite::CachedStatement<'_>)> = None;
+        for (i, eval) in evals {
+            let sql = match (&eval, &self.states[i].plan.mode) {
+                (Eval::Keys(_), Ok(k)) => Some(&k.sql),
+                _ => None,
+            };
+            if let Some(sql) = sql {
+                if shared.as_ref().is_none_or(|(s, _)| s != sql) {
+                    // A statement that does not prepare fails each subscription alone
+                    // below, with its reason.
+                    shared = self
+                        .api
+                        .conn
+                        .prepare_cached(sql)
+                        .ok()
+                        .map(|st| (sql.clone(), st));
+                }
+            }
+            let stmt = match (sql, shared.as_mut()) {
+                (Some(_), Some((_, st))) => Some(&mut **st),
+                _ => None,
+            };
             let s = &mut self.states[i];
-            match evaluate_one(&self.api, self.limits, &self.metrics, s, &eval) {
+            match evaluate_one(&self.api, self.limits, &self.metrics, s, &eval, stmt) {
                 Ok(Some((changes, next))) => pending.push((i, changes, next)),
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
         }
+        drop(shared);
         self.api.auth.trusted(|| snapshot.end())?;
         if pending.is_empty() {
             return Ok(());
@@ -688,12 +728,14 @@ impl Core {
 
 /// Evaluates one subscription (whole or by key) and diffs: its changes and next row id,
 /// `None` when nothing changed or its query failed for good (then it is marked failed).
+/// `keyed` is its keyed statement when the round already holds it (shared by its shape).
 fn evaluate_one(
     api: &ApiConn,
     limits: Limits,
     metrics: &Metrics,
     s: &mut SubState,
     eval: &Eval,
+    keyed: Option<&mut rusqlite::Statement<'_>>,
 ) -> Result<Option<(Vec<Change>, i64)>, SubError> {
     let run = |stmt: &mut rusqlite::Statement<'_>| {
         let armed = api.dog.arm(limits.query_timeout, None);
@@ -707,8 +749,12 @@ fn evaluate_one(
         )
         .map_err(|e| armed.explain(e))
     };
-    let outcome = match (eval, &s.plan.mode) {
-        (Eval::Keys(_), Ok(k)) => match api.conn.prepare_cached(&k.sql) {
+    let outcome = match (eval, &s.plan.mode, keyed) {
+        (Eval::Keys(_), Ok(_), Some(st)) => match crate::http::exec::bind(st, &s.spec.params) {
+            Ok(()) => Ok(run(st)),
+            Err(e) => Err(e),
+        },
+        (Eval::Keys(_), Ok(k), None) => match api.conn.prepare_cached(&k.sql) {
             Ok(mut st) => match crate::http::exec::bind(&mut st, &s.spec.params) {
                 Ok(()) => Ok(run(&mut st)),
                 Err(e) => Err(e),
@@ -751,7 +797,7 @@ fn evaluate_one(
         }
     };
     let (changes, next) = match eval {
-        Eval::Keys(names) => diff_keys(&s.rows, names, result, s.next_rowid),
+        Eval::Keys(names) => diff_keys(&s.rows, names.as_slice(), result, s.next_rowid),
         Eval::Whole => diff(&s.rows, result, s.next_rowid),
     };
     Ok((!changes.is_empty()).then_some((changes, next)))

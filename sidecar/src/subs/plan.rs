@@ -41,7 +41,8 @@ pub const KEYS_SCHEMA: &str = "CREATE TEMP TABLE IF NOT EXISTS patina_sub_keys \
 /// How a subscription is matched against touched keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Tables the query reads, lower-cased: a write elsewhere never re-runs it.
+    /// Tables the query reads, lower-cased: a write elsewhere never re-runs it (the engine
+    /// lower-cases the touched tables, as `crsql_changes` names them, once per round).
     pub tables: BTreeSet<String>,
     /// `Ok`: matched by key; `Err`: re-run whole, and why.
     pub mode: Result<Keyed, &'static str>,
@@ -65,11 +66,6 @@ impl Plan {
             tables: BTreeSet::new(),
             mode: Err("the query does not prepare"),
         }
-    }
-
-    /// Whether a write to `table` (as `crsql_changes` names it) may change the result.
-    pub fn reads(&self, table: &str) -> bool {
-        self.tables.contains(&table.to_ascii_lowercase())
     }
 }
 

@@ -228,21 +228,45 @@ fn core(shared: &NodeShared) -> Core {
 }
 
 /// The subscriptions under test: incremental shapes (a parameter, an alias, a composite
-/// key, an expression in the result, a keyless filter) and whole-run ones (an aggregate,
-/// a LIMIT, a join).
+/// key, an expression in the result, a keyless filter), several subscriptions of one shape
+/// with different parameters (evaluated on one shared statement, re-bound for each), and
+/// whole-run ones (an aggregate, a LIMIT, a join).
 fn specs() -> Vec<(StatementSpec, bool)> {
     let p = |sql: &str, params: Params| StatementSpec {
         sql: sql.into(),
         params,
     };
-    vec![
-        (
+    let text = |s: &str| Param(rusqlite::types::Value::Text(s.into()));
+    let int = |n: i64| Param(rusqlite::types::Value::Integer(n));
+    let mut out = vec![];
+    for region in REGION {
+        out.push((
             p(
                 "SELECT id, status, region FROM m WHERE region = ?",
-                Params::Positional(vec![Param(rusqlite::types::Value::Text("ams".into()))]),
+                Params::Positional(vec![text(region)]),
             ),
             true,
-        ),
+        ));
+    }
+    for (region, status) in [("ams", "up"), ("iad", "up"), ("ams", "down")] {
+        out.push((
+            p(
+                "SELECT id, status FROM m WHERE region = ? AND status <> ?",
+                Params::Positional(vec![text(region), text(status)]),
+            ),
+            true,
+        ));
+    }
+    for min in [-50, 0, 50] {
+        out.push((
+            p(
+                "SELECT id, n FROM m WHERE n > :min",
+                Params::Named(vec![(":min".into(), int(min))]),
+            ),
+            true,
+        ));
+    }
+    out.extend(vec![
         (
             p(
                 "SELECT x.status, x.id FROM m AS x WHERE x.status <> 'down'",
@@ -283,7 +307,8 @@ fn specs() -> Vec<(StatementSpec, bool)> {
             ),
             false,
         ),
-    ]
+    ]);
+    out
 }
 
 type Seen = BTreeMap<String, Vec<(String, String, String)>>;
