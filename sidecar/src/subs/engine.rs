@@ -582,12 +582,12 @@ impl Core {
             evals.push((i, eval));
         }
         // Subscriptions of one shape (the same keyed query, other parameters) next to each
-        // other, so that they run on one statement, re-bound for each.
-        let shape = |i: usize, e: &Eval| match (e, &self.states[i].plan.mode) {
-            (Eval::Keys(_), Ok(k)) => Some(k.sql.as_str()),
+        // other, so that they run on one statement, re-bound for each (the text is still
+        // compared below: equal hashes only make neighbours).
+        evals.sort_by_key(|(i, e)| match (e, &self.states[*i].plan.mode) {
+            (Eval::Keys(_), Ok(k)) => Some(k.shape),
             _ => None,
-        };
-        evals.sort_by(|(a, ea), (b, eb)| shape(*a, ea).cmp(&shape(*b, eb)));
+        });
         let mut shared: Option<(String, rusqlite::CachedStatement<'_>)> = None;
         for (i, eval) in evals {
             let sql = match (&eval, &self.states[i].plan.mode) {

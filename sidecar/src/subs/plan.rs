@@ -24,6 +24,7 @@
 //! Every other query is re-run whole, and only when a table it reads was touched.
 
 use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
 
 use crate::http::json_values::StatementSpec;
 use crate::http::pool::ApiConn;
@@ -57,6 +58,10 @@ pub struct Keyed {
     pub sql: String,
     /// Number of primary key columns.
     pub width: usize,
+    /// A hash of `sql`: the engine orders a round's subscriptions by it so that those of
+    /// one shape (equal `sql`, other parameters) are next to each other, without comparing
+    /// the whole text of every pair.
+    pub shape: u64,
 }
 
 impl Plan {
@@ -148,6 +153,11 @@ pub fn plan(
         tables,
         mode: Ok(Keyed {
             table,
+            shape: {
+                let mut h = std::hash::DefaultHasher::new();
+                sql.hash(&mut h);
+                h.finish()
+            },
             sql,
             width: key_cols.len(),
         }),
