@@ -484,6 +484,28 @@ fn a_shape_shared_by_parameters_is_not_re_prepared() {
     );
 }
 
+/// A round that fails leaves no transaction open: the snapshot it read is rolled back
+/// (the authorizer refuses an untrusted ROLLBACK), and the next round can begin.
+#[test]
+fn a_dropped_read_snapshot_rolls_back() {
+    let Ok(ext) = crate::db::extension_path(None) else {
+        eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("node.db");
+    let writer = crate::db::open(&db, &ext, Synchronous::Normal).unwrap();
+    writer.execute_batch(SCHEMA).unwrap();
+    let mut inc = core(&shared(&db));
+    {
+        let _s = storage::ReadSnapshot::begin(&inc.api.conn, &inc.api.auth).unwrap();
+        assert!(!inc.api.conn.is_autocommit());
+    }
+    assert!(inc.api.conn.is_autocommit(), "a transaction was left open");
+    inc.round(&TouchedKeys::All, None, |_| true).unwrap();
+    assert!(inc.api.conn.is_autocommit());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
