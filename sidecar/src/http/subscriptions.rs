@@ -4,7 +4,9 @@
 //! A new stream gets `{"columns"}`, one `{"row": [rowid, [values]]}` per current row and
 //! `{"eoq": {"time", "change_id"}}`, then `{"change": [type, rowid, [values], change_id]}`
 //! for every later change. With `from=N` it gets only the changes after `N`, read from the
-//! persisted log — the same log live changes come from, so nothing is skipped or repeated.
+//! persisted log — the same log live changes come from (a live stream that keeps up takes
+//! the latest of them from the engine's memory, `subs::recent`, as committed to the log),
+//! so nothing is skipped or repeated.
 //! The headers `corro-query-id` and `corro-query-hash` name the subscription.
 //!
 //! A subscription whose query stops working for good — past `api.query_timeout`, or a row
@@ -29,7 +31,7 @@ use serde_json::json;
 
 use super::queries::{line, line_channel, ndjson_response, parse_statement, LineSender};
 use super::{AppState, HttpError};
-use crate::subs::{changes_after, snapshot, ListenGuard, SubHandle};
+use crate::subs::{change_line, changes_after, snapshot, ListenGuard, SubHandle};
 
 /// Changes read from the log per round trip of a stream.
 const PAGE: i64 = 1000;
@@ -169,6 +171,16 @@ async fn follow(
         }
         let latest = *latest_rx.borrow_and_update();
         if latest > cursor {
+            // Live streams find the latest changes in memory (`subs::recent`).
+            if let Some(lines) = handle.recent_after(cursor, latest) {
+                for (change_id, l) in lines {
+                    if !tx.send(l).await {
+                        return;
+                    }
+                    cursor = change_id;
+                }
+                continue;
+            }
             let id = handle.id.clone();
             let after = cursor;
             // A live stream waits for a reader slot rather than end on a burst of queries.
@@ -194,8 +206,7 @@ async fn follow(
                 return;
             }
             for (change_id, kind, rowid, vals) in changes {
-                let l = format!("{{\"change\":[\"{kind}\",{rowid},{vals},{change_id}]}}\n");
-                if !tx.send(Bytes::from(l)).await {
+                if !tx.send(change_line(change_id, &kind, rowid, &vals)).await {
                     return;
                 }
                 cursor = change_id;

@@ -81,11 +81,19 @@ pub fn diff_keys(
     new: Vec<(String, String)>,
     next_rowid: i64,
 ) -> (Vec<Change>, i64) {
-    let present: std::collections::HashSet<String> = new.iter().map(|(k, _)| k.clone()).collect();
-    let gone = touched
+    // A keyed result is mostly empty or a few rows: a set of them would cost more than
+    // looking through them (this runs for every subscription in every round).
+    let present: Option<std::collections::HashSet<&String>> =
+        (new.len() > 16).then(|| new.iter().map(|(k, _)| k).collect());
+    let is_new = |k: &String| match &present {
+        Some(set) => set.contains(k),
+        None => new.iter().any(|(n, _)| n == k),
+    };
+    let gone: Vec<&String> = touched
         .iter()
-        .filter(|k| !present.contains(*k) && old.contains_key(*k));
-    changes_for(old, new, gone, next_rowid)
+        .filter(|k| old.contains_key(*k) && !is_new(k))
+        .collect();
+    changes_for(old, new, gone.into_iter(), next_rowid)
 }
 
 fn changes_for<'a>(

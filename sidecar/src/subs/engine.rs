@@ -10,15 +10,20 @@
 //! A subscription nobody listens to is not evaluated; it catches up — re-run whole, its
 //! changes coalesced, ids still contiguous — when a stream attaches. All changes of a round
 //! are committed in ONE transaction with the new rows and last change ids (`storage`);
-//! only then do streams hear of the new ids, and they read the log themselves, which is
-//! how a resume `from=N` gets no gap and no duplicate.
+//! only then are the changes' stream lines kept in memory (`recent`) and the new ids
+//! published. Streams take the lines from memory while they keep up and read the log
+//! otherwise — the same changes either way — which is how a resume `from=N` gets no gap
+//! and no duplicate.
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use crossbeam_channel::{select, Receiver};
+use rusqlite::config::DbConfig;
 use rusqlite::types::Value;
 use serde_json::Value as Json;
 use tokio::sync::{oneshot, watch};
@@ -26,6 +31,7 @@ use tokio::sync::{oneshot, watch};
 use super::diff::{apply, diff, diff_keys, evaluate, key_columns, key_of, Change, Rows};
 use super::error::SubError;
 use super::plan::{plan, Keyed, Plan, KEYS_SCHEMA};
+use super::recent::{change_line, Recent};
 use super::storage;
 use crate::config::Synchronous;
 use crate::db::touched::{Touched, TouchedKeys};
@@ -63,6 +69,8 @@ pub struct SubHandle {
     listeners: AtomicUsize,
     /// When the last stream left (for expiry).
     idle_since: Mutex<Instant>,
+    /// The latest committed changes as stream lines (`recent`).
+    recent: Mutex<Recent>,
 }
 
 impl SubHandle {
@@ -75,7 +83,14 @@ impl SubHandle {
             failure: watch::channel(None).0,
             listeners: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
+            recent: Mutex::new(Recent::default()),
         }
+    }
+
+    /// The stream lines of the changes after `cursor` up to `latest` if they are still
+    /// in memory; `None`: read them from the log.
+    pub fn recent_after(&self, cursor: i64, latest: i64) -> Option<Vec<(i64, Bytes)>> {
+        self.recent.lock().ok()?.after(cursor, latest)
     }
 
     /// Registers a stream; the guard unregisters it when dropped.
@@ -159,6 +174,9 @@ impl SubState {
     pub(crate) fn spec_sql(&self) -> &str {
         &self.spec.sql
     }
+    pub(crate) fn keyed_sql(&self) -> Option<&str> {
+        self.plan.mode.as_ref().ok().map(|k| k.sql.as_str())
+    }
     /// Makes this subscription re-run whole, as the engine before key matching did.
     pub(crate) fn force_whole(&mut self) {
         self.plan.mode = Err("forced whole by a test");
@@ -168,7 +186,8 @@ impl SubState {
 /// How a round evaluates one subscription.
 enum Eval {
     Whole,
-    Keys(Vec<String>),
+    /// By the touched keys (their row keys, shared by the subscriptions of the table).
+    Keys(Rc<Vec<String>>),
 }
 
 impl SubEngine {
@@ -357,6 +376,15 @@ pub(crate) struct Core {
 impl Core {
     /// Creates the engine's tables and loads the persisted subscriptions.
     pub(crate) fn open(api: &ApiConn) -> Result<Vec<SubState>, SubError> {
+        // Query planner stability. Without it SQLite marks a statement for re-planning
+        // when the value bound to a parameter may improve its plan (bound values compared
+        // while planning, STAT4 estimates, LIKE prefixes), and re-binding such a parameter
+        // re-prepares the statement at its next step. The subscriptions of one shape share
+        // one cached keyed statement with different parameters, so it was re-prepared on
+        // every evaluation: a third of the engine's CPU (BENCHMARKS.md). Plans made once
+        // also stay the plan `plan` checked with EXPLAIN QUERY PLAN, whatever the values.
+        api.conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         let stored = api.auth.trusted(|| -> Result<_, SubError> {
             api.conn.execute_batch(storage::SCHEMA)?;
             api.conn.execute_batch(KEYS_SCHEMA)?;
@@ -498,9 +526,18 @@ impl Core {
         noticed: Option<Instant>,
         chosen: impl Fn(&SubState) -> bool,
     ) -> Result<(), SubError> {
-        let mut keys_loaded: HashMap<String, Option<Vec<String>>> = HashMap::new();
+        let mut keys_loaded: HashMap<String, Option<Rc<Vec<String>>>> = HashMap::new();
         let mut keys_cleared = false;
         let mut pending: Vec<(usize, Vec<Change>, i64)> = Vec::new();
+        // Every evaluation of the round reads one snapshot (see `ReadSnapshot`); rolled
+        // back if the round fails.
+        let snapshot = storage::ReadSnapshot::begin(&self.api.conn, &self.api.auth)?;
+        // The touched tables as plans name them, lower-cased once per round.
+        let tables: Vec<(String, &String)> = match touched {
+            TouchedKeys::Keys(m) => m.keys().map(|t| (t.to_ascii_lowercase(), t)).collect(),
+            TouchedKeys::All => Vec::new(),
+        };
+        let mut evals: Vec<(usize, Eval)> = Vec::new();
         for i in 0..self.states.len() {
             let s = &self.states[i];
             if s.broken || !chosen(s) {
@@ -509,22 +546,23 @@ impl Core {
             let eval = match (touched, &s.plan.mode) {
                 (TouchedKeys::All, _) => Eval::Whole,
                 (TouchedKeys::Keys(m), mode) => {
-                    let hit: Vec<&String> = m.keys().filter(|t| s.plan.reads(t)).collect();
-                    match (hit.as_slice(), mode) {
-                        ([], _) => continue,
-                        ([t], Ok(k)) => {
+                    let mut hit = tables.iter().filter(|(t, _)| s.plan.tables.contains(t));
+                    match (hit.next(), hit.next(), mode) {
+                        (None, _, _) => continue,
+                        (Some((_, t)), None, Ok(k)) => {
                             if !keys_cleared {
                                 self.api.auth.trusted(|| {
                                     self.api
                                         .conn
-                                        .execute_batch("DELETE FROM temp.patina_sub_keys")
+                                        .prepare_cached("DELETE FROM temp.patina_sub_keys")?
+                                        .execute([])
                                 })?;
                                 keys_cleared = true;
                             }
                             let loaded = match keys_loaded.get(k.table.as_str()) {
                                 Some(l) => l.clone(),
                                 None => {
-                                    let l = self.load_keys(&k.table, &m[*t], k)?;
+                                    let l = self.load_keys(&k.table, &m[*t], k)?.map(Rc::new);
                                     keys_loaded.insert(k.table.clone(), l.clone());
                                     l
                                 }
@@ -538,13 +576,46 @@ impl Core {
                     }
                 }
             };
+            evals.push((i, eval));
+        }
+        // Subscriptions of one shape (the same keyed query, other parameters) next to each
+        // other, so that they run on one statement, re-bound for each (the text is still
+        // compared below: equal hashes only make neighbours).
+        evals.sort_by_key(|(i, e)| match (e, &self.states[*i].plan.mode) {
+            (Eval::Keys(_), Ok(k)) => Some(k.shape),
+            _ => None,
+        });
+        let mut shared: Option<(String, rusqlite::CachedStatement<'_>)> = None;
+        for (i, eval) in evals {
+            let sql = match (&eval, &self.states[i].plan.mode) {
+                (Eval::Keys(_), Ok(k)) => Some(&k.sql),
+                _ => None,
+            };
+            if let Some(sql) = sql {
+                if shared.as_ref().is_none_or(|(s, _)| s != sql) {
+                    // A statement that does not prepare fails each subscription alone
+                    // below, with its reason.
+                    shared = self
+                        .api
+                        .conn
+                        .prepare_cached(sql)
+                        .ok()
+                        .map(|st| (sql.clone(), st));
+                }
+            }
+            let stmt = match (sql, shared.as_mut()) {
+                (Some(_), Some((_, st))) => Some(&mut **st),
+                _ => None,
+            };
             let s = &mut self.states[i];
-            match evaluate_one(&self.api, self.limits, &self.metrics, s, &eval) {
+            match evaluate_one(&self.api, self.limits, &self.metrics, s, &eval, stmt) {
                 Ok(Some((changes, next))) => pending.push((i, changes, next)),
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
         }
+        drop(shared);
+        snapshot.end()?;
         if pending.is_empty() {
             return Ok(());
         }
@@ -568,6 +639,12 @@ impl Core {
                 let secs = now.saturating_duration_since(t).as_secs_f64();
                 for _ in 0..changes.len() {
                     self.metrics.subscription_event.observe(secs);
+                }
+            }
+            // Lines before the new id is published: a stream that sees the id finds them.
+            if let Ok(mut recent) = s.handle.recent.lock() {
+                for (id, c) in (s.last_change + 1..).zip(&changes) {
+                    recent.push(id, change_line(id, c.kind, c.rowid, &c.vals));
                 }
             }
             apply(&mut s.rows, changes);
@@ -648,12 +725,14 @@ impl Core {
 
 /// Evaluates one subscription (whole or by key) and diffs: its changes and next row id,
 /// `None` when nothing changed or its query failed for good (then it is marked failed).
+/// `keyed` is its keyed statement when the round already holds it (shared by its shape).
 fn evaluate_one(
     api: &ApiConn,
     limits: Limits,
     metrics: &Metrics,
     s: &mut SubState,
     eval: &Eval,
+    keyed: Option<&mut rusqlite::Statement<'_>>,
 ) -> Result<Option<(Vec<Change>, i64)>, SubError> {
     let run = |stmt: &mut rusqlite::Statement<'_>| {
         let armed = api.dog.arm(limits.query_timeout, None);
@@ -667,8 +746,12 @@ fn evaluate_one(
         )
         .map_err(|e| armed.explain(e))
     };
-    let outcome = match (eval, &s.plan.mode) {
-        (Eval::Keys(_), Ok(k)) => match api.conn.prepare_cached(&k.sql) {
+    let outcome = match (eval, &s.plan.mode, keyed) {
+        (Eval::Keys(_), Ok(_), Some(st)) => match crate::http::exec::bind(st, &s.spec.params) {
+            Ok(()) => Ok(run(st)),
+            Err(e) => Err(e),
+        },
+        (Eval::Keys(_), Ok(k), None) => match api.conn.prepare_cached(&k.sql) {
             Ok(mut st) => match crate::http::exec::bind(&mut st, &s.spec.params) {
                 Ok(()) => Ok(run(&mut st)),
                 Err(e) => Err(e),
@@ -711,7 +794,7 @@ fn evaluate_one(
         }
     };
     let (changes, next) = match eval {
-        Eval::Keys(names) => diff_keys(&s.rows, names, result, s.next_rowid),
+        Eval::Keys(names) => diff_keys(&s.rows, names.as_slice(), result, s.next_rowid),
         Eval::Whole => diff(&s.rows, result, s.next_rowid),
     };
     Ok((!changes.is_empty()).then_some((changes, next)))

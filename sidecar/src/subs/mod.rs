@@ -7,6 +7,7 @@
 //! - `plan`    — which tables a query reads and whether it is matched by key (incremental).
 //! - `diff`    — evaluating a query into keyed rows; the diff, whole or for touched keys.
 //! - `storage` — the `patina_api_*` tables: statements, current rows, change logs.
+//! - `recent`  — the latest committed changes as stream lines, for live streams.
 //! - `pk`      — packed primary keys back into values.
 //! - `error`   — [`SubError`], mapped to HTTP statuses in one place.
 //!
@@ -19,6 +20,7 @@ mod engine;
 mod error;
 mod pk;
 mod plan;
+mod recent;
 mod storage;
 
 #[cfg(test)]
@@ -26,4 +28,5 @@ mod proptests;
 
 pub use engine::{changes_after, snapshot, ListenGuard, SubEngine, SubHandle, IDLE_EXPIRY};
 pub use error::SubError;
+pub use recent::change_line;
 pub use storage::RETAINED_CHANGES;

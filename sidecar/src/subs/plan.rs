@@ -24,6 +24,7 @@
 //! Every other query is re-run whole, and only when a table it reads was touched.
 
 use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
 
 use crate::http::json_values::StatementSpec;
 use crate::http::pool::ApiConn;
@@ -41,7 +42,8 @@ pub const KEYS_SCHEMA: &str = "CREATE TEMP TABLE IF NOT EXISTS patina_sub_keys \
 /// How a subscription is matched against touched keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Tables the query reads, lower-cased: a write elsewhere never re-runs it.
+    /// Tables the query reads, lower-cased: a write elsewhere never re-runs it (the engine
+    /// lower-cases the touched tables, as `crsql_changes` names them, once per round).
     pub tables: BTreeSet<String>,
     /// `Ok`: matched by key; `Err`: re-run whole, and why.
     pub mode: Result<Keyed, &'static str>,
@@ -56,6 +58,10 @@ pub struct Keyed {
     pub sql: String,
     /// Number of primary key columns.
     pub width: usize,
+    /// A hash of `sql`: the engine orders a round's subscriptions by it so that those of
+    /// one shape (equal `sql`, other parameters) are next to each other, without comparing
+    /// the whole text of every pair.
+    pub shape: u64,
 }
 
 impl Plan {
@@ -65,11 +71,6 @@ impl Plan {
             tables: BTreeSet::new(),
             mode: Err("the query does not prepare"),
         }
-    }
-
-    /// Whether a write to `table` (as `crsql_changes` names it) may change the result.
-    pub fn reads(&self, table: &str) -> bool {
-        self.tables.contains(&table.to_ascii_lowercase())
     }
 }
 
@@ -152,6 +153,11 @@ pub fn plan(
         tables,
         mode: Ok(Keyed {
             table,
+            shape: {
+                let mut h = std::hash::DefaultHasher::new();
+                sql.hash(&mut h);
+                h.finish()
+            },
             sql,
             width: key_cols.len(),
         }),

@@ -228,21 +228,45 @@ fn core(shared: &NodeShared) -> Core {
 }
 
 /// The subscriptions under test: incremental shapes (a parameter, an alias, a composite
-/// key, an expression in the result, a keyless filter) and whole-run ones (an aggregate,
-/// a LIMIT, a join).
+/// key, an expression in the result, a keyless filter), several subscriptions of one shape
+/// with different parameters (evaluated on one shared statement, re-bound for each), and
+/// whole-run ones (an aggregate, a LIMIT, a join).
 fn specs() -> Vec<(StatementSpec, bool)> {
     let p = |sql: &str, params: Params| StatementSpec {
         sql: sql.into(),
         params,
     };
-    vec![
-        (
+    let text = |s: &str| Param(rusqlite::types::Value::Text(s.into()));
+    let int = |n: i64| Param(rusqlite::types::Value::Integer(n));
+    let mut out = vec![];
+    for region in REGION {
+        out.push((
             p(
                 "SELECT id, status, region FROM m WHERE region = ?",
-                Params::Positional(vec![Param(rusqlite::types::Value::Text("ams".into()))]),
+                Params::Positional(vec![text(region)]),
             ),
             true,
-        ),
+        ));
+    }
+    for (region, status) in [("ams", "up"), ("iad", "up"), ("ams", "down")] {
+        out.push((
+            p(
+                "SELECT id, status FROM m WHERE region = ? AND status <> ?",
+                Params::Positional(vec![text(region), text(status)]),
+            ),
+            true,
+        ));
+    }
+    for min in [-50, 0, 50] {
+        out.push((
+            p(
+                "SELECT id, n FROM m WHERE n > :min",
+                Params::Named(vec![(":min".into(), int(min))]),
+            ),
+            true,
+        ));
+    }
+    out.extend(vec![
         (
             p(
                 "SELECT x.status, x.id FROM m AS x WHERE x.status <> 'down'",
@@ -283,7 +307,8 @@ fn specs() -> Vec<(StatementSpec, bool)> {
             ),
             false,
         ),
-    ]
+    ]);
+    out
 }
 
 type Seen = BTreeMap<String, Vec<(String, String, String)>>;
@@ -405,6 +430,80 @@ fn check(batches: Vec<Vec<Op>>) {
         after_inc = la;
         after_whole = lb;
     }
+}
+
+/// Subscriptions of one shape with different parameters share one cached keyed
+/// statement; re-binding it must not make SQLite re-plan it (query planner stability,
+/// `Core::open`), or every evaluation pays a full prepare.
+#[test]
+fn a_shape_shared_by_parameters_is_not_re_prepared() {
+    let Ok(ext) = crate::db::extension_path(None) else {
+        eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("node.db");
+    let writer = crate::db::open(&db, &ext, Synchronous::Normal).unwrap();
+    writer.execute_batch(SCHEMA).unwrap();
+    let sh = shared(&db);
+    let mut inc = core(&sh);
+    for region in REGION {
+        inc.create(StatementSpec {
+            sql: "SELECT id, status, region FROM m WHERE region = ?".into(),
+            params: Params::Positional(vec![Param(rusqlite::types::Value::Text(region.into()))]),
+        })
+        .unwrap();
+    }
+    let sql = inc.states[0].keyed_sql().unwrap().to_owned();
+    let mut version = 0;
+    for i in 0..6u8 {
+        run(
+            &writer,
+            &writer,
+            &Op::Upsert {
+                id: i,
+                status: i % 3,
+                region: i % 3,
+                n: 1,
+            },
+        );
+        let (keys, now) = touched_after(&writer, version);
+        version = now;
+        inc.round(&keys, None, |_| true).unwrap();
+    }
+    let reprepared = inc
+        .api
+        .conn
+        .prepare_cached(&sql)
+        .unwrap()
+        .get_status(rusqlite::StatementStatus::RePrepare);
+    assert_eq!(reprepared, 0, "the shared keyed statement was re-prepared");
+    assert_eq!(
+        inc.states.iter().map(|s| s.rows.len()).collect::<Vec<_>>(),
+        vec![2, 2, 2]
+    );
+}
+
+/// A round that fails leaves no transaction open: the snapshot it read is rolled back
+/// (the authorizer refuses an untrusted ROLLBACK), and the next round can begin.
+#[test]
+fn a_dropped_read_snapshot_rolls_back() {
+    let Ok(ext) = crate::db::extension_path(None) else {
+        eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("node.db");
+    let writer = crate::db::open(&db, &ext, Synchronous::Normal).unwrap();
+    writer.execute_batch(SCHEMA).unwrap();
+    let mut inc = core(&shared(&db));
+    {
+        let _s = storage::ReadSnapshot::begin(&inc.api.conn, &inc.api.auth).unwrap();
+        assert!(!inc.api.conn.is_autocommit());
+    }
+    assert!(inc.api.conn.is_autocommit(), "a transaction was left open");
+    inc.round(&TouchedKeys::All, None, |_| true).unwrap();
+    assert!(inc.api.conn.is_autocommit());
 }
 
 proptest! {
