@@ -421,6 +421,9 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
         .prepare(&format!("SELECT name FROM {SCHEMA}.patina_seed_tables"))?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
+    // Tables are copied one after another: a child row may come before its parent.
+    // Foreign keys (when the app turned them on) are checked at the commit instead.
+    conn.execute_batch("PRAGMA defer_foreign_keys = ON")?;
     conn.execute("UPDATE main.patina_state SET merging = 1 WHERE id = 0", [])?;
     conn.execute_batch(&format!(
         "INSERT INTO main.patina_sites (site_id)
