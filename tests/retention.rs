@@ -256,12 +256,16 @@ fn a_forgotten_node_returns_with_a_fresh_site_id_and_converges() {
     let old_site = site_hex(&nodes[1]);
     // The premise: node2 knows it had a live peer (stored at its first contact). A joiner
     // seeded from a snapshot converges within a second, possibly before that write.
-    wait_for("node2 to record its first contact", Duration::from_secs(30), || {
-        count(
-            &nodes[1].conn(),
-            "SELECT count(*) FROM patina_node_flags WHERE key = 'last_contact'",
-        ) == 1
-    });
+    wait_for(
+        "node2 to record its first contact",
+        Duration::from_secs(30),
+        || {
+            count(
+                &nodes[1].conn(),
+                "SELECT count(*) FROM patina_node_flags WHERE key = 'last_contact'",
+            ) == 1
+        },
+    );
     nodes[1].kill9();
     // node1 forgets node2: its cursor, ranges and membership rows go.
     let old = old_site.clone();
