@@ -85,8 +85,10 @@ impl Driver {
                 Some(unit) = self.units.recv() => self.on_local_unit(unit),
                 Some(a) = self.applied.recv() => {
                     let now = self.now();
-                    if let Some(SeedOutcome::Installed { versions }) = &a.seed {
-                        self.on_seeded(*versions);
+                    if let Some(SeedOutcome::Installed { versions, .. }) = &a.seed {
+                        // It counts as the versions it brought (what a feed would have
+                        // carried); its bytes were counted as they arrived.
+                        self.shared.metrics.sync_changes_received.inc_by(*versions);
                     }
                     self.sync.handle_applied(a, now);
                     for (took, bytes) in self.sync.take_finished_pulls() {
@@ -94,9 +96,12 @@ impl Driver {
                     }
                 }
                 _ = held_refresh.tick() => self.reload_held(),
-                _ = upkeep_tick.tick() => {
+                                _ = upkeep_tick.tick() => {
                     let now = self.now();
                     self.upkeep.tick(&self.sync, now);
+                    if let Ok(mut s) = self.snapshots.try_lock() {
+                        s.expire();
+                    }
                 }
                 Some(done) = self.upkeep.done_rx.recv() => self.upkeep.on_done(done, &mut self.sync),
                 _ = tokio::time::sleep_until(deadline) => {
@@ -187,26 +192,6 @@ impl Driver {
             },
             now,
         );
-    }
-
-    /// A snapshot was installed: it counts as the versions it brought (what a feed would
-    /// have carried), and what it collected is advertised from now on.
-    fn on_seeded(&mut self, versions: u64) {
-        self.shared.metrics.sync_changes_received.inc_by(versions);
-        let loaded = match self.reader.lock() {
-            Ok(conn) => crate::db::retention::load_collected(&conn).and_then(|c| {
-                let floor: i64 =
-                    conn.query_row("SELECT cl_floor FROM patina_state WHERE id = 0", [], |r| {
-                        r.get(0)
-                    })?;
-                Ok((c, floor))
-            }),
-            Err(_) => return,
-        };
-        match loaded {
-            Ok((collected, floor)) => self.sync.set_collected(collected, floor),
-            Err(e) => tracing::warn!("cannot read what the snapshot collected: {e}"),
-        }
     }
 
     fn reload_held(&mut self) {
@@ -345,12 +330,7 @@ impl Driver {
                     let snapshots = self.snapshots.clone();
                     tokio::task::spawn_blocking(move || {
                         if let Some(ask) = seed {
-                            let part = match snapshots.lock() {
-                                Ok(mut s) => s.part(ask, to),
-                                Err(_) => Err(crate::db::seed::SeedError::Refused(
-                                    "the snapshot store is unusable".into(),
-                                )),
-                            };
+                            let part = super::snapshots::part(&snapshots, ask, to);
                             match part {
                                 Ok(p) => {
                                     let msg = Msg::Seed {
@@ -419,6 +399,19 @@ impl Driver {
                     });
                 }
                 Effect::RaiseClFloor(floor) => self.upkeep.raise_cl_floor(floor),
+                Effect::DropSeed => {
+                    // A part still queued for the apply thread cannot re-create the file:
+                    // only a snapshot's first part creates it (`db::apply`).
+                    let path = crate::db::apply::seed_file_of(&self.shared.db_path);
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => tracing::warn!(
+                            "cannot remove the abandoned snapshot {}: {e}",
+                            path.display()
+                        ),
+                    }
+                }
                 Effect::Reseed {
                     peer,
                     origin,

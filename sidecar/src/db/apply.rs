@@ -168,10 +168,14 @@ fn job_changes(j: &ApplyJob) -> usize {
 }
 
 /// Where the joiner writes the snapshot it receives: beside the database.
+pub fn seed_file_of(db: &std::path::Path) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("{}.seed-in", db.display()))
+}
+
 fn seed_file(conn: &Connection) -> Option<std::path::PathBuf> {
     conn.path()
         .filter(|p| !p.is_empty())
-        .map(|p| std::path::PathBuf::from(format!("{p}.seed-in")))
+        .map(|p| seed_file_of(std::path::Path::new(p)))
 }
 
 /// Writes a snapshot part down; the last one installs the snapshot (`db::seed`). Returns
@@ -196,8 +200,10 @@ fn seed_part(
         return failed("the database has no file to put a snapshot beside".into());
     };
     let written = (|| -> std::io::Result<()> {
+        // Only the first part creates the file: a part still queued after the attempt was
+        // abandoned (and the file deleted, `Effect::DropSeed`) fails instead.
         let mut f = std::fs::OpenOptions::new()
-            .create(true)
+            .create(part.offset == 0)
             .write(true)
             .truncate(false)
             .open(&path)?;
@@ -221,8 +227,12 @@ fn seed_part(
         Ok(i) => i,
         Err(e) => return failed(e.to_string()),
     };
-    let held = match bookkeeping::load_held(conn) {
-        Ok(h) => h,
+    let read = bookkeeping::load_held(conn).and_then(|h| {
+        let collected = super::retention::load_collected(conn)?;
+        Ok((h, collected, super::retention::cl_floor(conn)?))
+    });
+    let (held, collected, cl_floor) = match read {
+        Ok(r) => r,
         Err(e) => return failed(format!("installed, but cannot read what is held: {e}")),
     };
     tracing::info!(
@@ -245,6 +255,8 @@ fn seed_part(
             .collect(),
         seed: Some(SeedOutcome::Installed {
             versions: installed.versions,
+            collected,
+            cl_floor,
         }),
         ..Applied::default()
     })

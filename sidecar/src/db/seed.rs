@@ -149,6 +149,27 @@ fn copy_out(conn: &Connection) -> Result<(), SeedError> {
             "INSERT INTO {SCHEMA}.patina_seed_collected SELECT site_id, upto FROM main.patina_collected"
         ))?;
     }
+    // Versions held only in the schema buffer are recorded as held but are in no table:
+    // a snapshot would make the joiner claim them without their changes (`serve_pull`
+    // leaves them out of a feed the same way). The joiner gets the feed instead.
+    let buffering: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = 'patina_schema_buffer'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if buffering.is_some() {
+        let waiting: i64 =
+            conn.query_row("SELECT count(*) FROM main.patina_schema_buffer", [], |r| {
+                r.get(0)
+            })?;
+        if waiting > 0 {
+            return Err(refused(format!(
+                "{waiting} unit(s) wait in the schema buffer for a schema change here"
+            )));
+        }
+    }
     if conn.query_row(
         &format!("SELECT count(*) FROM {SCHEMA}.patina_seed_meta"),
         [],
@@ -658,6 +679,25 @@ mod tests {
             state(&j),
             "the sender holds the joiner's write too"
         );
+    }
+
+    #[test]
+    fn no_snapshot_while_units_wait_in_the_schema_buffer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some((s, path)) = sender(dir.path()) else {
+            return;
+        };
+        crate::db::buffer::ensure(&s).expect("buffer tables");
+        s.execute(
+            "INSERT INTO patina_schema_buffer (kind, site, from_v, to_v, missing, received_at) \
+             VALUES ('unit', x'07', 0, 3, 'table x', 0)",
+            [],
+        )
+        .expect("a buffered unit");
+        let file = dir.path().join("snap");
+        let e = export(&path, &file).expect_err("refused");
+        assert!(e.to_string().contains("schema buffer"), "{e}");
+        assert!(!file.exists(), "no file left behind");
     }
 
     #[test]

@@ -182,6 +182,8 @@ pub enum Effect {
     },
     /// Hand work to the apply side.
     Apply(ApplyJob),
+    /// A snapshot was abandoned before its last part: delete what was written of it.
+    DropSeed,
     /// Store, once and for good, that `site` is bound to the peer `identity`
     /// (`patina_site_bindings`; `INSERT OR IGNORE`). Already in force in memory.
     Bind { site: SiteId, identity: String },
@@ -670,9 +672,10 @@ impl Replicator {
                 tracing::warn!(
                     peer = %peer,
                     "the snapshot from peer {peer} did not arrive in time; catching up from \
-                     peers' feeds instead"
+                                          peers' feeds instead"
                 );
                 self.end_seed();
+                self.effects.push_back(Effect::DropSeed);
             }
         }
         while let Some((t, ..)) = self.pending_since.front() {
@@ -795,7 +798,12 @@ impl Replicator {
                 from: to,
                 id: 0,
                 next: 0,
+                total: None,
             };
+            // The peer first copies its tables, which takes a while on a large database.
+            if let Some(p) = self.pulls.get_mut(&to) {
+                p.deadline = now + self.config.pull_timeout * 10;
+            }
             Some(SeedAsk { id: 0, offset: 0 })
         } else {
             None
@@ -1169,10 +1177,19 @@ impl Replicator {
     /// A part of the snapshot asked for: handed to the apply side in order, the next one
     /// asked for, or — the last — installed.
     fn on_seed_part(&mut self, from: SocketAddr, site: SiteId, part: SeedPart, now: Duration) {
-        let SeedState::Fetching { from: f, id, next } = self.seed.clone() else {
+        let SeedState::Fetching {
+            from: f,
+            id,
+            next,
+            total,
+        } = self.seed.clone()
+        else {
             return;
         };
-        let in_order = f == from && part.offset == next && (id == 0 || id == part.id);
+        let in_order = f == from
+            && part.offset == next
+            && (id == 0 || id == part.id)
+            && total.is_none_or(|t| t == part.total);
         let Some(pull) = self.pulls.get_mut(&from).filter(|_| in_order) else {
             tracing::debug!(peer = %from, offset = part.offset, "ignoring a snapshot part not asked for");
             return;
@@ -1187,7 +1204,12 @@ impl Replicator {
             pull.phase = Phase::Applying;
             self.seed = SeedState::Installing { from };
         } else {
-            self.seed = SeedState::Fetching { from, id, next };
+            self.seed = SeedState::Fetching {
+                from,
+                id,
+                next,
+                total: Some(part.total),
+            };
             self.effects.push_back(Effect::Send {
                 to: from,
                 msg: Msg::Pull {
@@ -1406,6 +1428,14 @@ impl Replicator {
     pub fn handle_applied(&mut self, applied: Applied, now: Duration) {
         self.pending.remove(&applied.released);
         if let Some(outcome) = &applied.seed {
+            if let SeedOutcome::Installed {
+                collected,
+                cl_floor,
+                ..
+            } = outcome
+            {
+                self.set_collected(collected.clone(), *cl_floor);
+            }
             if let (SeedOutcome::Failed(why), Some(peer)) = (outcome, self.seed.peer()) {
                 tracing::warn!(
                     peer = %peer,
@@ -2008,7 +2038,11 @@ mod tests {
             Applied {
                 cursors: vec![([2; 16], 123)],
                 held: vec![([7; 16], held)],
-                seed: Some(SeedOutcome::Installed { versions: 50 }),
+                seed: Some(SeedOutcome::Installed {
+                    versions: 50,
+                    collected: [([7; 16], 9)].into_iter().collect(),
+                    cl_floor: 4,
+                }),
                 ..Applied::default()
             },
             t,
@@ -2028,6 +2062,28 @@ mod tests {
         assert_eq!(j.pulls_in_flight(), 0);
         assert_eq!(j.cursor(&[2; 16]), 123);
         assert!(j.held().covers(&[7; 16], 1, 50));
+        // What the sender had collected is advertised from now on.
+        j.handle_timer(Duration::from_secs(5));
+        let advertised = drain(&mut j).into_iter().find_map(|e| match e {
+            Effect::Send {
+                msg:
+                    Msg::Summary {
+                        collected,
+                        cl_floor,
+                        ..
+                    },
+                ..
+            } => Some((collected, cl_floor)),
+            _ => None,
+        });
+        match advertised {
+            Some((Some(c), Some(4))) => assert!(
+                c.iter()
+                    .any(|o| o.site == [7; 16] && o.ranges == vec![(1, 9)]),
+                "{c:?}"
+            ),
+            other => panic!("expected a summary with the sender's floors, got {other:?}"),
+        }
     }
 
     #[test]

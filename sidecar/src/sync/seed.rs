@@ -20,6 +20,7 @@
 use std::net::SocketAddr;
 
 use super::ranges::RangeError;
+use super::stability::Prefixes;
 
 /// Bytes per `Msg::Seed` part: a quarter of the default frame limit.
 pub const PART_BYTES: usize = 4 << 20;
@@ -55,12 +56,13 @@ pub enum SeedState {
     Off,
     /// This node holds nothing: its first catch-up pull asks for a snapshot.
     Possible,
-    /// Receiving parts from `from`; `next` is the offset expected next (`id` 0 until the
-    /// first part names the snapshot).
+    /// Receiving parts from `from`; `next` is the offset expected next (`id` 0 and
+    /// `total` unknown until the first part names the snapshot and its size).
     Fetching {
         from: SocketAddr,
         id: u64,
         next: u64,
+        total: Option<u64>,
     },
     /// Every part is with the apply side, which installs the snapshot.
     Installing { from: SocketAddr },
@@ -87,8 +89,13 @@ impl SeedState {
 /// What the apply side did with a snapshot.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SeedOutcome {
-    /// Installed: this many versions (of every origin) are now held.
-    Installed { versions: u64 },
+    /// Installed: this many versions (of every origin) are now held; what the sender had
+    /// collected, and its `cl_floor`, are now this node's (advertised in its summaries).
+    Installed {
+        versions: u64,
+        collected: Prefixes,
+        cl_floor: i64,
+    },
     /// Not installed (nothing of it was): why.
     Failed(String),
 }

@@ -835,6 +835,8 @@ impl Sim {
                 // The simulated stores keep no tombstones: nothing is ever collected, so
                 // no floor is raised and no node is told to re-seed.
                 Effect::RaiseClFloor(_) | Effect::Reseed { .. } | Effect::Diverged { .. } => {}
+                // Simulated nodes never ask for snapshots.
+                Effect::DropSeed => {}
                 // Simulated nodes never ask for snapshots: `seed` is always `None`.
                 Effect::Serve {
                     to,
