@@ -802,7 +802,7 @@ impl Replicator {
             };
             // The peer first copies its tables, which takes a while on a large database.
             if let Some(p) = self.pulls.get_mut(&to) {
-                p.deadline = now + self.config.pull_timeout * 10;
+                p.deadline = now + self.config.pull_timeout * 3;
             }
             Some(SeedAsk { id: 0, offset: 0 })
         } else {
@@ -1011,9 +1011,15 @@ impl Replicator {
                 if !urgent && self.config.track_stability {
                     self.stability.observe_summary(site, &theirs, &self.held);
                 }
-                if self.wants_snapshot() && !theirs.minus(&self.holding()).is_empty() {
+                if self.wants_snapshot()
+                    && !theirs.minus(&self.holding()).is_empty()
+                    && self.pulls.is_empty()
+                {
                     // Holding nothing, and the peer holds something: its snapshot, now,
-                    // rather than a round trip for its offer.
+                    // rather than a round trip for its offer. Our summary goes first: a
+                    // peer serves nothing before a summary vetted it (`vetted`), and no
+                    // summary leaves here while the pull runs.
+                    self.send_summary(from, false, false, None);
                     self.start_pull(from, site, now);
                 }
                 self.on_summary(from, &theirs, reply, urgent, now)
