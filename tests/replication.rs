@@ -273,7 +273,8 @@ fn a_late_node_catches_up_from_feeds_when_it_cannot_be_seeded() {
 #[test]
 fn a_large_transaction_replicates_atomically() {
     const ROWS: i64 = 50_000;
-    let nodes = cluster(3);
+    // Announced and pulled in chunks (empty nodes would copy a snapshot instead).
+    let nodes = cluster_without_seeding(3);
     let partial = Arc::new(AtomicI64::new(-1));
     let done = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = nodes[1..]
@@ -380,7 +381,8 @@ fn a_copied_database_is_refused_loudly() {
 #[test]
 fn a_node_killed_mid_catch_up_applies_the_unit_whole_after_restart() {
     const ROWS: i64 = 20_000;
-    let mut nodes = cluster(2);
+    // Pulled in chunks through the inbox (an empty node would copy a snapshot instead).
+    let mut nodes = cluster_without_seeding(2);
     {
         let mut conn = nodes[0].conn();
         let tx = conn.transaction().expect("begin");

@@ -160,12 +160,24 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 
 /// Starts `n` nodes, each bootstrapping to the first.
 pub fn cluster(n: usize) -> Vec<Node> {
+    cluster_with(n, &[])
+}
+
+/// Starts `n` nodes that never seed from a snapshot: a node that holds nothing catches up
+/// from feeds, for tests of the feed's own paths (large units pulled in chunks).
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn cluster_without_seeding(n: usize) -> Vec<Node> {
+    cluster_with(n, &["--sync-seed-from-snapshot", "false"])
+}
+
+fn cluster_with(n: usize, flags: &[&str]) -> Vec<Node> {
     let mut nodes = vec![Node::new("node1", &[])];
     let first = nodes[0].gossip;
     for i in 1..n {
         nodes.push(Node::new(&format!("node{}", i + 1), &[first]));
     }
     for node in nodes.iter_mut() {
+        node.extra.extend(flags.iter().map(|f| f.to_string()));
         node.start();
     }
     nodes
