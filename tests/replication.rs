@@ -79,6 +79,8 @@ fn a_node_killed_mid_write_catches_up_without_loss() {
     let (writers, rest) = nodes.split_at_mut(2);
     let victim = &mut rest[0];
     std::thread::scope(|s| {
+        // A failed wait below must still stop the writers, or the scope never ends.
+        let _stop_writers = StopOnDrop(&stop);
         for (n, node) in writers.iter().enumerate() {
             let (stop, written, next) = (&stop, &written, &next);
             s.spawn(move || {

@@ -20,7 +20,7 @@ use std::time::Duration;
 mod cluster;
 mod common;
 
-use cluster::{metric, wait_for, Node};
+use cluster::{metric, wait_for, Node, StopOnDrop};
 
 const NODES: usize = 10;
 /// The node that joins mid-rollout.
@@ -197,15 +197,6 @@ fn write_one(conn: &rusqlite::Connection, n: usize, seq: i64, migrated: bool) ->
     };
     tx.commit().expect("commit");
     acks
-}
-
-/// Sets its flag when dropped, also while unwinding from a failed check.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
 }
 
 #[test]

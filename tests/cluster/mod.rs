@@ -158,6 +158,16 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Sets its flag when dropped — also while a failed assertion unwinds — so writer threads
+/// inside a `std::thread::scope` stop and the scope can end (else a failing test hangs).
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Starts `n` nodes, each bootstrapping to the first.
 pub fn cluster(n: usize) -> Vec<Node> {
     cluster_with(n, &[])
