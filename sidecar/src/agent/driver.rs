@@ -402,7 +402,7 @@ impl Driver {
                 Effect::DropSeed => {
                     // A part still queued for the apply thread cannot re-create the file:
                     // only a snapshot's first part creates it (`db::apply`).
-                    let path = crate::db::apply::seed_file_of(&self.shared.db_path);
+                    let path = crate::db::seed::incoming_file(&self.shared.db_path);
                     match std::fs::remove_file(&path) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

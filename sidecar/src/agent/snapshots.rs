@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::db::seed::{export, SeedError};
+use crate::db::seed::{export, outgoing_file, SeedError};
 use crate::sync::SeedAsk;
 
 /// A snapshot no part was asked of for this long is deleted.
@@ -91,7 +91,7 @@ impl Snapshots {
                 break id;
             }
         };
-        let path = PathBuf::from(format!("{}.seed-out-{id:016x}", self.db.display()));
+        let path = outgoing_file(&self.db, id);
         self.made.insert(
             id,
             Made {

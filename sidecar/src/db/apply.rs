@@ -167,15 +167,11 @@ fn job_changes(j: &ApplyJob) -> usize {
     }
 }
 
-/// Where the joiner writes the snapshot it receives: beside the database.
-pub fn seed_file_of(db: &std::path::Path) -> std::path::PathBuf {
-    std::path::PathBuf::from(format!("{}.seed-in", db.display()))
-}
-
+/// Where the joiner writes the snapshot it receives (`db::seed::incoming_file`).
 fn seed_file(conn: &Connection) -> Option<std::path::PathBuf> {
     conn.path()
         .filter(|p| !p.is_empty())
-        .map(|p| seed_file_of(std::path::Path::new(p)))
+        .map(|p| super::seed::incoming_file(std::path::Path::new(p)))
 }
 
 /// Writes a snapshot part down; the last one installs the snapshot (`db::seed`). Returns
@@ -186,7 +182,6 @@ fn seed_part(
     job: &ApplyJob,
     metrics: &Metrics,
 ) -> Option<Applied> {
-    use std::io::{Seek, SeekFrom, Write};
     let Work::SeedPart(part) = &job.work else {
         return None;
     };
@@ -199,20 +194,7 @@ fn seed_part(
     let Some(path) = seed_file(conn) else {
         return failed("the database has no file to put a snapshot beside".into());
     };
-    let written = (|| -> std::io::Result<()> {
-        // Only the first part creates the file: a part still queued after the attempt was
-        // abandoned (and the file deleted, `Effect::DropSeed`) fails instead.
-        let mut f = std::fs::OpenOptions::new()
-            .create(part.offset == 0)
-            .write(true)
-            .truncate(false)
-            .open(&path)?;
-        if part.offset == 0 {
-            f.set_len(0)?;
-        }
-        f.seek(SeekFrom::Start(part.offset))?;
-        f.write_all(&part.bytes)
-    })();
+    let written = super::seed::write_part(&path, part);
     if let Err(e) = written {
         let _ = std::fs::remove_file(&path);
         return failed(format!("cannot write {}: {e}", path.display()));

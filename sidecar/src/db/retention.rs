@@ -12,6 +12,7 @@
 //! - `patina_node_flags`: `reseed` → why this node must be re-seeded at its next start;
 //!   `last_contact` → when it last had a live peer (unix ms).
 
+use super::schema::quote;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -243,24 +244,15 @@ pub fn reseed(
             source,
         })?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let clocks: Vec<String> = tx
-        .prepare(
-            "SELECT name FROM main.sqlite_schema WHERE type = 'table' \
-             AND name LIKE '%\\_\\_patina\\_clock' ESCAPE '\\'",
-        )?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let tables = super::schema::replicated_tables(&tx)?;
     // merging = 1: the capture triggers record nothing of these deletes.
     tx.execute_batch("UPDATE patina_state SET merging = 1 WHERE id = 0")?;
-    for clock in &clocks {
-        let Some(table) = clock.strip_suffix("__patina_clock") else {
-            continue;
-        };
-        let q = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+    for table in &tables {
+        let clock = format!("{table}{}", super::schema::CLOCK_SUFFIX);
         tx.execute_batch(&format!(
             "DELETE FROM {}; DELETE FROM {};",
-            q(table),
-            q(clock)
+            quote(table),
+            quote(&clock)
         ))?;
     }
     tx.execute_batch("UPDATE patina_state SET merging = 0 WHERE id = 0")?;

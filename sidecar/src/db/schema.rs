@@ -128,8 +128,31 @@ fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<Column>> {
     rows.collect()
 }
 
-fn quote(ident: &str) -> String {
+/// `ident` as a quoted SQL identifier.
+pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// Whether `main` has a table named `name`.
+pub fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = ?1")?
+        .exists([name])
+}
+
+/// The replicated tables of `main` (those with a clock table, `<table>__patina_clock`).
+pub fn replicated_tables(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let clocks: Vec<String> = conn
+        .prepare_cached(
+            "SELECT name FROM main.sqlite_schema WHERE type = 'table' \
+             AND substr(name, -length(?1)) = ?1 ORDER BY name",
+        )?
+        .query_map([CLOCK_SUFFIX], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(clocks
+        .iter()
+        .filter_map(|c| c.strip_suffix(CLOCK_SUFFIX).filter(|t| !t.is_empty()))
+        .map(str::to_string)
+        .collect())
 }
 
 /// Applies the schema files to `conn`; returns the tables made replicated.
@@ -213,16 +236,10 @@ pub fn apply(conn: &mut Connection, paths: &[PathBuf]) -> Result<Vec<String>, Sc
 /// is migrated with `crsql_commit_alter`, which regenerates its triggers; returns the
 /// repaired tables. Cheap when nothing drifted: two pragma reads per replicated table.
 pub fn repair_drift(conn: &Connection) -> Result<Vec<String>, SchemaError> {
-    const SUFFIX: &str = "__patina_clock";
-    let clocks: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, -length(?1)) = ?1")?
-        .query_map([SUFFIX], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
     let mut repaired = Vec::new();
-    for clock in clocks {
-        let Some(table) = clock.strip_suffix(SUFFIX).filter(|t| !t.is_empty()) else {
-            continue;
-        };
+    for table in replicated_tables(conn)? {
+        let table = table.as_str();
+        let clock = format!("{table}{CLOCK_SUFFIX}");
         let names = |t: &str| -> rusqlite::Result<Vec<String>> {
             conn.prepare("SELECT name FROM pragma_table_info(?1) WHERE pk = 0")?
                 .query_map([t], |r| r.get(0))?
@@ -252,24 +269,16 @@ pub fn repair_drift(conn: &Connection) -> Result<Vec<String>, SchemaError> {
     Ok(repaired)
 }
 
-/// The suffix of a replicated table's clock table: `<table>__patina_clock`.
-const CLOCK_SUFFIX: &str = "__patina_clock";
+/// The suffix of a replicated table's clock table: `<table>__patina_clock`
+/// (`ext/src/schema.rs`).
+pub const CLOCK_SUFFIX: &str = "__patina_clock";
 
 /// The replicated tables of `conn` (those with a clock table) and all their columns: what
 /// remote changes may name here (`sync::Schema`). A few pragma reads per table.
 pub fn replicated(conn: &Connection) -> rusqlite::Result<Schema> {
-    let clocks: Vec<String> = conn
-        .prepare_cached(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' \
-             AND substr(name, -length(?1)) = ?1",
-        )?
-        .query_map([CLOCK_SUFFIX], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
     let mut tables = Vec::new();
-    for clock in &clocks {
-        let Some(table) = clock.strip_suffix(CLOCK_SUFFIX).filter(|t| !t.is_empty()) else {
-            continue;
-        };
+    for table in replicated_tables(conn)? {
+        let table = table.as_str();
         let cols: Vec<String> = conn
             .prepare_cached("SELECT name FROM pragma_table_info(?1)")?
             .query_map([table], |r| r.get(0))?

@@ -19,14 +19,14 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::sync::SiteId;
+use super::schema::{has_table, quote, replicated_tables, CLOCK_SUFFIX};
+use crate::sync::seed::SeedPart;
+use crate::sync::{SiteId, MAX_VERSION};
 
 /// The snapshot layout this build writes and reads.
 const FORMAT: i64 = 1;
 /// Name of the snapshot database while attached.
 const SCHEMA: &str = "patina_seed";
-/// Suffix of a clock table (`ext/src/schema.rs`).
-const CLOCK_SUFFIX: &str = "__patina_clock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
@@ -44,25 +44,6 @@ pub enum SeedError {
 
 fn refused(why: impl Into<String>) -> SeedError {
     SeedError::Refused(why.into())
-}
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Replicated tables of `main`: those with a clock table beside them.
-fn replicated_tables(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut s =
-        conn.prepare("SELECT name FROM main.sqlite_schema WHERE type = 'table' ORDER BY name")?;
-    let names: Vec<String> = s
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(names
-        .iter()
-        .filter_map(|n| n.strip_suffix(CLOCK_SUFFIX))
-        .filter(|base| names.iter().any(|n| n == base))
-        .map(str::to_string)
-        .collect())
 }
 
 /// Columns of `table` in `schema`, in order (generated columns left out: they are
@@ -137,14 +118,7 @@ fn copy_out(conn: &Connection) -> Result<(), SeedError> {
              SELECT site_id, start, \"end\" FROM main.patina_origin_ranges;
          CREATE TABLE {SCHEMA}.patina_seed_collected (site_id, upto);"
     ))?;
-    let has_collected: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = 'patina_collected'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if has_collected.is_some() {
+    if has_table(conn, "patina_collected")? {
         conn.execute_batch(&format!(
             "INSERT INTO {SCHEMA}.patina_seed_collected SELECT site_id, upto FROM main.patina_collected"
         ))?;
@@ -152,14 +126,7 @@ fn copy_out(conn: &Connection) -> Result<(), SeedError> {
     // Versions held only in the schema buffer are recorded as held but are in no table:
     // a snapshot would make the joiner claim them without their changes (`serve_pull`
     // leaves them out of a feed the same way). The joiner gets the feed instead.
-    let buffering: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = 'patina_schema_buffer'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if buffering.is_some() {
+    if has_table(conn, "patina_schema_buffer")? {
         let waiting: i64 =
             conn.query_row("SELECT count(*) FROM main.patina_schema_buffer", [], |r| {
                 r.get(0)
@@ -201,11 +168,42 @@ fn copy_out(conn: &Connection) -> Result<(), SeedError> {
     Ok(())
 }
 
+/// Where a joiner writes the snapshot it receives: beside its database.
+pub fn incoming_file(db: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.seed-in", db.display()))
+}
+
+/// Where a node makes snapshot `id` for a joiner: beside its database.
+pub fn outgoing_file(db: &Path, id: u64) -> PathBuf {
+    PathBuf::from(format!("{}{id:016x}", outgoing_prefix(db)))
+}
+
+fn outgoing_prefix(db: &Path) -> String {
+    format!("{}.seed-out-", db.display())
+}
+
+/// Writes `part` into the snapshot being received at `path`. Only a snapshot's first part
+/// creates (or empties) the file: a part still queued after the attempt was abandoned and
+/// the file deleted fails instead of re-creating it.
+pub fn write_part(path: &Path, part: &SeedPart) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .create(part.offset == 0)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    if part.offset == 0 {
+        f.set_len(0)?;
+    }
+    f.seek(SeekFrom::Start(part.offset))?;
+    f.write_all(&part.bytes)
+}
+
 /// Removes snapshot files a previous run left beside the database at `db` (made for a
 /// joiner, `<db>.seed-out-*`, or being received, `<db>.seed-in`): a process killed while
 /// sending or receiving one. Returns how many it removed.
 pub fn remove_leftovers(db: &Path) -> usize {
-    let (Some(dir), Some(name)) = (db.parent(), db.file_name()) else {
+    let Some(dir) = db.parent() else {
         return 0;
     };
     let dir = if dir.as_os_str().is_empty() {
@@ -213,18 +211,15 @@ pub fn remove_leftovers(db: &Path) -> usize {
     } else {
         dir
     };
-    let name = name.to_string_lossy();
-    let (out, inc) = (format!("{name}.seed-out-"), format!("{name}.seed-in"));
+    let (out, inc) = (outgoing_prefix(db), incoming_file(db));
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     entries
         .filter_map(Result::ok)
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().to_string();
-            n.starts_with(&out) || n == inc
-        })
-        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().starts_with(&out) || *p == inc)
+        .filter(|p| std::fs::remove_file(p).is_ok())
         .count()
 }
 
@@ -232,14 +227,24 @@ pub fn remove_leftovers(db: &Path) -> usize {
 /// nothing of any other origin, no row in any replicated table. Checked again inside the
 /// install's transaction.
 pub fn holds_nothing(conn: &Connection) -> rusqlite::Result<bool> {
+    Ok(why_not_empty(conn)?.is_none())
+}
+
+/// What this database holds that a snapshot could clash with (`None`: nothing).
+fn why_not_empty(conn: &Connection) -> rusqlite::Result<Option<String>> {
     let (own, held): (i64, i64) = conn.query_row(
         "SELECT (SELECT origin_version FROM main.patina_state WHERE id = 0), \
                 (SELECT count(*) FROM main.patina_origin_ranges)",
         [],
         |r| Ok((r.get::<_, Option<i64>>(0)?.unwrap_or(0), r.get(1)?)),
     )?;
-    if own > 0 || held > 0 {
-        return Ok(false);
+    if own > 0 {
+        return Ok(Some("this node has written changes of its own".into()));
+    }
+    if held > 0 {
+        return Ok(Some(
+            "this node already holds changes of other nodes".into(),
+        ));
     }
     for table in replicated_tables(conn)? {
         let any: Option<i64> = conn
@@ -250,10 +255,10 @@ pub fn holds_nothing(conn: &Connection) -> rusqlite::Result<bool> {
             )
             .optional()?;
         if any.is_some() {
-            return Ok(false);
+            return Ok(Some(format!("table {table} is not empty here")));
         }
     }
-    Ok(true)
+    Ok(None)
 }
 
 /// What an install did.
@@ -284,9 +289,9 @@ pub fn install(
     r
 }
 
-/// The largest clock value or version a snapshot may carry (the bound every merge
-/// enforces, `ext/src/merge.rs` `MAX_CLOCK`).
-const MAX_CLOCK: i64 = 1 << 62;
+/// The largest clock value or version a snapshot may carry: the bound every merge
+/// enforces (`ext/src/merge.rs` `MAX_CLOCK`, `sync::MAX_VERSION`).
+const MAX_CLOCK: i64 = MAX_VERSION;
 
 /// A snapshot is a file from a peer: before anything is read from it, it must be a sound
 /// SQLite file holding plain tables only (no view or trigger whose SQL would run here).
@@ -394,24 +399,18 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
     if bad_sites > 0 {
         return Err(refused("the snapshot names malformed site ids"));
     }
-    let (own, ours_layout): (i64, i64) = conn.query_row(
-        "SELECT origin_version, layout FROM main.patina_state WHERE id = 0",
+    let ours_layout: i64 = conn.query_row(
+        "SELECT layout FROM main.patina_state WHERE id = 0",
         [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| r.get(0),
     )?;
     if layout != ours_layout {
         return Err(refused(format!(
             "the snapshot's clocks are of layout {layout}, this database's of {ours_layout}"
         )));
     }
-    if own > 0 {
-        return Err(refused("this node has written changes of its own"));
-    }
-    let held: i64 = conn.query_row("SELECT count(*) FROM main.patina_origin_ranges", [], |r| {
-        r.get(0)
-    })?;
-    if held > 0 {
-        return Err(refused("this node already holds changes of other nodes"));
+    if let Some(why) = why_not_empty(conn)? {
+        return Err(refused(why));
     }
     let knows_us: Option<i64> = conn
         .query_row(
@@ -426,18 +425,6 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
         ));
     }
     let ours = replicated_tables(conn)?;
-    for table in &ours {
-        let any: Option<i64> = conn
-            .query_row(
-                &format!("SELECT 1 FROM main.{} LIMIT 1", quote(table)),
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if any.is_some() {
-            return Err(refused(format!("table {table} is not empty here")));
-        }
-    }
     let theirs: Vec<String> = conn
         .prepare(&format!("SELECT name FROM {SCHEMA}.patina_seed_tables"))?
         .query_map([], |r| r.get(0))?

@@ -368,16 +368,25 @@ fn rows_of(core: &Core) -> Vec<BTreeMap<String, String>> {
         .collect()
 }
 
-fn check(batches: Vec<Vec<Op>>) {
-    let Ok(_) = crate::db::extension_path(None) else {
+/// A node's database with the test schema, and a writer connection to it; `None` (the
+/// test is skipped) when libpatina.so is not built.
+fn node_db() -> Option<(tempfile::TempDir, std::path::PathBuf, Connection)> {
+    let Ok(ext) = crate::db::extension_path(None) else {
         eprintln!("libpatina.so not built (cargo build -p patina): skipped");
-        return;
+        return None;
     };
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("node.db");
-    let ext = crate::db::extension_path(None).unwrap();
     let writer = crate::db::open(&db, &ext, Synchronous::Normal).unwrap();
     writer.execute_batch(SCHEMA).unwrap();
+    Some((dir, db, writer))
+}
+
+fn check(batches: Vec<Vec<Op>>) {
+    let Some((dir, db, writer)) = node_db() else {
+        return;
+    };
+    let ext = crate::db::extension_path(None).unwrap();
     let remote = crate::db::open(&dir.path().join("remote.db"), &ext, Synchronous::Normal).unwrap();
     remote.execute_batch(SCHEMA).unwrap();
     let sh = shared(&db);
@@ -437,14 +446,9 @@ fn check(batches: Vec<Vec<Op>>) {
 /// `Core::open`), or every evaluation pays a full prepare.
 #[test]
 fn a_shape_shared_by_parameters_is_not_re_prepared() {
-    let Ok(ext) = crate::db::extension_path(None) else {
-        eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+    let Some((_dir, db, writer)) = node_db() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("node.db");
-    let writer = crate::db::open(&db, &ext, Synchronous::Normal).unwrap();
-    writer.execute_batch(SCHEMA).unwrap();
     let sh = shared(&db);
     let mut inc = core(&sh);
     for region in REGION {
@@ -488,14 +492,9 @@ fn a_shape_shared_by_parameters_is_not_re_prepared() {
 /// (the authorizer refuses an untrusted ROLLBACK), and the next round can begin.
 #[test]
 fn a_dropped_read_snapshot_rolls_back() {
-    let Ok(ext) = crate::db::extension_path(None) else {
-        eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+    let Some((_dir, db, _writer)) = node_db() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("node.db");
-    let writer = crate::db::open(&db, &ext, Synchronous::Normal).unwrap();
-    writer.execute_batch(SCHEMA).unwrap();
     let mut inc = core(&shared(&db));
     {
         let _s = storage::ReadSnapshot::begin(&inc.api.conn, &inc.api.auth).unwrap();

@@ -54,7 +54,7 @@ pub use msg::{
     chunk_unit, known_covers, Change, Chunk, HeardAge, Msg, OriginRanges, OriginUnit, SeedAsk,
     SiteId, Value,
 };
-pub use ranges::{advance_cursor, advance_with_ranges, MAX_RANGES};
+pub use ranges::{advance_cursor, advance_with_ranges, MAX_RANGES, MAX_VERSION};
 pub use ranges::{
     validate_chunk, validate_origin_ranges, validate_pull, validate_unit, RangeError,
 };
