@@ -26,12 +26,16 @@ use crate::Shared;
 
 const SCHEMA: &CStr =
     c"CREATE TABLE x([table] TEXT, pk BLOB, cid TEXT, val ANY, col_version INTEGER, \
-    db_version INTEGER, site_id BLOB, cl INTEGER, seq INTEGER, origin_version INTEGER HIDDEN)";
+    db_version INTEGER, site_id BLOB, cl INTEGER, seq INTEGER, origin_version INTEGER HIDDEN, \
+    patina_batch BLOB HIDDEN)";
 
 const COL_TABLE: c_int = 0;
 const COL_DB_VERSION: c_int = 5;
 const COL_SITE_ID: c_int = 6;
+/// The change columns (cr-sqlite's nine and `origin_version`); `patina_batch` follows.
 const NCOLS: usize = 10;
+/// The hidden column a batch of packed changes is written to (see [`decode_batch`]).
+const COL_BATCH: usize = NCOLS;
 
 // SQLITE_INDEX_CONSTRAINT_*
 const OP_EQ: u8 = 2;
@@ -487,9 +491,10 @@ unsafe extern "C" fn x_rowid(cur: *mut sqlite3_vtab_cursor, rowid: *mut i64) -> 
     sq::SQLITE_OK
 }
 
-fn text_arg(v: &Value, name: &str) -> Result<String> {
+fn text_arg(v: Value, name: &str) -> Result<String> {
     match v {
-        Value::Text(t) => Ok(String::from_utf8_lossy(t).into_owned()),
+        Value::Text(t) => Ok(String::from_utf8(t)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())),
         other => Err(Error::Change(format!(
             "{name} must be TEXT, got {}",
             other.type_name()
@@ -502,9 +507,15 @@ fn int_arg(v: &Value, name: &str) -> Result<i64> {
         .ok_or_else(|| Error::Change(format!("{name} must be an INTEGER, got {}", v.type_name())))
 }
 
-fn parse_incoming(args: &[Value]) -> Result<Incoming> {
-    let pk = match &args[1] {
-        Value::Blob(b) => b.clone(),
+fn parse_incoming(args: Vec<Value>) -> Result<Incoming> {
+    let Ok::<[Value; NCOLS], _>(
+        [table, pk, cid, val, col_version, db_version, site_id, cl, _seq, origin],
+    ) = args.try_into()
+    else {
+        return Err(Error::Change(format!("a change has {NCOLS} fields")));
+    };
+    let pk = match pk {
+        Value::Blob(b) => b,
         other => {
             return Err(Error::Change(format!(
                 "pk must be a BLOB made by crsql_pack_columns, got {}",
@@ -512,8 +523,8 @@ fn parse_incoming(args: &[Value]) -> Result<Incoming> {
             )))
         }
     };
-    let site_id = match &args[6] {
-        Value::Blob(b) => b.clone(),
+    let site_id = match site_id {
+        Value::Blob(b) => b,
         other => {
             return Err(Error::Change(format!(
                 "site_id must be a 16-byte BLOB, got {}",
@@ -521,21 +532,44 @@ fn parse_incoming(args: &[Value]) -> Result<Incoming> {
             )))
         }
     };
-    let origin_version = match &args[9] {
+    let origin_version = match origin {
         Value::Null => None,
-        v => Some(int_arg(v, "origin_version")?),
+        v => Some(int_arg(&v, "origin_version")?),
     };
     Ok(Incoming {
-        table: text_arg(&args[0], "table")?,
+        table: text_arg(table, "table")?,
         pk,
-        cid: text_arg(&args[2], "cid")?,
-        val: args[3].clone(),
-        col_version: int_arg(&args[4], "col_version")?,
-        db_version: int_arg(&args[5], "db_version")?,
+        cid: text_arg(cid, "cid")?,
+        val,
+        col_version: int_arg(&col_version, "col_version")?,
+        db_version: int_arg(&db_version, "db_version")?,
         site_id,
-        cl: int_arg(&args[7], "cl")?,
+        cl: int_arg(&cl, "cl")?,
         origin_version,
     })
+}
+
+/// Decodes a `patina_batch` blob: a sequence of records, each one change's ten fields in
+/// the column order of `crsql_changes` (`table` .. `origin_version`) packed the way
+/// `crsql_pack_columns` packs values. Every record is decoded and typed before anything is
+/// merged, so a malformed batch is refused whole.
+fn decode_batch(blob: &[u8]) -> Result<Vec<Incoming>> {
+    let mut out = Vec::new();
+    let mut rest = blob;
+    while !rest.is_empty() {
+        let at = out.len();
+        let bad = |e: Error| Error::Change(format!("change {at} of the patina_batch: {e}"));
+        let (fields, r) = crate::pk::unpack_prefix(rest).map_err(bad)?;
+        if fields.len() != NCOLS {
+            return Err(bad(Error::Change(format!(
+                "it has {} fields, a change has {NCOLS}",
+                fields.len()
+            ))));
+        }
+        out.push(parse_incoming(fields).map_err(bad)?);
+        rest = r;
+    }
+    Ok(out)
 }
 
 unsafe extern "C" fn x_update(
@@ -546,11 +580,22 @@ unsafe extern "C" fn x_update(
 ) -> c_int {
     // SAFETY: vtab is ours; argv has argc values.
     let v = unsafe { &*vtab.cast::<Vtab>() };
-    let args: Vec<Value> = (0..argc.max(0) as usize)
-        // SAFETY: argv holds argc values SQLite passed this call.
-        .map(|i| unsafe { Value::from_raw(*argv.add(i)) })
+    let argc = argc.max(0) as usize;
+    // The batch column is borrowed where it holds a blob (it may be megabytes), every
+    // other argument copied.
+    let batch_at = 2 + COL_BATCH;
+    // SAFETY: argv holds argc values SQLite passed this call; the slice lives as long.
+    let batch_blob = (argc == 2 + NCOLS + 1)
+        .then(|| unsafe { Value::blob_of(*argv.add(batch_at)) })
+        .flatten();
+    let args: Vec<Value> = (0..argc)
+        .map(|i| match batch_blob {
+            Some(_) if i == batch_at => Value::Blob(Vec::new()),
+            // SAFETY: argv holds argc values SQLite passed this call.
+            _ => unsafe { Value::from_raw(*argv.add(i)) },
+        })
         .collect();
-    if args.len() != 2 + NCOLS || args[0] != Value::Null {
+    if args.len() != 2 + NCOLS + 1 || args[0] != Value::Null {
         return fail(
             vtab,
             &Error::Change(
@@ -559,15 +604,30 @@ unsafe extern "C" fn x_update(
         );
     }
     let conn = v.conn;
-    let result = parse_incoming(&args[2..]).and_then(|ch| {
+    let fields = &args[2..2 + NCOLS];
+    let batch = &args[2 + COL_BATCH];
+    let result = (|| {
         let mut merger = v.shared.merger.try_borrow_mut().map_err(|_| {
             Error::Change(
                 "a merge was started from inside another merge (a trigger writing crsql_changes?)"
                     .into(),
             )
         })?;
-        merger.merge(conn, ch)
-    });
+        match (batch, batch_blob) {
+            (Value::Null, _) => merger.merge(conn, parse_incoming(fields.to_vec())?),
+            (_, Some(b)) if fields.iter().all(|f| *f == Value::Null) => {
+                merger.merge_batch(conn, decode_batch(b)?)
+            }
+            (Value::Blob(_), _) => Err(Error::Change(
+                "a row of crsql_changes carries either one change or a patina_batch, not both"
+                    .into(),
+            )),
+            (other, _) => Err(Error::Change(format!(
+                "patina_batch must be a BLOB of packed changes, got {}",
+                other.type_name()
+            ))),
+        }
+    })();
     match result {
         Ok(n) => {
             v.shared.rows_impacted.fetch_add(n, Ordering::Relaxed);

@@ -15,15 +15,14 @@
 
 use std::collections::HashMap;
 
+use crate::changes_write::{queued, Incoming};
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, Plan};
-use crate::merger::{key_where, stmt, Merger, Queued};
+use crate::merger::{key_where, keyed, stmt, Merger, Queued};
 use crate::ranges::RangeSet;
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
-use crate::triggers::{
-    clock_columns, col_clock, pk_list, pk_match, pk_params, CL, S_DBV, S_OV, S_SITE,
-};
+use crate::triggers::{clock_columns, col_clock, pk_list, pk_match, CL, S_DBV, S_OV, S_SITE};
 
 #[derive(Clone, Debug)]
 struct Col {
@@ -61,8 +60,65 @@ fn opt(v: Value) -> Option<i64> {
     v.as_i64()
 }
 
-fn read_sql(t: &TableInfo) -> String {
+/// Rows per multi-row statement at most: SQLite's cost per statement run (and the copies
+/// of pages into its statement journal) is then paid per chunk rather than per row.
+const CHUNK: usize = 32;
+
+/// Parameters per statement at most: SQLite's default limit before 3.32, so hosts with
+/// an older or stricter build accept every statement.
+const MAX_PARAMS: usize = 999;
+
+impl Row {
+    fn unknown(ncols: usize) -> Row {
+        Row {
+            cl: 0,
+            base: false,
+            s_dbv: None,
+            s_site: None,
+            s_ov: None,
+            cols: vec![Col::reset(); ncols],
+        }
+    }
+}
+
+/// What a row's changes do to its base row.
+enum BaseWrite {
+    None,
+    Delete,
+    /// The columns in `mask` set to `values`; `replace`: the row is written whole (a new
+    /// life), otherwise those columns are updated in place.
+    Write {
+        replace: bool,
+        mask: Vec<bool>,
+        values: Vec<Value>,
+    },
+}
+
+/// A row's decided outcome: its base write and its clock row (after the key).
+struct Decided {
+    keys: Vec<Value>,
+    base: BaseWrite,
+    clock: Vec<Value>,
+}
+
+/// `n` comma-separated groups of `width` numbered parameters each, from `?1`.
+fn param_rows(n: usize, width: usize, first: usize) -> String {
+    (0..n)
+        .map(|r| {
+            let cells: Vec<String> = (0..width)
+                .map(|c| format!("?{}", first + r * width + c))
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The local clock, values and base presence of `n` keys, each tagged with its position:
+/// parameters are `(position, key...)` per key.
+fn read_sql(t: &TableInfo, n: usize) -> String {
     let mut cols = vec![
+        "q.i".to_string(),
         format!("k.{CL}"),
         format!("k.{S_DBV}"),
         format!("k.{S_SITE}"),
@@ -74,72 +130,98 @@ fn read_sql(t: &TableInfo) -> String {
     }
     // Whether the base row exists (a key column is NOT NULL in any base row).
     cols.push(format!("b.{} IS NOT NULL", quote(&t.pk[0].name)));
-    let on = pk_match(t, "b", "k");
-    let key = pk_params(t, "k", 1);
+    let qcols: Vec<String> = (0..t.pk.len()).map(|i| format!("k{i}")).collect();
+    let on_q: Vec<String> =
+        t.pk.iter()
+            .enumerate()
+            .map(|(i, c)| format!("k.{} = q.k{i}", quote(&c.name)))
+            .collect();
     format!(
-        "SELECT {} FROM {} AS k LEFT JOIN {} AS b ON {on} WHERE {key}",
+        "WITH q(i, {}) AS (VALUES {}) SELECT {} FROM q JOIN {} AS k ON {} LEFT JOIN {} AS b ON {}",
+        qcols.join(", "),
+        param_rows(n, 1 + t.pk.len(), 1),
         cols.join(", "),
         quote(&clock_table(&t.name)),
-        quote(&t.name)
+        on_q.join(" AND "),
+        quote(&t.name),
+        pk_match(t, "b", "k"),
     )
 }
 
-fn upsert_sql(t: &TableInfo) -> String {
+/// Upserts `n` clock rows.
+fn upsert_sql(t: &TableInfo, n: usize) -> String {
     let names = clock_columns(t);
     // Every clock column but the key (the first entry) is taken from the new row.
     let sets: Vec<String> = names[1..]
         .iter()
         .map(|c| format!("{c} = excluded.{c}"))
         .collect();
-    let n = t.pk.len() + 5 + 4 * t.columns.len();
-    let params: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    let width = t.pk.len() + 5 + 4 * t.columns.len();
     format!(
-        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
         quote(&clock_table(&t.name)),
         names.join(", "),
-        params.join(", "),
+        param_rows(n, width, 1),
         pk_list(t, ""),
         sets.join(", ")
     )
 }
 
-fn write_sql(t: &TableInfo, replace: bool, mask: &[bool]) -> String {
-    let cols: Vec<&str> = t
-        .columns
+fn masked<'a>(t: &'a TableInfo, mask: &[bool]) -> Vec<&'a str> {
+    t.columns
         .iter()
         .zip(mask)
         .filter(|(_, m)| **m)
         .map(|(c, _)| c.name.as_str())
+        .collect()
+}
+
+/// Writes `n` whole rows (a new life): the key and the columns in `mask`, the others
+/// taking their DEFAULT.
+fn replace_sql(t: &TableInfo, mask: &[bool], n: usize) -> String {
+    let cols = masked(t, mask);
+    let mut names = vec![pk_list(t, "")];
+    names.extend(cols.iter().map(|c| quote(c)));
+    format!(
+        "INSERT OR REPLACE INTO {} ({}) VALUES {}",
+        quote(&t.name),
+        names.join(", "),
+        param_rows(n, t.pk.len() + cols.len(), 1)
+    )
+}
+
+/// Updates the columns in `mask` of one row.
+fn update_sql(t: &TableInfo, mask: &[bool]) -> String {
+    let npk = t.pk.len();
+    let sets: Vec<String> = masked(t, mask)
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ?{}", quote(c), npk + 1 + i))
         .collect();
-    if replace {
-        let mut names = vec![pk_list(t, "")];
-        names.extend(cols.iter().map(|c| quote(c)));
-        let params: Vec<String> = (1..=t.pk.len() + cols.len())
-            .map(|i| format!("?{i}"))
-            .collect();
-        format!(
-            "INSERT OR REPLACE INTO {} ({}) VALUES ({})",
-            quote(&t.name),
-            names.join(", "),
-            params.join(", ")
-        )
-    } else {
-        let npk = t.pk.len();
-        let sets: Vec<String> = cols
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{} = ?{}", quote(c), npk + 1 + i))
-            .collect();
-        format!(
-            "UPDATE {} SET {} WHERE {}",
-            quote(&t.name),
-            sets.join(", "),
-            key_where(t, 1)
-        )
-    }
+    format!(
+        "UPDATE {} SET {} WHERE {}",
+        quote(&t.name),
+        sets.join(", "),
+        key_where(t, 1)
+    )
 }
 
 impl Merger {
+    /// Merges a `patina_batch` (`INSERT INTO crsql_changes (patina_batch) VALUES (?)`):
+    /// every change is checked first, so a batch with one invalid change writes nothing;
+    /// then they join the queue (after anything the caller queued before) and the queue is
+    /// applied, grouped by row, before the statement returns, whether or not the caller set
+    /// `merging`. Returns the base rows written, counted as the one-by-one path counts them.
+    pub fn merge_batch(&mut self, conn: Conn, changes: Vec<Incoming>) -> Result<i64> {
+        let mut checked = Vec::with_capacity(changes.len());
+        for ch in changes {
+            let c = self.check(conn, &ch)?;
+            checked.push(queued(ch, c.keys, c.col, c.site_ord, c.origin));
+        }
+        self.queue.append(&mut checked);
+        self.flush(conn)
+    }
+
     /// Records a savepoint's position in the queue (`xSavepoint`).
     pub fn savepoint(&mut self, n: i32) {
         self.marks.retain(|(m, _, _)| *m < n);
@@ -250,18 +332,25 @@ impl Merger {
         if let Some((ord, set)) = run {
             held.entry(ord).or_default().1.union(&set);
         }
-        // Group by row, keeping arrival order inside each group.
-        let mut order: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut groups: HashMap<(String, Vec<u8>), Vec<Queued>> = HashMap::new();
-        for q in queue {
-            let key = (q.table.clone(), q.pk.clone());
-            groups
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    order.push(key);
-                    Vec::new()
-                })
-                .push(q);
+        // Group by row, keeping arrival order inside each group and the groups in order
+        // of their first change.
+        let mut group_of = Vec::with_capacity(queue.len());
+        let mut ngroups = 0usize;
+        {
+            let mut index: HashMap<(&str, &[u8]), usize> = HashMap::with_capacity(queue.len());
+            for q in &queue {
+                let g = *index
+                    .entry((q.table.as_str(), q.pk.as_slice()))
+                    .or_insert_with(|| {
+                        ngroups += 1;
+                        ngroups - 1
+                    });
+                group_of.push(g);
+            }
+        }
+        let mut rows: Vec<Vec<Queued>> = (0..ngroups).map(|_| Vec::new()).collect();
+        for (q, g) in queue.into_iter().zip(group_of) {
+            rows[g].push(q);
         }
         if !merging {
             // Flushed after the caller cleared `merging` (or at commit): hold it while writing.
@@ -271,11 +360,23 @@ impl Merger {
             s.execute(&[Value::Integer(counter), Value::Integer(1)])?;
         }
         let mut impacted = 0;
-        for key in order {
-            let Some(changes) = groups.remove(&key) else {
-                continue;
-            };
-            impacted += self.apply_row(conn, &changes, &mut counter, equal_values)?;
+        let mut start = 0;
+        while start < rows.len() {
+            // A chunk: consecutive rows of one table, as many as one statement carries.
+            let table = rows[start][0].table.clone();
+            let limit = self.chunk_rows(conn, &table)?;
+            let mut end = start + 1;
+            while end < rows.len() && end - start < limit && rows[end][0].table == table {
+                end += 1;
+            }
+            impacted += self.apply_chunk(
+                conn,
+                &table,
+                &mut rows[start..end],
+                &mut counter,
+                equal_values,
+            )?;
+            start = end;
         }
         let s = stmt(&mut self.counter_write, conn, || {
             "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
@@ -288,60 +389,100 @@ impl Merger {
         Ok(impacted)
     }
 
-    /// Decides and writes one row's queued changes; returns how many of them wrote the base
-    /// row (`merge::Plan::impacts`, counted per change as on the one-by-one path).
-    fn apply_row(
+    /// Rows per multi-row statement for `table`: [`CHUNK`], or fewer where a row binds
+    /// many parameters (wide tables), so no statement binds more than SQLite's oldest
+    /// default limit of 999.
+    fn chunk_rows(&mut self, conn: Conn, table: &str) -> Result<usize> {
+        let (info, _) = self.table(conn, table)?;
+        let per_row = info.pk.len() + 5 + 4 * info.columns.len();
+        Ok((MAX_PARAMS / per_row).clamp(1, CHUNK))
+    }
+
+    /// Reads, decides and writes a chunk of rows of one table; returns how many of their
+    /// changes wrote a base row (`merge::Plan::impacts`, counted per change as on the
+    /// one-by-one path).
+    fn apply_chunk(
         &mut self,
         conn: Conn,
-        changes: &[Queued],
+        table: &str,
+        rows: &mut [Vec<Queued>],
         counter: &mut i64,
         equal_values: bool,
     ) -> Result<i64> {
-        let first = &changes[0];
-        let keys = first.keys.clone();
-        let ncols = self.table(conn, &first.table)?.0.columns.len();
+        let locals = self.read_rows(conn, table, rows)?;
+        let mut impacted = 0;
+        let mut decided = Vec::with_capacity(rows.len());
+        for (changes, row) in rows.iter_mut().zip(locals) {
+            let (n, d) = self.decide_row(conn, std::mem::take(changes), row, counter, equal_values);
+            impacted += n;
+            decided.extend(d);
+        }
+        self.write_rows(conn, table, &decided)?;
+        Ok(impacted)
+    }
 
-        // The local row (cl 0 when unknown here).
-        let mut row = {
-            let (info, st) = self.table(conn, &first.table)?;
-            let s = stmt(&mut st.batch.read, conn, || read_sql(info))?;
-            s.reset();
-            s.bind_all(&keys)?;
-            let row = if s.step()? {
-                let cols = (0..ncols)
-                    .map(|i| {
-                        let at = 4 + i * 5;
-                        Col {
-                            v: s.column_i64(at),
-                            dbv: opt(s.column(at + 1)),
-                            site: opt(s.column(at + 2)),
-                            ov: opt(s.column(at + 3)),
-                            value: Some(s.column(at + 4)),
-                        }
-                    })
-                    .collect();
-                Row {
-                    cl: s.column_i64(0),
-                    base: s.column_i64(4 + ncols * 5) != 0,
-                    s_dbv: opt(s.column(1)),
-                    s_site: opt(s.column(2)),
-                    s_ov: opt(s.column(3)),
-                    cols,
-                }
-            } else {
-                Row {
-                    cl: 0,
-                    base: false,
-                    s_dbv: None,
-                    s_site: None,
-                    s_ov: None,
-                    cols: vec![Col::reset(); ncols],
-                }
+    /// The local state of each row of `rows` (cl 0 when unknown here), in order, read with
+    /// one statement: the keys are a `VALUES` list joined to the clock table by its key.
+    fn read_rows(&mut self, conn: Conn, table: &str, rows: &[Vec<Queued>]) -> Result<Vec<Row>> {
+        let (info, st) = self.table(conn, table)?;
+        let ncols = info.columns.len();
+        let n = rows.len();
+        let s = keyed(&mut st.batch.reads, n, conn, || read_sql(info, n))?;
+        s.reset();
+        let mut at = 1;
+        for (i, changes) in rows.iter().enumerate() {
+            s.bind(at, &Value::Integer(i as i64))?;
+            at += 1;
+            for k in &changes[0].keys {
+                s.bind(at, k)?;
+                at += 1;
+            }
+        }
+        let mut out: Vec<Row> = (0..n).map(|_| Row::unknown(ncols)).collect();
+        while s.step()? {
+            let Some(slot) = usize::try_from(s.column_i64(0))
+                .ok()
+                .and_then(|i| out.get_mut(i))
+            else {
+                continue;
             };
-            s.reset();
-            row
-        };
+            let cols = (0..ncols)
+                .map(|i| {
+                    let at = 5 + i * 5;
+                    Col {
+                        v: s.column_i64(at),
+                        dbv: opt(s.column(at + 1)),
+                        site: opt(s.column(at + 2)),
+                        ov: opt(s.column(at + 3)),
+                        value: Some(s.column(at + 4)),
+                    }
+                })
+                .collect();
+            *slot = Row {
+                cl: s.column_i64(1),
+                base: s.column_i64(5 + ncols * 5) != 0,
+                s_dbv: opt(s.column(2)),
+                s_site: opt(s.column(3)),
+                s_ov: opt(s.column(4)),
+                cols,
+            };
+        }
+        s.reset();
+        Ok(out)
+    }
 
+    /// Decides one row's queued changes in arrival order (pure rules, `merge::plan`);
+    /// returns how many wrote the base row, and what to write (None: nothing changed).
+    fn decide_row(
+        &mut self,
+        conn: Conn,
+        changes: Vec<Queued>,
+        mut row: Row,
+        counter: &mut i64,
+        equal_values: bool,
+    ) -> (i64, Option<Decided>) {
+        let ncols = row.cols.len();
+        let mut keys = Vec::new();
         let mut next = || {
             *counter += 1;
             *counter
@@ -351,21 +492,24 @@ impl Merger {
         let mut clock_dirty = false;
         let mut dirty = vec![false; ncols];
         let mut impacted = 0;
-        for q in changes {
+        let unwritten = Col::reset();
+        for mut q in changes {
+            if keys.is_empty() {
+                keys = std::mem::take(&mut q.keys);
+            }
             let plan = {
                 let row_site = match q.col {
                     None => row.s_site.and_then(|o| self.site_bytes(conn, o)),
                     Some(_) => None,
                 };
-                let c = q.col.map_or_else(Col::reset, |i| row.cols[i].clone());
+                let c = q.col.map_or(&unwritten, |i| &row.cols[i]);
                 let col_site = c.site.and_then(|o| self.site_bytes(conn, o));
-                let local_value = c.value.unwrap_or(Value::Null);
                 let local = merge::LocalRow {
                     cl: row.cl,
                     row_site: row_site.as_deref(),
                     column: ColumnClock {
                         col_version: c.v,
-                        value: &local_value,
+                        value: c.value.as_ref().unwrap_or(&Value::Null),
                         site: col_site.as_deref(),
                     },
                 };
@@ -410,7 +554,7 @@ impl Merger {
                     dbv: Some(next()),
                     site: Some(q.site_ord),
                     ov: Some(q.origin),
-                    value: Some(q.val.clone()),
+                    value: Some(std::mem::replace(&mut q.val, Value::Null)),
                 };
                 if let Plan::SetColumn { write_base: true } = plan {
                     dirty[i] = true;
@@ -418,42 +562,33 @@ impl Merger {
             }
         }
         if !clock_dirty {
-            return Ok(0);
+            return (impacted, None);
         }
 
-        let (info, st) = self.table(conn, &first.table)?;
         let alive = row.cl % 2 == 1;
-        if life_changed && !alive {
-            let s = stmt(&mut st.batch.delete, conn, || {
-                format!(
-                    "DELETE FROM {} WHERE {}",
-                    quote(&info.name),
-                    key_where(info, 1)
-                )
-            })?;
-            s.execute(&keys)?;
+        let base = if life_changed && !alive {
+            BaseWrite::Delete
         } else if life_changed || dirty.iter().any(|d| *d) {
             let mask: Vec<bool> = if life_changed {
                 row.cols.iter().map(|c| c.v > 0).collect()
             } else {
-                dirty.clone()
+                dirty
             };
-            let s = keyed_writes(
-                &mut st.batch.writes,
-                (life_changed, mask.clone()),
-                conn,
-                || write_sql(info, life_changed, &mask),
-            )?;
-            let mut params = keys.clone();
-            params.extend(
-                row.cols
-                    .iter()
-                    .zip(&mask)
-                    .filter(|(_, m)| **m)
-                    .map(|(c, _)| c.value.clone().unwrap_or(Value::Null)),
-            );
-            s.execute(&params)?;
-        }
+            let values = row
+                .cols
+                .iter_mut()
+                .zip(&mask)
+                .filter(|(_, m)| **m)
+                .map(|(c, _)| c.value.take().unwrap_or(Value::Null))
+                .collect();
+            BaseWrite::Write {
+                replace: life_changed,
+                mask,
+                values,
+            }
+        } else {
+            BaseWrite::None
+        };
         let row_dbv = row
             .cols
             .iter()
@@ -461,10 +596,9 @@ impl Merger {
             .chain(row.s_dbv)
             .max()
             .unwrap_or(*counter);
-        let s = stmt(&mut st.batch.upsert_clock, conn, || upsert_sql(info))?;
         let int = |v: Option<i64>| v.map_or(Value::Null, Value::Integer);
-        let mut params = keys;
-        params.extend([
+        let mut clock = Vec::with_capacity(5 + 4 * ncols);
+        clock.extend([
             Value::Integer(row.cl),
             Value::Integer(row_dbv),
             int(row.s_dbv),
@@ -472,16 +606,95 @@ impl Merger {
             int(row.s_ov),
         ]);
         for c in &row.cols {
-            params.extend([Value::Integer(c.v), int(c.dbv), int(c.site), int(c.ov)]);
+            clock.extend([Value::Integer(c.v), int(c.dbv), int(c.site), int(c.ov)]);
         }
-        s.execute(&params)?;
-        Ok(impacted)
+        let decided = Decided { keys, base, clock };
+        (impacted, Some(decided))
+    }
+
+    /// Writes decided rows in order: base rows (runs of rows replaced with the same
+    /// columns share one multi-row statement; updates and deletes go one by one), then
+    /// every clock row, several per statement.
+    fn write_rows(&mut self, conn: Conn, table: &str, rows: &[Decided]) -> Result<()> {
+        let (info, st) = self.table(conn, table)?;
+        let mut i = 0;
+        while i < rows.len() {
+            let d = &rows[i];
+            match &d.base {
+                BaseWrite::None => i += 1,
+                BaseWrite::Delete => {
+                    let s = stmt(&mut st.batch.delete, conn, || {
+                        format!(
+                            "DELETE FROM {} WHERE {}",
+                            quote(&info.name),
+                            key_where(info, 1)
+                        )
+                    })?;
+                    s.execute(&d.keys)?;
+                    i += 1;
+                }
+                BaseWrite::Write {
+                    replace: false,
+                    mask,
+                    values,
+                } => {
+                    let s = keyed_writes(&mut st.batch.writes, (mask.clone(), 1), conn, || {
+                        update_sql(info, mask)
+                    })?;
+                    let mut params = d.keys.clone();
+                    params.extend(values.iter().cloned());
+                    s.execute(&params)?;
+                    i += 1;
+                }
+                BaseWrite::Write {
+                    replace: true,
+                    mask,
+                    ..
+                } => {
+                    let mut end = i + 1;
+                    while end < rows.len()
+                        && matches!(&rows[end].base, BaseWrite::Write { replace: true, mask: m, .. } if m == mask)
+                    {
+                        end += 1;
+                    }
+                    let n = end - i;
+                    let s = keyed_writes(&mut st.batch.replaces, (mask.clone(), n), conn, || {
+                        replace_sql(info, mask, n)
+                    })?;
+                    s.reset();
+                    let mut at = 1;
+                    for r in &rows[i..end] {
+                        let values = match &r.base {
+                            BaseWrite::Write { values, .. } => values.as_slice(),
+                            _ => &[],
+                        };
+                        for v in r.keys.iter().chain(values) {
+                            s.bind(at, v)?;
+                            at += 1;
+                        }
+                    }
+                    s.run()?;
+                    i = end;
+                }
+            }
+        }
+        if !rows.is_empty() {
+            let n = rows.len();
+            let s = keyed(&mut st.batch.upserts, n, conn, || upsert_sql(info, n))?;
+            s.reset();
+            let all = rows.iter().flat_map(|r| r.keys.iter().chain(&r.clock));
+            for (at, v) in (1..).zip(all) {
+                s.bind(at, v)?;
+            }
+            s.run()?;
+        }
+        Ok(())
     }
 }
 
 fn keyed_writes(
-    map: &mut HashMap<(bool, Vec<bool>), Stmt>,
-    k: (bool, Vec<bool>),
+    map: &mut HashMap<(Vec<bool>, usize), Stmt>,
+    k: (Vec<bool>, usize),
     conn: Conn,
     sql: impl FnOnce() -> String,
 ) -> Result<&mut Stmt> {

@@ -28,6 +28,39 @@ pub struct Incoming {
     pub origin_version: Option<i64>,
 }
 
+/// What [`Merger::check`] learned of a valid change.
+pub(crate) struct Checked {
+    pub(crate) keys: Vec<Value>,
+    /// None: the row's own clock (cid '-1').
+    pub(crate) col: Option<usize>,
+    /// Replicated columns of the change's table.
+    pub(crate) ncols: usize,
+    pub(crate) site_ord: i64,
+    pub(crate) origin: i64,
+}
+
+/// A checked change, for the batched path's queue.
+pub(crate) fn queued(
+    ch: Incoming,
+    keys: Vec<Value>,
+    col: Option<usize>,
+    site_ord: i64,
+    origin: i64,
+) -> Queued {
+    Queued {
+        table: ch.table,
+        pk: ch.pk,
+        keys,
+        col,
+        val: ch.val,
+        col_version: ch.col_version,
+        cl: ch.cl,
+        site: ch.site_id,
+        site_ord,
+        origin,
+    }
+}
+
 impl Merger {
     /// Notes one held origin version (the per-change path). It is written to
     /// `patina_origin_ranges` at the next flush, coalesced with the others (see
@@ -36,10 +69,9 @@ impl Merger {
         self.held.push((site_ord, origin));
     }
 
-    /// Validates and merges one change (or queues it on the batched path). Returns the base
-    /// rows written (several when a full queue was applied).
-    pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<i64> {
-        // Validation first: a refused change must not have written anything.
+    /// Checks a change against this database before anything is written: a 16-byte site
+    /// id, a known table and column, a key of the table's arity, clocks within bounds.
+    pub(crate) fn check(&mut self, conn: Conn, ch: &Incoming) -> Result<Checked> {
         if ch.site_id.len() != 16 {
             return Err(Error::Change(format!(
                 "site_id must be a 16-byte blob, got {} bytes",
@@ -83,29 +115,39 @@ impl Merger {
         }
         if let Err((field, value)) = merge::check_clocks(ch.cl, col.map(|_| ch.col_version)) {
             return Err(Error::Clock {
-                table: ch.table,
-                cid: ch.cid,
+                table: ch.table.clone(),
+                cid: ch.cid.clone(),
                 field,
                 value,
             });
         }
 
+        Ok(Checked {
+            keys,
+            col,
+            ncols: n,
+            site_ord,
+            origin,
+        })
+    }
+
+    /// Validates and merges one change (or queues it on the batched path). Returns the base
+    /// rows written (several when a full queue was applied).
+    pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<i64> {
+        // Validation first: a refused change must not have written anything.
+        let Checked {
+            keys,
+            col,
+            ncols: n,
+            site_ord,
+            origin,
+        } = self.check(conn, &ch)?;
+
         // Local state.
         let (db_version, merging, equal_values) = self.state_now(conn)?;
         if merging {
             // The batched path: queue it; the queue is applied grouped by row.
-            self.queue.push(Queued {
-                table: ch.table,
-                pk: ch.pk,
-                keys,
-                col,
-                val: ch.val,
-                col_version: ch.col_version,
-                cl: ch.cl,
-                site: ch.site_id,
-                site_ord,
-                origin,
-            });
+            self.queue.push(queued(ch, keys, col, site_ord, origin));
             return if self.queue.len() >= QUEUE_LIMIT {
                 self.flush(conn)
             } else {

@@ -34,11 +34,15 @@ pub(crate) struct Queued {
 /// The statements of the grouped path for one table.
 #[derive(Default)]
 pub(crate) struct BatchStmts {
-    pub(crate) read: Option<Stmt>,
-    pub(crate) upsert_clock: Option<Stmt>,
+    /// By number of keys read.
+    pub(crate) reads: HashMap<usize, Stmt>,
+    /// By number of clock rows written.
+    pub(crate) upserts: HashMap<usize, Stmt>,
     pub(crate) delete: Option<Stmt>,
-    /// By (replace?, columns written).
-    pub(crate) writes: HashMap<(bool, Vec<bool>), Stmt>,
+    /// In-place updates, by (columns written, 1).
+    pub(crate) writes: HashMap<(Vec<bool>, usize), Stmt>,
+    /// Whole-row writes, by (columns written, number of rows).
+    pub(crate) replaces: HashMap<(Vec<bool>, usize), Stmt>,
 }
 
 /// Prepared statements of one table, by purpose.

@@ -80,6 +80,20 @@ fn pack_one(out: &mut Vec<u8>, v: &Value) -> Result<()> {
 /// Unpacks a blob made by [`pack`] (or by cr-sqlite). Every malformation is an error that
 /// says what was wrong and where; nothing here panics on hostile input.
 pub fn unpack(blob: &[u8]) -> Result<Vec<Value>> {
+    let (out, rest) = unpack_prefix(blob)?;
+    if !rest.is_empty() {
+        return Err(Error::Pk(format!(
+            "{} bytes left after {} values",
+            rest.len(),
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Unpacks the packed values at the start of `blob` and returns them with the bytes after
+/// them: a batch of changes is a sequence of packed records (`changes_batch`).
+pub fn unpack_prefix(blob: &[u8]) -> Result<(Vec<Value>, &[u8])> {
     let (&count, mut rest) = blob
         .split_first()
         .ok_or_else(|| Error::Pk("empty blob".into()))?;
@@ -144,13 +158,7 @@ pub fn unpack(blob: &[u8]) -> Result<Vec<Value>> {
         };
         out.push(value);
     }
-    if !rest.is_empty() {
-        return Err(Error::Pk(format!(
-            "{} bytes left after {count} values",
-            rest.len()
-        )));
-    }
-    Ok(out)
+    Ok((out, rest))
 }
 
 #[cfg(test)]

@@ -109,6 +109,28 @@ impl Value {
         }
     }
 
+    /// Borrows the bytes of a BLOB value SQLite passed in, without copying them (None
+    /// for any other type).
+    ///
+    /// # Safety
+    /// As [`Value::from_raw`]; the slice must not outlive the callback that received `v`.
+    pub unsafe fn blob_of<'a>(v: *mut sqlite3_value) -> Option<&'a [u8]> {
+        // SAFETY: `v` is a live value for the duration of the call that received it, and
+        // SQLite keeps its bytes in place until the value changes.
+        unsafe {
+            if call!(value_type(v)) != SQLITE_BLOB {
+                return None;
+            }
+            let p = call!(value_blob(v)).cast::<u8>();
+            let n = call!(value_bytes(v));
+            if p.is_null() || n <= 0 {
+                Some(&[])
+            } else {
+                Some(std::slice::from_raw_parts(p, n as usize))
+            }
+        }
+    }
+
     pub fn as_i64(&self) -> Option<i64> {
         match self {
             Value::Integer(i) => Some(*i),
@@ -403,6 +425,13 @@ impl Stmt {
     pub fn column_is_null(&self, i: usize) -> bool {
         // SAFETY: called only after step() returned a row.
         unsafe { call!(column_type(self.raw, i as c_int)) == 5 }
+    }
+
+    /// Runs what is bound to completion, then resets.
+    pub fn run(&mut self) -> Result<()> {
+        while self.step()? {}
+        self.reset();
+        Ok(())
     }
 
     /// Binds, runs to completion, resets.

@@ -48,9 +48,30 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn merge_all(c: &Connection, feed: &[ChangeRow], batched: bool) -> Duration {
+/// How the changes are written into `crsql_changes`.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    /// One INSERT per change (cr-sqlite's documented way).
+    PerChange,
+    /// One INSERT per change under `merging = 1`, then `patina_flush()`.
+    Batched,
+    /// One INSERT of a `patina_batch` blob holding every change (the node's path).
+    Batch,
+}
+
+fn merge_all(c: &Connection, feed: &[ChangeRow], path: Via, blob: &[u8]) -> Duration {
     let t = Instant::now();
     c.execute_batch("BEGIN").unwrap();
+    if path == Via::Batch {
+        c.execute(
+            "INSERT INTO crsql_changes (patina_batch) VALUES (?1)",
+            [blob],
+        )
+        .unwrap();
+        c.execute_batch("COMMIT").unwrap();
+        return t.elapsed();
+    }
+    let batched = path == Via::Batched;
     if batched {
         c.execute_batch("UPDATE patina_state SET merging = 1")
             .unwrap();
@@ -83,15 +104,28 @@ fn merge_throughput() {
         src.execute_batch("COMMIT").unwrap();
     }
     let feed = changes_after(&src, 0);
-    for (name, batched) in [("per change", false), ("batched", true)] {
+    let blob = pack_batch(&src, &feed);
+    for (name, path) in [
+        ("per change", Via::PerChange),
+        ("batched", Via::Batched),
+        ("one patina_batch", Via::Batch),
+    ] {
+        if std::env::var("PATINA_BENCH_ONLY").is_ok_and(|o| o != name) {
+            continue;
+        }
         let mut times = Vec::new();
         for run in 0..runs {
             let c = node(&dir.path().join(format!("dst-{name}-{run}.db")));
-            times.push(merge_all(&c, &feed, batched));
+            times.push(merge_all(&c, &feed, path, &blob));
             assert_eq!(
                 one::<i64>(&c, "SELECT count(*) FROM t"),
                 rows as i64,
                 "every row merged"
+            );
+            assert_eq!(
+                converging_state(&c),
+                converging_state(&src),
+                "same rows and clocks"
             );
         }
         println!(

@@ -1,6 +1,7 @@
-//! Property: the two merge paths are one behaviour. The same changes merged one by one
-//! (`INSERT INTO crsql_changes` per change) and batched (queued under `merging = 1`, applied
-//! grouped by row) into two copies of one database give identical tables, clocks,
+//! Property: the merge paths are one behaviour. The same changes merged one by one
+//! (`INSERT INTO crsql_changes` per change), batched (queued under `merging = 1`, applied
+//! grouped by row) and as `patina_batch` blobs into three copies of one database give
+//! identical tables, clocks,
 //! `crsql_rows_impacted()` and effects of the app's own triggers (the state a trigger
 //! derives; the batched path writes a row once with its net change, so a trigger that
 //! counts firings sees fewer — see the README).
@@ -153,16 +154,21 @@ fn run(
     feed.extend(changes_after(&srcs[1], 0));
     let feed = shuffle(&feed, seed);
 
-    let (one_by_one, batched) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    std::fs::copy(&base, &one_by_one).unwrap();
-    std::fs::copy(&base, &batched).unwrap();
-    let (a, b) = (open(&one_by_one), open(&batched));
+    let (one_by_one, batched, packed) = (
+        dir.path().join("a.db"),
+        dir.path().join("b.db"),
+        dir.path().join("c.db"),
+    );
+    for p in [&one_by_one, &batched, &packed] {
+        std::fs::copy(&base, p).unwrap();
+    }
+    let (a, b, c) = (open(&one_by_one), open(&batched), open(&packed));
     let config = format!(
         "SELECT crsql_config_set('merge-equal-values', {})",
         i64::from(equal_values)
     );
-    for c in [&a, &b] {
-        c.execute_batch(&config).unwrap();
+    for db in [&a, &b, &c] {
+        db.execute_batch(&config).unwrap();
     }
     a.execute_batch("BEGIN").unwrap();
     merge(&a, &feed);
@@ -177,7 +183,36 @@ fn run(
     b.execute_batch("UPDATE patina_state SET merging = 0; COMMIT")
         .unwrap();
 
+    // The third copy takes the feed as patina_batch blobs, split at a point the seed picks.
+    let split = (seed as usize) % (feed.len() + 1);
+    c.execute_batch("BEGIN").unwrap();
+    for part in [&feed[..split], &feed[split..]] {
+        if !part.is_empty() {
+            c.execute(
+                "INSERT INTO crsql_changes (patina_batch) VALUES (?1)",
+                [pack_batch(&c, part)],
+            )
+            .unwrap();
+        }
+    }
+    let impacted_c: i64 = one(&c, "SELECT crsql_rows_impacted()");
+    c.execute_batch("COMMIT").unwrap();
+
     prop_assert_eq!(impacted_a, impacted_b, "crsql_rows_impacted()");
+    prop_assert_eq!(
+        impacted_a,
+        impacted_c,
+        "crsql_rows_impacted() of patina_batch"
+    );
+    prop_assert_eq!(dump(&a, "t", "id"), dump(&c, "t", "id"));
+    prop_assert_eq!(clocks(&a), clocks(&c));
+    prop_assert_eq!(origin_ranges(&a), origin_ranges(&c), "held origin ranges");
+    prop_assert_eq!(converging_state(&a), converging_state(&c));
+    prop_assert_eq!(dump(&a, "mirror", "id"), dump(&c, "mirror", "id"));
+    prop_assert_eq!(
+        one::<i64>(&a, "SELECT crsql_db_version()"),
+        one::<i64>(&c, "SELECT crsql_db_version()")
+    );
     prop_assert_eq!(dump(&a, "t", "id"), dump(&b, "t", "id"));
     prop_assert_eq!(clocks(&a), clocks(&b));
     prop_assert_eq!(origin_ranges(&a), origin_ranges(&b), "held origin ranges");

@@ -125,6 +125,25 @@ pub fn merge(c: &Connection, changes: &[ChangeRow]) {
     }
 }
 
+/// A `patina_batch` blob of `changes`: each change's ten fields packed by the extension's
+/// own `crsql_pack_columns` (on connection `c`), one record after another.
+pub fn pack_batch(c: &Connection, changes: &[ChangeRow]) -> Vec<u8> {
+    let mut s = c
+        .prepare_cached("SELECT crsql_pack_columns(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")
+        .expect("prepare pack");
+    let mut out = Vec::new();
+    for ch in changes {
+        let rec: Vec<u8> = s
+            .query_row(
+                rusqlite::params![ch.0, ch.1, ch.2, ch.3, ch.4, ch.5, ch.6, ch.7, ch.8, ch.9],
+                |r| r.get(0),
+            )
+            .expect("pack");
+        out.extend_from_slice(&rec);
+    }
+    out
+}
+
 /// The replica state that must converge: every change row on the columns that are not
 /// local numbers, sorted.
 /// `(table, pk, cid, val, col_version, cl, site_id)` of one change.

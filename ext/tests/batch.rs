@@ -1,0 +1,225 @@
+//! `INSERT INTO crsql_changes (patina_batch) VALUES (?)`: many changes in one statement.
+//!
+//! A batch applies rows many at a time (multi-row statements of up to 32 rows), so these
+//! tests use enough rows to fill several chunks. A batch must end where merging its changes
+//! one by one ends, and a malformed one must be refused whole.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+mod common;
+use common::*;
+
+use rusqlite::Connection;
+
+const DDL: &str = "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, a, b DEFAULT 'dflt', c);
+     SELECT crsql_as_crr('t');
+     CREATE TABLE k(x TEXT NOT NULL, y INTEGER NOT NULL, PRIMARY KEY (x, y));
+     SELECT crsql_as_crr('k');";
+
+const BATCH: &str = "INSERT INTO crsql_changes (patina_batch) VALUES (?1)";
+
+/// Two writers with overlapping rows, deletes, resurrections and key-only rows.
+fn sources() -> (Connection, Connection) {
+    let (s1, s2) = (memory(), memory());
+    for s in [&s1, &s2] {
+        s.execute_batch(DDL).unwrap();
+    }
+    s1.execute_batch(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 299)
+         INSERT INTO t(id, a, c) SELECT i, 'one ' || i, i * 1.5 FROM n;
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99)
+         INSERT INTO k SELECT 'key' || (i % 7), i FROM n;
+         DELETE FROM t WHERE id % 10 = 3;
+         INSERT INTO t(id, a) SELECT id, 'back' FROM t WHERE 0;
+         INSERT INTO t(id, a) VALUES (3, 'resurrected'), (13, 'resurrected');
+         DELETE FROM k WHERE y % 5 = 0;",
+    )
+    .unwrap();
+    s2.execute_batch(
+        "WITH RECURSIVE n(i) AS (SELECT 150 UNION ALL SELECT i + 1 FROM n WHERE i < 449)
+         INSERT INTO t(id, b) SELECT i, 'two ' || i FROM n;
+         UPDATE t SET b = NULL WHERE id % 4 = 0;
+         DELETE FROM t WHERE id % 9 = 0;",
+    )
+    .unwrap();
+    merge(&s2, &changes_after(&s1, 0));
+    s2.execute_batch("UPDATE t SET a = 'two wins' WHERE id BETWEEN 100 AND 199")
+        .unwrap();
+    (s1, s2)
+}
+
+fn tables(c: &Connection) -> Vec<(i64, String, String, String)> {
+    let mut s = c
+        .prepare("SELECT id, quote(a), quote(b), quote(c) FROM t ORDER BY id")
+        .unwrap();
+    let rows = s
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// Rows, clocks, causal lengths and sites are identical (the first differences shown).
+fn same_state(a: &Connection, b: &Connection, what: &str) {
+    let (x, y) = (converging_state(a), converging_state(b));
+    let only_a: Vec<_> = x.iter().filter(|c| !y.contains(c)).take(4).collect();
+    let only_b: Vec<_> = y.iter().filter(|c| !x.contains(c)).take(4).collect();
+    assert!(
+        only_a.is_empty() && only_b.is_empty() && x.len() == y.len(),
+        "{what}: only in the first {only_a:?}; only in the second {only_b:?}"
+    );
+}
+
+#[test]
+fn a_batch_ends_where_merging_one_by_one_ends() {
+    let (s1, s2) = sources();
+    let mut feed = changes_after(&s1, 0);
+    feed.extend(changes_after(&s2, 0));
+    let dir = tempfile::tempdir().unwrap();
+    // Two copies of one database (one site id) with local rows the merge must keep or
+    // lose by the same rules.
+    let base = dir.path().join("base.db");
+    {
+        let c = open(&base);
+        c.execute_batch(DDL).unwrap();
+        c.execute_batch(
+            "INSERT INTO t(id, a) VALUES (5, 'local'), (1000, 'only here');
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+    }
+    for name in ["one.db", "many.db"] {
+        std::fs::copy(&base, dir.path().join(name)).unwrap();
+    }
+    let one = open(&dir.path().join("one.db"));
+    let many = open(&dir.path().join("many.db"));
+    one.execute_batch("BEGIN").unwrap();
+    merge(&one, &feed);
+    let impacted_one: i64 = common::one(&one, "SELECT crsql_rows_impacted()");
+    one.execute_batch("COMMIT").unwrap();
+
+    many.execute_batch("BEGIN").unwrap();
+    // In three statements of uneven size, so chunks and statements do not line up.
+    let cuts = [0, 7, feed.len() / 2, feed.len()];
+    for w in cuts.windows(2) {
+        many.execute(BATCH, [pack_batch(&many, &feed[w[0]..w[1]])])
+            .unwrap();
+    }
+    let impacted_many: i64 = common::one(&many, "SELECT crsql_rows_impacted()");
+    many.execute_batch("COMMIT").unwrap();
+
+    assert!(tables(&one).len() > 300, "the feed made rows");
+    assert_eq!(tables(&one), tables(&many));
+    same_state(&one, &many, "per change vs batch");
+    assert_eq!(impacted_one, impacted_many);
+    assert_eq!(
+        common::one::<i64>(&one, "SELECT crsql_db_version()"),
+        common::one::<i64>(&many, "SELECT crsql_db_version()")
+    );
+    // Nothing was captured as a local write: the merged copy's feed, merged back into the
+    // sources, converges them with it.
+    for s in [&s1, &s2] {
+        merge(s, &changes_after(&many, 0));
+        same_state(s, &many, "a source after merging the batch's result");
+    }
+}
+
+#[test]
+fn a_malformed_batch_is_refused_whole() {
+    let (s1, _) = sources();
+    let feed = changes_after(&s1, 0);
+    let good = pack_batch(&s1, &feed[..40]);
+    let c = memory();
+    c.execute_batch(DDL).unwrap();
+    let before = (
+        tables(&c),
+        common::one::<i64>(&c, "SELECT crsql_db_version()"),
+    );
+
+    let mut bad_site = feed[..40].to_vec();
+    bad_site[30].6 = vec![1, 2, 3];
+    let mut bad_table = feed[..40].to_vec();
+    bad_table[39].0 = "nope".into();
+    let nine_fields: Vec<u8> = {
+        let mut s = c
+            .prepare("SELECT crsql_pack_columns('t', ?1, 'a', 1, 1, 1, ?2, 1, 0)")
+            .unwrap();
+        s.query_row(rusqlite::params![feed[0].1, feed[0].6], |r| r.get(0))
+            .unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated", good[..good.len() - 3].to_vec(), "patina_batch"),
+        (
+            "a site id of 3 bytes",
+            pack_batch(&s1, &bad_site),
+            "16-byte",
+        ),
+        (
+            "an unknown table",
+            pack_batch(&s1, &bad_table),
+            "unknown table 'nope'",
+        ),
+        (
+            "a record of nine fields",
+            [good.clone(), nine_fields].concat(),
+            "10",
+        ),
+        (
+            "a stray byte",
+            [good.clone(), vec![0x07]].concat(),
+            "patina_batch",
+        ),
+    ];
+    for (what, blob, says) in cases {
+        let err = c.execute(BATCH, [blob]).expect_err(what).to_string();
+        assert!(err.contains(says), "{what}: {err}");
+        assert_eq!(
+            (
+                tables(&c),
+                common::one::<i64>(&c, "SELECT crsql_db_version()")
+            ),
+            before,
+            "{what}: nothing was written"
+        );
+    }
+    let err = c
+        .execute(
+            "INSERT INTO crsql_changes (\"table\", patina_batch) VALUES ('t', ?1)",
+            [good.clone()],
+        )
+        .expect_err("a change and a batch in one row")
+        .to_string();
+    assert!(err.contains("not both"), "{err}");
+    let err = c
+        .execute(BATCH, ["not a blob"])
+        .expect_err("text")
+        .to_string();
+    assert!(err.contains("BLOB"), "{err}");
+
+    // The good batch still applies afterwards, and an empty one is a no-op.
+    c.execute(BATCH, [good]).unwrap();
+    c.execute(BATCH, [Vec::<u8>::new()]).unwrap();
+    assert_eq!(tables(&c).len(), 40 / 3 + 1);
+}
+
+#[test]
+fn a_batch_after_queued_changes_applies_after_them() {
+    // The sidecar's older way (merging = 1, one INSERT per change) and a batch in one
+    // transaction: the batch's changes come after the queued ones, as their order says.
+    let (s1, _) = sources();
+    let feed = changes_after(&s1, 0);
+    let (head, tail) = feed.split_at(feed.len() / 3);
+    let a = memory();
+    let b = memory();
+    for c in [&a, &b] {
+        c.execute_batch(DDL).unwrap();
+    }
+    merge(&a, &feed);
+    b.execute_batch("BEGIN; UPDATE patina_state SET merging = 1")
+        .unwrap();
+    merge(&b, head);
+    b.execute(BATCH, [pack_batch(&b, tail)]).unwrap();
+    b.execute_batch("SELECT patina_flush(); UPDATE patina_state SET merging = 0; COMMIT")
+        .unwrap();
+    assert_eq!(tables(&a), tables(&b));
+    same_state(&a, &b, "queued then batch");
+}
