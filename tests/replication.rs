@@ -340,6 +340,23 @@ fn a_copied_database_is_refused_loudly() {
     write_burst(&nodes[0], 100, 50, "a");
     let refs: Vec<&Node> = nodes.iter().collect();
     wait_converged(&refs, Duration::from_secs(60));
+    // A site id is bound to the first identity that presents it (README, "Protection"),
+    // so the guarantee below holds for nodes that heard node 1 itself before the copy
+    // appeared. A node seeded from a snapshot converges before it has: wait until each
+    // node has bound both others.
+    wait_for(
+        "every node to bind the other nodes' site ids",
+        Duration::from_secs(30),
+        || {
+            nodes.iter().all(|n| {
+                n.conn()
+                    .query_row("SELECT count(*) FROM patina_site_bindings", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .is_ok_and(|c| c >= 2)
+            })
+        },
+    );
     // Node 4 starts from a consistent copy of node 1's file: same site id.
     let mut copy = Node::new("copy", &[nodes[1].gossip]);
     nodes[0]

@@ -17,8 +17,8 @@ use sqlite_loadable::ext::{
 };
 
 use crate::changes_read::{self, Change, Filter};
-use crate::changes_write::Incoming;
 use crate::error::{Error, Result};
+use crate::merger::Incoming;
 use crate::schema;
 use crate::sqlite::{self as sq, Conn, Value};
 use crate::state::Sites;

@@ -15,10 +15,9 @@
 
 use std::collections::HashMap;
 
-use crate::changes_write::{queued, Incoming};
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, Plan};
-use crate::merger::{key_where, keyed, stmt, Merger, Queued};
+use crate::merger::{key_where, keyed, queued, stmt, Incoming, Merger, Queued};
 use crate::ranges::RangeSet;
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
@@ -216,7 +215,7 @@ impl Merger {
         let mut checked = Vec::with_capacity(changes.len());
         for ch in changes {
             let c = self.check(conn, &ch)?;
-            checked.push(queued(ch, c.keys, c.col, c.site_ord, c.origin));
+            checked.push(queued(ch, c));
         }
         self.queue.append(&mut checked);
         self.flush(conn)
@@ -324,7 +323,7 @@ impl Merger {
                         held.entry(ord).or_default().1.union(&set);
                     }
                     held.entry(q.site_ord)
-                        .or_insert_with(|| (q.site.clone(), RangeSet::new()));
+                        .or_insert_with(|| (q.site.to_vec(), RangeSet::new()));
                     run = Some((q.site_ord, RangeSet::from_range(q.origin, q.origin)));
                 }
             }
@@ -506,11 +505,11 @@ impl Merger {
                 let col_site = c.site.and_then(|o| self.site_bytes(conn, o));
                 let local = merge::LocalRow {
                     cl: row.cl,
-                    row_site: row_site.as_deref(),
+                    row_site: row_site.as_ref().map(|s| &s[..]),
                     column: ColumnClock {
                         col_version: c.v,
                         value: c.value.as_ref().unwrap_or(&Value::Null),
-                        site: col_site.as_deref(),
+                        site: col_site.as_ref().map(|s| &s[..]),
                     },
                 };
                 let incoming = merge::IncomingChange {

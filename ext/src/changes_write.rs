@@ -7,59 +7,12 @@
 //! `patina_origin_ranges` at the next flush. Statements are prepared once per transaction
 //! and finalized at its end.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::merge::{self, ColumnClock, Plan};
-use crate::merger::{key_where, keyed, stmt, Merger, Queued, QUEUE_LIMIT};
-use crate::pk;
+use crate::merger::{key_where, keyed, queued, stmt, Checked, Incoming, Merger, QUEUE_LIMIT};
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Value};
 use crate::triggers::{col_clock, CL, DBV, S_DBV, S_OV, S_SITE};
-
-/// A change as written to `crsql_changes`.
-pub struct Incoming {
-    pub table: String,
-    pub pk: Vec<u8>,
-    pub cid: String,
-    pub val: Value,
-    pub col_version: i64,
-    pub db_version: i64,
-    pub site_id: Vec<u8>,
-    pub cl: i64,
-    pub origin_version: Option<i64>,
-}
-
-/// What [`Merger::check`] learned of a valid change.
-pub(crate) struct Checked {
-    pub(crate) keys: Vec<Value>,
-    /// None: the row's own clock (cid '-1').
-    pub(crate) col: Option<usize>,
-    /// Replicated columns of the change's table.
-    pub(crate) ncols: usize,
-    pub(crate) site_ord: i64,
-    pub(crate) origin: i64,
-}
-
-/// A checked change, for the batched path's queue.
-pub(crate) fn queued(
-    ch: Incoming,
-    keys: Vec<Value>,
-    col: Option<usize>,
-    site_ord: i64,
-    origin: i64,
-) -> Queued {
-    Queued {
-        table: ch.table,
-        pk: ch.pk,
-        keys,
-        col,
-        val: ch.val,
-        col_version: ch.col_version,
-        cl: ch.cl,
-        site: ch.site_id,
-        site_ord,
-        origin,
-    }
-}
 
 impl Merger {
     /// Notes one held origin version (the per-change path). It is written to
@@ -69,91 +22,31 @@ impl Merger {
         self.held.push((site_ord, origin));
     }
 
-    /// Checks a change against this database before anything is written: a 16-byte site
-    /// id, a known table and column, a key of the table's arity, clocks within bounds.
-    pub(crate) fn check(&mut self, conn: Conn, ch: &Incoming) -> Result<Checked> {
-        if ch.site_id.len() != 16 {
-            return Err(Error::Change(format!(
-                "site_id must be a 16-byte blob, got {} bytes",
-                ch.site_id.len()
-            )));
-        }
-        let keys = pk::unpack(&ch.pk)?;
-        let site_ord = self.sites.ordinal(conn, &ch.site_id)?;
-        let origin = ch.origin_version.unwrap_or(ch.db_version);
-
-        let (n, col) = {
-            let (info, _) = self.table(conn, &ch.table)?;
-            if keys.len() != info.pk.len() {
-                return Err(Error::Change(format!(
-                    "pk of table '{}' has {} values, the table's primary key has {} columns",
-                    ch.table,
-                    keys.len(),
-                    info.pk.len()
-                )));
-            }
-            let col = if ch.cid == crate::changes_read::SENTINEL {
-                None
-            } else {
-                match info.columns.iter().position(|c| c.name == ch.cid) {
-                    Some(i) => Some(i),
-                    None => {
-                        return Err(Error::Change(format!(
-                            "unknown column '{}' of table '{}'",
-                            ch.cid, ch.table
-                        )));
-                    }
-                }
-            };
-            (info.columns.len(), col)
-        };
-        if col.is_some() && ch.cl % 2 == 0 {
-            return Err(Error::Change(format!(
-                "column '{}' of table '{}' arrives with an even cl ({}): a deleted row has no column values",
-                ch.cid, ch.table, ch.cl
-            )));
-        }
-        if let Err((field, value)) = merge::check_clocks(ch.cl, col.map(|_| ch.col_version)) {
-            return Err(Error::Clock {
-                table: ch.table.clone(),
-                cid: ch.cid.clone(),
-                field,
-                value,
-            });
-        }
-
-        Ok(Checked {
-            keys,
-            col,
-            ncols: n,
-            site_ord,
-            origin,
-        })
-    }
-
     /// Validates and merges one change (or queues it on the batched path). Returns the base
     /// rows written (several when a full queue was applied).
     pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<i64> {
         // Validation first: a refused change must not have written anything.
-        let Checked {
-            keys,
-            col,
-            ncols: n,
-            site_ord,
-            origin,
-        } = self.check(conn, &ch)?;
+        let checked = self.check(conn, &ch)?;
 
         // Local state.
         let (db_version, merging, equal_values) = self.state_now(conn)?;
         if merging {
             // The batched path: queue it; the queue is applied grouped by row.
-            self.queue.push(queued(ch, keys, col, site_ord, origin));
+            self.queue.push(queued(ch, checked));
             return if self.queue.len() >= QUEUE_LIMIT {
                 self.flush(conn)
             } else {
                 Ok(0)
             };
         }
+        let Checked {
+            keys,
+            col,
+            ncols: n,
+            site_ord,
+            origin,
+            ..
+        } = checked;
         let read_key = col.unwrap_or(n);
         let local = {
             let (info, st) = self.table(conn, &ch.table)?;
@@ -196,11 +89,11 @@ impl Merger {
             let col_site = local.col_site.and_then(|o| self.site_bytes(conn, o));
             let local_row = merge::LocalRow {
                 cl: local.cl,
-                row_site: row_site.as_deref(),
+                row_site: row_site.as_ref().map(|s| &s[..]),
                 column: ColumnClock {
                     col_version: local.col_version,
                     value: &local.value,
-                    site: col_site.as_deref(),
+                    site: col_site.as_ref().map(|s| &s[..]),
                 },
             };
             let incoming = merge::IncomingChange {

@@ -1,14 +1,16 @@
-//! The per-connection merge state both merge paths share: statement caches per table,
-//! the cached `patina_state` row, the site-id map and the batched path's queue.
+//! The per-connection merge state both merge paths share: a change as written to
+//! `crsql_changes` and its checks, statement caches per table, the cached `patina_state`
+//! row, the site-id map and the batched path's queue.
 //!
-//! `changes_write` (one change at a time; the entry point) and `changes_batch` (the queue,
-//! applied grouped by row) both build on this module and decide every change with
-//! `merge::plan`; neither imports the other's internals except the entry point handing a
-//! full queue to `changes_batch`.
+//! `changes_write` (one change at a time) and `changes_batch` (the queue and
+//! `patina_batch`, applied grouped by row) both build on this module and decide every
+//! change with `merge::plan`; neither imports the other.
 
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
+use crate::merge;
+use crate::pk;
 use crate::schema::{quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
 use crate::state::Sites;
@@ -26,9 +28,53 @@ pub(crate) struct Queued {
     pub(crate) val: Value,
     pub(crate) col_version: i64,
     pub(crate) cl: i64,
-    pub(crate) site: Vec<u8>,
+    pub(crate) site: SiteBytes,
     pub(crate) site_ord: i64,
     pub(crate) origin: i64,
+}
+
+/// A site id, checked to be 16 bytes.
+pub(crate) type SiteBytes = [u8; 16];
+
+/// A change as written to `crsql_changes`.
+pub struct Incoming {
+    pub table: String,
+    pub pk: Vec<u8>,
+    pub cid: String,
+    pub val: Value,
+    pub col_version: i64,
+    pub db_version: i64,
+    pub site_id: Vec<u8>,
+    pub cl: i64,
+    pub origin_version: Option<i64>,
+}
+
+/// What [`Merger::check`] learned of a valid change.
+pub(crate) struct Checked {
+    pub(crate) keys: Vec<Value>,
+    /// None: the row's own clock (cid '-1').
+    pub(crate) col: Option<usize>,
+    /// Replicated columns of the change's table.
+    pub(crate) ncols: usize,
+    pub(crate) site: SiteBytes,
+    pub(crate) site_ord: i64,
+    pub(crate) origin: i64,
+}
+
+/// A checked change, for the batched path's queue.
+pub(crate) fn queued(ch: Incoming, c: Checked) -> Queued {
+    Queued {
+        table: ch.table,
+        pk: ch.pk,
+        keys: c.keys,
+        col: c.col,
+        val: ch.val,
+        col_version: ch.col_version,
+        cl: ch.cl,
+        site: c.site,
+        site_ord: c.site_ord,
+        origin: c.origin,
+    }
 }
 
 /// The statements of the grouped path for one table.
@@ -201,6 +247,69 @@ impl Merger {
             .ok_or_else(|| Error::State("table cache".into()))
     }
 
+    /// Checks a change against this database before anything is written: a 16-byte site
+    /// id, a known table and column, a key of the table's arity, clocks within bounds.
+    pub(crate) fn check(&mut self, conn: Conn, ch: &Incoming) -> Result<Checked> {
+        let site: SiteBytes = ch.site_id.as_slice().try_into().map_err(|_| {
+            Error::Change(format!(
+                "site_id must be a 16-byte blob, got {} bytes",
+                ch.site_id.len()
+            ))
+        })?;
+        let keys = pk::unpack(&ch.pk)?;
+        let site_ord = self.sites.ordinal(conn, &ch.site_id)?;
+        let origin = ch.origin_version.unwrap_or(ch.db_version);
+
+        let (n, col) = {
+            let (info, _) = self.table(conn, &ch.table)?;
+            if keys.len() != info.pk.len() {
+                return Err(Error::Change(format!(
+                    "pk of table '{}' has {} values, the table's primary key has {} columns",
+                    ch.table,
+                    keys.len(),
+                    info.pk.len()
+                )));
+            }
+            let col = if ch.cid == crate::changes_read::SENTINEL {
+                None
+            } else {
+                match info.columns.iter().position(|c| c.name == ch.cid) {
+                    Some(i) => Some(i),
+                    None => {
+                        return Err(Error::Change(format!(
+                            "unknown column '{}' of table '{}'",
+                            ch.cid, ch.table
+                        )));
+                    }
+                }
+            };
+            (info.columns.len(), col)
+        };
+        if col.is_some() && ch.cl % 2 == 0 {
+            return Err(Error::Change(format!(
+                "column '{}' of table '{}' arrives with an even cl ({}): a deleted row has no column values",
+                ch.cid, ch.table, ch.cl
+            )));
+        }
+        if let Err((field, value)) = merge::check_clocks(ch.cl, col.map(|_| ch.col_version)) {
+            return Err(Error::Clock {
+                table: ch.table.clone(),
+                cid: ch.cid.clone(),
+                field,
+                value,
+            });
+        }
+
+        Ok(Checked {
+            keys,
+            col,
+            ncols: n,
+            site,
+            site_ord,
+            origin,
+        })
+    }
+
     /// `(db_version, batched, merge_equal_values)`, from the cache while nothing else wrote;
     /// `batched` is `merging = 1` (a per-change merge's stale mark is not).
     pub(crate) fn state_now(&mut self, conn: Conn) -> Result<(i64, bool, bool)> {
@@ -266,11 +375,12 @@ impl Merger {
         self.state = None;
     }
 
-    pub(crate) fn site_bytes(&mut self, conn: Conn, ord: i64) -> Option<Vec<u8>> {
+    /// The 16-byte site id of an ordinal (None for an unknown one).
+    pub(crate) fn site_bytes(&mut self, conn: Conn, ord: i64) -> Option<SiteBytes> {
         if self.sites.id(ord).is_none() {
             let _ = self.sites.reload(conn);
         }
-        self.sites.id(ord).map(<[u8]>::to_vec)
+        self.sites.id(ord).and_then(|s| s.try_into().ok())
     }
 }
 

@@ -20,30 +20,25 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::ToSql;
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::bookkeeping;
 use super::buffer::{self, BufferError};
 use super::buffering::{buffer_job, drain_buffer, SchemaState};
 use super::inbox::{self, InboxError, InboxLimits};
+pub(super) use super::packed::Packed;
 use crate::node::Metrics;
 use crate::sync::seed::SeedOutcome;
 use crate::sync::{
     describe_missing, held_after_unit, validate_chunk, validate_unit, Applied, ApplyJob, Change,
-    Chunk, OriginRanges, RangeError, SiteId, Value, Work,
+    Chunk, OriginRanges, RangeError, SiteId, Work,
 };
 
 /// Most jobs in one transaction.
 const MAX_BATCH_JOBS: usize = 256;
 /// Most changes in one transaction (a larger single unit is still applied whole).
 pub(super) const MAX_BATCH_CHANGES: usize = 50_000;
-
-pub(super) const INSERT_SQL: &str = "INSERT INTO crsql_changes \
-    (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq, origin_version) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum JobError {
@@ -395,16 +390,16 @@ fn describe(w: &Work) -> String {
 /// One job: merge a whole unit (buffering a partial catch-up unit), record what is now
 /// held, move the cursor.
 fn apply_job(conn: &Connection, local: &SiteId, job: &ApplyJob) -> Result<JobOutcome, JobError> {
-    let mut stmt = conn.prepare_cached(INSERT_SQL)?;
+    let mut packed = Packed::default();
     let mut out = JobOutcome::default();
     let c = match &job.work {
         Work::Unit(u) => {
             validate_unit(u)?;
             for change in &u.changes {
-                insert(&mut stmt, change)?;
-                out.merged += 1;
+                packed.push(change);
             }
-            conn.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
+            out.merged += packed.len() as u64;
+            packed.merge(conn)?;
             bookkeeping::record_held(conn, &held_after_unit(u, local))?;
             out.touched.push(u.origin);
             return Ok(out);
@@ -421,7 +416,7 @@ fn apply_job(conn: &Connection, local: &SiteId, job: &ApplyJob) -> Result<JobOut
     }
     let held: Option<Vec<OriginRanges>> = if c.is_whole_unit() {
         for change in &c.changes {
-            insert(&mut stmt, change)?;
+            packed.push(change);
             out.merged += 1;
             note_origin(&mut out.touched, change);
         }
@@ -435,7 +430,7 @@ fn apply_job(conn: &Connection, local: &SiteId, job: &ApplyJob) -> Result<JobOut
         let mut touched = Vec::new();
         inbox::drain::<JobError>(conn, &job.peer_site, c.unit_from, c.unit_to, |ch| {
             for change in &ch.changes {
-                insert(&mut stmt, change)?;
+                packed.push(change);
                 merged += 1;
                 note_origin(&mut touched, change);
             }
@@ -448,9 +443,9 @@ fn apply_job(conn: &Connection, local: &SiteId, job: &ApplyJob) -> Result<JobOut
         out.touched.extend(touched);
         first_held
     };
-    // The batched merge path queues changes and applies them grouped by row; apply them
-    // now, inside this job's savepoint, so a refusal fails this job alone.
-    conn.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
+    // Merged now, grouped by row, inside this job's savepoint, so a refusal fails this
+    // job alone.
+    packed.merge(conn)?;
     if let Some(list) = &held {
         out.touched.extend(list.iter().map(|o| o.site));
     }
@@ -495,45 +490,6 @@ fn expire_inbox(conn: &Connection) {
         ),
         Err(e) => tracing::warn!("sync inbox: cannot drop expired units: {e}"),
     }
-}
-
-/// A wire value bound as the SQLite value it was read as. TEXT is bound from its exact
-/// bytes (`sqlite3_bind_text` with a length; rusqlite binds `ValueRef::Text` that way and
-/// never checks UTF-8), so a value that is not valid UTF-8 arrives byte-exact and as TEXT.
-struct Bind<'a>(&'a Value);
-
-impl ToSql for Bind<'_> {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self.0 {
-            Value::Null => ValueRef::Null,
-            Value::Integer(i) => ValueRef::Integer(*i),
-            Value::Real(f) => ValueRef::Real(*f),
-            Value::Text(s) => ValueRef::Text(s),
-            Value::Blob(b) => ValueRef::Blob(b),
-        }))
-    }
-}
-
-pub(super) fn insert(stmt: &mut rusqlite::CachedStatement<'_>, c: &Change) -> rusqlite::Result<()> {
-    let val = Bind(&c.val);
-    let site = if c.site_id.is_empty() {
-        None
-    } else {
-        Some(c.site_id.as_slice())
-    };
-    stmt.execute(params![
-        c.table,
-        c.pk,
-        c.cid,
-        val,
-        c.col_version,
-        c.db_version,
-        site,
-        c.cl,
-        c.seq,
-        c.origin_version
-    ])?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -600,7 +556,7 @@ pub(crate) mod tests {
                     table: table.into(),
                     pk: vec![1, 0x09, v as u8],
                     cid: "a".into(),
-                    val: Value::Text(vec![0xff, 0x00, 0xfe]),
+                    val: crate::sync::Value::Text(vec![0xff, 0x00, 0xfe]),
                     col_version: 1,
                     db_version: v,
                     site_id: vec![2; 16],

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::apply::{
-    insert, note_origin, unix_now, JobError, JobOutcome, INSERT_SQL, MAX_BATCH_CHANGES,
-};
+use super::apply::{note_origin, unix_now, JobError, JobOutcome, Packed, MAX_BATCH_CHANGES};
 use super::bookkeeping;
 use super::buffer::{self, Kind};
 use super::inbox::{self, InboxLimits};
@@ -232,9 +230,6 @@ pub(super) fn buffer_job(
         })?;
         first_held
     };
-    // The other origins' changes were queued by the batched merge path: apply them now,
-    // inside this job's savepoint.
-    conn.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
     let mut missing = BTreeSet::new();
     for (_, (w, m)) in std::mem::take(&mut split.writers) {
         let m: Vec<Missing> = m.into_iter().collect();
@@ -279,17 +274,18 @@ impl Split {
         schema: &Schema,
         changes: &[Change],
     ) -> Result<(), JobError> {
-        let mut stmt = conn.prepare_cached(INSERT_SQL)?;
+        let mut packed = Packed::default();
         let mut kept: BTreeMap<Vec<u8>, Vec<Change>> = BTreeMap::new();
         for c in changes {
             if self.waiting.contains(&c.site_id) {
                 kept.entry(c.site_id.clone()).or_default().push(c.clone());
             } else {
-                insert(&mut stmt, c)?;
+                packed.push(c);
                 self.merged += 1;
                 note_origin(&mut self.touched, c);
             }
         }
+        packed.merge(conn)?;
         for (origin, list) in kept {
             let (w, m) = match self.writers.entry(origin.clone()) {
                 btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -377,7 +373,7 @@ fn try_drain(
     let mut changes = 0usize;
     let mut more = false;
     {
-        let mut stmt = tx.prepare_cached(INSERT_SQL)?;
+        let mut packed = Packed::default();
         for e in &entries {
             if changes >= MAX_BATCH_CHANGES {
                 more = true;
@@ -390,7 +386,7 @@ fn try_drain(
                 missing.extend(schema.cache.schema().missing(&part));
                 if missing.is_empty() {
                     for c in &part {
-                        insert(&mut stmt, c)?;
+                        packed.push(c);
                         note_origin(&mut origins, c);
                     }
                 }
@@ -398,7 +394,9 @@ fn try_drain(
             })
             .and_then(|()| {
                 if missing.is_empty() {
-                    tx.query_row("SELECT patina_flush()", [], |_| Ok(()))?;
+                    packed.merge(&tx)?;
+                } else {
+                    packed = Packed::default();
                 }
                 Ok(())
             });

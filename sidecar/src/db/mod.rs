@@ -7,6 +7,7 @@
 //! - `tail`        — the tailer thread: notices local commits from any process, ships units.
 //! - `touched`     — the (table, key) pairs each feed read touched, fanned out to listeners.
 //! - `apply`       — the apply thread: the one writer of remote changes, batched, atomic.
+//! - `packed`      — changes packed into one `patina_batch` blob, merged in one statement.
 //! - `bookkeeping` — per-peer cursors, out-of-order ranges and site bindings, in the database.
 //! - `inbox`       — chunks of large units buffered until whole; bounded and expiring.
 //! - `retention`   — tombstone collection, forgetting departed members, re-seeding.
@@ -23,6 +24,7 @@ mod buffering;
 pub mod conn;
 pub mod feed;
 pub mod inbox;
+mod packed;
 pub mod retention;
 pub mod schema;
 pub mod seed;
