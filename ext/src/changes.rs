@@ -18,7 +18,8 @@ use sqlite_loadable::ext::{
 
 use crate::changes_read::{self, Change, Filter};
 use crate::error::{Error, Result};
-use crate::merger::Incoming;
+use crate::merger::{ChangeRef, Incoming, Merger, Queued};
+use crate::pk::{self, Packed};
 use crate::schema;
 use crate::sqlite::{self as sq, Conn, Value};
 use crate::state::Sites;
@@ -34,7 +35,7 @@ const COL_DB_VERSION: c_int = 5;
 const COL_SITE_ID: c_int = 6;
 /// The change columns (cr-sqlite's nine and `origin_version`); `patina_batch` follows.
 const NCOLS: usize = 10;
-/// The hidden column a batch of packed changes is written to (see [`decode_batch`]).
+/// The hidden column a batch of packed changes is written to (see [`check_batch`]).
 const COL_BATCH: usize = NCOLS;
 
 // SQLITE_INDEX_CONSTRAINT_*
@@ -491,10 +492,9 @@ unsafe extern "C" fn x_rowid(cur: *mut sqlite3_vtab_cursor, rowid: *mut i64) -> 
     sq::SQLITE_OK
 }
 
-fn text_arg(v: Value, name: &str) -> Result<String> {
+fn text_field<'a>(v: Packed<'a>, name: &str) -> Result<&'a [u8]> {
     match v {
-        Value::Text(t) => Ok(String::from_utf8(t)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())),
+        Packed::Text(t) => Ok(t),
         other => Err(Error::Change(format!(
             "{name} must be TEXT, got {}",
             other.type_name()
@@ -502,20 +502,22 @@ fn text_arg(v: Value, name: &str) -> Result<String> {
     }
 }
 
-fn int_arg(v: &Value, name: &str) -> Result<i64> {
-    v.as_i64()
-        .ok_or_else(|| Error::Change(format!("{name} must be an INTEGER, got {}", v.type_name())))
+fn int_field(v: Packed<'_>, name: &str) -> Result<i64> {
+    match v {
+        Packed::Integer(i) => Ok(i),
+        other => Err(Error::Change(format!(
+            "{name} must be an INTEGER, got {}",
+            other.type_name()
+        ))),
+    }
 }
 
-fn parse_incoming(args: Vec<Value>) -> Result<Incoming> {
-    let Ok::<[Value; NCOLS], _>(
-        [table, pk, cid, val, col_version, db_version, site_id, cl, _seq, origin],
-    ) = args.try_into()
-    else {
-        return Err(Error::Change(format!("a change has {NCOLS} fields")));
-    };
+/// A change's ten fields in the column order of `crsql_changes`, typed; the value is
+/// returned beside them (it is copied only where it is kept).
+fn parse_fields<'a>(f: [Packed<'a>; NCOLS]) -> Result<(ChangeRef<'a>, Packed<'a>)> {
+    let [table, pk, cid, val, col_version, db_version, site_id, cl, _seq, origin] = f;
     let pk = match pk {
-        Value::Blob(b) => b,
+        Packed::Blob(b) => b,
         other => {
             return Err(Error::Change(format!(
                 "pk must be a BLOB made by crsql_pack_columns, got {}",
@@ -524,7 +526,7 @@ fn parse_incoming(args: Vec<Value>) -> Result<Incoming> {
         }
     };
     let site_id = match site_id {
-        Value::Blob(b) => b,
+        Packed::Blob(b) => b,
         other => {
             return Err(Error::Change(format!(
                 "site_id must be a 16-byte BLOB, got {}",
@@ -533,41 +535,55 @@ fn parse_incoming(args: Vec<Value>) -> Result<Incoming> {
         }
     };
     let origin_version = match origin {
-        Value::Null => None,
-        v => Some(int_arg(&v, "origin_version")?),
+        Packed::Null => None,
+        v => Some(int_field(v, "origin_version")?),
     };
-    Ok(Incoming {
-        table: text_arg(table, "table")?,
+    let change = ChangeRef {
+        table: String::from_utf8_lossy(text_field(table, "table")?),
         pk,
-        cid: text_arg(cid, "cid")?,
-        val,
-        col_version: int_arg(&col_version, "col_version")?,
-        db_version: int_arg(&db_version, "db_version")?,
+        cid: String::from_utf8_lossy(text_field(cid, "cid")?),
+        col_version: int_field(col_version, "col_version")?,
+        db_version: int_field(db_version, "db_version")?,
         site_id,
-        cl: int_arg(&cl, "cl")?,
+        cl: int_field(cl, "cl")?,
         origin_version,
-    })
+    };
+    Ok((change, val))
 }
 
-/// Decodes a `patina_batch` blob: a sequence of records, each one change's ten fields in
-/// the column order of `crsql_changes` (`table` .. `origin_version`) packed the way
-/// `crsql_pack_columns` packs values. Every record is decoded and typed before anything is
-/// merged, so a malformed batch is refused whole.
-fn decode_batch(blob: &[u8]) -> Result<Vec<Incoming>> {
+fn parse_incoming(args: &[Value]) -> Result<Incoming> {
+    let fields: [Packed<'_>; NCOLS] = std::array::from_fn(|i| Packed::from(&args[i]));
+    let (change, val) = parse_fields(fields)?;
+    Ok(Incoming::new(&change, val.to_value()))
+}
+
+/// Checks a `patina_batch` blob and queues its changes: a sequence of records, each one
+/// change's ten fields in the column order of `crsql_changes` (`table` ..
+/// `origin_version`) packed the way `crsql_pack_columns` packs values. Every change is
+/// decoded and checked before anything is written, so a malformed batch is refused whole.
+fn check_batch(merger: &mut Merger, conn: Conn, blob: &[u8]) -> Result<Vec<Queued>> {
     let mut out = Vec::new();
     let mut rest = blob;
     while !rest.is_empty() {
         let at = out.len();
         let bad = |e: Error| Error::Change(format!("change {at} of the patina_batch: {e}"));
-        let (fields, r) = crate::pk::unpack_prefix(rest).map_err(bad)?;
-        if fields.len() != NCOLS {
+        let mut r = pk::Reader::new(rest).map_err(bad)?;
+        if r.count() != NCOLS {
             return Err(bad(Error::Change(format!(
                 "it has {} fields, a change has {NCOLS}",
-                fields.len()
+                r.count()
             ))));
         }
-        out.push(parse_incoming(fields).map_err(bad)?);
-        rest = r;
+        let mut fields = [Packed::Null; NCOLS];
+        for f in &mut fields {
+            *f = r
+                .next_value()
+                .map_err(bad)?
+                .ok_or_else(|| bad(Error::Change("a field is missing".into())))?;
+        }
+        rest = r.rest();
+        let (change, val) = parse_fields(fields).map_err(bad)?;
+        out.push(merger.checked(conn, &change, val.to_value()).map_err(bad)?);
     }
     Ok(out)
 }
@@ -614,9 +630,10 @@ unsafe extern "C" fn x_update(
             )
         })?;
         match (batch, batch_blob) {
-            (Value::Null, _) => merger.merge(conn, parse_incoming(fields.to_vec())?),
+            (Value::Null, _) => merger.merge(conn, parse_incoming(fields)?),
             (_, Some(b)) if fields.iter().all(|f| *f == Value::Null) => {
-                merger.merge_batch(conn, decode_batch(b)?)
+                let queued = check_batch(&mut merger, conn, b)?;
+                merger.merge_batch(conn, queued)
             }
             (Value::Blob(_), _) => Err(Error::Change(
                 "a row of crsql_changes carries either one change or a patina_batch, not both"

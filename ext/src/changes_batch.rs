@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::merge::{self, ColumnClock, Plan};
-use crate::merger::{key_where, keyed, queued, stmt, Incoming, Merger, Queued};
+use crate::merger::{key_where, keyed, stmt, Merger, Queued};
 use crate::ranges::RangeSet;
 use crate::schema::{clock_table, quote, TableInfo};
 use crate::sqlite::{Conn, Stmt, Value};
@@ -61,7 +61,7 @@ fn opt(v: Value) -> Option<i64> {
 
 /// Rows per multi-row statement at most: SQLite's cost per statement run (and the copies
 /// of pages into its statement journal) is then paid per chunk rather than per row.
-const CHUNK: usize = 32;
+const CHUNK: usize = 64;
 
 /// Parameters per statement at most: SQLite's default limit before 3.32, so hosts with
 /// an older or stricter build accept every statement.
@@ -206,18 +206,14 @@ fn update_sql(t: &TableInfo, mask: &[bool]) -> String {
 }
 
 impl Merger {
-    /// Merges a `patina_batch` (`INSERT INTO crsql_changes (patina_batch) VALUES (?)`):
-    /// every change is checked first, so a batch with one invalid change writes nothing;
-    /// then they join the queue (after anything the caller queued before) and the queue is
-    /// applied, grouped by row, before the statement returns, whether or not the caller set
-    /// `merging`. Returns the base rows written, counted as the one-by-one path counts them.
-    pub fn merge_batch(&mut self, conn: Conn, changes: Vec<Incoming>) -> Result<i64> {
-        let mut checked = Vec::with_capacity(changes.len());
-        for ch in changes {
-            let c = self.check(conn, &ch)?;
-            checked.push(queued(ch, c));
-        }
-        self.queue.append(&mut checked);
+    /// Merges a `patina_batch` (`INSERT INTO crsql_changes (patina_batch) VALUES (?)`),
+    /// its changes already checked (`changes::check_batch`, so a batch with one invalid
+    /// change writes nothing): they join the queue after anything the caller queued
+    /// before, and the queue is applied, grouped by row, before the statement returns,
+    /// whether or not the caller set `merging`. Returns the base rows written, counted as
+    /// the one-by-one path counts them.
+    pub fn merge_batch(&mut self, conn: Conn, mut changes: Vec<Queued>) -> Result<i64> {
+        self.queue.append(&mut changes);
         self.flush(conn)
     }
 
@@ -339,7 +335,7 @@ impl Merger {
             let mut index: HashMap<(&str, &[u8]), usize> = HashMap::with_capacity(queue.len());
             for q in &queue {
                 let g = *index
-                    .entry((q.table.as_str(), q.pk.as_slice()))
+                    .entry((&*q.table, q.pk.as_slice()))
                     .or_insert_with(|| {
                         ngroups += 1;
                         ngroups - 1

@@ -26,7 +26,7 @@ impl Merger {
     /// rows written (several when a full queue was applied).
     pub fn merge(&mut self, conn: Conn, ch: Incoming) -> Result<i64> {
         // Validation first: a refused change must not have written anything.
-        let checked = self.check(conn, &ch)?;
+        let checked = self.check(conn, &ch.fields())?;
 
         // Local state.
         let (db_version, merging, equal_values) = self.state_now(conn)?;

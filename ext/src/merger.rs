@@ -7,6 +7,7 @@
 //! change with `merge::plan`; neither imports the other.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::merge;
@@ -20,7 +21,8 @@ pub(crate) const QUEUE_LIMIT: usize = 4096;
 
 /// A validated change waiting in the batched path's queue.
 pub(crate) struct Queued {
-    pub(crate) table: String,
+    /// Shared by the changes of one table in a batch.
+    pub(crate) table: Rc<str>,
     pub(crate) pk: Vec<u8>,
     pub(crate) keys: Vec<Value>,
     /// None: the row's own clock (cid '-1').
@@ -36,6 +38,20 @@ pub(crate) struct Queued {
 /// A site id, checked to be 16 bytes.
 pub(crate) type SiteBytes = [u8; 16];
 
+/// A change's fields as `crsql_changes` takes them, borrowed (from an [`Incoming`] or
+/// straight from a `patina_batch` blob); the value travels beside it.
+pub(crate) struct ChangeRef<'a> {
+    /// Names are compared as UTF-8; invalid bytes become U+FFFD and match nothing.
+    pub(crate) table: std::borrow::Cow<'a, str>,
+    pub(crate) pk: &'a [u8],
+    pub(crate) cid: std::borrow::Cow<'a, str>,
+    pub(crate) col_version: i64,
+    pub(crate) db_version: i64,
+    pub(crate) site_id: &'a [u8],
+    pub(crate) cl: i64,
+    pub(crate) origin_version: Option<i64>,
+}
+
 /// A change as written to `crsql_changes`.
 pub struct Incoming {
     pub table: String,
@@ -47,6 +63,35 @@ pub struct Incoming {
     pub site_id: Vec<u8>,
     pub cl: i64,
     pub origin_version: Option<i64>,
+}
+
+impl Incoming {
+    pub(crate) fn new(c: &ChangeRef<'_>, val: Value) -> Incoming {
+        Incoming {
+            table: c.table.clone().into_owned(),
+            pk: c.pk.to_vec(),
+            cid: c.cid.clone().into_owned(),
+            val,
+            col_version: c.col_version,
+            db_version: c.db_version,
+            site_id: c.site_id.to_vec(),
+            cl: c.cl,
+            origin_version: c.origin_version,
+        }
+    }
+
+    pub(crate) fn fields(&self) -> ChangeRef<'_> {
+        ChangeRef {
+            table: self.table.as_str().into(),
+            pk: &self.pk,
+            cid: self.cid.as_str().into(),
+            col_version: self.col_version,
+            db_version: self.db_version,
+            site_id: &self.site_id,
+            cl: self.cl,
+            origin_version: self.origin_version,
+        }
+    }
 }
 
 /// What [`Merger::check`] learned of a valid change.
@@ -64,7 +109,7 @@ pub(crate) struct Checked {
 /// A checked change, for the batched path's queue.
 pub(crate) fn queued(ch: Incoming, c: Checked) -> Queued {
     Queued {
-        table: ch.table,
+        table: Rc::from(ch.table),
         pk: ch.pk,
         keys: c.keys,
         col: c.col,
@@ -140,6 +185,8 @@ pub(crate) struct Merger {
     pub(crate) queue: Vec<Queued>,
     pub(crate) marks: Vec<(i32, usize, usize)>,
     pub(crate) counter_write: Option<Stmt>,
+    /// The table name the last checked batch change named (see [`Merger::checked`]).
+    pub(crate) last_table: Option<Rc<str>>,
     /// Statements writing `patina_origin_ranges` (both paths).
     pub(crate) ranges: crate::origins::RangeStmts,
 }
@@ -249,15 +296,15 @@ impl Merger {
 
     /// Checks a change against this database before anything is written: a 16-byte site
     /// id, a known table and column, a key of the table's arity, clocks within bounds.
-    pub(crate) fn check(&mut self, conn: Conn, ch: &Incoming) -> Result<Checked> {
-        let site: SiteBytes = ch.site_id.as_slice().try_into().map_err(|_| {
+    pub(crate) fn check(&mut self, conn: Conn, ch: &ChangeRef<'_>) -> Result<Checked> {
+        let site: SiteBytes = ch.site_id.try_into().map_err(|_| {
             Error::Change(format!(
                 "site_id must be a 16-byte blob, got {} bytes",
                 ch.site_id.len()
             ))
         })?;
-        let keys = pk::unpack(&ch.pk)?;
-        let site_ord = self.sites.ordinal(conn, &ch.site_id)?;
+        let keys = pk::unpack(ch.pk)?;
+        let site_ord = self.sites.ordinal(conn, ch.site_id)?;
         let origin = ch.origin_version.unwrap_or(ch.db_version);
 
         let (n, col) = {
@@ -293,8 +340,8 @@ impl Merger {
         }
         if let Err((field, value)) = merge::check_clocks(ch.cl, col.map(|_| ch.col_version)) {
             return Err(Error::Clock {
-                table: ch.table.clone(),
-                cid: ch.cid.clone(),
+                table: ch.table.clone().into_owned(),
+                cid: ch.cid.clone().into_owned(),
                 field,
                 value,
             });
@@ -307,6 +354,32 @@ impl Merger {
             site,
             site_ord,
             origin,
+        })
+    }
+
+    /// A checked change for the batched path's queue; consecutive changes of one table
+    /// share its name.
+    pub(crate) fn checked(&mut self, conn: Conn, ch: &ChangeRef<'_>, val: Value) -> Result<Queued> {
+        let c = self.check(conn, ch)?;
+        let table = match &self.last_table {
+            Some(t) if **t == *ch.table => t.clone(),
+            _ => {
+                let t: Rc<str> = Rc::from(ch.table.as_ref());
+                self.last_table = Some(t.clone());
+                t
+            }
+        };
+        Ok(Queued {
+            table,
+            pk: ch.pk.to_vec(),
+            keys: c.keys,
+            col: c.col,
+            val,
+            col_version: ch.col_version,
+            cl: ch.cl,
+            site: c.site,
+            site_ord: c.site_ord,
+            origin: c.origin,
         })
     }
 

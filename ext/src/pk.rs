@@ -77,88 +77,157 @@ fn pack_one(out: &mut Vec<u8>, v: &Value) -> Result<()> {
     Ok(())
 }
 
+/// A packed value, borrowed from the blob it was read from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Packed<'a> {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(&'a [u8]),
+    Blob(&'a [u8]),
+}
+
+impl Packed<'_> {
+    pub fn to_value(self) -> Value {
+        match self {
+            Packed::Null => Value::Null,
+            Packed::Integer(i) => Value::Integer(i),
+            Packed::Real(f) => Value::Real(f),
+            Packed::Text(b) => Value::Text(b.to_vec()),
+            Packed::Blob(b) => Value::Blob(b.to_vec()),
+        }
+    }
+
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Packed::Null => "NULL",
+            Packed::Integer(_) => "INTEGER",
+            Packed::Real(_) => "REAL",
+            Packed::Text(_) => "TEXT",
+            Packed::Blob(_) => "BLOB",
+        }
+    }
+}
+
+impl<'a> From<&'a Value> for Packed<'a> {
+    fn from(v: &'a Value) -> Packed<'a> {
+        match v {
+            Value::Null => Packed::Null,
+            Value::Integer(i) => Packed::Integer(*i),
+            Value::Real(f) => Packed::Real(*f),
+            Value::Text(b) => Packed::Text(b),
+            Value::Blob(b) => Packed::Blob(b),
+        }
+    }
+}
+
 /// Unpacks a blob made by [`pack`] (or by cr-sqlite). Every malformation is an error that
 /// says what was wrong and where; nothing here panics on hostile input.
 pub fn unpack(blob: &[u8]) -> Result<Vec<Value>> {
-    let (out, rest) = unpack_prefix(blob)?;
-    if !rest.is_empty() {
+    let mut r = Reader::new(blob)?;
+    let mut out = Vec::with_capacity(r.count());
+    while let Some(v) = r.next_value()? {
+        out.push(v.to_value());
+    }
+    if !r.rest().is_empty() {
         return Err(Error::Pk(format!(
             "{} bytes left after {} values",
-            rest.len(),
+            r.rest().len(),
             out.len()
         )));
     }
     Ok(out)
 }
 
-/// Unpacks the packed values at the start of `blob` and returns them with the bytes after
-/// them: a batch of changes is a sequence of packed records (`changes_batch`).
-pub fn unpack_prefix(blob: &[u8]) -> Result<(Vec<Value>, &[u8])> {
-    let (&count, mut rest) = blob
-        .split_first()
-        .ok_or_else(|| Error::Pk("empty blob".into()))?;
-    let mut out = Vec::with_capacity(count as usize);
-    for i in 0..count as usize {
-        let (&header, r) = rest
+/// Reads the packed values at the front of a blob one by one, borrowing text and blobs;
+/// what follows them is [`Reader::rest`] (a batch of changes is packed records one after
+/// another, `changes_batch`).
+pub struct Reader<'a> {
+    rest: &'a [u8],
+    count: usize,
+    read: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(blob: &'a [u8]) -> Result<Reader<'a>> {
+        let (&count, rest) = blob
             .split_first()
-            .ok_or_else(|| Error::Pk(format!("blob ends before value {} of {count}", i + 1)))?;
-        rest = r;
+            .ok_or_else(|| Error::Pk("empty blob".into()))?;
+        Ok(Reader {
+            rest,
+            count: usize::from(count),
+            read: 0,
+        })
+    }
+
+    /// Values the count byte announced.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The bytes after the values read so far.
+    pub fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        if self.rest.len() < n {
+            return Err(Error::Pk(format!(
+                "value {}: {what} needs {n} bytes, {} left",
+                self.read + 1,
+                self.rest.len()
+            )));
+        }
+        let (a, b) = self.rest.split_at(n);
+        self.rest = b;
+        Ok(a)
+    }
+
+    /// The next value, or None after the last one the count announced.
+    pub fn next_value(&mut self) -> Result<Option<Packed<'a>>> {
+        if self.read == self.count {
+            return Ok(None);
+        }
+        let i = self.read + 1;
+        let count = self.count;
+        let header = *self
+            .take(1, "header")
+            .map_err(|_| Error::Pk(format!("blob ends before value {i} of {count}")))?
+            .first()
+            .ok_or_else(|| Error::Pk(format!("blob ends before value {i} of {count}")))?;
         let width = (header >> 3) as usize;
-        let take = |rest: &mut &[u8], n: usize, what: &str| -> Result<Vec<u8>> {
-            if rest.len() < n {
-                return Err(Error::Pk(format!(
-                    "value {}: {what} needs {n} bytes, {} left",
-                    i + 1,
-                    rest.len()
-                )));
-            }
-            let (a, b) = rest.split_at(n);
-            *rest = b;
-            Ok(a.to_vec())
-        };
+        let be = |b: &[u8]| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
         let value = match header & 0x07 {
-            T_NULL => Value::Null,
+            T_NULL => Packed::Null,
             T_INTEGER => {
                 if width > 8 {
-                    return Err(Error::Pk(format!(
-                        "value {}: integer width {width} > 8",
-                        i + 1
-                    )));
+                    return Err(Error::Pk(format!("value {i}: integer width {width} > 8")));
                 }
-                let bytes = take(&mut rest, width, "integer")?;
                 // Widths below 8 only ever hold non-negative numbers (see `int_width`).
-                let u = bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
-                Value::Integer(u as i64)
+                Packed::Integer(be(self.take(width, "integer")?) as i64)
             }
             T_REAL => {
-                let bytes = take(&mut rest, 8, "real")?;
                 let mut a = [0u8; 8];
-                a.copy_from_slice(&bytes);
-                Value::Real(f64::from_be_bytes(a))
+                a.copy_from_slice(self.take(8, "real")?);
+                Packed::Real(f64::from_be_bytes(a))
             }
             t @ (T_TEXT | T_BLOB) => {
                 if width > 4 {
-                    return Err(Error::Pk(format!(
-                        "value {}: length width {width} > 4",
-                        i + 1
-                    )));
+                    return Err(Error::Pk(format!("value {i}: length width {width} > 4")));
                 }
-                let lb = take(&mut rest, width, "length")?;
-                let len = lb
-                    .iter()
-                    .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-                let bytes = take(&mut rest, len, "payload")?;
+                let len = be(self.take(width, "length")?) as usize;
+                let bytes = self.take(len, "payload")?;
                 if t == T_TEXT {
-                    Value::Text(bytes)
+                    Packed::Text(bytes)
                 } else {
-                    Value::Blob(bytes)
+                    Packed::Blob(bytes)
                 }
             }
-            t => return Err(Error::Pk(format!("value {}: unknown type {t}", i + 1))),
+            t => return Err(Error::Pk(format!("value {i}: unknown type {t}"))),
         };
-        out.push(value);
+        self.read += 1;
+        Ok(Some(value))
     }
-    Ok((out, rest))
 }
 
 #[cfg(test)]
