@@ -223,3 +223,89 @@ fn a_batch_after_queued_changes_applies_after_them() {
     assert_eq!(tables(&a), tables(&b));
     same_state(&a, &b, "queued then batch");
 }
+
+#[test]
+fn a_wide_table_merges_one_row_per_statement_as_one_by_one() {
+    // 300 columns: a clock row binds 1 + 5 + 4 * 300 parameters, more than a statement
+    // may carry for two rows, so each statement writes one.
+    let cols: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
+    let ddl = format!(
+        "CREATE TABLE w(id INTEGER PRIMARY KEY NOT NULL, {}); SELECT crsql_as_crr('w');",
+        cols.join(", ")
+    );
+    let src = memory();
+    src.execute_batch(&ddl).unwrap();
+    for id in 0..5 {
+        src.execute(
+            &format!("INSERT INTO w(id, c0, c150, c299) VALUES ({id}, 'a{id}', {id}, x'00')"),
+            [],
+        )
+        .unwrap();
+    }
+    src.execute_batch("UPDATE w SET c7 = 'seven' WHERE id = 3; DELETE FROM w WHERE id = 1")
+        .unwrap();
+    let feed = changes_after(&src, 0);
+    let (one, many) = (memory(), memory());
+    for c in [&one, &many] {
+        c.execute_batch(&ddl).unwrap();
+    }
+    merge(&one, &feed);
+    many.execute(BATCH, [pack_batch(&many, &feed)]).unwrap();
+    same_state(&one, &many, "wide table");
+    same_state(&src, &many, "wide table, against the source");
+    let rows = |c: &Connection| -> Vec<String> {
+        let mut s = c
+            .prepare("SELECT id || quote(c0) || quote(c7) || quote(c150) || quote(c299) FROM w ORDER BY id")
+            .unwrap();
+        let r = s.query_map([], |r| r.get(0)).unwrap();
+        r.map(Result::unwrap).collect()
+    };
+    assert_eq!(rows(&many), rows(&src));
+    assert_eq!(rows(&many).len(), 4);
+}
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        /// Any blob, or a valid one with bytes changed or cut, is merged or refused:
+        /// never a crash, and a refusal writes nothing.
+        #[test]
+        fn any_blob_is_merged_or_refused_whole(
+            junk in proptest::collection::vec(any::<u8>(), 0..200),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>(),
+            use_valid in any::<bool>(),
+        ) {
+            let src = memory();
+            src.execute_batch(DDL).unwrap();
+            src.execute_batch("INSERT INTO t(id, a) VALUES (1, 'x'), (2, 'y'); DELETE FROM t WHERE id = 2;
+                               INSERT INTO k VALUES ('p', 1)").unwrap();
+            let blob = if use_valid {
+                let mut b = pack_batch(&src, &changes_after(&src, 0));
+                for (at, byte) in &flips {
+                    let i = at.index(b.len());
+                    b[i] = *byte;
+                }
+                let keep = cut.index(b.len() + 1);
+                b.truncate(keep);
+                b
+            } else {
+                junk
+            };
+            let c = memory();
+            c.execute_batch(DDL).unwrap();
+            let before = converging_state(&c);
+            let v0: i64 = common::one(&c, "SELECT crsql_db_version()");
+            if c.execute(BATCH, [blob]).is_err() {
+                prop_assert_eq!(converging_state(&c), before);
+                prop_assert_eq!(common::one::<i64>(&c, "SELECT crsql_db_version()"), v0);
+            }
+            // Either way the database is sound and merges a good batch afterwards.
+            c.execute(BATCH, [pack_batch(&src, &changes_after(&src, 0))]).unwrap();
+            prop_assert_eq!(common::one::<String>(&c, "PRAGMA quick_check"), "ok".to_string());
+        }
+    }
+}
