@@ -354,33 +354,46 @@ impl Merger {
             })?;
             s.execute(&[Value::Integer(counter), Value::Integer(1)])?;
         }
+        let applied = self.apply_rows(conn, &mut rows, &mut counter, equal_values);
+        // Whether or not every row was written: the counter covers every number handed
+        // out to a clock already written, and `merging` is back as the caller left it, so
+        // a caller that goes on after the error (rather than rolling back, as it should:
+        // earlier chunks stay written) still has its own writes captured and numbered
+        // after these.
+        let s = stmt(&mut self.counter_write, conn, || {
+            "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
+        })?;
+        s.execute(&[Value::Integer(counter), Value::Integer(i64::from(merging))])?;
+        let impacted = applied?;
+        for (site, versions) in held.values() {
+            self.ranges.record(conn, site, versions)?;
+        }
+        self.remember_state(conn, counter, merging, equal_values);
+        Ok(impacted)
+    }
+
+    /// Applies grouped rows in chunks: consecutive rows of one table, as many as one
+    /// statement carries. Returns the changes that wrote a base row.
+    fn apply_rows(
+        &mut self,
+        conn: Conn,
+        rows: &mut [Vec<Queued>],
+        counter: &mut i64,
+        equal_values: bool,
+    ) -> Result<i64> {
         let mut impacted = 0;
         let mut start = 0;
         while start < rows.len() {
-            // A chunk: consecutive rows of one table, as many as one statement carries.
             let table = rows[start][0].table.clone();
             let limit = self.chunk_rows(conn, &table)?;
             let mut end = start + 1;
             while end < rows.len() && end - start < limit && rows[end][0].table == table {
                 end += 1;
             }
-            impacted += self.apply_chunk(
-                conn,
-                &table,
-                &mut rows[start..end],
-                &mut counter,
-                equal_values,
-            )?;
+            impacted +=
+                self.apply_chunk(conn, &table, &mut rows[start..end], counter, equal_values)?;
             start = end;
         }
-        let s = stmt(&mut self.counter_write, conn, || {
-            "UPDATE patina_state SET db_version = ?1, merging = ?2 WHERE id = 0".into()
-        })?;
-        s.execute(&[Value::Integer(counter), Value::Integer(i64::from(merging))])?;
-        for (site, versions) in held.values() {
-            self.ranges.record(conn, site, versions)?;
-        }
-        self.remember_state(conn, counter, merging, equal_values);
         Ok(impacted)
     }
 
@@ -607,13 +620,31 @@ impl Merger {
         (impacted, Some(decided))
     }
 
-    /// Writes decided rows in order: base rows (runs of rows replaced with the same
-    /// columns share one multi-row statement; updates and deletes go one by one), then
-    /// every clock row, several per statement.
+    /// Writes decided rows in order: base rows, then the clock rows of every row whose
+    /// base write went through, even when a later one failed (an app's CHECK constraint
+    /// or trigger can refuse a row), so no base row holds a value its clock does not
+    /// credit.
     fn write_rows(&mut self, conn: Conn, table: &str, rows: &[Decided]) -> Result<()> {
+        let mut done = 0;
+        let bases = self.write_bases(conn, table, rows, &mut done);
+        let clocks = self.write_clocks(conn, table, &rows[..done]);
+        bases.and(clocks)
+    }
+
+    /// Base rows in order: runs of rows replaced with the same columns share one
+    /// multi-row statement; updates and deletes go one by one. `done` ends at the first
+    /// row not written.
+    fn write_bases(
+        &mut self,
+        conn: Conn,
+        table: &str,
+        rows: &[Decided],
+        done: &mut usize,
+    ) -> Result<()> {
         let (info, st) = self.table(conn, table)?;
         let mut i = 0;
         while i < rows.len() {
+            *done = i;
             let d = &rows[i];
             match &d.base {
                 BaseWrite::None => i += 1,
@@ -673,17 +704,24 @@ impl Merger {
                 }
             }
         }
-        if !rows.is_empty() {
-            let n = rows.len();
-            let s = keyed(&mut st.batch.upserts, n, conn, || upsert_sql(info, n))?;
-            s.reset();
-            let all = rows.iter().flat_map(|r| r.keys.iter().chain(&r.clock));
-            for (at, v) in (1..).zip(all) {
-                s.bind(at, v)?;
-            }
-            s.run()?;
-        }
+        *done = rows.len();
         Ok(())
+    }
+
+    /// Upserts the clock rows of `rows`, all in one statement.
+    fn write_clocks(&mut self, conn: Conn, table: &str, rows: &[Decided]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (info, st) = self.table(conn, table)?;
+        let n = rows.len();
+        let s = keyed(&mut st.batch.upserts, n, conn, || upsert_sql(info, n))?;
+        s.reset();
+        let all = rows.iter().flat_map(|r| r.keys.iter().chain(&r.clock));
+        for (at, v) in (1..).zip(all) {
+            s.bind(at, v)?;
+        }
+        s.run()
     }
 }
 

@@ -264,6 +264,73 @@ fn a_wide_table_merges_one_row_per_statement_as_one_by_one() {
     assert_eq!(rows(&many).len(), 4);
 }
 
+#[test]
+fn a_batch_refused_midway_leaves_clocks_that_credit_every_written_row() {
+    // The target's CHECK refuses rows the source holds: the batch fails in its second
+    // chunk. A caller that carries on (instead of rolling back) must still have its own
+    // writes captured and numbered after the merged ones, and every row written so far
+    // must be credited by its clock.
+    let src = memory();
+    src.execute_batch(
+        "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER); SELECT crsql_as_crr('c');
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 199)
+         INSERT INTO c SELECT i, i FROM n;",
+    )
+    .unwrap();
+    let c = memory();
+    c.execute_batch(
+        "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER CHECK (v < 100));
+         SELECT crsql_as_crr('c');",
+    )
+    .unwrap();
+    c.execute_batch("BEGIN").unwrap();
+    let err = c
+        .execute(BATCH, [pack_batch(&c, &changes_after(&src, 0))])
+        .expect_err("the CHECK refuses a row")
+        .to_string();
+    assert!(err.contains("CHECK"), "{err}");
+    assert_eq!(
+        common::one::<i64>(&c, "SELECT merging FROM patina_state"),
+        0
+    );
+    c.execute_batch("INSERT INTO c VALUES (5000, 1); COMMIT")
+        .unwrap();
+
+    let written: i64 = common::one(&c, "SELECT count(*) FROM c");
+    assert!(
+        written > 1 && written < 100,
+        "some chunks went through: {written}"
+    );
+    let feed = changes_after(&c, 0);
+    let mut versions: Vec<i64> = feed.iter().map(|ch| ch.5).collect();
+    let local = feed
+        .iter()
+        .find(|ch| ch.1 == vec![1, 17, 19, 136])
+        .expect("the local write");
+    assert!(
+        versions.iter().all(|v| *v <= local.5),
+        "the local write is numbered last"
+    );
+    versions.sort_unstable();
+    let n = versions.len();
+    versions.dedup();
+    assert_eq!(versions.len(), n, "no change number was handed out twice");
+    // A replica built from this feed alone holds exactly these rows.
+    let replica = memory();
+    replica
+        .execute_batch(
+            "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER); SELECT crsql_as_crr('c');",
+        )
+        .unwrap();
+    merge(&replica, &feed);
+    let rows = |db: &Connection| -> Vec<(i64, i64)> {
+        let mut s = db.prepare("SELECT id, v FROM c ORDER BY id").unwrap();
+        let r = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        r.map(Result::unwrap).collect()
+    };
+    assert_eq!(rows(&replica), rows(&c));
+}
+
 mod hostile {
     use super::*;
     use proptest::prelude::*;
