@@ -1,8 +1,9 @@
 //! Arbitrary 9- and 10-column rows written into `crsql_changes` of a real database with
-//! the extension loaded (`PATINA_FUZZ_EXT`, set by `scripts/fuzz`), on both merge paths:
-//! one change at a time and the batched path the node uses. Any row must be merged or
-//! refused with an error; afterwards the database must pass its integrity check, keep
-//! integer clocks, and read back through the feed.
+//! the extension loaded (`PATINA_FUZZ_EXT`, set by `scripts/fuzz`), on every merge path:
+//! one change at a time, queued under `merging = 1`, and packed into one `patina_batch`
+//! blob (with arbitrary bytes after the last change), as the node merges. Any row or
+//! blob must be merged or refused with an error; afterwards the database must pass its
+//! integrity check, keep integer clocks, and read back through the feed.
 #![no_main]
 
 use std::cell::RefCell;
@@ -82,6 +83,9 @@ struct Change {
 #[derive(Arbitrary, Debug)]
 struct Input {
     batched: bool,
+    /// The changes go in as one `patina_batch`, followed by `tail`.
+    packed: bool,
+    tail: Vec<u8>,
     changes: Vec<Change>,
     local_write_after: bool,
 }
@@ -116,6 +120,7 @@ fn run(conn: &Connection, input: &Input) {
     if input.batched {
         let _ = conn.execute("UPDATE patina_state SET merging = 1", []);
     }
+    let mut blob = Vec::new();
     for c in input.changes.iter().take(32) {
         let table = TABLES[c.table as usize % TABLES.len()];
         let pk: Value = match &c.key {
@@ -140,6 +145,18 @@ fn run(conn: &Connection, input: &Input) {
             Value::Integer(c.cl.get()),
             Value::Integer(c.seq.get()),
         ];
+        if input.packed {
+            row.push(c.origin_version.as_ref().map_or(Value::Null, |ov| Value::Integer(ov.get())));
+            let record: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT crsql_pack_columns(?,?,?,?,?,?,?,?,?,?)",
+                    params_from_iter(row),
+                    |r| r.get(0),
+                )
+                .ok();
+            blob.extend(record.unwrap_or_default());
+            continue;
+        }
         let sql = match &c.origin_version {
             Some(ov) => {
                 row.push(Value::Integer(ov.get()));
@@ -149,6 +166,13 @@ fn run(conn: &Connection, input: &Input) {
             None => "INSERT INTO crsql_changes VALUES (?,?,?,?,?,?,?,?,?)",
         };
         let _ = conn.execute(sql, params_from_iter(row));
+    }
+    if input.packed {
+        blob.extend_from_slice(&input.tail);
+        let _ = conn.execute(
+            "INSERT INTO crsql_changes (patina_batch) VALUES (?1)",
+            [Value::Blob(blob)],
+        );
     }
     if input.batched {
         let _ = conn.execute("UPDATE patina_state SET merging = 0", []);
