@@ -2,10 +2,11 @@
 //!
 //! It takes [`ApplyJob`]s from a bounded channel (when it is full the network side stops
 //! reading: backpressure, never a drop), and applies them in batches, one transaction per
-//! batch, through the extension's batched merge path. Each job's changes and its cursor
-//! update are one savepoint: a job that fails (a malformed change) is rolled back whole
-//! and logged, never half-applied, and its cursor does not move, so anti-entropy fetches
-//! it again later.
+//! batch, each job's changes in one `patina_batch` statement (`db::packed`), which the
+//! extension applies grouped by row. Each job's changes and its cursor update are one
+//! savepoint: a job that fails (a malformed change) is rolled back whole and logged,
+//! never half-applied, and its cursor does not move, so anti-entropy fetches it again
+//! later.
 //!
 //! A job that fails because it names a table or column this node does not have yet (a
 //! rolling schema change) is not refused: it is rolled back and stored whole in the
