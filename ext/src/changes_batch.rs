@@ -63,10 +63,6 @@ fn opt(v: Value) -> Option<i64> {
 /// of pages into its statement journal) is then paid per chunk rather than per row.
 const CHUNK: usize = 64;
 
-/// Parameters per statement at most: SQLite's default limit before 3.32, so hosts with
-/// an older or stricter build accept every statement.
-const MAX_PARAMS: usize = 999;
-
 impl Row {
     fn unknown(ncols: usize) -> Row {
         Row {
@@ -213,6 +209,21 @@ impl Merger {
     /// whether or not the caller set `merging`. Returns the base rows written, counted as
     /// the one-by-one path counts them.
     pub fn merge_batch(&mut self, conn: Conn, mut changes: Vec<Queued>) -> Result<i64> {
+        // What the caller queued (or noted as held) before a savepoint still open must not
+        // be written inside it: `ROLLBACK TO` would undo the write and, the queue being
+        // gone, lose it. Then the batch is applied on its own and the queue stays (the
+        // rules are order-independent, so the outcome is the same).
+        if self
+            .marks
+            .iter()
+            .any(|(_, queued, held)| *queued > 0 || *held > 0)
+        {
+            let result = self.apply_queue(conn, changes);
+            if result.is_err() {
+                self.forget_state();
+            }
+            return result;
+        }
         self.queue.append(&mut changes);
         self.flush(conn)
     }
@@ -385,9 +396,19 @@ impl Merger {
         let mut start = 0;
         while start < rows.len() {
             let table = rows[start][0].table.clone();
-            let limit = self.chunk_rows(conn, &table)?;
+            // A row whose key is not plain may be the same row as another key of the
+            // chunk in other bytes: it goes alone, read after the writes before it.
+            let limit = if rows[start][0].plain_key {
+                self.chunk_rows(conn, &table)?
+            } else {
+                1
+            };
             let mut end = start + 1;
-            while end < rows.len() && end - start < limit && rows[end][0].table == table {
+            while end < rows.len()
+                && end - start < limit
+                && rows[end][0].table == table
+                && rows[end][0].plain_key
+            {
                 end += 1;
             }
             impacted +=
@@ -398,12 +419,23 @@ impl Merger {
     }
 
     /// Rows per multi-row statement for `table`: [`CHUNK`], or fewer where a row binds
-    /// many parameters (wide tables), so no statement binds more than SQLite's oldest
-    /// default limit of 999.
+    /// many parameters (wide tables), so no statement binds more than the connection
+    /// allows. A table whose one clock row binds more than that is refused with the
+    /// figures (the one-by-one path binds a few per change and still merges it).
     fn chunk_rows(&mut self, conn: Conn, table: &str) -> Result<usize> {
+        let limit = conn.variable_limit();
         let (info, _) = self.table(conn, table)?;
         let per_row = info.pk.len() + 5 + 4 * info.columns.len();
-        Ok((MAX_PARAMS / per_row).clamp(1, CHUNK))
+        if per_row > limit {
+            return Err(Error::Change(format!(
+                "table '{}' has too many columns for a grouped merge on this connection: \
+                 its clock row binds {per_row} parameters and SQLite allows {limit} \
+                 (SQLITE_LIMIT_VARIABLE_NUMBER); merge its changes one INSERT INTO \
+                 crsql_changes at a time, without merging = 1",
+                info.name
+            )));
+        }
+        Ok((limit / per_row).clamp(1, CHUNK))
     }
 
     /// Reads, decides and writes a chunk of rows of one table; returns how many of their
@@ -625,26 +657,73 @@ impl Merger {
     /// or trigger can refuse a row), so no base row holds a value its clock does not
     /// credit.
     fn write_rows(&mut self, conn: Conn, table: &str, rows: &[Decided]) -> Result<()> {
-        let mut done = 0;
-        let bases = self.write_bases(conn, table, rows, &mut done);
-        let clocks = self.write_clocks(conn, table, &rows[..done]);
+        let mut running = (0, 0);
+        let bases = self.write_bases(conn, table, rows, &mut running);
+        let (done, failed_end) = running;
+        let mut credited: Vec<&Decided> = rows[..done].iter().collect();
+        if bases.is_err() {
+            // The statement that failed may have written some of its rows (a trigger's
+            // RAISE(FAIL) keeps what came before it; an AFTER trigger fails after its row
+            // was written): credit each of its rows whose base row holds what was written.
+            for r in &rows[done..failed_end] {
+                if self.base_holds(conn, table, r).unwrap_or(false) {
+                    credited.push(r);
+                }
+            }
+        }
+        let clocks = self.write_clocks(conn, table, &credited);
         bases.and(clocks)
     }
 
+    /// Whether the base row holds what `row`'s write meant: gone for a delete, the
+    /// written columns equal (`IS`, with the columns' affinity) for a write.
+    fn base_holds(&mut self, conn: Conn, table: &str, row: &Decided) -> Result<bool> {
+        let (info, _) = self.table(conn, table)?;
+        let key = key_where(info, 1);
+        let (sql, params) = match &row.base {
+            BaseWrite::None => return Ok(true),
+            BaseWrite::Delete => (
+                format!(
+                    "SELECT NOT EXISTS (SELECT 1 FROM {} WHERE {key})",
+                    quote(&info.name)
+                ),
+                row.keys.clone(),
+            ),
+            BaseWrite::Write { mask, values, .. } => {
+                let npk = row.keys.len();
+                let same: String = masked(info, mask)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!(" AND {} IS ?{}", quote(c), npk + 1 + i))
+                    .collect();
+                let mut params = row.keys.clone();
+                params.extend(values.iter().cloned());
+                (
+                    format!(
+                        "SELECT EXISTS (SELECT 1 FROM {} WHERE {key}{same})",
+                        quote(&info.name)
+                    ),
+                    params,
+                )
+            }
+        };
+        Ok(conn.query_value(&sql, &params)?.and_then(|v| v.as_i64()) == Some(1))
+    }
+
     /// Base rows in order: runs of rows replaced with the same columns share one
-    /// multi-row statement; updates and deletes go one by one. `done` ends at the first
-    /// row not written.
+    /// multi-row statement; updates and deletes go one by one. `running` is the range of
+    /// rows of the statement running: written before it, not after; on success, all.
     fn write_bases(
         &mut self,
         conn: Conn,
         table: &str,
         rows: &[Decided],
-        done: &mut usize,
+        running: &mut (usize, usize),
     ) -> Result<()> {
         let (info, st) = self.table(conn, table)?;
         let mut i = 0;
         while i < rows.len() {
-            *done = i;
+            *running = (i, i + 1);
             let d = &rows[i];
             match &d.base {
                 BaseWrite::None => i += 1,
@@ -684,6 +763,7 @@ impl Merger {
                         end += 1;
                     }
                     let n = end - i;
+                    *running = (i, end);
                     let s = keyed_writes(&mut st.batch.replaces, (mask.clone(), n), conn, || {
                         replace_sql(info, mask, n)
                     })?;
@@ -704,12 +784,12 @@ impl Merger {
                 }
             }
         }
-        *done = rows.len();
+        *running = (rows.len(), rows.len());
         Ok(())
     }
 
     /// Upserts the clock rows of `rows`, all in one statement.
-    fn write_clocks(&mut self, conn: Conn, table: &str, rows: &[Decided]) -> Result<()> {
+    fn write_clocks(&mut self, conn: Conn, table: &str, rows: &[&Decided]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }

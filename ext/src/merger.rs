@@ -33,6 +33,9 @@ pub(crate) struct Queued {
     pub(crate) site: SiteBytes,
     pub(crate) site_ord: i64,
     pub(crate) origin: i64,
+    /// See [`plain_key`]: the grouped path may read and write this row together with
+    /// other rows of plain keys.
+    pub(crate) plain_key: bool,
 }
 
 /// A site id, checked to be 16 bytes.
@@ -104,6 +107,56 @@ pub(crate) struct Checked {
     pub(crate) site: SiteBytes,
     pub(crate) site_ord: i64,
     pub(crate) origin: i64,
+    pub(crate) plain_key: bool,
+}
+
+/// SQLite's type affinity of a declared column type (its rules, in their order).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Affinity {
+    Integer,
+    Text,
+    Blob,
+    Real,
+    Numeric,
+}
+
+fn affinity(decl: &str) -> Affinity {
+    let d = decl.to_ascii_uppercase();
+    if d.contains("INT") {
+        Affinity::Integer
+    } else if d.contains("CHAR") || d.contains("CLOB") || d.contains("TEXT") {
+        Affinity::Text
+    } else if d.contains("BLOB") || d.is_empty() {
+        Affinity::Blob
+    } else if d.contains("REAL") || d.contains("FLOA") || d.contains("DOUB") {
+        Affinity::Real
+    } else {
+        Affinity::Numeric
+    }
+}
+
+/// Whether two keys of a table that are both plain are the same row exactly when their
+/// packed bytes are equal: every key column compares with BINARY, every value is of a
+/// class its column stores unchanged and that compares equal to no value of another class
+/// (an integer in an INTEGER or NUMERIC column, text in a TEXT column; in a column without
+/// affinity an integer, text or blob, never a real: `1 = 1.0`), and the bytes are the
+/// canonical packing (an integer in more bytes than it needs packs the same row
+/// differently). Other keys ('a' and 'A' under NOCASE, 1 and '1' in an INTEGER column) can
+/// name one row in different bytes, so the grouped path reads and writes them alone.
+pub(crate) fn plain_key(info: &TableInfo, keys: &[Value], packed: &[u8]) -> bool {
+    let stable = info.pk.iter().zip(keys).all(|(c, v)| {
+        c.collation.is_none()
+            && matches!(
+                (affinity(&c.decl_type), v),
+                (Affinity::Integer | Affinity::Numeric, Value::Integer(_))
+                    | (Affinity::Text, Value::Text(_))
+                    | (
+                        Affinity::Blob,
+                        Value::Integer(_) | Value::Text(_) | Value::Blob(_)
+                    )
+            )
+    });
+    stable && pk::pack(keys).is_ok_and(|p| p == packed)
 }
 
 /// A checked change, for the batched path's queue.
@@ -119,6 +172,7 @@ pub(crate) fn queued(ch: Incoming, c: Checked) -> Queued {
         site: c.site,
         site_ord: c.site_ord,
         origin: c.origin,
+        plain_key: c.plain_key,
     }
 }
 
@@ -307,7 +361,7 @@ impl Merger {
         let site_ord = self.sites.ordinal(conn, ch.site_id)?;
         let origin = ch.origin_version.unwrap_or(ch.db_version);
 
-        let (n, col) = {
+        let (n, col, plain) = {
             let (info, _) = self.table(conn, &ch.table)?;
             if keys.len() != info.pk.len() {
                 return Err(Error::Change(format!(
@@ -330,7 +384,7 @@ impl Merger {
                     }
                 }
             };
-            (info.columns.len(), col)
+            (info.columns.len(), col, plain_key(info, &keys, ch.pk))
         };
         if col.is_some() && ch.cl % 2 == 0 {
             return Err(Error::Change(format!(
@@ -354,6 +408,7 @@ impl Merger {
             site,
             site_ord,
             origin,
+            plain_key: plain,
         })
     }
 
@@ -380,6 +435,7 @@ impl Merger {
             site: c.site,
             site_ord: c.site_ord,
             origin: c.origin,
+            plain_key: c.plain_key,
         })
     }
 

@@ -293,6 +293,16 @@ impl Conn {
 
     /// Rows changed by every completed statement of this connection (`sqlite3_total_changes`):
     /// if it has not moved, nothing wrote through this connection in between.
+    /// The most parameters one statement may bind on this connection
+    /// (`SQLITE_LIMIT_VARIABLE_NUMBER`: 32766 by default since SQLite 3.32, 999 before;
+    /// an app may lower it).
+    pub fn variable_limit(&self) -> usize {
+        const SQLITE_LIMIT_VARIABLE_NUMBER: c_int = 9;
+        // SAFETY: valid connection; -1 reads the limit without changing it.
+        let n = unsafe { call!(limit(self.0, SQLITE_LIMIT_VARIABLE_NUMBER, -1)) };
+        usize::try_from(n).unwrap_or(0)
+    }
+
     pub fn total_changes(&self) -> i64 {
         // SAFETY: valid connection.
         i64::from(unsafe { call!(total_changes(self.0)) })

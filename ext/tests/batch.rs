@@ -225,9 +225,9 @@ fn a_batch_after_queued_changes_applies_after_them() {
 }
 
 #[test]
-fn a_wide_table_merges_one_row_per_statement_as_one_by_one() {
-    // 300 columns: a clock row binds 1 + 5 + 4 * 300 parameters, more than a statement
-    // may carry for two rows, so each statement writes one.
+fn a_wide_table_merges_as_one_by_one() {
+    // 300 columns: a clock row binds 1 + 5 + 4 * 300 parameters, so a statement carries
+    // 27 rows under SQLite's default limit, and none under a limit of 999.
     let cols: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
     let ddl = format!(
         "CREATE TABLE w(id INTEGER PRIMARY KEY NOT NULL, {}); SELECT crsql_as_crr('w');",
@@ -262,6 +262,24 @@ fn a_wide_table_merges_one_row_per_statement_as_one_by_one() {
     };
     assert_eq!(rows(&many), rows(&src));
     assert_eq!(rows(&many).len(), 4);
+
+    // Where the app lowered the limit below one clock row, the grouped path refuses the
+    // table by name and figures, and writes nothing; one by one it still merges.
+    let low = memory();
+    low.execute_batch(&ddl).unwrap();
+    // SAFETY: a live connection; sqlite3_limit only reads and sets a number.
+    unsafe { rusqlite::ffi::sqlite3_limit(low.handle(), 9, 999) };
+    let err = low
+        .execute(BATCH, [pack_batch(&low, &feed)])
+        .expect_err("one clock row binds 1206 parameters")
+        .to_string();
+    assert!(
+        err.contains("'w'") && err.contains("1206") && err.contains("999"),
+        "{err}"
+    );
+    assert_eq!(common::one::<i64>(&low, "SELECT count(*) FROM w"), 0);
+    merge(&low, &feed);
+    same_state(&src, &low, "wide table one by one under a limit of 999");
 }
 
 #[test]
@@ -329,6 +347,201 @@ fn a_batch_refused_midway_leaves_clocks_that_credit_every_written_row() {
         r.map(Result::unwrap).collect()
     };
     assert_eq!(rows(&replica), rows(&c));
+}
+
+// Found by an independent review of the grouped path (keys one row under two spellings,
+// RAISE(FAIL) midway, ROLLBACK TO after a batch).
+
+fn xrows(c: &Connection) -> Vec<(String, String)> {
+    let mut s = c
+        .prepare("SELECT quote(id), quote(x) FROM t ORDER BY id")
+        .unwrap();
+    let r = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    r.map(Result::unwrap).collect()
+}
+
+fn xclock(c: &Connection) -> Vec<String> {
+    let mut s = c
+        .prepare(
+            "SELECT quote(id) || ' cl=' || __patina_cl || ' x_v=' || x__patina_v FROM t__patina_clock ORDER BY id",
+        )
+        .unwrap();
+    let r = s.query_map([], |r| r.get(0)).unwrap();
+    r.map(Result::unwrap).collect()
+}
+
+/// Two peers write the same row under two keys that the table treats as one (`'a'` and
+/// `'A'` under COLLATE NOCASE; `1` and `1.0` in a key column without affinity). Peer 1's
+/// value has the higher col_version and must win on every path.
+fn equal_keys_case(ddl: &str, k1: &str, k2: &str) {
+    let (s1, s2) = (memory(), memory());
+    for s in [&s1, &s2] {
+        s.execute_batch(ddl).unwrap();
+    }
+    s1.execute_batch(&format!(
+        "INSERT INTO t VALUES ({k1}, 1); UPDATE t SET x = 5; UPDATE t SET x = 6;"
+    ))
+    .unwrap();
+    s2.execute_batch(&format!("INSERT INTO t VALUES ({k2}, 2);"))
+        .unwrap();
+    let mut feed = changes_after(&s1, 0);
+    feed.extend(changes_after(&s2, 0));
+
+    let (one_by_one, grouped, packed) = (memory(), memory(), memory());
+    for c in [&one_by_one, &grouped, &packed] {
+        c.execute_batch(ddl).unwrap();
+    }
+    merge(&one_by_one, &feed);
+    grouped
+        .execute_batch("BEGIN; UPDATE patina_state SET merging = 1")
+        .unwrap();
+    merge(&grouped, &feed);
+    grouped
+        .execute_batch("SELECT patina_flush(); UPDATE patina_state SET merging = 0; COMMIT")
+        .unwrap();
+    packed.execute(BATCH, [pack_batch(&packed, &feed)]).unwrap();
+
+    // The per-change path keeps peer 1's x = 6 (col_version 3 beats 1).
+    assert_eq!(xrows(&one_by_one).len(), 1);
+    assert_eq!(xrows(&one_by_one)[0].1, "6");
+    assert_eq!(
+        xrows(&one_by_one),
+        xrows(&packed),
+        "patina_batch: base table"
+    );
+    assert_eq!(xclock(&one_by_one), xclock(&packed), "patina_batch: clock");
+    assert_eq!(
+        xrows(&one_by_one),
+        xrows(&grouped),
+        "merging = 1: base table"
+    );
+    assert_eq!(xclock(&one_by_one), xclock(&grouped), "merging = 1: clock");
+}
+
+#[test]
+fn nocase_keys_that_differ_in_case_are_one_row() {
+    equal_keys_case(
+        "CREATE TABLE t(id TEXT COLLATE NOCASE PRIMARY KEY NOT NULL, x); SELECT crsql_as_crr('t');",
+        "'a'",
+        "'A'",
+    );
+}
+
+#[test]
+fn integer_and_real_keys_that_compare_equal_are_one_row() {
+    equal_keys_case(
+        "CREATE TABLE t(id PRIMARY KEY NOT NULL, x); SELECT crsql_as_crr('t');",
+        "1",
+        "1.0",
+    );
+}
+
+/// An integer key packed in more bytes than it needs names the same row as its
+/// canonical packing: it must not be read and written beside it as another row.
+#[test]
+fn a_key_packed_in_extra_bytes_is_the_same_row() {
+    let ddl = "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, x); SELECT crsql_as_crr('t');";
+    let (s1, s2) = (memory(), memory());
+    for s in [&s1, &s2] {
+        s.execute_batch(ddl).unwrap();
+    }
+    s1.execute_batch("INSERT INTO t VALUES (1, 1); UPDATE t SET x = 5; UPDATE t SET x = 6;")
+        .unwrap();
+    s2.execute_batch("INSERT INTO t VALUES (1, 2);").unwrap();
+    let mut feed = changes_after(&s1, 0);
+    // Peer 2's key 1 in two bytes (0x11 = width 2, integer) instead of one.
+    feed.extend(changes_after(&s2, 0).into_iter().map(|mut ch| {
+        assert_eq!(ch.1, vec![1, 0x09, 1]);
+        ch.1 = vec![1, 0x11, 0, 1];
+        ch
+    }));
+    let (one_by_one, packed) = (memory(), memory());
+    for c in [&one_by_one, &packed] {
+        c.execute_batch(ddl).unwrap();
+    }
+    merge(&one_by_one, &feed);
+    packed.execute(BATCH, [pack_batch(&packed, &feed)]).unwrap();
+    assert_eq!(xrows(&one_by_one), vec![("1".to_string(), "6".to_string())]);
+    assert_eq!(xrows(&packed), xrows(&one_by_one));
+    assert_eq!(xclock(&packed), xclock(&one_by_one));
+}
+
+/// An app trigger refusing a row with RAISE(FAIL) (which, unlike ABORT, keeps what the
+/// statement wrote before it): every base row the batch wrote is credited by its clock.
+#[test]
+fn a_raise_fail_midway_leaves_no_uncredited_base_rows() {
+    let src = memory();
+    src.execute_batch(
+        "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER); SELECT crsql_as_crr('c');
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 199)
+         INSERT INTO c SELECT i, i FROM n;",
+    )
+    .unwrap();
+    let c = memory();
+    c.execute_batch(
+        "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER); SELECT crsql_as_crr('c');
+         CREATE TRIGGER no50 AFTER INSERT ON c WHEN NEW.v = 50
+         BEGIN SELECT RAISE(FAIL, 'app refuses 50'); END;",
+    )
+    .unwrap();
+    c.execute_batch("BEGIN").unwrap();
+    let err = c
+        .execute(BATCH, [pack_batch(&c, &changes_after(&src, 0))])
+        .expect_err("the trigger refuses a row");
+    assert!(err.to_string().contains("app refuses 50"), "{err}");
+    c.execute_batch("COMMIT").unwrap();
+    let written: i64 = common::one(&c, "SELECT count(*) FROM c");
+    let uncredited: i64 = common::one(
+        &c,
+        "SELECT count(*) FROM c WHERE id NOT IN (SELECT id FROM c__patina_clock)",
+    );
+    // The one-by-one path leaves at most the refused row itself uncredited.
+    assert!(
+        uncredited <= 1,
+        "{uncredited} of {written} written base rows have no clock row"
+    );
+}
+
+/// Changes queued under `merging = 1` before a SAVEPOINT, then a patina_batch after it:
+/// `ROLLBACK TO` drops only what came after the savepoint, as it does when the second
+/// part is merged per change (the batch must not write the earlier queue inside the
+/// savepoint).
+#[test]
+fn rollback_to_after_a_batch_keeps_changes_queued_before_the_savepoint() {
+    let ddl = "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, x); SELECT crsql_as_crr('t');";
+    let src = memory();
+    src.execute_batch(ddl).unwrap();
+    src.execute_batch("INSERT INTO t VALUES (1, 1), (2, 2);")
+        .unwrap();
+    let feed = changes_after(&src, 0);
+    let (before, after): (Vec<_>, Vec<_>) =
+        feed.into_iter().partition(|ch| ch.1 == vec![1, 0x09, 1]);
+    let run = |as_batch: bool| -> Vec<(String, String)> {
+        let c = memory();
+        c.execute_batch(ddl).unwrap();
+        c.execute_batch("BEGIN; UPDATE patina_state SET merging = 1")
+            .unwrap();
+        merge(&c, &before);
+        c.execute_batch("SAVEPOINT a").unwrap();
+        if as_batch {
+            c.execute(BATCH, [pack_batch(&c, &after)]).unwrap();
+        } else {
+            merge(&c, &after);
+        }
+        c.execute_batch(
+            "ROLLBACK TO a; RELEASE a; SELECT patina_flush();
+             UPDATE patina_state SET merging = 0; COMMIT",
+        )
+        .unwrap();
+        xrows(&c)
+    };
+    let per_change = run(false);
+    assert_eq!(per_change, vec![("1".to_string(), "1".to_string())]);
+    assert_eq!(
+        run(true),
+        per_change,
+        "row 1 was queued before the savepoint"
+    );
 }
 
 mod hostile {

@@ -373,13 +373,15 @@ fn try_drain(
     let mut changes = 0usize;
     let mut more = false;
     {
-        let mut packed = Packed::default();
         for e in &entries {
             if changes >= MAX_BATCH_CHANGES {
                 more = true;
                 break;
             }
             tx.execute_batch("SAVEPOINT patina_unbuffer")?;
+            // One entry's changes per statement: a refused entry takes nothing of the
+            // next one with it.
+            let mut packed = Packed::default();
             let mut missing = BTreeSet::new();
             let mut origins = Vec::new();
             let merged = buffer::parts::<JobError>(&tx, e.id, |part| {
@@ -395,8 +397,6 @@ fn try_drain(
             .and_then(|()| {
                 if missing.is_empty() {
                     packed.merge(&tx)?;
-                } else {
-                    packed = Packed::default();
                 }
                 Ok(())
             });
@@ -580,5 +580,77 @@ mod tests {
         stop.store(true, Ordering::SeqCst);
         drop(tx);
         let _ = thread.join();
+    }
+
+    /// A buffered unit the node now refuses (an app trigger) does not take the units
+    /// drained after it down with it.
+    #[test]
+    fn a_refused_buffered_unit_does_not_block_the_next_one() {
+        let Some(ApplyFixture {
+            _dir,
+            setup,
+            tx,
+            mut done,
+            metrics: _,
+            stop,
+            thread,
+        }) = ApplyFixture::start()
+        else {
+            return; // libpatina.so not built
+        };
+        // Entry 1: origin 2 writes column b, which this node lacks: buffered.
+        let mut new_column = job("t", 1);
+        if let Work::Unit(u) = &mut new_column.work {
+            Arc::make_mut(u).changes[0].cid = "b".into();
+        }
+        tx.send(new_column).expect("send");
+        let a = done.blocking_recv().expect("reported");
+        assert!(a.buffered.is_some(), "entry 1 buffered");
+        // Entry 2: origin 5 writes table u, which this node lacks: buffered.
+        let mut new_table = job("u", 1);
+        new_table.peer_site = [5; 16];
+        if let Work::Unit(u) = &mut new_table.work {
+            let u = Arc::make_mut(u);
+            u.origin = [5; 16];
+            u.changes[0].site_id = vec![5; 16];
+        }
+        tx.send(new_table).expect("send");
+        let a = done.blocking_recv().expect("reported");
+        assert!(a.buffered.is_some(), "entry 2 buffered");
+
+        // The schema catches up, but the app refuses any row with b set (entry 1 will fail).
+        setup
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 SELECT crsql_begin_alter('t');
+                 ALTER TABLE t ADD COLUMN b TEXT;
+                 SELECT crsql_commit_alter('t');
+                 CREATE TABLE u (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
+                 SELECT crsql_as_crr('u');
+                 CREATE TRIGGER no_b BEFORE INSERT ON t WHEN NEW.b IS NOT NULL
+                 BEGIN SELECT RAISE(ABORT, 'app refuses b'); END;
+                 COMMIT;",
+            )
+            .expect("migrate");
+        // Entry 2 is sound and must be applied by a drain.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut n: i64 = 0;
+        while Instant::now() < deadline {
+            while done.try_recv().is_ok() {}
+            n = setup
+                .query_row("SELECT count(*) FROM u", [], |r| r.get(0))
+                .expect("u");
+            if n == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::SeqCst);
+        drop(tx);
+        let _ = thread.join();
+        assert_eq!(
+            n, 1,
+            "the unit for table u was never applied: entry 1's refused changes rode along with it"
+        );
     }
 }

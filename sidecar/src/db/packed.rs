@@ -50,13 +50,15 @@ impl Packed {
         self.count
     }
 
-    /// Merges every change pushed so far, in one statement, and starts empty again.
+    /// Merges every change pushed so far, in one statement, and starts empty again,
+    /// whether or not the merge succeeded: a refused batch must not ride along with the
+    /// next one.
     pub(super) fn merge(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        if self.count > 0 {
-            conn.prepare_cached(MERGE_SQL)?.execute([&self.buf])?;
+        let buf = std::mem::take(&mut self.buf);
+        let count = std::mem::replace(&mut self.count, 0);
+        if count > 0 {
+            conn.prepare_cached(MERGE_SQL)?.execute([&buf])?;
         }
-        self.buf.clear();
-        self.count = 0;
         Ok(())
     }
 }
