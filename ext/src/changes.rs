@@ -635,6 +635,9 @@ unsafe extern "C" fn x_update(
                 let queued = check_batch(&mut merger, conn, b)?;
                 merger.merge_batch(conn, queued)
             }
+            (Value::Blob(_), None) if fields.iter().all(|f| *f == Value::Null) => Err(
+                Error::Change("the patina_batch blob could not be read (out of memory?)".into()),
+            ),
             (Value::Blob(_), _) => Err(Error::Change(
                 "a row of crsql_changes carries either one change or a patina_batch, not both"
                     .into(),

@@ -358,6 +358,15 @@ impl Merger {
             ))
         })?;
         let keys = pk::unpack(ch.pk)?;
+        // Key columns are NOT NULL (`crsql_as_crr` requires it): a NULL would be given a
+        // fresh rowid here, a row under a key no other replica has.
+        if let Some(i) = keys.iter().position(|k| *k == Value::Null) {
+            return Err(Error::Change(format!(
+                "pk value {} of table '{}' is NULL; key columns are NOT NULL",
+                i + 1,
+                ch.table
+            )));
+        }
         let site_ord = self.sites.ordinal(conn, ch.site_id)?;
         let origin = ch.origin_version.unwrap_or(ch.db_version);
 

@@ -110,7 +110,7 @@ impl Value {
     }
 
     /// Borrows the bytes of a BLOB value SQLite passed in, without copying them (None
-    /// for any other type).
+    /// for any other type, or when SQLite could not produce them).
     ///
     /// # Safety
     /// As [`Value::from_raw`]; the slice must not outlive the callback that received `v`.
@@ -123,8 +123,10 @@ impl Value {
             }
             let p = call!(value_blob(v)).cast::<u8>();
             let n = call!(value_bytes(v));
-            if p.is_null() || n <= 0 {
+            if n <= 0 {
                 Some(&[])
+            } else if p.is_null() {
+                None // SQLite could not produce the bytes (out of memory)
             } else {
                 Some(std::slice::from_raw_parts(p, n as usize))
             }

@@ -139,6 +139,12 @@ fn a_malformed_batch_is_refused_whole() {
     bad_site[30].6 = vec![1, 2, 3];
     let mut bad_table = feed[..40].to_vec();
     bad_table[39].0 = "nope".into();
+    let mut null_key = feed[..40].to_vec();
+    null_key[20].1 = if null_key[20].0 == "k" {
+        vec![2, 5, 5] // two values, both NULL
+    } else {
+        vec![1, 5] // one value, NULL
+    };
     let nine_fields: Vec<u8> = {
         let mut s = c
             .prepare("SELECT crsql_pack_columns('t', ?1, 'a', 1, 1, 1, ?2, 1, 0)")
@@ -158,6 +164,7 @@ fn a_malformed_batch_is_refused_whole() {
             pack_batch(&s1, &bad_table),
             "unknown table 'nope'",
         ),
+        ("a NULL key", pack_batch(&s1, &null_key), "is NULL"),
         (
             "a record of nine fields",
             [good.clone(), nine_fields].concat(),
