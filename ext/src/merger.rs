@@ -143,20 +143,30 @@ fn affinity(decl: &str) -> Affinity {
 /// canonical packing (an integer in more bytes than it needs packs the same row
 /// differently). Other keys ('a' and 'A' under NOCASE, 1 and '1' in an INTEGER column) can
 /// name one row in different bytes, so the grouped path reads and writes them alone.
-pub(crate) fn plain_key(info: &TableInfo, keys: &[Value], packed: &[u8]) -> bool {
-    let stable = info.pk.iter().zip(keys).all(|(c, v)| {
-        c.collation.is_none()
-            && matches!(
-                (affinity(&c.decl_type), v),
-                (Affinity::Integer | Affinity::Numeric, Value::Integer(_))
-                    | (Affinity::Text, Value::Text(_))
+fn plain_key(key_columns: &[Option<Affinity>], keys: &[Value], canonical: bool) -> bool {
+    canonical
+        && key_columns.iter().zip(keys).all(|(a, v)| {
+            matches!(
+                (a, v),
+                (
+                    Some(Affinity::Integer | Affinity::Numeric),
+                    Value::Integer(_)
+                ) | (Some(Affinity::Text), Value::Text(_))
                     | (
-                        Affinity::Blob,
+                        Some(Affinity::Blob),
                         Value::Integer(_) | Value::Text(_) | Value::Blob(_)
                     )
             )
-    });
-    stable && pk::pack(keys).is_ok_and(|p| p == packed)
+        })
+}
+
+/// Per key column, its affinity where it compares with BINARY (None otherwise), for
+/// [`plain_key`].
+fn key_columns(info: &TableInfo) -> Vec<Option<Affinity>> {
+    info.pk
+        .iter()
+        .map(|c| c.collation.is_none().then(|| affinity(&c.decl_type)))
+        .collect()
 }
 
 /// A checked change, for the batched path's queue.
@@ -209,6 +219,8 @@ pub(crate) struct TableStmts {
     /// one-by-one merge marks its base write with a flag, not a token (see
     /// `changes_write`). Read once per transaction, with the rest of this cache.
     pub(crate) other_triggers: bool,
+    /// See [`key_columns`].
+    key_columns: Vec<Option<Affinity>>,
 }
 
 /// Per-connection merge state, kept for one transaction.
@@ -340,6 +352,7 @@ impl Merger {
                 delete_base: None,
                 batch: BatchStmts::default(),
                 other_triggers,
+                key_columns: key_columns(&info),
             };
             self.tables.insert(name.to_string(), (info, stmts));
         }
@@ -357,7 +370,7 @@ impl Merger {
                 ch.site_id.len()
             ))
         })?;
-        let keys = pk::unpack(ch.pk)?;
+        let (keys, canonical) = pk::unpack_canonical(ch.pk)?;
         // Key columns are NOT NULL (`crsql_as_crr` requires it): a NULL would be given a
         // fresh rowid here, a row under a key no other replica has.
         if let Some(i) = keys.iter().position(|k| *k == Value::Null) {
@@ -371,7 +384,7 @@ impl Merger {
         let origin = ch.origin_version.unwrap_or(ch.db_version);
 
         let (n, col, plain) = {
-            let (info, _) = self.table(conn, &ch.table)?;
+            let (info, stmts) = self.table(conn, &ch.table)?;
             if keys.len() != info.pk.len() {
                 return Err(Error::Change(format!(
                     "pk of table '{}' has {} values, the table's primary key has {} columns",
@@ -393,7 +406,11 @@ impl Merger {
                     }
                 }
             };
-            (info.columns.len(), col, plain_key(info, &keys, ch.pk))
+            (
+                info.columns.len(),
+                col,
+                plain_key(&stmts.key_columns, &keys, canonical),
+            )
         };
         if col.is_some() && ch.cl % 2 == 0 {
             return Err(Error::Change(format!(

@@ -123,7 +123,14 @@ impl<'a> From<&'a Value> for Packed<'a> {
 
 /// Unpacks a blob made by [`pack`] (or by cr-sqlite). Every malformation is an error that
 /// says what was wrong and where; nothing here panics on hostile input.
+#[cfg(any(test, fuzzing))]
 pub fn unpack(blob: &[u8]) -> Result<Vec<Value>> {
+    unpack_canonical(blob).map(|(values, _)| values)
+}
+
+/// [`unpack`], and whether the blob is the canonical packing of its values (what
+/// [`pack`] makes of them: every integer and length in the fewest bytes).
+pub fn unpack_canonical(blob: &[u8]) -> Result<(Vec<Value>, bool)> {
     let mut r = Reader::new(blob)?;
     let mut out = Vec::with_capacity(r.count());
     while let Some(v) = r.next_value()? {
@@ -136,7 +143,7 @@ pub fn unpack(blob: &[u8]) -> Result<Vec<Value>> {
             out.len()
         )));
     }
-    Ok(out)
+    Ok((out, r.canonical))
 }
 
 /// Reads the packed values at the front of a blob one by one, borrowing text and blobs;
@@ -146,6 +153,8 @@ pub struct Reader<'a> {
     rest: &'a [u8],
     count: usize,
     read: usize,
+    /// Every value read so far was packed in the fewest bytes.
+    canonical: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -157,6 +166,7 @@ impl<'a> Reader<'a> {
             rest,
             count: usize::from(count),
             read: 0,
+            canonical: true,
         })
     }
 
@@ -204,7 +214,9 @@ impl<'a> Reader<'a> {
                     return Err(Error::Pk(format!("value {i}: integer width {width} > 8")));
                 }
                 // Widths below 8 only ever hold non-negative numbers (see `int_width`).
-                Packed::Integer(be(self.take(width, "integer")?) as i64)
+                let v = be(self.take(width, "integer")?) as i64;
+                self.canonical &= width == int_width(v);
+                Packed::Integer(v)
             }
             T_REAL => {
                 let mut a = [0u8; 8];
@@ -216,6 +228,7 @@ impl<'a> Reader<'a> {
                     return Err(Error::Pk(format!("value {i}: length width {width} > 4")));
                 }
                 let len = be(self.take(width, "length")?) as usize;
+                self.canonical &= width == int_width(len as i64);
                 let bytes = self.take(len, "payload")?;
                 if t == T_TEXT {
                     Packed::Text(bytes)
@@ -234,6 +247,23 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn only_the_fewest_bytes_are_canonical() {
+        let canonical = |b: &[u8]| unpack_canonical(b).map(|(_, c)| c).unwrap();
+        assert!(canonical(
+            &pack(&[Value::Integer(1), Value::Text(b"ab".to_vec())]).unwrap()
+        ));
+        assert!(canonical(
+            &pack(&[Value::Integer(-1), Value::Integer(0)]).unwrap()
+        ));
+        assert!(!canonical(&[1, 0x11, 0, 1]), "1 in two bytes");
+        assert!(
+            !canonical(&[1, 0x13, 0, 2, b'a', b'b']),
+            "a length in two bytes"
+        );
+        assert_eq!(unpack(&[1, 0x11, 0, 1]).unwrap(), vec![Value::Integer(1)]);
+    }
 
     #[test]
     fn matches_cr_sqlite_bytes() {
