@@ -588,6 +588,28 @@ fn check_batch(merger: &mut Merger, conn: Conn, blob: &[u8]) -> Result<Vec<Queue
     Ok(out)
 }
 
+/// The `patina_batch` argument of an insert: None when NULL (a one-change insert).
+///
+/// # Safety
+/// `raw` is a value SQLite passed the running `xUpdate`; the slice must not outlive it.
+unsafe fn batch_arg<'a>(raw: *mut sqlite3_value) -> Result<Option<&'a [u8]>> {
+    // SAFETY: as this function's.
+    if let Some(b) = unsafe { Value::blob_of(raw) } {
+        return Ok(Some(b));
+    }
+    // SAFETY: as this function's.
+    match unsafe { Value::from_raw(raw) } {
+        Value::Null => Ok(None),
+        Value::Blob(_) => Err(Error::Change(
+            "the patina_batch blob could not be read (out of memory?)".into(),
+        )),
+        other => Err(Error::Change(format!(
+            "patina_batch must be a BLOB of packed changes, got {}",
+            other.type_name()
+        ))),
+    }
+}
+
 unsafe extern "C" fn x_update(
     vtab: *mut sqlite3_vtab,
     argc: c_int,
@@ -597,21 +619,12 @@ unsafe extern "C" fn x_update(
     // SAFETY: vtab is ours; argv has argc values.
     let v = unsafe { &*vtab.cast::<Vtab>() };
     let argc = argc.max(0) as usize;
-    // The batch column is borrowed where it holds a blob (it may be megabytes), every
-    // other argument copied.
-    let batch_at = 2 + COL_BATCH;
-    // SAFETY: argv holds argc values SQLite passed this call; the slice lives as long.
-    let batch_blob = (argc == 2 + NCOLS + 1)
-        .then(|| unsafe { Value::blob_of(*argv.add(batch_at)) })
-        .flatten();
-    let args: Vec<Value> = (0..argc)
-        .map(|i| match batch_blob {
-            Some(_) if i == batch_at => Value::Blob(Vec::new()),
-            // SAFETY: argv holds argc values SQLite passed this call.
-            _ => unsafe { Value::from_raw(*argv.add(i)) },
-        })
+    // The batch column is read apart (borrowed: it may be megabytes).
+    let args: Vec<Value> = (0..argc.min(2 + NCOLS))
+        // SAFETY: argv holds argc values SQLite passed this call.
+        .map(|i| unsafe { Value::from_raw(*argv.add(i)) })
         .collect();
-    if args.len() != 2 + NCOLS + 1 || args[0] != Value::Null {
+    if argc != 2 + NCOLS + 1 || args[0] != Value::Null {
         return fail(
             vtab,
             &Error::Change(
@@ -620,8 +633,7 @@ unsafe extern "C" fn x_update(
         );
     }
     let conn = v.conn;
-    let fields = &args[2..2 + NCOLS];
-    let batch = &args[2 + COL_BATCH];
+    let fields = &args[2..];
     let result = (|| {
         let mut merger = v.shared.merger.try_borrow_mut().map_err(|_| {
             Error::Change(
@@ -629,23 +641,17 @@ unsafe extern "C" fn x_update(
                     .into(),
             )
         })?;
-        match (batch, batch_blob) {
-            (Value::Null, _) => merger.merge(conn, parse_incoming(fields)?),
-            (_, Some(b)) if fields.iter().all(|f| *f == Value::Null) => {
+        // SAFETY: argc was checked above; the value lives as long as this call.
+        match unsafe { batch_arg(*argv.add(2 + COL_BATCH)) }? {
+            None => merger.merge(conn, parse_incoming(fields)?),
+            Some(b) if fields.iter().all(|f| *f == Value::Null) => {
                 let queued = check_batch(&mut merger, conn, b)?;
                 merger.merge_batch(conn, queued)
             }
-            (Value::Blob(_), None) if fields.iter().all(|f| *f == Value::Null) => Err(
-                Error::Change("the patina_batch blob could not be read (out of memory?)".into()),
-            ),
-            (Value::Blob(_), _) => Err(Error::Change(
+            Some(_) => Err(Error::Change(
                 "a row of crsql_changes carries either one change or a patina_batch, not both"
                     .into(),
             )),
-            (other, _) => Err(Error::Change(format!(
-                "patina_batch must be a BLOB of packed changes, got {}",
-                other.type_name()
-            ))),
         }
     })();
     match result {

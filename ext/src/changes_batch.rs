@@ -1,10 +1,12 @@
-//! The batched merge path: while the caller holds `patina_state.merging = 1` for its
-//! whole transaction, merged changes are queued and applied grouped by row.
+//! The grouped merge path: changes applied grouped by row, many rows per statement.
 //!
-//! Applied one by one, a row's changes (its own clock plus each column's) cost four or five
-//! statements each. Grouped, a row costs one clock read, one base-table write and one
-//! clock write, whatever the number of changes. Every change is decided by the same pure
-//! rules (`merge.rs`), in arrival order, so the outcome is the one-by-one outcome.
+//! Changes arrive two ways: queued one `INSERT INTO crsql_changes` at a time while the
+//! caller holds `patina_state.merging = 1` for its transaction, or as one `patina_batch`
+//! blob (already checked, `changes::check_batch`), applied before its statement returns.
+//! Every change is decided by the same pure rules (`merge.rs`), in arrival order, so the
+//! outcome is the one-by-one outcome. Rows go in chunks: one read of the chunk's clocks
+//! and rows, one multi-row write of the rows written whole, one multi-row clock upsert;
+//! a row whose key is not plain (`merger::plain_key`) goes alone.
 //!
 //! The queue is applied (flushed) by `SELECT patina_flush()`, which the caller runs before
 //! clearing `merging`. Commit (`xSync`), reads of `crsql_changes`, the counter functions
@@ -97,11 +99,11 @@ struct Decided {
 }
 
 /// `n` comma-separated groups of `width` numbered parameters each, from `?1`.
-fn param_rows(n: usize, width: usize, first: usize) -> String {
+fn param_rows(n: usize, width: usize) -> String {
     (0..n)
         .map(|r| {
             let cells: Vec<String> = (0..width)
-                .map(|c| format!("?{}", first + r * width + c))
+                .map(|c| format!("?{}", 1 + r * width + c))
                 .collect();
             format!("({})", cells.join(", "))
         })
@@ -134,7 +136,7 @@ fn read_sql(t: &TableInfo, n: usize) -> String {
     format!(
         "WITH q(i, {}) AS (VALUES {}) SELECT {} FROM q JOIN {} AS k ON {} LEFT JOIN {} AS b ON {}",
         qcols.join(", "),
-        param_rows(n, 1 + t.pk.len(), 1),
+        param_rows(n, 1 + t.pk.len()),
         cols.join(", "),
         quote(&clock_table(&t.name)),
         on_q.join(" AND "),
@@ -156,7 +158,7 @@ fn upsert_sql(t: &TableInfo, n: usize) -> String {
         "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
         quote(&clock_table(&t.name)),
         names.join(", "),
-        param_rows(n, width, 1),
+        param_rows(n, width),
         pk_list(t, ""),
         sets.join(", ")
     )
@@ -181,7 +183,7 @@ fn replace_sql(t: &TableInfo, mask: &[bool], n: usize) -> String {
         "INSERT OR REPLACE INTO {} ({}) VALUES {}",
         quote(&t.name),
         names.join(", "),
-        param_rows(n, t.pk.len() + cols.len(), 1)
+        param_rows(n, t.pk.len() + cols.len())
     )
 }
 

@@ -169,20 +169,33 @@ fn key_columns(info: &TableInfo) -> Vec<Option<Affinity>> {
         .collect()
 }
 
-/// A checked change, for the batched path's queue.
+/// A checked change of the per-change path, for the batched path's queue.
 pub(crate) fn queued(ch: Incoming, c: Checked) -> Queued {
-    Queued {
-        table: Rc::from(ch.table),
-        pk: ch.pk,
-        keys: c.keys,
-        col: c.col,
-        val: ch.val,
-        col_version: ch.col_version,
-        cl: ch.cl,
-        site: c.site,
-        site_ord: c.site_ord,
-        origin: c.origin,
-        plain_key: c.plain_key,
+    Queued::new(Rc::from(ch.table), ch.pk, ch.val, ch.col_version, ch.cl, c)
+}
+
+impl Queued {
+    fn new(
+        table: Rc<str>,
+        pk: Vec<u8>,
+        val: Value,
+        col_version: i64,
+        cl: i64,
+        c: Checked,
+    ) -> Queued {
+        Queued {
+            table,
+            pk,
+            keys: c.keys,
+            col: c.col,
+            val,
+            col_version,
+            cl,
+            site: c.site,
+            site_ord: c.site_ord,
+            origin: c.origin,
+            plain_key: c.plain_key,
+        }
     }
 }
 
@@ -450,19 +463,14 @@ impl Merger {
                 t
             }
         };
-        Ok(Queued {
+        Ok(Queued::new(
             table,
-            pk: ch.pk.to_vec(),
-            keys: c.keys,
-            col: c.col,
+            ch.pk.to_vec(),
             val,
-            col_version: ch.col_version,
-            cl: ch.cl,
-            site: c.site,
-            site_ord: c.site_ord,
-            origin: c.origin,
-            plain_key: c.plain_key,
-        })
+            ch.col_version,
+            ch.cl,
+            c,
+        ))
     }
 
     /// `(db_version, batched, merge_equal_values)`, from the cache while nothing else wrote;

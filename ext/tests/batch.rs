@@ -289,19 +289,25 @@ fn a_wide_table_merges_as_one_by_one() {
     same_state(&src, &low, "wide table one by one under a limit of 999");
 }
 
+/// A replica of `c(id, v)` holding rows `(i, i)` for `i` in `0..n`.
+fn counted(n: i64) -> Connection {
+    let c = memory();
+    c.execute_batch(&format!(
+        "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER); SELECT crsql_as_crr('c');
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {n} - 1)
+         INSERT INTO c SELECT i, i FROM n;"
+    ))
+    .unwrap();
+    c
+}
+
 #[test]
 fn a_batch_refused_midway_leaves_clocks_that_credit_every_written_row() {
     // The target's CHECK refuses rows the source holds: the batch fails in its second
     // chunk. A caller that carries on (instead of rolling back) must still have its own
     // writes captured and numbered after the merged ones, and every row written so far
     // must be credited by its clock.
-    let src = memory();
-    src.execute_batch(
-        "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER); SELECT crsql_as_crr('c');
-         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 199)
-         INSERT INTO c SELECT i, i FROM n;",
-    )
-    .unwrap();
+    let src = counted(200);
     let c = memory();
     c.execute_batch(
         "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER CHECK (v < 100));
@@ -359,7 +365,7 @@ fn a_batch_refused_midway_leaves_clocks_that_credit_every_written_row() {
 // Found by an independent review of the grouped path (keys one row under two spellings,
 // RAISE(FAIL) midway, ROLLBACK TO after a batch).
 
-fn xrows(c: &Connection) -> Vec<(String, String)> {
+fn t_values(c: &Connection) -> Vec<(String, String)> {
     let mut s = c
         .prepare("SELECT quote(id), quote(x) FROM t ORDER BY id")
         .unwrap();
@@ -367,7 +373,7 @@ fn xrows(c: &Connection) -> Vec<(String, String)> {
     r.map(Result::unwrap).collect()
 }
 
-fn xclock(c: &Connection) -> Vec<String> {
+fn t_clocks(c: &Connection) -> Vec<String> {
     let mut s = c
         .prepare(
             "SELECT quote(id) || ' cl=' || __patina_cl || ' x_v=' || x__patina_v FROM t__patina_clock ORDER BY id",
@@ -380,7 +386,8 @@ fn xclock(c: &Connection) -> Vec<String> {
 /// Two peers write the same row under two keys that the table treats as one (`'a'` and
 /// `'A'` under COLLATE NOCASE; `1` and `1.0` in a key column without affinity). Peer 1's
 /// value has the higher col_version and must win on every path.
-fn equal_keys_case(ddl: &str, k1: &str, k2: &str) {
+/// `respell` may rewrite peer 2's changes on their way (another packing of its key).
+fn equal_keys_case(ddl: &str, k1: &str, k2: &str, respell: impl Fn(ChangeRow) -> ChangeRow) {
     let (s1, s2) = (memory(), memory());
     for s in [&s1, &s2] {
         s.execute_batch(ddl).unwrap();
@@ -392,7 +399,7 @@ fn equal_keys_case(ddl: &str, k1: &str, k2: &str) {
     s2.execute_batch(&format!("INSERT INTO t VALUES ({k2}, 2);"))
         .unwrap();
     let mut feed = changes_after(&s1, 0);
-    feed.extend(changes_after(&s2, 0));
+    feed.extend(changes_after(&s2, 0).into_iter().map(respell));
 
     let (one_by_one, grouped, packed) = (memory(), memory(), memory());
     for c in [&one_by_one, &grouped, &packed] {
@@ -409,20 +416,28 @@ fn equal_keys_case(ddl: &str, k1: &str, k2: &str) {
     packed.execute(BATCH, [pack_batch(&packed, &feed)]).unwrap();
 
     // The per-change path keeps peer 1's x = 6 (col_version 3 beats 1).
-    assert_eq!(xrows(&one_by_one).len(), 1);
-    assert_eq!(xrows(&one_by_one)[0].1, "6");
+    assert_eq!(t_values(&one_by_one).len(), 1);
+    assert_eq!(t_values(&one_by_one)[0].1, "6");
     assert_eq!(
-        xrows(&one_by_one),
-        xrows(&packed),
+        t_values(&one_by_one),
+        t_values(&packed),
         "patina_batch: base table"
     );
-    assert_eq!(xclock(&one_by_one), xclock(&packed), "patina_batch: clock");
     assert_eq!(
-        xrows(&one_by_one),
-        xrows(&grouped),
+        t_clocks(&one_by_one),
+        t_clocks(&packed),
+        "patina_batch: clock"
+    );
+    assert_eq!(
+        t_values(&one_by_one),
+        t_values(&grouped),
         "merging = 1: base table"
     );
-    assert_eq!(xclock(&one_by_one), xclock(&grouped), "merging = 1: clock");
+    assert_eq!(
+        t_clocks(&one_by_one),
+        t_clocks(&grouped),
+        "merging = 1: clock"
+    );
 }
 
 #[test]
@@ -431,6 +446,7 @@ fn nocase_keys_that_differ_in_case_are_one_row() {
         "CREATE TABLE t(id TEXT COLLATE NOCASE PRIMARY KEY NOT NULL, x); SELECT crsql_as_crr('t');",
         "'a'",
         "'A'",
+        |ch| ch,
     );
 }
 
@@ -440,6 +456,7 @@ fn integer_and_real_keys_that_compare_equal_are_one_row() {
         "CREATE TABLE t(id PRIMARY KEY NOT NULL, x); SELECT crsql_as_crr('t');",
         "1",
         "1.0",
+        |ch| ch,
     );
 }
 
@@ -447,43 +464,24 @@ fn integer_and_real_keys_that_compare_equal_are_one_row() {
 /// canonical packing: it must not be read and written beside it as another row.
 #[test]
 fn a_key_packed_in_extra_bytes_is_the_same_row() {
-    let ddl = "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, x); SELECT crsql_as_crr('t');";
-    let (s1, s2) = (memory(), memory());
-    for s in [&s1, &s2] {
-        s.execute_batch(ddl).unwrap();
-    }
-    s1.execute_batch("INSERT INTO t VALUES (1, 1); UPDATE t SET x = 5; UPDATE t SET x = 6;")
-        .unwrap();
-    s2.execute_batch("INSERT INTO t VALUES (1, 2);").unwrap();
-    let mut feed = changes_after(&s1, 0);
-    // Peer 2's key 1 in two bytes (0x11 = width 2, integer) instead of one.
-    feed.extend(changes_after(&s2, 0).into_iter().map(|mut ch| {
-        assert_eq!(ch.1, vec![1, 0x09, 1]);
-        ch.1 = vec![1, 0x11, 0, 1];
-        ch
-    }));
-    let (one_by_one, packed) = (memory(), memory());
-    for c in [&one_by_one, &packed] {
-        c.execute_batch(ddl).unwrap();
-    }
-    merge(&one_by_one, &feed);
-    packed.execute(BATCH, [pack_batch(&packed, &feed)]).unwrap();
-    assert_eq!(xrows(&one_by_one), vec![("1".to_string(), "6".to_string())]);
-    assert_eq!(xrows(&packed), xrows(&one_by_one));
-    assert_eq!(xclock(&packed), xclock(&one_by_one));
+    equal_keys_case(
+        "CREATE TABLE t(id INTEGER PRIMARY KEY NOT NULL, x); SELECT crsql_as_crr('t');",
+        "1",
+        "1",
+        |mut ch| {
+            // Peer 2's key 1 in two bytes (0x11 = width 2, integer) instead of one.
+            assert_eq!(ch.1, vec![1, 0x09, 1]);
+            ch.1 = vec![1, 0x11, 0, 1];
+            ch
+        },
+    );
 }
 
 /// An app trigger refusing a row with RAISE(FAIL) (which, unlike ABORT, keeps what the
 /// statement wrote before it): every base row the batch wrote is credited by its clock.
 #[test]
 fn a_raise_fail_midway_leaves_no_uncredited_base_rows() {
-    let src = memory();
-    src.execute_batch(
-        "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER); SELECT crsql_as_crr('c');
-         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 199)
-         INSERT INTO c SELECT i, i FROM n;",
-    )
-    .unwrap();
+    let src = counted(200);
     let c = memory();
     c.execute_batch(
         "CREATE TABLE c(id INTEGER PRIMARY KEY NOT NULL, v INTEGER); SELECT crsql_as_crr('c');
@@ -540,7 +538,7 @@ fn rollback_to_after_a_batch_keeps_changes_queued_before_the_savepoint() {
              UPDATE patina_state SET merging = 0; COMMIT",
         )
         .unwrap();
-        xrows(&c)
+        t_values(&c)
     };
     let per_change = run(false);
     assert_eq!(per_change, vec![("1".to_string(), "1".to_string())]);

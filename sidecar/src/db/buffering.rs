@@ -455,6 +455,23 @@ mod tests {
     use crate::db::apply::tests::{job, ApplyFixture};
     use crate::sync::{Chunk, OriginRanges};
 
+    /// The schema change the buffered units of these tests wait for: column `t.b` and
+    /// table `u`.
+    const ADD_B_AND_U: &str = "SELECT crsql_begin_alter('t');
+         ALTER TABLE t ADD COLUMN b TEXT;
+         SELECT crsql_commit_alter('t');
+         CREATE TABLE u (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
+         SELECT crsql_as_crr('u');";
+
+    /// A unit of origin 2 writing column `t.b`, which the fixture's table lacks.
+    fn writing_column_b(version: i64) -> ApplyJob {
+        let mut j = job("t", version);
+        if let Work::Unit(u) = &mut j.work {
+            Arc::make_mut(u).changes[0].cid = "b".into();
+        }
+        j
+    }
+
     /// The rule of `sync::schema` on the real apply thread: a unit naming a missing column
     /// and a catch-up unit naming a missing table are kept and recorded as received (held
     /// versions, cursor), a later unit of the same origin on known columns is applied
@@ -477,11 +494,7 @@ mod tests {
         let origin = [2u8; 16];
 
         // Version 1 writes column b, which this node lacks: kept, held, buffered.
-        let mut new_column = job("t", 1);
-        if let Work::Unit(u) = &mut new_column.work {
-            Arc::make_mut(u).changes[0].cid = "b".into();
-        }
-        tx.send(new_column).expect("send");
+        tx.send(writing_column_b(1)).expect("send");
         let a = done.blocking_recv().expect("reported");
         assert!(a.held.iter().any(|(o, r)| *o == origin && r.covers(1, 1)));
         let buffered = a.buffered.expect("the buffer changed");
@@ -548,15 +561,7 @@ mod tests {
 
         // The schema catches up: both are applied, whole, and the buffer empties.
         setup
-            .execute_batch(
-                "BEGIN IMMEDIATE;
-                 SELECT crsql_begin_alter('t');
-                 ALTER TABLE t ADD COLUMN b TEXT;
-                 SELECT crsql_commit_alter('t');
-                 CREATE TABLE u (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
-                 SELECT crsql_as_crr('u');
-                 COMMIT;",
-            )
+            .execute_batch(&format!("BEGIN IMMEDIATE; {ADD_B_AND_U} COMMIT;"))
             .expect("migrate");
         let a = loop {
             let a = done.blocking_recv().expect("reported");
@@ -596,14 +601,11 @@ mod tests {
             thread,
         }) = ApplyFixture::start()
         else {
-            return; // libpatina.so not built
+            eprintln!("libpatina.so not built (cargo build -p patina): skipped");
+            return;
         };
         // Entry 1: origin 2 writes column b, which this node lacks: buffered.
-        let mut new_column = job("t", 1);
-        if let Work::Unit(u) = &mut new_column.work {
-            Arc::make_mut(u).changes[0].cid = "b".into();
-        }
-        tx.send(new_column).expect("send");
+        tx.send(writing_column_b(1)).expect("send");
         let a = done.blocking_recv().expect("reported");
         assert!(a.buffered.is_some(), "entry 1 buffered");
         // Entry 2: origin 5 writes table u, which this node lacks: buffered.
@@ -620,17 +622,12 @@ mod tests {
 
         // The schema catches up, but the app refuses any row with b set (entry 1 will fail).
         setup
-            .execute_batch(
-                "BEGIN IMMEDIATE;
-                 SELECT crsql_begin_alter('t');
-                 ALTER TABLE t ADD COLUMN b TEXT;
-                 SELECT crsql_commit_alter('t');
-                 CREATE TABLE u (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
-                 SELECT crsql_as_crr('u');
+            .execute_batch(&format!(
+                "BEGIN IMMEDIATE; {ADD_B_AND_U}
                  CREATE TRIGGER no_b BEFORE INSERT ON t WHEN NEW.b IS NOT NULL
                  BEGIN SELECT RAISE(ABORT, 'app refuses b'); END;
-                 COMMIT;",
-            )
+                 COMMIT;"
+            ))
             .expect("migrate");
         // Entry 2 is sound and must be applied by a drain.
         let deadline = Instant::now() + Duration::from_secs(15);
