@@ -28,7 +28,7 @@ use super::bookkeeping;
 use super::buffer::{self, BufferError};
 use super::buffering::{buffer_job, drain_buffer, SchemaState};
 use super::inbox::{self, InboxError, InboxLimits};
-pub(super) use super::packed::Packed;
+use super::packed::Packed;
 use crate::node::Metrics;
 use crate::sync::seed::SeedOutcome;
 use crate::sync::{

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::apply::{note_origin, unix_now, JobError, JobOutcome, Packed, MAX_BATCH_CHANGES};
+use super::apply::{note_origin, unix_now, JobError, JobOutcome, MAX_BATCH_CHANGES};
 use super::bookkeeping;
 use super::buffer::{self, Kind};
 use super::inbox::{self, InboxLimits};
+use super::packed::Packed;
 use super::schema::SchemaCache;
 use crate::node::Metrics;
 use crate::sync::{
