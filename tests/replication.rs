@@ -342,8 +342,10 @@ fn a_copied_database_is_refused_loudly() {
     wait_converged(&refs, Duration::from_secs(60));
     // A site id is bound to the first identity that presents it (README, "Protection"),
     // so the guarantee below holds for nodes that heard node 1 itself before the copy
-    // appeared. A node seeded from a snapshot converges before it has: wait until each
-    // node has bound both others.
+    // appeared. A node seeded from a snapshot converges before it has, and these nodes
+    // run without TLS, whose address bindings a snapshot does not carry (under mutual
+    // TLS it does: `a_seeded_node_refuses_a_copy_it_meets_before_the_original`): wait
+    // until each node has bound both others.
     wait_for(
         "every node to bind the other nodes' site ids",
         Duration::from_secs(30),
@@ -706,6 +708,99 @@ fn mutual_tls_replicates_and_a_peer_from_another_ca_is_refused() {
         bound.starts_with("certificate sha256:") && bound.len() == "certificate sha256:".len() + 64,
         "{bound}"
     );
+}
+
+/// A node seeded from a snapshot takes the sender's certificate bindings, so a copy of
+/// some node's database that it meets before that node itself is still refused (README,
+/// "Protection"). Node 3 joins through node 2 while node 1 is down: it never hears node 1,
+/// yet refuses the copy of node 1's file running under another certificate.
+#[test]
+fn a_seeded_node_refuses_a_copy_it_meets_before_the_original() {
+    let ca = tempfile::tempdir().expect("tempdir");
+    tls_generate(ca.path(), "ca", "ca");
+    for name in ["node1", "node2", "node3", "copy"] {
+        tls_generate(ca.path(), "server", name);
+    }
+    let mut a = Node::new("node1", &[]);
+    a.extra = tls_flags(ca.path(), "node1");
+    a.start();
+    let mut b = Node::new("node2", &[a.gossip]);
+    b.extra = tls_flags(ca.path(), "node2");
+    b.start();
+    write_burst(&a, 100, 20, "a");
+    wait_converged(&[&a, &b], Duration::from_secs(60));
+    let site_a: Vec<u8> = a
+        .conn()
+        .query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+        .expect("site id");
+    let binding = |n: &Node| -> Option<String> {
+        n.conn()
+            .query_row(
+                "SELECT identity FROM patina_site_bindings WHERE site_id = ?1",
+                [&site_a],
+                |r| r.get(0),
+            )
+            .ok()
+    };
+    wait_for(
+        "node2 to bind node1's site id",
+        Duration::from_secs(30),
+        || binding(&b).is_some(),
+    );
+    let node1_cert = binding(&b).expect("bound");
+    assert!(
+        node1_cert.starts_with("certificate sha256:"),
+        "{node1_cert}"
+    );
+
+    // Node 1 goes down; a consistent copy of its file will come up under another certificate.
+    let mut copy = Node::new("copy", &[]);
+    a.conn()
+        .execute("VACUUM INTO ?1", [copy.db.display().to_string()])
+        .expect("copy node1's database");
+    a.kill9();
+
+    // Node 3 joins through node 2 alone and is seeded from its snapshot.
+    let mut c = Node::new("node3", &[b.gossip]);
+    c.extra = tls_flags(ca.path(), "node3");
+    c.start();
+    wait_converged(&[&b, &c], Duration::from_secs(60));
+    assert!(
+        c.log_text().contains("seeded from a snapshot"),
+        "node 3 was to be seeded from node 2's snapshot"
+    );
+    assert_eq!(
+        binding(&c).as_deref(),
+        Some(node1_cert.as_str()),
+        "node 3 holds node 2's binding of node 1's site id without having heard node 1"
+    );
+
+    // The copy meets node 3 first: refused, and its write reaches no one.
+    copy.bootstrap = vec![c.gossip];
+    copy.extra = tls_flags(ca.path(), "copy");
+    copy.start();
+    wait_for("node 3 to refuse the copy", Duration::from_secs(60), || {
+        c.log_text()
+            .contains("two nodes share one database identity")
+    });
+    copy.conn()
+        .execute(
+            "INSERT INTO items (id, node, note) VALUES (777777, 'copy', 'copy')",
+            [],
+        )
+        .expect("write on the copy");
+    write_burst(&b, 20_000, 5, "b");
+    wait_converged(&[&b, &c], Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    for n in [&b, &c] {
+        assert_eq!(
+            count_ids(n, &[777777]),
+            0,
+            "the copy's write leaked to {}",
+            n.name
+        );
+    }
+    assert_eq!(binding(&c).as_deref(), Some(node1_cert.as_str()));
 }
 
 /// Commit→visible latency on 3 local nodes: 200 single-row writes on node 1's file,

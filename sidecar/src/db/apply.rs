@@ -235,6 +235,7 @@ fn seed_part(
             versions: installed.versions,
             collected,
             cl_floor,
+            bindings: installed.bindings,
         }),
         ..Applied::default()
     })

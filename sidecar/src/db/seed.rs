@@ -4,7 +4,8 @@
 //! A snapshot is a SQLite file holding, as of one read transaction, every replicated
 //! table's rows (`"data:<table>"`), its clock rows (`"clock:<table>"`, the extension's
 //! layout, site ordinals of the sender), the sender's `patina_sites`, what it holds per
-//! origin, what it collected, and its counters (`patina_seed_meta`). Tables the app keeps
+//! origin, what it collected, its site bindings to certificates (`patina_seed_bindings`;
+//! a snapshot of an older release has none), and its counters (`patina_seed_meta`). Tables the app keeps
 //! to itself are not in it. Columns are declared without types so no affinity touches a
 //! value on the way; the joiner's own tables apply theirs, as they did at the sender.
 //!
@@ -21,12 +22,14 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::schema::{has_table, quote, replicated_tables, CLOCK_SUFFIX};
 use crate::sync::seed::SeedPart;
-use crate::sync::{SiteId, MAX_VERSION};
+use crate::sync::{is_portable, SiteId, MAX_VERSION};
 
 /// The snapshot layout this build writes and reads.
 const FORMAT: i64 = 1;
 /// Name of the snapshot database while attached.
 const SCHEMA: &str = "patina_seed";
+/// The most site bindings a snapshot may carry (as many as a summary may name origins).
+const MAX_BINDINGS: i64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
@@ -122,6 +125,25 @@ fn copy_out(conn: &Connection) -> Result<(), SeedError> {
         conn.execute_batch(&format!(
             "INSERT INTO {SCHEMA}.patina_seed_collected SELECT site_id, upto FROM main.patina_collected"
         ))?;
+    }
+    // Site bindings to certificates only: see `sync::is_portable`.
+    conn.execute_batch(&format!(
+        "CREATE TABLE {SCHEMA}.patina_seed_bindings (site_id, identity);"
+    ))?;
+    if has_table(conn, "patina_site_bindings")? {
+        let mut read = conn.prepare("SELECT site_id, identity FROM main.patina_site_bindings")?;
+        let rows = read.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut write = conn.prepare(&format!(
+            "INSERT INTO {SCHEMA}.patina_seed_bindings (site_id, identity) VALUES (?1, ?2)"
+        ))?;
+        for row in rows {
+            let (site, identity) = row?;
+            if is_portable(&identity) {
+                write.execute(params![site, identity])?;
+            }
+        }
     }
     // Versions held only in the schema buffer are recorded as held but are in no table:
     // a snapshot would make the joiner claim them without their changes (`serve_pull`
@@ -268,6 +290,9 @@ pub struct Installed {
     pub versions: u64,
     /// The cursor now stored for the sender's feed (its `db_version` at the snapshot).
     pub cursor: i64,
+    /// The sender's site bindings to certificates, now stored here too (over any this
+    /// node made while joining: the sender's are older), this node's own site left out.
+    pub bindings: Vec<(SiteId, String)>,
 }
 
 /// Installs the snapshot at `file`, sent by `sender`, into `conn` (the node's apply
@@ -399,6 +424,7 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
     if bad_sites > 0 {
         return Err(refused("the snapshot names malformed site ids"));
     }
+    let bindings = seed_bindings(conn, local)?;
     let ours_layout: i64 = conn.query_row(
         "SELECT layout FROM main.patina_state WHERE id = 0",
         [],
@@ -505,6 +531,16 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
             params![sender.as_slice(), origin_version],
         )?;
     }
+    {
+        let mut bind = conn.prepare(
+            "INSERT INTO main.patina_site_bindings (site_id, identity) VALUES (?1, ?2) \
+             ON CONFLICT (site_id) DO UPDATE SET identity = excluded.identity, \
+             bound_at = excluded.bound_at",
+        )?;
+        for (site, identity) in &bindings {
+            bind.execute(params![site.as_slice(), identity])?;
+        }
+    }
     conn.execute(
         "UPDATE main.patina_state SET db_version = max(db_version, ?1), \
          cl_floor = max(cl_floor, ?2), merging = 0 WHERE id = 0",
@@ -523,7 +559,64 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
     Ok(Installed {
         versions: u64::try_from(versions).unwrap_or(0),
         cursor: db_version,
+        bindings,
     })
+}
+
+/// The snapshot's site bindings, checked: each a 16-byte site id bound to a certificate
+/// (`sync::is_portable`), at most [`MAX_BINDINGS`]; this node's own site left out. A
+/// snapshot of a release that carried none has no table: no bindings.
+fn seed_bindings(conn: &Connection, local: &SiteId) -> Result<Vec<(SiteId, String)>, SeedError> {
+    let present: Option<i64> = conn
+        .query_row(
+            &format!(
+                "SELECT 1 FROM {SCHEMA}.sqlite_schema WHERE type = 'table' \
+                 AND name = 'patina_seed_bindings'"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if present.is_none() {
+        return Ok(Vec::new());
+    }
+    let count: i64 = conn.query_row(
+        &format!("SELECT count(*) FROM {SCHEMA}.patina_seed_bindings"),
+        [],
+        |r| r.get(0),
+    )?;
+    if count > MAX_BINDINGS {
+        return Err(refused(format!(
+            "the snapshot carries {count} site bindings (at most {MAX_BINDINGS})"
+        )));
+    }
+    let mut read = conn.prepare(&format!(
+        "SELECT site_id, identity FROM {SCHEMA}.patina_seed_bindings"
+    ))?;
+    let rows = read.query_map([], |r| {
+        Ok((
+            r.get::<_, rusqlite::types::Value>(0)?,
+            r.get::<_, rusqlite::types::Value>(1)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let binding = match row? {
+            (rusqlite::types::Value::Blob(site), rusqlite::types::Value::Text(identity)) => {
+                SiteId::try_from(site.as_slice())
+                    .ok()
+                    .filter(|_| is_portable(&identity))
+                    .map(|site| (site, identity))
+            }
+            _ => None,
+        };
+        match binding {
+            Some((site, _)) if site == *local => {}
+            Some(b) => out.push(b),
+            None => return Err(refused("the snapshot carries a malformed site binding")),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -665,6 +758,65 @@ mod tests {
             state(&s),
             state(&j),
             "the sender holds the joiner's write too"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_carries_the_senders_certificate_bindings_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some((s, sender_path)) = sender(dir.path()) else {
+            return;
+        };
+        let Some((mut j, _)) = node(dir.path(), "joiner.db", SCHEMA_SQL) else {
+            return;
+        };
+        let (sender_site, joiner_site) = (site(&s), site(&j));
+        let cert = |n: u8| {
+            format!(
+                "{}{}",
+                crate::sync::CERTIFICATE_PREFIX,
+                hex::encode([n; 32])
+            )
+        };
+        for (site, identity) in [
+            ([7; 16], cert(7)),
+            ([8; 16], "address 10.0.0.8:7000".to_string()),
+            (joiner_site, cert(1)),
+        ] {
+            bookkeeping::bind_site(&s, &site, &identity).expect("bind at the sender");
+        }
+        // While joining, the joiner met someone else presenting [7; 16] first.
+        bookkeeping::bind_site(&j, &[7; 16], "address 10.9.9.9:7000").expect("bind");
+        let file = dir.path().join("snap");
+        export(&sender_path, &file).expect("export");
+
+        // A malformed binding refuses the snapshot, changing nothing.
+        let bad = dir.path().join("bad");
+        std::fs::copy(&file, &bad).expect("copy");
+        Connection::open(&bad)
+            .and_then(|c| {
+                c.execute(
+                    "INSERT INTO patina_seed_bindings VALUES (x'0102', ?1)",
+                    [cert(2)],
+                )
+            })
+            .expect("tamper");
+        let e = install(&mut j, &bad, &sender_site, &joiner_site).expect_err("refused");
+        assert!(e.to_string().contains("malformed site binding"), "{e}");
+        assert_eq!(
+            bookkeeping::load_bindings(&j).expect("bindings").len(),
+            1,
+            "nothing changed"
+        );
+
+        let done = install(&mut j, &file, &sender_site, &joiner_site).expect("install");
+        assert_eq!(done.bindings, vec![([7; 16], cert(7))]);
+        let stored = bookkeeping::load_bindings(&j).expect("bindings");
+        assert_eq!(
+            stored,
+            [([7; 16], cert(7))].into_iter().collect(),
+            "the certificate binding, over the joiner's own; no address binding; \
+             nothing for the joiner's own site"
         );
     }
 

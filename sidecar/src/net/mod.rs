@@ -96,7 +96,9 @@ pub enum PeerIdentity {
 impl std::fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PeerIdentity::Certificate(fp) => write!(f, "certificate sha256:{fp}"),
+            PeerIdentity::Certificate(fp) => {
+                write!(f, "{}{fp}", crate::sync::CERTIFICATE_PREFIX)
+            }
             PeerIdentity::Address(a) => write!(f, "address {a}"),
         }
     }

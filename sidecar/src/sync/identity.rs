@@ -17,6 +17,20 @@ use std::collections::HashMap;
 
 use super::msg::SiteId;
 
+/// How a certificate identity is spelled (`net::PeerIdentity`'s display): this prefix,
+/// then the certificate's SHA-256 in lowercase hex.
+pub const CERTIFICATE_PREFIX: &str = "certificate sha256:";
+
+/// Whether a binding to `identity` means the same peer on every node, so a snapshot may
+/// carry it to a joiner. A certificate fingerprint does; an address does not, since
+/// another node may reach the same peer at another address (through NAT, or another
+/// interface) and would then refuse it.
+pub fn is_portable(identity: &str) -> bool {
+    identity.strip_prefix(CERTIFICATE_PREFIX).is_some_and(|fp| {
+        fp.len() == 64 && fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// Site ids one identity may hold. A node keeps its identity when it gets a fresh site id
 /// (`patina restore`), so it may need a few over its life; a peer minting ids to fill
 /// `patina_site_bindings` is refused past this.
@@ -56,6 +70,22 @@ mod tests {
     use crate::sync::test_support::{addr, drain, ident, machine};
     use crate::sync::{Effect, Msg, OriginUnit};
     use std::time::Duration;
+
+    #[test]
+    fn only_certificate_bindings_are_portable() {
+        let fp = "ab".repeat(32);
+        assert!(is_portable(&format!("{CERTIFICATE_PREFIX}{fp}")));
+        assert!(!is_portable("address 10.0.0.1:7000"));
+        assert!(!is_portable(&format!(
+            "{CERTIFICATE_PREFIX}{}",
+            "AB".repeat(32)
+        )));
+        assert!(!is_portable(&format!(
+            "{CERTIFICATE_PREFIX}{}",
+            "ab".repeat(31)
+        )));
+        assert!(!is_portable(&format!("{CERTIFICATE_PREFIX}{fp} ")));
+    }
 
     #[test]
     fn a_site_is_bound_to_the_first_identity_for_good() {

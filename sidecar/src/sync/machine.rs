@@ -1437,10 +1437,17 @@ impl Replicator {
             if let SeedOutcome::Installed {
                 collected,
                 cl_floor,
+                bindings,
                 ..
             } = outcome
             {
                 self.set_collected(collected.clone(), *cl_floor);
+                // The sender's bindings are older than any this node made while joining.
+                for (site, identity) in bindings {
+                    if *site != self.site {
+                        self.bindings.insert(*site, identity.clone());
+                    }
+                }
             }
             if let (SeedOutcome::Failed(why), Some(peer)) = (outcome, self.seed.peer()) {
                 tracing::warn!(
@@ -1961,6 +1968,15 @@ mod tests {
         }
     }
 
+    /// A certificate identity (`sync::CERTIFICATE_PREFIX`), one per `n`.
+    fn cert(n: u8) -> String {
+        format!(
+            "{}{}",
+            crate::sync::CERTIFICATE_PREFIX,
+            hex::encode([n; 32])
+        )
+    }
+
     fn sent_pulls(eff: &[Effect]) -> Vec<Msg> {
         eff.iter()
             .filter_map(|e| match e {
@@ -2048,6 +2064,7 @@ mod tests {
                     versions: 50,
                     collected: [([7; 16], 9)].into_iter().collect(),
                     cl_floor: 4,
+                    bindings: vec![([7; 16], cert(7)), ([3; 16], cert(3)), ([1; 16], cert(9))],
                 }),
                 ..Applied::default()
             },
@@ -2068,6 +2085,26 @@ mod tests {
         assert_eq!(j.pulls_in_flight(), 0);
         assert_eq!(j.cursor(&[2; 16]), 123);
         assert!(j.held().covers(&[7; 16], 1, 50));
+        // The sender's bindings are in force: over the one this node made while joining
+        // ([3; 16] was bound to the address that sent the held-back unit), and never for
+        // this node's own site id.
+        assert_eq!(j.binding(&[7; 16]), Some(cert(7).as_str()));
+        assert_eq!(j.binding(&[3; 16]), Some(cert(3).as_str()));
+        assert_eq!(j.binding(&[1; 16]), None);
+        j.handle_message(
+            addr(3),
+            &ident(3),
+            Msg::Unit {
+                site: [3; 16],
+                unit: Arc::new(unit([3; 16], 1, 2)),
+                relay: false,
+            },
+            t,
+        );
+        assert!(
+            !drain(&mut j).iter().any(|e| matches!(e, Effect::Apply(_))),
+            "a unit of [3; 16] from an identity the sender did not bind it to is refused"
+        );
         // What the sender had collected is advertised from now on.
         j.handle_timer(Duration::from_secs(5));
         let advertised = drain(&mut j).into_iter().find_map(|e| match e {

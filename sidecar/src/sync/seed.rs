@@ -6,7 +6,10 @@
 //! its replicated tables, their clocks and what it holds per origin into a file
 //! (`db::seed::export`), and sends the file in parts (`Msg::Seed`); the joiner installs it
 //! in one transaction (`db::seed::install`), rows and clocks copied as they are. The
-//! joiner then holds exactly what the peer held, and goes on like any other node.
+//! joiner then holds exactly what the peer held, and goes on like any other node. It also
+//! takes the peer's site bindings to certificates (`identity`): a joiner would otherwise
+//! bind each site id to whoever presents it first, and a copy of some node's database
+//! met before that node would be taken for it.
 //!
 //! A peer that cannot make a snapshot, or a release without snapshots (it skips the field),
 //! answers the pull with the feed as usual; a snapshot that cannot be installed (the
@@ -19,6 +22,7 @@
 
 use std::net::SocketAddr;
 
+use super::msg::SiteId;
 use super::ranges::RangeError;
 use super::stability::Prefixes;
 
@@ -90,11 +94,14 @@ impl SeedState {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SeedOutcome {
     /// Installed: this many versions (of every origin) are now held; what the sender had
-    /// collected, and its `cl_floor`, are now this node's (advertised in its summaries).
+    /// collected, and its `cl_floor`, are now this node's (advertised in its summaries);
+    /// the sender's site bindings to certificates are now this node's too (stored
+    /// already; `bindings` puts them in force).
     Installed {
         versions: u64,
         collected: Prefixes,
         cl_floor: i64,
+        bindings: Vec<(SiteId, String)>,
     },
     /// Not installed (nothing of it was): why.
     Failed(String),
