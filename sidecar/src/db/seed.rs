@@ -291,7 +291,8 @@ pub struct Installed {
     /// The cursor now stored for the sender's feed (its `db_version` at the snapshot).
     pub cursor: i64,
     /// The sender's site bindings to certificates, now stored here too (over any this
-    /// node made while joining: the sender's are older), this node's own site left out.
+    /// node made while joining: the sender's are older), this node's own site and the
+    /// sender's left out.
     pub bindings: Vec<(SiteId, String)>,
 }
 
@@ -424,7 +425,7 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
     if bad_sites > 0 {
         return Err(refused("the snapshot names malformed site ids"));
     }
-    let bindings = seed_bindings(conn, local)?;
+    let bindings = seed_bindings(conn, sender, local)?;
     let ours_layout: i64 = conn.query_row(
         "SELECT layout FROM main.patina_state WHERE id = 0",
         [],
@@ -564,9 +565,14 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
 }
 
 /// The snapshot's site bindings, checked: each a 16-byte site id bound to a certificate
-/// (`sync::is_portable`), at most [`MAX_BINDINGS`]; this node's own site left out. A
+/// (`sync::is_portable`), at most [`MAX_BINDINGS`]; this node's own site and the
+/// sender's left out. A
 /// snapshot of a release that carried none has no table: no bindings.
-fn seed_bindings(conn: &Connection, local: &SiteId) -> Result<Vec<(SiteId, String)>, SeedError> {
+fn seed_bindings(
+    conn: &Connection,
+    sender: &SiteId,
+    local: &SiteId,
+) -> Result<Vec<(SiteId, String)>, SeedError> {
     let present: Option<i64> = conn
         .query_row(
             &format!(
@@ -611,7 +617,9 @@ fn seed_bindings(conn: &Connection, local: &SiteId) -> Result<Vec<(SiteId, Strin
             _ => None,
         };
         match binding {
-            Some((site, _)) if site == *local => {}
+            // This node's own site is never bound; the sender's is bound to the peer
+            // that sent the snapshot, which this node saw itself.
+            Some((site, _)) if site == *local || site == *sender => {}
             Some(b) => out.push(b),
             None => return Err(refused("the snapshot carries a malformed site binding")),
         }
@@ -782,6 +790,7 @@ mod tests {
             ([7; 16], cert(7)),
             ([8; 16], "address 10.0.0.8:7000".to_string()),
             (joiner_site, cert(1)),
+            (sender_site, cert(2)),
         ] {
             bookkeeping::bind_site(&s, &site, &identity).expect("bind at the sender");
         }
@@ -816,7 +825,7 @@ mod tests {
             stored,
             [([7; 16], cert(7))].into_iter().collect(),
             "the certificate binding, over the joiner's own; no address binding; \
-             nothing for the joiner's own site"
+             nothing for the joiner's own site or the sender's"
         );
     }
 
