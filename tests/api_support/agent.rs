@@ -141,6 +141,20 @@ impl Drop for Agent {
             for l in tail.iter().rev() {
                 eprintln!("{l}");
             }
+            // What the file held when the test gave up: tells a change that never arrived
+            // from one that arrived and was not streamed.
+            let held = rusqlite::Connection::open(&self.db).and_then(|c| {
+                c.query_row(
+                    "SELECT (SELECT db_version FROM patina_state WHERE id = 0), \
+                            (SELECT count(*) FROM machines)",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )
+            });
+            eprintln!(
+                "---- {}'s database: (db_version, rows of machines) = {held:?}",
+                self.name
+            );
         }
     }
 }
