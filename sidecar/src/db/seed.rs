@@ -16,13 +16,14 @@
 //! changing nothing — unless the joiner holds nothing: no row in any replicated table,
 //! no write of its own, nothing of any origin.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::schema::{has_table, quote, replicated_tables, CLOCK_SUFFIX};
 use crate::sync::seed::SeedPart;
-use crate::sync::{is_portable, SiteId, MAX_VERSION};
+use crate::sync::{is_portable, SiteId, MAX_SITES_PER_IDENTITY, MAX_VERSION};
 
 /// The snapshot layout this build writes and reads.
 const FORMAT: i64 = 1;
@@ -126,22 +127,44 @@ fn copy_out(conn: &Connection) -> Result<(), SeedError> {
             "INSERT INTO {SCHEMA}.patina_seed_collected SELECT site_id, upto FROM main.patina_collected"
         ))?;
     }
-    // Site bindings to certificates only: see `sync::is_portable`.
+    // Site bindings to certificates only (see `sync::is_portable`), each with when its
+    // site was last seen alive, so the joiner forgets it as this node would
+    // (`retention::forget_departed`). A site not recorded as seen yet (the record is
+    // written every 30 s) counts as seen now. Odd rows stay here.
     conn.execute_batch(&format!(
-        "CREATE TABLE {SCHEMA}.patina_seed_bindings (site_id, identity);"
+        "CREATE TABLE {SCHEMA}.patina_seed_bindings (site_id, identity, last_seen);"
     ))?;
     if has_table(conn, "patina_site_bindings")? {
-        let mut read = conn.prepare("SELECT site_id, identity FROM main.patina_site_bindings")?;
-        let rows = read.query_map([], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let seen = if has_table(conn, "patina_site_seen")? {
+            "(SELECT s.last_seen FROM main.patina_site_seen AS s WHERE s.site_id = b.site_id)"
+        } else {
+            "NULL"
+        };
+        let mut read = conn.prepare(&format!(
+            "SELECT site_id, identity, last_seen FROM \
+             (SELECT b.site_id, b.identity, coalesce({seen}, ?1) AS last_seen \
+              FROM main.patina_site_bindings AS b) \
+             WHERE {ok}",
+            ok = well_formed_binding("site_id", "identity", "last_seen")
+        ))?;
+        let rows = read.query_map([now], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?;
         let mut write = conn.prepare(&format!(
-            "INSERT INTO {SCHEMA}.patina_seed_bindings (site_id, identity) VALUES (?1, ?2)"
+            "INSERT INTO {SCHEMA}.patina_seed_bindings (site_id, identity, last_seen) \
+             VALUES (?1, ?2, ?3)"
         ))?;
         for row in rows {
-            let (site, identity) = row?;
+            let (site, identity, last_seen) = row?;
             if is_portable(&identity) {
-                write.execute(params![site, identity])?;
+                write.execute(params![site, identity, last_seen])?;
             }
         }
     }
@@ -290,9 +313,8 @@ pub struct Installed {
     pub versions: u64,
     /// The cursor now stored for the sender's feed (its `db_version` at the snapshot).
     pub cursor: i64,
-    /// The sender's site bindings to certificates, now stored here too (over any this
-    /// node made while joining: the sender's are older), this node's own site and the
-    /// sender's left out.
+    /// The sender's site bindings to certificates now stored here too: those for sites
+    /// this node had bound to no one (see `store_bindings`).
     pub bindings: Vec<(SiteId, String)>,
 }
 
@@ -532,16 +554,7 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
             params![sender.as_slice(), origin_version],
         )?;
     }
-    {
-        let mut bind = conn.prepare(
-            "INSERT INTO main.patina_site_bindings (site_id, identity) VALUES (?1, ?2) \
-             ON CONFLICT (site_id) DO UPDATE SET identity = excluded.identity, \
-             bound_at = excluded.bound_at",
-        )?;
-        for (site, identity) in &bindings {
-            bind.execute(params![site.as_slice(), identity])?;
-        }
-    }
+    let bindings = store_bindings(conn, bindings)?;
     conn.execute(
         "UPDATE main.patina_state SET db_version = max(db_version, ?1), \
          cl_floor = max(cl_floor, ?2), merging = 0 WHERE id = 0",
@@ -564,15 +577,28 @@ fn copy_in(conn: &Connection, sender: &SiteId, local: &SiteId) -> Result<Install
     })
 }
 
-/// The snapshot's site bindings, checked: each a 16-byte site id bound to a certificate
-/// (`sync::is_portable`), at most [`MAX_BINDINGS`]; this node's own site and the
-/// sender's left out. A
-/// snapshot of a release that carried none has no table: no bindings.
+/// SQL that holds for a binding row worth reading: a 16-byte site id, a short text
+/// identity, an integer time.
+fn well_formed_binding(site: &str, identity: &str, seen: &str) -> String {
+    format!(
+        "typeof({site}) = 'blob' AND length({site}) = 16 AND typeof({identity}) = 'text' \
+         AND length({identity}) <= {MAX_IDENTITY_LEN} AND typeof({seen}) = 'integer'"
+    )
+}
+
+/// The longest identity a binding may name (a certificate identity is 83 bytes).
+const MAX_IDENTITY_LEN: usize = 256;
+
+/// The snapshot's site bindings to certificates, with when each site was last seen:
+/// checked (at most [`MAX_BINDINGS`] rows, every one well formed, or the snapshot is
+/// refused); kinds of identity this build does not carry (`sync::is_portable`), this
+/// node's own site and the sender's left out. A snapshot of a release that carried none
+/// has no table: no bindings.
 fn seed_bindings(
     conn: &Connection,
     sender: &SiteId,
     local: &SiteId,
-) -> Result<Vec<(SiteId, String)>, SeedError> {
+) -> Result<Vec<(SiteId, String, i64)>, SeedError> {
     let present: Option<i64> = conn
         .query_row(
             &format!(
@@ -586,45 +612,112 @@ fn seed_bindings(
     if present.is_none() {
         return Ok(Vec::new());
     }
-    let count: i64 = conn.query_row(
-        &format!("SELECT count(*) FROM {SCHEMA}.patina_seed_bindings"),
+    let (count, odd): (i64, i64) = conn.query_row(
+        &format!(
+            "SELECT count(*), count(*) FILTER (WHERE NOT ({ok})) \
+             FROM {SCHEMA}.patina_seed_bindings",
+            ok = well_formed_binding("site_id", "identity", "last_seen")
+        ),
         [],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     if count > MAX_BINDINGS {
         return Err(refused(format!(
             "the snapshot carries {count} site bindings (at most {MAX_BINDINGS})"
         )));
     }
+    if odd > 0 {
+        return Err(refused("the snapshot carries a malformed site binding"));
+    }
     let mut read = conn.prepare(&format!(
-        "SELECT site_id, identity FROM {SCHEMA}.patina_seed_bindings"
+        "SELECT site_id, identity, last_seen FROM {SCHEMA}.patina_seed_bindings"
     ))?;
     let rows = read.query_map([], |r| {
         Ok((
-            r.get::<_, rusqlite::types::Value>(0)?,
-            r.get::<_, rusqlite::types::Value>(1)?,
+            r.get::<_, Vec<u8>>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let binding = match row? {
-            (rusqlite::types::Value::Blob(site), rusqlite::types::Value::Text(identity)) => {
-                SiteId::try_from(site.as_slice())
-                    .ok()
-                    .filter(|_| is_portable(&identity))
-                    .map(|site| (site, identity))
-            }
-            _ => None,
+        let (site, identity, seen) = row?;
+        let Ok(site) = SiteId::try_from(site.as_slice()) else {
+            return Err(refused("the snapshot carries a malformed site binding"));
         };
-        match binding {
-            // This node's own site is never bound; the sender's is bound to the peer
-            // that sent the snapshot, which this node saw itself.
-            Some((site, _)) if site == *local || site == *sender => {}
-            Some(b) => out.push(b),
-            None => return Err(refused("the snapshot carries a malformed site binding")),
+        // This node's own site is never bound; the sender's is bound to the peer that
+        // sent the snapshot, which this node saw itself.
+        if site != *local && site != *sender && is_portable(&identity) {
+            out.push((site, identity, seen));
         }
     }
     Ok(out)
+}
+
+/// Stores the carried bindings where this node has none of its own: a site id stays
+/// bound to the first identity this node saw present it, or failing that the one its
+/// sender saw. A carried binding that disagrees with one this node made is logged and
+/// dropped, and so is one past [`MAX_SITES_PER_IDENTITY`] for its identity (a snapshot
+/// cannot use up an honest peer's allowance). Each stored binding's site gets the
+/// sender's last-seen time, so it is forgotten as the sender would forget it. Returns
+/// the bindings stored.
+fn store_bindings(
+    conn: &Connection,
+    carried: Vec<(SiteId, String, i64)>,
+) -> Result<Vec<(SiteId, String)>, SeedError> {
+    let mut held: HashMap<SiteId, String> = HashMap::new();
+    let mut per_identity: HashMap<String, usize> = HashMap::new();
+    {
+        let mut read = conn.prepare("SELECT site_id, identity FROM main.patina_site_bindings")?;
+        let rows = read.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+        })?;
+        for row in rows {
+            let (site, identity) = row?;
+            *per_identity.entry(identity.clone()).or_default() += 1;
+            if let Ok(site) = SiteId::try_from(site.as_slice()) {
+                held.insert(site, identity);
+            }
+        }
+    }
+    let mut bind =
+        conn.prepare("INSERT INTO main.patina_site_bindings (site_id, identity) VALUES (?1, ?2)")?;
+    let mut seen = conn.prepare(
+        "INSERT INTO main.patina_site_seen (site_id, last_seen) VALUES (?1, ?2) \
+         ON CONFLICT (site_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
+    )?;
+    let mut stored = Vec::new();
+    for (site, identity, last_seen) in carried {
+        match held.get(&site) {
+            Some(mine) if *mine == identity => continue,
+            Some(mine) => {
+                tracing::warn!(
+                    site_id = %hex::encode(site),
+                    "the snapshot binds site id {} to {identity}, but this node bound it to \
+                     {mine}; keeping {mine}",
+                    hex::encode(site)
+                );
+                continue;
+            }
+            None => {}
+        }
+        let n = per_identity.entry(identity.clone()).or_default();
+        if *n >= MAX_SITES_PER_IDENTITY {
+            tracing::warn!(
+                site_id = %hex::encode(site),
+                "the snapshot binds site id {} to {identity}, which holds \
+                 {MAX_SITES_PER_IDENTITY} site ids here already; not bound",
+                hex::encode(site)
+            );
+            continue;
+        }
+        *n += 1;
+        bind.execute(params![site.as_slice(), identity])?;
+        seen.execute(params![site.as_slice(), last_seen])?;
+        held.insert(site, identity.clone());
+        stored.push((site, identity));
+    }
+    Ok(stored)
 }
 
 #[cfg(test)]
@@ -770,7 +863,7 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_carries_the_senders_certificate_bindings_only() {
+    fn a_snapshot_carries_the_senders_certificate_bindings_where_the_joiner_has_none() {
         let dir = tempfile::tempdir().expect("tempdir");
         let Some((s, sender_path)) = sender(dir.path()) else {
             return;
@@ -786,47 +879,93 @@ mod tests {
                 hex::encode([n; 32])
             )
         };
-        for (site, identity) in [
-            ([7; 16], cert(7)),
-            ([8; 16], "address 10.0.0.8:7000".to_string()),
-            (joiner_site, cert(1)),
-            (sender_site, cert(2)),
+        let seen = |conn: &Connection, site: &SiteId, t: i64| {
+            conn.execute(
+                "INSERT INTO patina_site_seen (site_id, last_seen) VALUES (?1, ?2)",
+                params![site.as_slice(), t],
+            )
+            .expect("seen");
+        };
+        // At the sender, each with a last-seen time unless said otherwise.
+        for (site, identity, t) in [
+            ([3; 16], cert(3), Some(1234)),                        // carried
+            ([7; 16], cert(7), Some(1234)),                        // the joiner bound it to another
+            ([4; 16], cert(9), Some(1234)), // cert 9 holds 16 ids at the joiner
+            ([6; 16], cert(6), None),       // not recorded as seen yet
+            ([8; 16], "address 10.0.0.8:7000".into(), Some(1234)), // an address: not carried
+            (joiner_site, cert(1), Some(1234)), // the joiner's own id
+            (sender_site, cert(2), Some(1234)), // the sender's own id
         ] {
             bookkeeping::bind_site(&s, &site, &identity).expect("bind at the sender");
+            if let Some(t) = t {
+                seen(&s, &site, t);
+            }
         }
-        // While joining, the joiner met someone else presenting [7; 16] first.
+        // At the joiner, made while joining.
         bookkeeping::bind_site(&j, &[7; 16], "address 10.9.9.9:7000").expect("bind");
+        for k in 0..MAX_SITES_PER_IDENTITY {
+            bookkeeping::bind_site(&j, &[100 + k as u8; 16], &cert(9)).expect("bind");
+        }
+        let before = bookkeeping::load_bindings(&j).expect("bindings");
         let file = dir.path().join("snap");
         export(&sender_path, &file).expect("export");
 
-        // A malformed binding refuses the snapshot, changing nothing.
+        // A malformed binding refuses the snapshot, changing nothing; an identity of a kind
+        // this build does not carry is skipped.
         let bad = dir.path().join("bad");
-        std::fs::copy(&file, &bad).expect("copy");
-        Connection::open(&bad)
-            .and_then(|c| {
-                c.execute(
-                    "INSERT INTO patina_seed_bindings VALUES (x'0102', ?1)",
-                    [cert(2)],
-                )
-            })
-            .expect("tamper");
-        let e = install(&mut j, &bad, &sender_site, &joiner_site).expect_err("refused");
-        assert!(e.to_string().contains("malformed site binding"), "{e}");
-        assert_eq!(
-            bookkeeping::load_bindings(&j).expect("bindings").len(),
-            1,
-            "nothing changed"
-        );
+        let cases = [
+            ("x'0102', 'x', 1", true),
+            ("zeroblob(16), x'00', 1", true),
+            ("zeroblob(16), 'spiffe://cluster/node', 1", false),
+        ];
+        for (n, (row, refused_whole)) in cases.into_iter().enumerate() {
+            std::fs::copy(&file, &bad).expect("copy");
+            Connection::open(&bad)
+                .and_then(|c| {
+                    c.execute_batch(&format!("INSERT INTO patina_seed_bindings VALUES ({row})"))
+                })
+                .expect("tamper");
+            let Some((mut fresh, _)) = node(dir.path(), &format!("fresh-{n}.db"), SCHEMA_SQL)
+            else {
+                return;
+            };
+            let fresh_site = site(&fresh);
+            let r = install(&mut fresh, &bad, &sender_site, &fresh_site);
+            if refused_whole {
+                let e = r.expect_err("refused");
+                assert!(e.to_string().contains("malformed site binding"), "{e}");
+                assert!(bookkeeping::load_bindings(&fresh)
+                    .expect("bindings")
+                    .is_empty());
+            } else {
+                let done = r.expect("installed");
+                assert!(done
+                    .bindings
+                    .iter()
+                    .all(|(_, i)| i.starts_with("certificate ")));
+            }
+        }
 
         let done = install(&mut j, &file, &sender_site, &joiner_site).expect("install");
-        assert_eq!(done.bindings, vec![([7; 16], cert(7))]);
-        let stored = bookkeeping::load_bindings(&j).expect("bindings");
+        let mut carried = done.bindings.clone();
+        carried.sort();
+        assert_eq!(carried, vec![([3; 16], cert(3)), ([6; 16], cert(6))]);
+        let mut expected = before;
+        expected.insert([3; 16], cert(3));
+        expected.insert([6; 16], cert(6));
         assert_eq!(
-            stored,
-            [([7; 16], cert(7))].into_iter().collect(),
-            "the certificate binding, over the joiner's own; no address binding; \
-             nothing for the joiner's own site or the sender's"
+            bookkeeping::load_bindings(&j).expect("bindings"),
+            expected,
+            "only the certificate binding of a site seen and unbound here; the joiner's own \
+             binding kept; nothing past 16 sites for one certificate; nothing for the joiner's \
+             own site or the sender's"
         );
+        // Carried with the sender's last-seen time (or the export's, for a site the
+        // sender had not recorded yet), it is forgotten as the sender would forget it.
+        let gone = crate::db::retention::forget_departed(&mut j, 2000).expect("forget");
+        assert_eq!(gone, vec![[3; 16]]);
+        let left = bookkeeping::load_bindings(&j).expect("bindings");
+        assert!(!left.contains_key(&[3; 16]) && left.contains_key(&[6; 16]));
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! Moving a node to another certificate (or, unauthenticated, another address) therefore
 //! needs an operator: give the node a fresh site id (`patina restore` does by default), or
 //! delete its row from `patina_site_bindings` on each peer while that peer is stopped.
+//! The fresh id is the way to prefer under mutual TLS: a snapshot carries its sender's
+//! certificate bindings to the nodes it seeds (`db::seed`), so a row left on one peer
+//! reaches every node that peer seeds until it is deleted there too.
 
 use std::collections::HashMap;
 

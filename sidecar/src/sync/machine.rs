@@ -431,6 +431,8 @@ impl Replicator {
     pub fn forget_member(&mut self, site: &SiteId) {
         self.stability.forget(site);
         self.diverged.remove(site);
+        // Its stored binding went with it (`retention::forget_departed`).
+        self.bindings.remove(site);
     }
 
     /// Tests: behave as after a first checked summary.
@@ -1442,7 +1444,9 @@ impl Replicator {
             } = outcome
             {
                 self.set_collected(collected.clone(), *cl_floor);
-                // The sender's bindings are older than any this node made while joining.
+                // Stored for sites the database had bound to no one; a binding made in
+                // memory meanwhile (its write waits behind the install) yields to the
+                // stored one, so memory and the database agree, also after a restart.
                 for (site, identity) in bindings {
                     if *site != self.site {
                         self.bindings.insert(*site, identity.clone());
@@ -2085,7 +2089,7 @@ mod tests {
         assert_eq!(j.pulls_in_flight(), 0);
         assert_eq!(j.cursor(&[2; 16]), 123);
         assert!(j.held().covers(&[7; 16], 1, 50));
-        // The sender's bindings are in force: over the one this node made while joining
+        // The stored bindings are in force, over one made in memory while the install ran
         // ([3; 16] was bound to the address that sent the held-back unit), and never for
         // this node's own site id.
         assert_eq!(j.binding(&[7; 16]), Some(cert(7).as_str()));

@@ -46,7 +46,7 @@ mod test_support;
 pub mod versions;
 
 pub use held::{Held, RangeSet};
-pub use identity::{check_claim, is_portable, Claim, CERTIFICATE_PREFIX};
+pub use identity::{check_claim, is_portable, Claim, CERTIFICATE_PREFIX, MAX_SITES_PER_IDENTITY};
 pub use machine::{
     tree_children, Applied, ApplyJob, Effect, Replicator, SyncConfig, SyncStats, Work,
 };
