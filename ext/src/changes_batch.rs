@@ -22,7 +22,7 @@ use crate::merge::{self, ColumnClock, Plan};
 use crate::merger::{key_where, keyed, stmt, Merger, Queued};
 use crate::ranges::RangeSet;
 use crate::schema::{clock_table, quote, TableInfo};
-use crate::sqlite::{Conn, Stmt, Value};
+use crate::sqlite::{Conn, Value};
 use crate::triggers::{clock_columns, col_clock, pk_list, pk_match, CL, S_DBV, S_OV, S_SITE};
 
 #[derive(Clone, Debug)]
@@ -745,7 +745,7 @@ impl Merger {
                     mask,
                     values,
                 } => {
-                    let s = keyed_writes(&mut st.batch.writes, (mask.clone(), 1), conn, || {
+                    let s = keyed(&mut st.batch.writes, mask.clone(), conn, || {
                         update_sql(info, mask)
                     })?;
                     let mut params = d.keys.clone();
@@ -766,7 +766,7 @@ impl Merger {
                     }
                     let n = end - i;
                     *running = (i, end);
-                    let s = keyed_writes(&mut st.batch.replaces, (mask.clone(), n), conn, || {
+                    let s = keyed(&mut st.batch.replaces, (mask.clone(), n), conn, || {
                         replace_sql(info, mask, n)
                     })?;
                     s.reset();
@@ -805,18 +805,4 @@ impl Merger {
         }
         s.run()
     }
-}
-
-fn keyed_writes(
-    map: &mut HashMap<(Vec<bool>, usize), Stmt>,
-    k: (Vec<bool>, usize),
-    conn: Conn,
-    sql: impl FnOnce() -> String,
-) -> Result<&mut Stmt> {
-    if !map.contains_key(&k) {
-        let s = conn.prepare(&sql())?;
-        map.insert(k.clone(), s);
-    }
-    map.get_mut(&k)
-        .ok_or_else(|| Error::State("statement cache".into()))
 }

@@ -207,8 +207,8 @@ pub(crate) struct BatchStmts {
     /// By number of clock rows written.
     pub(crate) upserts: HashMap<usize, Stmt>,
     pub(crate) delete: Option<Stmt>,
-    /// In-place updates, by (columns written, 1).
-    pub(crate) writes: HashMap<(Vec<bool>, usize), Stmt>,
+    /// In-place updates, by columns written.
+    pub(crate) writes: HashMap<Vec<bool>, Stmt>,
     /// Whole-row writes, by (columns written, number of rows).
     pub(crate) replaces: HashMap<(Vec<bool>, usize), Stmt>,
 }
@@ -282,17 +282,17 @@ pub(crate) fn stmt(
         .ok_or_else(|| Error::State("statement cache".into()))
 }
 
-pub(crate) fn keyed(
-    map: &mut HashMap<usize, Stmt>,
-    k: usize,
+/// The statement cached under `k`, prepared from `sql()` the first time.
+pub(crate) fn keyed<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Stmt>,
+    k: K,
     conn: Conn,
     sql: impl FnOnce() -> String,
 ) -> Result<&mut Stmt> {
-    if let std::collections::hash_map::Entry::Vacant(e) = map.entry(k) {
-        e.insert(conn.prepare(&sql())?);
+    match map.entry(k) {
+        std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+        std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(conn.prepare(&sql())?)),
     }
-    map.get_mut(&k)
-        .ok_or_else(|| Error::State("statement cache".into()))
 }
 
 pub(crate) fn key_where(t: &TableInfo, first_param: usize) -> String {

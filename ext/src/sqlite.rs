@@ -293,8 +293,6 @@ impl Conn {
         Ok(self.query_value(sql, &[])?.and_then(|v| v.as_i64()))
     }
 
-    /// Rows changed by every completed statement of this connection (`sqlite3_total_changes`):
-    /// if it has not moved, nothing wrote through this connection in between.
     /// The most parameters one statement may bind on this connection
     /// (`SQLITE_LIMIT_VARIABLE_NUMBER`: 32766 by default since SQLite 3.32, 999 before;
     /// an app may lower it).
@@ -305,6 +303,8 @@ impl Conn {
         usize::try_from(n).unwrap_or(0)
     }
 
+    /// Rows changed by every completed statement of this connection (`sqlite3_total_changes`):
+    /// if it has not moved, nothing wrote through this connection in between.
     pub fn total_changes(&self) -> i64 {
         // SAFETY: valid connection.
         i64::from(unsafe { call!(total_changes(self.0)) })
@@ -450,9 +450,7 @@ impl Stmt {
     pub fn execute(&mut self, params: &[Value]) -> Result<()> {
         self.reset();
         self.bind_all(params)?;
-        while self.step()? {}
-        self.reset();
-        Ok(())
+        self.run()
     }
 
     /// How many times SQLite re-prepared this statement since it was made (a schema
