@@ -148,16 +148,21 @@ pub fn raise_cl_floor(conn: &Connection, floor: i64) -> rusqlite::Result<()> {
 /// Records when each site was last seen alive (unix ms).
 pub fn mark_seen(conn: &mut Connection, seen: &[(SiteId, i64)]) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    {
-        let mut up = tx.prepare_cached(
-            "INSERT INTO patina_site_seen (site_id, last_seen) VALUES (?1, ?2) \
-             ON CONFLICT (site_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
-        )?;
-        for (s, t) in seen {
-            up.execute(params![s.as_slice(), t])?;
-        }
+    for (s, t) in seen {
+        note_seen(&tx, s, *t)?;
     }
     tx.commit()
+}
+
+/// Records that `site` was seen alive at `at` (unix ms), unless it was seen later, inside
+/// the caller's transaction.
+pub(super) fn note_seen(conn: &Connection, site: &SiteId, at: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO patina_site_seen (site_id, last_seen) VALUES (?1, ?2) \
+         ON CONFLICT (site_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
+    )?
+    .execute(params![site.as_slice(), at])?;
+    Ok(())
 }
 
 /// When each site was last seen alive (unix ms).

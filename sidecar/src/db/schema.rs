@@ -135,8 +135,15 @@ pub fn quote(ident: &str) -> String {
 
 /// Whether `main` has a table named `name`.
 pub fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = ?1")?
-        .exists([name])
+    has_table_in(conn, "main", name)
+}
+
+/// Whether the attached database `schema` (a name of ours, not a caller's) has table `name`.
+pub fn has_table_in(conn: &Connection, schema: &str, name: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(&format!(
+        "SELECT 1 FROM {schema}.sqlite_schema WHERE type = 'table' AND name = ?1"
+    ))?
+    .exists([name])
 }
 
 /// The replicated tables of `main` (those with a clock table, `<table>__patina_clock`).

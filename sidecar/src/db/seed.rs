@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::schema::{has_table, quote, replicated_tables, CLOCK_SUFFIX};
+use super::schema::{has_table, has_table_in, quote, replicated_tables, CLOCK_SUFFIX};
+use super::{bookkeeping, retention};
 use crate::sync::seed::SeedPart;
 use crate::sync::{is_portable, SiteId, MAX_SITES_PER_IDENTITY, MAX_VERSION};
 
@@ -135,9 +136,7 @@ fn copy_out(conn: &Connection) -> Result<(), SeedError> {
         "CREATE TABLE {SCHEMA}.patina_seed_bindings (site_id, identity, last_seen);"
     ))?;
     if has_table(conn, "patina_site_bindings")? {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let now = i64::try_from(super::tail::unix_ms()).unwrap_or(i64::MAX);
         let seen = if has_table(conn, "patina_site_seen")? {
             "(SELECT s.last_seen FROM main.patina_site_seen AS s WHERE s.site_id = b.site_id)"
         } else {
@@ -599,17 +598,7 @@ fn seed_bindings(
     sender: &SiteId,
     local: &SiteId,
 ) -> Result<Vec<(SiteId, String, i64)>, SeedError> {
-    let present: Option<i64> = conn
-        .query_row(
-            &format!(
-                "SELECT 1 FROM {SCHEMA}.sqlite_schema WHERE type = 'table' \
-                 AND name = 'patina_seed_bindings'"
-            ),
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if present.is_none() {
+    if !has_table_in(conn, SCHEMA, "patina_seed_bindings")? {
         return Ok(Vec::new());
     }
     let (count, odd): (i64, i64) = conn.query_row(
@@ -665,27 +654,11 @@ fn store_bindings(
     conn: &Connection,
     carried: Vec<(SiteId, String, i64)>,
 ) -> Result<Vec<(SiteId, String)>, SeedError> {
-    let mut held: HashMap<SiteId, String> = HashMap::new();
+    let mut held = bookkeeping::load_bindings(conn)?;
     let mut per_identity: HashMap<String, usize> = HashMap::new();
-    {
-        let mut read = conn.prepare("SELECT site_id, identity FROM main.patina_site_bindings")?;
-        let rows = read.query_map([], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
-        })?;
-        for row in rows {
-            let (site, identity) = row?;
-            *per_identity.entry(identity.clone()).or_default() += 1;
-            if let Ok(site) = SiteId::try_from(site.as_slice()) {
-                held.insert(site, identity);
-            }
-        }
+    for identity in held.values() {
+        *per_identity.entry(identity.clone()).or_default() += 1;
     }
-    let mut bind =
-        conn.prepare("INSERT INTO main.patina_site_bindings (site_id, identity) VALUES (?1, ?2)")?;
-    let mut seen = conn.prepare(
-        "INSERT INTO main.patina_site_seen (site_id, last_seen) VALUES (?1, ?2) \
-         ON CONFLICT (site_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
-    )?;
     let mut stored = Vec::new();
     for (site, identity, last_seen) in carried {
         match held.get(&site) {
@@ -712,8 +685,8 @@ fn store_bindings(
             continue;
         }
         *n += 1;
-        bind.execute(params![site.as_slice(), identity])?;
-        seen.execute(params![site.as_slice(), last_seen])?;
+        bookkeeping::bind_site(conn, &site, &identity)?;
+        retention::note_seen(conn, &site, last_seen)?;
         held.insert(site, identity.clone());
         stored.push((site, identity));
     }
