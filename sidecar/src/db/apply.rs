@@ -272,7 +272,6 @@ fn apply_batch(
         schema.due |= schema.summary.units > 0;
         schema.mark_seen_dirty();
     }
-    tx.execute("UPDATE patina_state SET merging = 1", [])?;
     let mut out = Applied::default();
     let mut touched: Vec<SiteId> = Vec::new();
     let mut applied_changes = 0u64;
@@ -350,7 +349,6 @@ fn apply_batch(
     } else {
         None
     };
-    tx.execute("UPDATE patina_state SET merging = 0", [])?;
     tx.commit()?;
     if let Some(s) = summary {
         metrics.schema.buffered_total.inc_by(buffered);

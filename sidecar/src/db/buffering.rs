@@ -368,7 +368,6 @@ fn try_drain(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     schema.cache.refresh(&tx)?;
     let entries = buffer::entries(&tx)?;
-    tx.execute("UPDATE patina_state SET merging = 1", [])?;
     let mut touched: Vec<SiteId> = Vec::new();
     let mut unbuffered = 0u64;
     let mut changes = 0usize;
@@ -442,7 +441,6 @@ fn try_drain(
     }
     applied.buffered = Some(buffer::held(&tx)?);
     let summary = buffer::summarize(&buffer::entries(&tx)?);
-    tx.execute("UPDATE patina_state SET merging = 0", [])?;
     tx.commit()?;
     Ok(Some((applied, summary, unbuffered, more)))
 }
